@@ -1,0 +1,416 @@
+//! Records shared by the Driftwatch eBPF programs and the agent.
+//!
+//! Every type here is `#[repr(C)]` with padding written out as named fields, so
+//! the kernel side can zero it and the user side can read it as plain bytes.
+//! With the `user` feature the types implement [`aya::Pod`].
+#![no_std]
+
+/// Bytes kept of a path. Matches the LPM trie's largest key (256 bytes of data).
+pub const PATH_LEN: usize = 256;
+/// Bytes of argv kept for an exec (NUL-separated, as in `/proc/PID/cmdline`).
+pub const ARGV_LEN: usize = 1024;
+/// Length of `task_struct::comm`.
+pub const COMM_LEN: usize = 16;
+
+/// The kind of a record on the ring buffer; also the index of its counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A program was executed (`sched_process_exec`).
+    Exec = 1,
+    /// A new process (not a thread) was created.
+    Fork = 2,
+    /// A process (thread group leader) exited.
+    Exit = 3,
+    /// A change, or an attempted change, to a watched file.
+    File = 4,
+    /// A connect to a watched port.
+    Connect = 5,
+}
+
+/// Number of slots in the per-kind counter arrays (index 0 is unused).
+pub const KIND_SLOTS: u32 = 6;
+
+impl EventKind {
+    /// Decodes a kind read from a record.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Exec,
+            2 => Self::Fork,
+            3 => Self::Exit,
+            4 => Self::File,
+            5 => Self::Connect,
+            _ => return None,
+        })
+    }
+}
+
+/// What a [`FileEvent`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileOp {
+    /// `open`/`openat`/`openat2`/`creat` for write, create or truncate.
+    Open = 1,
+    /// `rename`/`renameat`/`renameat2`: `path` is the old name, `path2` the new.
+    Rename = 2,
+    /// `unlink`/`unlinkat`/`rmdir`.
+    Unlink = 3,
+    /// `chmod`/`fchmod`/`fchmodat`/`fchmodat2`; `mode` is the new mode.
+    Chmod = 4,
+    /// `chown`/`lchown`/`fchown`/`fchownat`; `uid`/`gid` are the new owner.
+    Chown = 5,
+    /// `truncate`/`ftruncate`.
+    Truncate = 6,
+    /// `link`/`linkat`: `path` is the existing file, `path2` the new name.
+    Link = 7,
+    /// `symlink`/`symlinkat`: `path` is the link's target text, `path2` the new link.
+    Symlink = 8,
+    /// Last `close` of an fd that was opened for write on a watched file.
+    CloseWrite = 9,
+}
+
+impl FileOp {
+    /// Decodes an op read from a record.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Open,
+            2 => Self::Rename,
+            3 => Self::Unlink,
+            4 => Self::Chmod,
+            5 => Self::Chown,
+            6 => Self::Truncate,
+            7 => Self::Link,
+            8 => Self::Symlink,
+            9 => Self::CloseWrite,
+            _ => return None,
+        })
+    }
+}
+
+/// `path` was resolved from a kernel object (an open file), not from a string.
+pub const PATH_FROM_FILE: u32 = 1 << 0;
+/// `path` did not fit in [`PATH_LEN`] bytes.
+pub const PATH_TRUNCATED: u32 = 1 << 1;
+/// `path` contains `.`/`..`/`//` components: the kernel passed it on without a
+/// prefix match so that user space can normalise it and decide.
+pub const PATH_UNNORMALISED: u32 = 1 << 2;
+/// The same three flags for `path2`, shifted.
+pub const PATH2_SHIFT: u32 = 8;
+/// The argv did not fit in [`ARGV_LEN`] bytes.
+pub const ARGV_TRUNCATED: u32 = 1 << 0;
+/// The exe path did not fit in [`PATH_LEN`] bytes.
+pub const EXE_TRUNCATED: u32 = 1 << 1;
+
+/// Fields every record starts with: who did it and when.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Header {
+    /// An [`EventKind`].
+    pub kind: u32,
+    /// Thread id (kernel `pid`).
+    pub pid: u32,
+    /// Process id (kernel `tgid`).
+    pub tgid: u32,
+    /// Parent's process id.
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Audit login uid: the human behind `sudo`; `u32::MAX` when unset.
+    pub loginuid: u32,
+    /// `bpf_ktime_get_boot_ns` when the record was made.
+    pub ktime_ns: u64,
+    /// Start time of the thread group leader, in boot-clock nanoseconds.
+    pub start_ns: u64,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// `task_struct::comm`.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// An `execve`: the new program's path (from its `struct file`) and argv.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    /// Common fields.
+    pub hdr: Header,
+    /// Bytes of `argv` in use.
+    pub argv_len: u32,
+    /// [`ARGV_TRUNCATED`], [`EXE_TRUNCATED`].
+    pub flags: u32,
+    /// Absolute path of the executed file, NUL-terminated.
+    pub exe: [u8; PATH_LEN],
+    /// Arguments, NUL-separated.
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// A new process; `hdr` describes the parent.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ForkEvent {
+    /// Common fields (of the parent).
+    pub hdr: Header,
+    /// The child's process id.
+    pub child_tgid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The child's start time, boot-clock nanoseconds.
+    pub child_start_ns: u64,
+}
+
+/// A process exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExitEvent {
+    /// Common fields.
+    pub hdr: Header,
+    /// `task_struct::exit_code` (`status << 8 | signal`).
+    pub exit_code: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// A change, or attempted change, to a watched file.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileEvent {
+    /// Common fields.
+    pub hdr: Header,
+    /// The syscall's return value: `>= 0` success (an fd for opens), else `-errno`.
+    pub ret: i64,
+    /// A [`FileOp`].
+    pub op: u32,
+    /// Open flags, or `AT_*` / rename flags.
+    pub flags: u32,
+    /// New mode (chmod), or the create mode (open).
+    pub mode: u32,
+    /// New owner (chown); `u32::MAX` means unchanged.
+    pub uid: u32,
+    /// New group (chown); `u32::MAX` means unchanged.
+    pub gid: u32,
+    /// `PATH_*` flags for `path`, and shifted by [`PATH2_SHIFT`] for `path2`.
+    pub path_flags: u32,
+    /// Absolute path, NUL-terminated.
+    pub path: [u8; PATH_LEN],
+    /// Second path (rename/link target), NUL-terminated; empty otherwise.
+    pub path2: [u8; PATH_LEN],
+}
+
+/// A connect to a watched port.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnectEvent {
+    /// Common fields.
+    pub hdr: Header,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `connect`'s return value: 0, or `-errno` (`-EINPROGRESS` for non-blocking).
+    pub ret: i32,
+    /// Destination address: 4 bytes for IPv4, 16 for IPv6, network order.
+    pub addr: [u8; 16],
+}
+
+/// A connect seen by the cgroup hook, waiting for the syscall's result.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingConnect {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Destination address, network order.
+    pub addr: [u8; 16],
+}
+
+/// A file syscall's arguments, kept from its entry to its exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingFile {
+    /// A [`FileOp`].
+    pub op: u32,
+    /// Directory fd for `path` (`AT_FDCWD` = -100), or the fd for fd-based calls.
+    pub dfd: i32,
+    /// Directory fd for `path2`.
+    pub dfd2: i32,
+    /// Open flags or `AT_*` flags.
+    pub flags: u32,
+    /// Mode argument.
+    pub mode: u32,
+    /// uid argument (chown).
+    pub uid: u32,
+    /// gid argument (chown).
+    pub gid: u32,
+    /// 1 when the call names its file by fd (`dfd`), not by `path`.
+    pub by_fd: u32,
+    /// User pointer to the first path string (0 when none).
+    pub path: u64,
+    /// User pointer to the second path string (0 when none).
+    pub path2: u64,
+    /// Bit 0: the first path string has `.`, `..` or `//` components;
+    /// bit 1: the second has.
+    pub odd: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Key of the open-for-write fd table: which fds to report on close.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FdKey {
+    /// Process id.
+    pub tgid: u32,
+    /// File descriptor.
+    pub fd: u32,
+}
+
+/// Counter slots per event kind, in the `COUNTERS` per-CPU array at
+/// `kind * COUNTER_SLOTS + slot`.
+pub const COUNTER_SLOTS: u32 = 4;
+/// Calls the sensor examined.
+pub const COUNTER_SEEN: u32 = 0;
+/// Calls the kernel filter dropped because nothing watched matched.
+pub const COUNTER_FILTERED: u32 = 1;
+/// Records written to the ring buffer.
+pub const COUNTER_EMITTED: u32 = 2;
+/// Records lost because the ring buffer was full.
+pub const COUNTER_DROPPED: u32 = 3;
+/// Size of the `COUNTERS` array.
+pub const COUNTER_ENTRIES: u32 = KIND_SLOTS * COUNTER_SLOTS;
+
+/// Value stored in the watched-path trie: which policy resource the prefix is.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WatchValue {
+    /// Index of the resource in the agent's policy.
+    pub resource: u32,
+    /// 1 when the entry is a single file (matched with its trailing NUL).
+    pub exact: u32,
+}
+
+/// Struct member offsets of the running kernel, read from its BTF at start.
+///
+/// Rust eBPF gets no CO-RE relocations, so the agent passes these in as a
+/// global; the programs never assume a layout.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct KernelOffsets {
+    /// `task_struct.real_parent`
+    pub task_real_parent: u32,
+    /// `task_struct.group_leader`
+    pub task_group_leader: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
+    /// `task_struct.pid`
+    pub task_pid: u32,
+    /// `task_struct.start_boottime`
+    pub task_start_boottime: u32,
+    /// `task_struct.loginuid` (0 when the kernel has no audit)
+    pub task_loginuid: u32,
+    /// `task_struct.cred`
+    pub task_cred: u32,
+    /// `task_struct.mm`
+    pub task_mm: u32,
+    /// `task_struct.fs`
+    pub task_fs: u32,
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `task_struct.exit_code`
+    pub task_exit_code: u32,
+    /// `cred.euid`
+    pub cred_euid: u32,
+    /// `mm_struct.arg_start`
+    pub mm_arg_start: u32,
+    /// `mm_struct.arg_end`
+    pub mm_arg_end: u32,
+    /// `fs_struct.root`
+    pub fs_root: u32,
+    /// `fs_struct.pwd`
+    pub fs_pwd: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_path`
+    pub file_f_path: u32,
+    /// `path.mnt`
+    pub path_mnt: u32,
+    /// `path.dentry`
+    pub path_dentry: u32,
+    /// `dentry.d_parent`
+    pub dentry_d_parent: u32,
+    /// `dentry.d_name`
+    pub dentry_d_name: u32,
+    /// `qstr.len`
+    pub qstr_len: u32,
+    /// `qstr.name`
+    pub qstr_name: u32,
+    /// `vfsmount.mnt_root`
+    pub vfsmount_mnt_root: u32,
+    /// `mount.mnt` (the embedded `vfsmount`)
+    pub mount_mnt: u32,
+    /// `mount.mnt_parent`
+    pub mount_mnt_parent: u32,
+    /// `mount.mnt_mountpoint`
+    pub mount_mnt_mountpoint: u32,
+    /// `linux_binprm.file`
+    pub bprm_file: u32,
+    /// 1 once the agent has filled this struct; programs do nothing before.
+    pub ready: u32,
+}
+
+impl KernelOffsets {
+    /// All offsets zero and `ready == 0`: the programs' compiled-in default.
+    pub const fn zeroed() -> Self {
+        // SAFETY: every field is a u32, for which zero is valid.
+        unsafe { core::mem::zeroed() }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding.
+    unsafe impl aya::Pod for Header {}
+    unsafe impl aya::Pod for ExecEvent {}
+    unsafe impl aya::Pod for ForkEvent {}
+    unsafe impl aya::Pod for ExitEvent {}
+    unsafe impl aya::Pod for FileEvent {}
+    unsafe impl aya::Pod for ConnectEvent {}
+    unsafe impl aya::Pod for PendingConnect {}
+    unsafe impl aya::Pod for PendingFile {}
+    unsafe impl aya::Pod for FdKey {}
+    unsafe impl aya::Pod for WatchValue {}
+    unsafe impl aya::Pod for KernelOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // A size that is not a multiple of 8 means implicit padding crept in,
+    // which the kernel would leave uninitialised.
+    #[test]
+    fn records_have_no_implicit_padding() {
+        assert_eq!(size_of::<Header>(), 8 * 4 + 8 * 3 + COMM_LEN);
+        assert_eq!(
+            size_of::<ExecEvent>(),
+            size_of::<Header>() + 8 + PATH_LEN + ARGV_LEN
+        );
+        assert_eq!(
+            size_of::<FileEvent>(),
+            size_of::<Header>() + 8 + 24 + 2 * PATH_LEN
+        );
+        assert_eq!(size_of::<ConnectEvent>(), size_of::<Header>() + 8 + 16);
+        assert_eq!(size_of::<PendingFile>(), 8 * 4 + 16 + 8);
+    }
+}

@@ -1,0 +1,671 @@
+//! The programs, their maps and the globals the agent fills.
+//!
+//! Hooks available on every supported kernel without kprobes, fentry or LSM:
+//! - `tp_btf/sched_process_{exec,fork,exit}` feed the process table;
+//! - `syscalls/sys_enter_*` keep the arguments of file-changing calls and
+//!   `syscalls/sys_exit_*` judge them once the result is known;
+//! - `cgroup/connect{4,6}` see the kernel's own view of a destination and
+//!   `syscalls/sys_exit_connect` adds the result.
+//!
+//! Filtering happens here: a file call is reported only when its resolved
+//! absolute path matches the `WATCH_PATHS` trie, a connect only when its port
+//! is in `WATCH_PORTS`. Anything else only bumps a counter.
+mod path;
+mod task;
+
+use agent_common::{
+    ConnectEvent, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
+    KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN, ARGV_TRUNCATED,
+    COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED, COUNTER_SEEN,
+    COUNTER_SLOTS, EXE_TRUNCATED, PATH2_SHIFT, PATH_LEN,
+};
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_pid_tgid, generated as gen},
+    macros::{btf_tracepoint, cgroup_sock_addr, map, tracepoint},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
+};
+use core::ffi::c_void;
+use path::Scratch;
+
+/// Filled by the agent from the running kernel's BTF before load.
+#[unsafe(no_mangle)]
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
+
+/// Reads one offset; volatile so the compiler keeps the load from `.rodata`
+/// that the loader rewrites.
+macro_rules! off {
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        // SAFETY: a plain read of a u32 in a static.
+        let v = unsafe { core::ptr::read_volatile(&$crate::programs::OFFSETS.$field) };
+        v
+    }};
+}
+pub(crate) use off;
+
+/// Events to user space. Its size is set by the agent at load.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// Watched path prefixes (directories end in `/`, single files in NUL).
+#[map]
+pub(crate) static WATCH_PATHS: LpmTrie<[u8; PATH_LEN], WatchValue> =
+    LpmTrie::with_max_entries(4096, 0);
+
+/// Watched destination ports (host byte order).
+#[map]
+static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Arguments of a file call between its entry and exit, by thread.
+#[map]
+static PENDING_FILE: LruHashMap<u64, PendingFile> = LruHashMap::with_max_entries(16384, 0);
+
+/// A watched connect between the cgroup hook and the syscall's exit, by thread.
+#[map]
+static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
+
+/// fds opened for write on a watched file, valued by their `struct file *`
+/// so that a reused fd number is not mistaken for the watched file.
+#[map]
+static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-kind counters: seen, filtered, emitted, dropped.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+/// Per-CPU work area for building paths (too large for the 512-byte stack).
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const AT_FDCWD: i32 = -100;
+const AT_EMPTY_PATH: u32 = 0x1000;
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[inline(always)]
+fn count(kind: EventKind, slot: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(kind as u32 * COUNTER_SLOTS + slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn ready() -> bool {
+    off!(ready) == 1
+}
+
+// ---------------------------------------------------------------- processes
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    if ready() {
+        let bprm: u64 = ctx.arg(2);
+        // SAFETY: kernel pointers are only dereferenced through probe reads.
+        unsafe { on_exec(bprm) };
+    }
+    0
+}
+
+unsafe fn on_exec(bprm: u64) {
+    count(EventKind::Exec, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let task = task::current();
+    let mut flags = 0;
+    let file: u64 = unsafe { task::read(bprm, off!(bprm_file)) };
+    let exe_flags = unsafe { path::resolve_file(s, file) };
+    if exe_flags & agent_common::PATH_TRUNCATED != 0 {
+        flags |= EXE_TRUNCATED;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count(EventKind::Exec, COUNTER_DROPPED);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::Exec, task);
+        path::copy_key(s, (*e).exe.as_mut_ptr());
+        let mm: u64 = task::read(task, off!(task_mm));
+        let start: u64 = task::read(mm, off!(mm_arg_start));
+        let end: u64 = task::read(mm, off!(mm_arg_end));
+        let mut len = end.saturating_sub(start);
+        if len > ARGV_LEN as u64 {
+            len = ARGV_LEN as u64;
+            flags |= ARGV_TRUNCATED;
+        }
+        if gen::bpf_probe_read_user(
+            (*e).argv.as_mut_ptr() as *mut c_void,
+            len as u32,
+            start as *const c_void,
+        ) != 0
+        {
+            len = 0;
+        }
+        (*e).argv_len = len as u32;
+        (*e).flags = flags;
+    }
+    entry.submit(0);
+    count(EventKind::Exec, COUNTER_EMITTED);
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    if ready() {
+        let child: u64 = ctx.arg(1);
+        // SAFETY: probe reads only.
+        unsafe { on_fork(child) };
+    }
+    0
+}
+
+unsafe fn on_fork(child: u64) {
+    let pid: u32 = unsafe { task::read(child, off!(task_pid)) };
+    let tgid: u32 = unsafe { task::read(child, off!(task_tgid)) };
+    // A new thread is not a new process; the table only tracks processes.
+    if pid != tgid {
+        return;
+    }
+    count(EventKind::Fork, COUNTER_SEEN);
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        count(EventKind::Fork, COUNTER_DROPPED);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::Fork, task::current());
+        (*e).child_tgid = tgid;
+        (*e)._pad = 0;
+        (*e).child_start_ns = task::read(child, off!(task_start_boottime));
+    }
+    entry.submit(0);
+    count(EventKind::Fork, COUNTER_EMITTED);
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    if ready() {
+        // SAFETY: probe reads only.
+        unsafe { on_exit() };
+    }
+    0
+}
+
+unsafe fn on_exit() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Only the thread group leader's exit ends the process for the table.
+    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+        return;
+    }
+    count(EventKind::Exit, COUNTER_SEEN);
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        count(EventKind::Exit, COUNTER_DROPPED);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        let task = task::current();
+        task::fill_header(&mut (*e).hdr, EventKind::Exit, task);
+        (*e).exit_code = task::read(task, off!(task_exit_code));
+        (*e)._pad = 0;
+    }
+    entry.submit(0);
+    count(EventKind::Exit, COUNTER_EMITTED);
+}
+
+// ---------------------------------------------------------------- file calls
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall enter tracepoints carry six 8-byte argument slots from offset 16.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+}
+
+#[inline(always)]
+fn writes(flags: u32) -> bool {
+    flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0
+}
+
+#[inline(always)]
+fn pending(op: FileOp) -> PendingFile {
+    PendingFile {
+        op: op as u32,
+        dfd: AT_FDCWD,
+        dfd2: AT_FDCWD,
+        flags: 0,
+        mode: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+        by_fd: 0,
+        path: 0,
+        path2: 0,
+        odd: 0,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn stash(p: &mut PendingFile) {
+    if !ready() {
+        return;
+    }
+    // Opens are judged from the opened file (exact), so only calls that name
+    // files by string need their strings checked for `.`, `..` and `//`.
+    if p.op != FileOp::Open as u32 && p.by_fd == 0 {
+        if let Some(s) = SCRATCH.get_ptr_mut(0) {
+            // SAFETY: per-CPU scratch; user strings read with probes.
+            let s = unsafe { &mut *s };
+            let first = p.op != FileOp::Symlink as u32 && unsafe { path::odd_string(s, p.path) };
+            let second = unsafe { path::odd_string(s, p.path2) };
+            p.odd = u32::from(first) | (u32::from(second) << 1);
+        }
+    }
+    let _ = PENDING_FILE.insert(&bpf_get_current_pid_tgid(), p, 0);
+}
+
+/// Defines a `sys_enter_*` program that turns the call's arguments into a
+/// [`PendingFile`], or `None` to ignore the call.
+macro_rules! enter {
+    ($name:ident, |$ctx:ident| $body:expr) => {
+        #[tracepoint]
+        pub fn $name($ctx: TracePointContext) -> u32 {
+            let p: Option<PendingFile> = $body;
+            if let Some(mut p) = p {
+                stash(&mut p);
+            }
+            0
+        }
+    };
+}
+
+enter!(enter_openat, |ctx| {
+    let flags = arg(&ctx, 2) as u32;
+    // Read-only opens are most opens: leave them before any map work.
+    writes(flags).then(|| PendingFile {
+        dfd: arg(&ctx, 0) as i32,
+        path: arg(&ctx, 1),
+        flags,
+        mode: arg(&ctx, 3) as u32,
+        ..pending(FileOp::Open)
+    })
+});
+enter!(enter_open, |ctx| {
+    let flags = arg(&ctx, 1) as u32;
+    writes(flags).then(|| PendingFile {
+        path: arg(&ctx, 0),
+        flags,
+        mode: arg(&ctx, 2) as u32,
+        ..pending(FileOp::Open)
+    })
+});
+enter!(enter_creat, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    flags: O_CREAT | O_WRONLY | O_TRUNC,
+    mode: arg(&ctx, 1) as u32,
+    ..pending(FileOp::Open)
+}));
+enter!(enter_openat2, |ctx| {
+    // struct open_how { u64 flags; u64 mode; u64 resolve; } in user memory.
+    let how = arg(&ctx, 2);
+    // SAFETY: user pointer, read with a probe.
+    let flags = unsafe { aya_ebpf::helpers::bpf_probe_read_user(how as *const u64) }.unwrap_or(0);
+    let mode =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user((how + 8) as *const u64) }.unwrap_or(0);
+    writes(flags as u32).then(|| PendingFile {
+        dfd: arg(&ctx, 0) as i32,
+        path: arg(&ctx, 1),
+        flags: flags as u32,
+        mode: mode as u32,
+        ..pending(FileOp::Open)
+    })
+});
+enter!(enter_renameat2, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    dfd2: arg(&ctx, 2) as i32,
+    path2: arg(&ctx, 3),
+    flags: arg(&ctx, 4) as u32,
+    ..pending(FileOp::Rename)
+}));
+enter!(enter_renameat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    dfd2: arg(&ctx, 2) as i32,
+    path2: arg(&ctx, 3),
+    ..pending(FileOp::Rename)
+}));
+enter!(enter_rename, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::Rename)
+}));
+enter!(enter_unlinkat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    flags: arg(&ctx, 2) as u32,
+    ..pending(FileOp::Unlink)
+}));
+enter!(enter_unlink, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    ..pending(FileOp::Unlink)
+}));
+enter!(enter_rmdir, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    flags: 0x200, // AT_REMOVEDIR, so user space can tell rmdir from unlink
+    ..pending(FileOp::Unlink)
+}));
+enter!(enter_fchmodat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    mode: arg(&ctx, 2) as u32,
+    flags: arg(&ctx, 3) as u32, // fchmodat2 only; fchmodat's slot is unused
+    ..pending(FileOp::Chmod)
+}));
+enter!(enter_chmod, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    mode: arg(&ctx, 1) as u32,
+    ..pending(FileOp::Chmod)
+}));
+enter!(enter_fchmod, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    by_fd: 1,
+    mode: arg(&ctx, 1) as u32,
+    ..pending(FileOp::Chmod)
+}));
+enter!(enter_fchownat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    uid: arg(&ctx, 2) as u32,
+    gid: arg(&ctx, 3) as u32,
+    flags: arg(&ctx, 4) as u32,
+    ..pending(FileOp::Chown)
+}));
+enter!(enter_chown, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    uid: arg(&ctx, 1) as u32,
+    gid: arg(&ctx, 2) as u32,
+    ..pending(FileOp::Chown)
+}));
+enter!(enter_fchown, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    by_fd: 1,
+    uid: arg(&ctx, 1) as u32,
+    gid: arg(&ctx, 2) as u32,
+    ..pending(FileOp::Chown)
+}));
+enter!(enter_truncate, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    ..pending(FileOp::Truncate)
+}));
+enter!(enter_ftruncate, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    by_fd: 1,
+    ..pending(FileOp::Truncate)
+}));
+enter!(enter_linkat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    dfd2: arg(&ctx, 2) as i32,
+    path2: arg(&ctx, 3),
+    flags: arg(&ctx, 4) as u32,
+    ..pending(FileOp::Link)
+}));
+enter!(enter_link, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::Link)
+}));
+enter!(enter_symlinkat, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    dfd2: arg(&ctx, 1) as i32,
+    path2: arg(&ctx, 2),
+    ..pending(FileOp::Symlink)
+}));
+enter!(enter_symlink, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::Symlink)
+}));
+
+/// Attached to the `sys_exit_*` of every call above.
+#[tracepoint]
+pub fn exit_file(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(p) = (unsafe { PENDING_FILE.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_FILE.remove(&key);
+    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    // SAFETY: probe reads only.
+    unsafe { on_file(&p, ret) };
+    0
+}
+
+/// Resolves the file(s) a call named, matches them against the watch trie and
+/// reports the call when one matches.
+unsafe fn on_file(p: &PendingFile, ret: i64) {
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let task = task::current();
+    let op = p.op;
+    let two_paths = op == FileOp::Rename as u32 || op == FileOp::Link as u32;
+    let mut flags2 = 0u32;
+    let mut hit2 = false;
+
+    if two_paths || op == FileOp::Symlink as u32 {
+        // The second path is the new name; keep it aside while the first is resolved.
+        flags2 = unsafe { path::resolve_user(s, task, p.dfd2, p.path2) };
+        hit2 = path::matches(s, &mut flags2, p.odd & 2 != 0);
+        path::save_key(s);
+    }
+
+    let mut hit1 = false;
+    let flags1 = if op == FileOp::Symlink as u32 {
+        // A symlink's first argument is the text stored in the link, not a file.
+        unsafe { path::read_user_text(s, p.path) }
+    } else if (op == FileOp::Open as u32 && ret >= 0) || p.by_fd == 1 {
+        let fd = if p.by_fd == 1 { p.dfd } else { ret as i32 };
+        let file = unsafe { task::fd_file(task, fd) };
+        let mut f = unsafe { path::resolve_file(s, file) };
+        hit1 = path::matches(s, &mut f, false);
+        f
+    } else if p.flags & AT_EMPTY_PATH != 0 && unsafe { path::user_empty(p.path) } {
+        let file = unsafe { task::fd_file(task, p.dfd) };
+        let mut f = unsafe { path::resolve_file(s, file) };
+        hit1 = path::matches(s, &mut f, false);
+        f
+    } else {
+        let mut f = unsafe { path::resolve_user(s, task, p.dfd, p.path) };
+        hit1 = path::matches(s, &mut f, p.odd & 1 != 0);
+        f
+    };
+
+    if !hit1 && !hit2 {
+        count(EventKind::File, COUNTER_FILTERED);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
+        count(EventKind::File, COUNTER_DROPPED);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task);
+        (*e).ret = ret;
+        (*e).op = op;
+        (*e).flags = p.flags;
+        (*e).mode = p.mode;
+        (*e).uid = p.uid;
+        (*e).gid = p.gid;
+        (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        if two_paths || op == FileOp::Symlink as u32 {
+            path::copy_saved(s, (*e).path2.as_mut_ptr());
+        } else {
+            (*e).path2[0] = 0;
+        }
+    }
+    entry.submit(0);
+    count(EventKind::File, COUNTER_EMITTED);
+
+    if op == FileOp::Open as u32 && ret >= 0 && hit1 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let file = unsafe { task::fd_file(task, ret as i32) };
+        let _ = WRITE_FDS.insert(
+            &FdKey {
+                tgid,
+                fd: ret as u32,
+            },
+            &file,
+            0,
+        );
+    }
+}
+
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let fd = arg(&ctx, 0) as u32;
+    let key = FdKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        fd,
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(expected) = (unsafe { WRITE_FDS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = WRITE_FDS.remove(&key);
+    // SAFETY: probe reads only.
+    unsafe { on_close(fd as i32, expected) };
+    0
+}
+
+unsafe fn on_close(fd: i32, expected: u64) {
+    let task = task::current();
+    let file = unsafe { task::fd_file(task, fd) };
+    // The fd was closed some other way (dup2, exit of a thread) and reused.
+    if file == 0 || file != expected {
+        return;
+    }
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let flags = unsafe { path::resolve_file(s, file) };
+    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
+        count(EventKind::File, COUNTER_DROPPED);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task);
+        (*e).ret = 0;
+        (*e).op = FileOp::CloseWrite as u32;
+        (*e).flags = 0;
+        (*e).mode = 0;
+        (*e).uid = u32::MAX;
+        (*e).gid = u32::MAX;
+        (*e).path_flags = flags;
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        (*e).path2[0] = 0;
+    }
+    entry.submit(0);
+    count(EventKind::File, COUNTER_EMITTED);
+}
+
+// ---------------------------------------------------------------- connects
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    on_connect(sa, AF_INET, addr);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    for (i, w) in sa.user_ip6.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    on_connect(sa, AF_INET6, addr);
+    1
+}
+
+#[inline(always)]
+fn on_connect(sa: &bpf_sock_addr, family: u16, addr: [u8; 16]) {
+    if !ready() {
+        return;
+    }
+    count(EventKind::Connect, COUNTER_SEEN);
+    // user_port holds the port in network order in its low 16 bits.
+    let port = u16::from_be(sa.user_port as u16);
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { WATCH_PORTS.get(&port) }.is_none() {
+        count(EventKind::Connect, COUNTER_FILTERED);
+        return;
+    }
+    let p = PendingConnect {
+        family,
+        port,
+        _pad: 0,
+        addr,
+    };
+    let _ = PENDING_CONNECT.insert(&bpf_get_current_pid_tgid(), &p, 0);
+}
+
+#[tracepoint]
+pub fn exit_connect(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before removal.
+    let Some(p) = (unsafe { PENDING_CONNECT.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_CONNECT.remove(&key);
+    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        count(EventKind::Connect, COUNTER_DROPPED);
+        return 0;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::Connect, task::current());
+        (*e).family = p.family;
+        (*e).port = p.port;
+        (*e).ret = ret as i32;
+        (*e).addr = p.addr;
+    }
+    entry.submit(0);
+    count(EventKind::Connect, COUNTER_EMITTED);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,342 @@
+//! Turning kernel objects and user strings into absolute paths, and matching
+//! them against the watched-path trie.
+//!
+//! A path from an open file is exact: the kernel already resolved relative
+//! names, `dirfd`s, `..` and symlinks to a dentry, and we walk its parents
+//! (crossing mounts) to the root. A path given as a string to a call such as
+//! `rename` is joined to the exact path of its start directory (cwd, dirfd or
+//! root); if it contains `.`, `..` or `//` components it is passed on flagged
+//! so user space can normalise it rather than being dropped by a prefix test.
+
+use super::{off, task, WATCH_PATHS};
+use agent_common::{PATH_FROM_FILE, PATH_LEN, PATH_TRUNCATED, PATH_UNNORMALISED};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, generated as gen},
+    maps::lpm_trie::Key,
+};
+use core::ffi::c_void;
+
+const AT_FDCWD: i32 = -100;
+/// The walk writes names right to left, ending here (a NUL sits at this index).
+const WALK_END: usize = 511;
+/// Leaves room for a 255-byte name written at any masked offset below `WALK_END`.
+const WALK_LEN: usize = 768;
+/// Components (plus mount crossings) walked before giving up as truncated.
+const MAX_DEPTH: u32 = 40;
+
+/// Per-CPU work area.
+#[repr(C)]
+pub struct Scratch {
+    walk: [u8; WALK_LEN],
+    /// LPM key header; must sit right before `key`.
+    prefix_len: u32,
+    /// The candidate path; its first `PATH_LEN` bytes are the LPM key data.
+    key: [u8; 2 * PATH_LEN],
+    /// Where the user string starts in `key` (for the normalisation scan).
+    join: u32,
+    saved: [u8; PATH_LEN],
+    // Loop state of the dentry walk (see `d_path`).
+    pos: u64,
+    dentry: u64,
+    vfsmnt: u64,
+    mnt: u64,
+    truncated: u64,
+    odd: u64,
+}
+
+/// Writes the absolute path of `(dentry, vfsmount)` into `walk`, ending at
+/// `WALK_END`; returns the start index and whether it was cut short.
+///
+/// Everything the loop carries lives in the scratch map, not in registers:
+/// the verifier then sees the same state at the top of every iteration and
+/// prunes, instead of exploring each path through every iteration.
+#[inline(always)]
+unsafe fn d_path(s: &mut Scratch, dentry: u64, vfsmnt: u64) -> (usize, bool) {
+    s.walk[WALK_END] = 0;
+    s.pos = WALK_END as u64;
+    s.truncated = 1;
+    if dentry == 0 || vfsmnt == 0 {
+        return (WALK_END, true);
+    }
+    s.dentry = dentry;
+    s.vfsmnt = vfsmnt;
+    s.mnt = vfsmnt - off!(mount_mnt) as u64;
+    for _ in 0..MAX_DEPTH {
+        if unsafe { walk_step(s) } {
+            break;
+        }
+    }
+    let mut pos = (s.pos as usize) & 511;
+    if pos == WALK_END {
+        pos -= 1;
+        s.walk[pos] = b'/';
+    }
+    (pos, s.truncated != 0)
+}
+
+/// One step up the tree: prepends a name, or crosses a mount. True when done.
+#[inline(always)]
+unsafe fn walk_step(s: &mut Scratch) -> bool {
+    unsafe {
+        let dentry = core::ptr::read_volatile(&s.dentry);
+        let vfsmnt = core::ptr::read_volatile(&s.vfsmnt);
+        let mnt = core::ptr::read_volatile(&s.mnt);
+        let mnt_root: u64 = task::read(vfsmnt, off!(vfsmount_mnt_root));
+        let parent: u64 = task::read(dentry, off!(dentry_d_parent));
+        if dentry == mnt_root || dentry == parent {
+            if dentry != mnt_root {
+                s.truncated = 0;
+                return true;
+            }
+            let mnt_parent: u64 = task::read(mnt, off!(mount_mnt_parent));
+            if mnt_parent == mnt || mnt_parent == 0 {
+                s.truncated = 0;
+                return true;
+            }
+            s.dentry = task::read(mnt, off!(mount_mnt_mountpoint));
+            s.mnt = mnt_parent;
+            s.vfsmnt = mnt_parent + off!(mount_mnt) as u64;
+            return false;
+        }
+        let name_base = dentry + off!(dentry_d_name) as u64;
+        let len: u32 = task::read(name_base, off!(qstr_len));
+        let name: u64 = task::read(name_base, off!(qstr_name));
+        let len = (len & 0xff) as u64;
+        let pos = core::ptr::read_volatile(&s.pos);
+        if len + 1 > pos {
+            return true;
+        }
+        let at = (pos - len) as usize & 511;
+        gen::bpf_probe_read_kernel(
+            s.walk.as_mut_ptr().add(at) as *mut c_void,
+            len as u32,
+            name as *const c_void,
+        );
+        let slash = (pos - len - 1) as usize & 511;
+        s.walk[slash] = b'/';
+        s.pos = pos - len - 1;
+        s.dentry = parent;
+        false
+    }
+}
+
+/// Copies the walked path into the key; returns its length without the NUL.
+#[inline(always)]
+unsafe fn walk_to_key(s: &mut Scratch, pos: usize) -> usize {
+    let pos = pos & 511;
+    unsafe {
+        gen::bpf_probe_read_kernel(
+            s.key.as_mut_ptr() as *mut c_void,
+            PATH_LEN as u32,
+            s.walk.as_ptr().add(pos) as *const c_void,
+        );
+    }
+    WALK_END - pos
+}
+
+/// Resolves an open `struct file *` into the key. Returns `PATH_*` flags.
+#[inline(always)]
+pub unsafe fn resolve_file(s: &mut Scratch, file: u64) -> u32 {
+    s.join = 0;
+    if file == 0 {
+        s.key[0] = 0;
+        return 0;
+    }
+    let fpath = file + off!(file_f_path) as u64;
+    unsafe {
+        let dentry: u64 = task::read(fpath, off!(path_dentry));
+        let mnt: u64 = task::read(fpath, off!(path_mnt));
+        let (pos, truncated) = d_path(s, dentry, mnt);
+        let len = walk_to_key(s, pos);
+        let mut flags = PATH_FROM_FILE;
+        if truncated || len >= PATH_LEN {
+            flags |= PATH_TRUNCATED;
+        }
+        flags
+    }
+}
+
+/// Resolves the user string `upath`, relative to `dfd` (or the cwd, or the
+/// root when absolute), into the key. Returns `PATH_*` flags.
+#[inline(always)]
+pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> u32 {
+    s.join = 0;
+    s.key[0] = 0;
+    if upath == 0 {
+        return 0;
+    }
+    let first: u8 = unsafe { bpf_probe_read_user(upath as *const u8) }.unwrap_or(0);
+    let mut flags = 0;
+    let mut at = 0usize;
+    if first != b'/' {
+        let (dentry, mnt) = unsafe {
+            if dfd == AT_FDCWD {
+                let fs: u64 = task::read(task, off!(task_fs));
+                let pwd = fs + off!(fs_pwd) as u64;
+                (
+                    task::read::<u64>(pwd, off!(path_dentry)),
+                    task::read::<u64>(pwd, off!(path_mnt)),
+                )
+            } else {
+                let file = task::fd_file(task, dfd);
+                let fpath = file + off!(file_f_path) as u64;
+                if file == 0 {
+                    (0, 0)
+                } else {
+                    (
+                        task::read::<u64>(fpath, off!(path_dentry)),
+                        task::read::<u64>(fpath, off!(path_mnt)),
+                    )
+                }
+            }
+        };
+        let (pos, truncated) = unsafe { d_path(s, dentry, mnt) };
+        if truncated {
+            flags |= PATH_TRUNCATED;
+        }
+        at = unsafe { walk_to_key(s, pos) };
+        if at >= PATH_LEN - 1 {
+            // No room left for the name: the directory prefix alone is matched.
+            s.key[PATH_LEN - 1] = 0;
+            return flags | PATH_TRUNCATED;
+        }
+        if at > 1 {
+            s.key[at & 255] = b'/';
+            at += 1;
+        }
+    }
+    s.join = at as u32;
+    let n = unsafe {
+        gen::bpf_probe_read_user_str(
+            s.key.as_mut_ptr().add(at & 255) as *mut c_void,
+            PATH_LEN as u32,
+            upath as *const c_void,
+        )
+    };
+    if n < 0 {
+        s.key[at & 255] = 0;
+    } else if at + n as usize > PATH_LEN {
+        flags |= PATH_TRUNCATED;
+    }
+    flags
+}
+
+/// Reads a user string verbatim (a symlink's target text) into the key.
+#[inline(always)]
+pub unsafe fn read_user_text(s: &mut Scratch, upath: u64) -> u32 {
+    s.join = 0;
+    s.key[0] = 0;
+    if upath != 0 {
+        unsafe {
+            gen::bpf_probe_read_user_str(
+                s.key.as_mut_ptr() as *mut c_void,
+                PATH_LEN as u32,
+                upath as *const c_void,
+            );
+        }
+    }
+    0
+}
+
+/// True when the user string at `upath` is empty (`AT_EMPTY_PATH` calls).
+#[inline(always)]
+pub unsafe fn user_empty(upath: u64) -> bool {
+    upath == 0 || unsafe { bpf_probe_read_user(upath as *const u8) }.unwrap_or(1) == 0
+}
+
+/// True when the key's path is watched. A string path that missed the trie
+/// but holds `.`, `..` or `//` components (`odd`, found at entry) is passed
+/// on with `PATH_UNNORMALISED` set, since a prefix test on it proves nothing.
+#[inline(always)]
+pub fn matches(s: &mut Scratch, flags: &mut u32, odd: bool) -> bool {
+    if s.key[0] == 0 {
+        return false;
+    }
+    s.prefix_len = (PATH_LEN * 8) as u32;
+    // SAFETY: `prefix_len` is immediately followed by the key bytes (repr(C)).
+    let key = unsafe { &*(&s.prefix_len as *const u32 as *const Key<[u8; PATH_LEN]>) };
+    if WATCH_PATHS.get(key).is_some() {
+        return true;
+    }
+    if odd && *flags & PATH_FROM_FILE == 0 {
+        *flags |= PATH_UNNORMALISED;
+        return true;
+    }
+    false
+}
+
+/// True when the user string has `.`, `..` or `//` components (or a hidden
+/// name, `/.x`, which costs a user-space look but never a miss).
+///
+/// Runs in the entry programs, each verified from a single state; in the
+/// exit program the loop would be walked once per path into it.
+#[inline(always)]
+pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
+    if upath == 0 {
+        return false;
+    }
+    s.odd = 0;
+    // The string starts after a virtual '/' (relative names join with one).
+    s.key[511] = b'/';
+    let n = unsafe {
+        gen::bpf_probe_read_user_str(
+            s.key.as_mut_ptr() as *mut c_void,
+            PATH_LEN as u32,
+            upath as *const c_void,
+        )
+    };
+    if n <= 0 {
+        return false;
+    }
+    for i in 0..PATH_LEN {
+        // SAFETY: indices are masked into the 512-byte key; nothing but the
+        // index is carried in registers, so the verifier prunes each step.
+        let c = unsafe { core::ptr::read_volatile(&s.key[i & 511]) };
+        if c == 0 {
+            break;
+        }
+        let prev = unsafe { core::ptr::read_volatile(&s.key[i.wrapping_sub(1) & 511]) };
+        if prev == b'/' && (c == b'.' || c == b'/') {
+            s.odd = 1;
+            break;
+        }
+    }
+    s.odd != 0
+}
+
+/// Keeps the key aside while a second path is resolved.
+#[inline(always)]
+pub fn save_key(s: &mut Scratch) {
+    // SAFETY: both buffers are inside the scratch value and PATH_LEN long.
+    unsafe {
+        gen::bpf_probe_read_kernel(
+            s.saved.as_mut_ptr() as *mut c_void,
+            PATH_LEN as u32,
+            s.key.as_ptr() as *const c_void,
+        );
+    }
+}
+
+/// Copies the key's first `PATH_LEN` bytes to `dst` (a ring buffer record).
+#[inline(always)]
+pub unsafe fn copy_key(s: &Scratch, dst: *mut u8) {
+    unsafe {
+        gen::bpf_probe_read_kernel(
+            dst as *mut c_void,
+            PATH_LEN as u32,
+            s.key.as_ptr() as *const c_void,
+        );
+    }
+}
+
+/// Copies the saved path to `dst`.
+#[inline(always)]
+pub unsafe fn copy_saved(s: &Scratch, dst: *mut u8) {
+    unsafe {
+        gen::bpf_probe_read_kernel(
+            dst as *mut c_void,
+            PATH_LEN as u32,
+            s.saved.as_ptr() as *const c_void,
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! Reading the current task and its open files through BTF-derived offsets.
+
+use super::off;
+use agent_common::{EventKind, Header};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+    generated as gen,
+};
+
+/// The current `struct task_struct *`.
+#[inline(always)]
+pub fn current() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { gen::bpf_get_current_task() }
+}
+
+/// Reads a `T` at `base + off` from kernel memory; zero when `base` is null
+/// or the read faults, so a torn chain of pointers ends in zeros, not garbage.
+#[inline(always)]
+pub unsafe fn read<T: Default + Copy>(base: u64, off: u32) -> T {
+    if base == 0 {
+        return T::default();
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+/// Fills the fields every record carries from the current task.
+#[inline(always)]
+pub unsafe fn fill_header(h: &mut Header, kind: EventKind, task: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    h.kind = kind as u32;
+    h.pid = pid_tgid as u32;
+    h.tgid = (pid_tgid >> 32) as u32;
+    h.uid = uid_gid as u32;
+    h.gid = (uid_gid >> 32) as u32;
+    unsafe {
+        let parent: u64 = read(task, off!(task_real_parent));
+        h.ppid = read(parent, off!(task_tgid));
+        let cred: u64 = read(task, off!(task_cred));
+        h.euid = read(cred, off!(cred_euid));
+        let lo = off!(task_loginuid);
+        h.loginuid = if lo == 0 { u32::MAX } else { read(task, lo) };
+        let leader: u64 = read(task, off!(task_group_leader));
+        h.start_ns = read(leader, off!(task_start_boottime));
+        h.ktime_ns = gen::bpf_ktime_get_boot_ns();
+        h.cgroup_id = gen::bpf_get_current_cgroup_id();
+    }
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// The `struct file *` behind `fd` in `task`'s table, or 0.
+#[inline(always)]
+pub unsafe fn fd_file(task: u64, fd: i32) -> u64 {
+    if fd < 0 {
+        return 0;
+    }
+    unsafe {
+        let files: u64 = read(task, off!(task_files));
+        let fdt: u64 = read(files, off!(files_fdt));
+        let max: u32 = read(fdt, off!(fdt_max_fds));
+        if fd as u32 >= max {
+            return 0;
+        }
+        let array: u64 = read(fdt, off!(fdt_fd));
+        if array == 0 {
+            return 0;
+        }
+        read(array, fd as u32 * 8)
+    }
+}

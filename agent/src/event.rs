@@ -1,0 +1,200 @@
+//! Events as the agent emits them: one JSON object per line.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::identity::Identity;
+
+/// A syscall's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// True when the call succeeded.
+    pub ok: bool,
+    /// The errno, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    /// The errno's name (`EACCES`), when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// From a syscall return value (`-errno` on failure).
+    pub fn from_ret(ret: i64) -> Self {
+        if ret >= 0 {
+            return Self {
+                ok: true,
+                errno: None,
+                error: None,
+            };
+        }
+        let errno = (-ret) as i32;
+        Self {
+            ok: false,
+            errno: Some(errno),
+            error: Some(format!("{:?}", nix::errno::Errno::from_raw(errno))),
+        }
+    }
+}
+
+/// Counters of one event kind.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct KindCounters {
+    /// Calls the kernel sensor examined.
+    pub seen: u64,
+    /// Dropped in the kernel: outside every watched path or port.
+    pub filtered_kernel: u64,
+    /// Passed on by the kernel but found outside the watched set once normalised.
+    pub filtered_user: u64,
+    /// Records the kernel wrote to the ring buffer.
+    pub emitted: u64,
+    /// Records lost because the ring buffer was full.
+    pub dropped: u64,
+    /// Records the agent read.
+    pub received: u64,
+}
+
+/// One line of the agent's output.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent started: what it loaded and what it watches.
+    AgentStart {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Agent version.
+        agent_version: String,
+        /// `uname -r`.
+        kernel: String,
+        /// The sensor set chosen for this kernel.
+        sensor_set: String,
+        /// What the kernel was probed for, and the answers.
+        probes: BTreeMap<String, bool>,
+        /// Hooks attached.
+        hooks: Vec<String>,
+        /// Watched path prefixes (a trailing `/` is a tree).
+        watched_paths: Vec<String>,
+        /// Watched ports.
+        watched_ports: Vec<u16>,
+    },
+    /// The watched set changed (policy reloaded).
+    PolicyApplied {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Watched path prefixes.
+        watched_paths: Vec<String>,
+        /// Watched ports.
+        watched_ports: Vec<u16>,
+    },
+    /// A program was executed.
+    Exec {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Who (after the exec).
+        process: Identity,
+        /// argv did not fit the kernel record and was cut.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        args_truncated: bool,
+    },
+    /// A process exited.
+    Exit {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Who.
+        process: Identity,
+        /// Exit status (when it exited normally).
+        exit_code: i32,
+        /// Terminating signal, 0 if none.
+        signal: i32,
+    },
+    /// A change, or an attempt, on a watched file.
+    File {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// `open`, `rename`, `unlink`, `chmod`, `chown`, `truncate`, `link`,
+        /// `symlink`, `close_write`.
+        op: &'static str,
+        /// The file (for rename and link: the source).
+        path: String,
+        /// Rename and link: the new name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        new_path: Option<String>,
+        /// Symlink: the text stored in the link.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        /// The policy resource the path belongs to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+        /// Open flags, decoded (`O_WRONLY`, `O_CREAT`, …).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        flags: Vec<&'static str>,
+        /// chmod: new mode; open with O_CREAT: create mode (octal text).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
+        /// chown: new uid (absent when unchanged).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner_uid: Option<u32>,
+        /// chown: new gid (absent when unchanged).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner_gid: Option<u32>,
+        /// How the path was resolved: `file` (from the kernel's open file) or
+        /// `name` (the call's path string joined to its start directory).
+        resolved_from: &'static str,
+        /// The path did not fit and was cut.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        path_truncated: bool,
+        /// Success, or the errno.
+        result: Outcome,
+        /// Who.
+        process: Identity,
+    },
+    /// A connect to a watched port.
+    Connect {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// `ipv4` or `ipv6`.
+        family: &'static str,
+        /// Destination address.
+        address: String,
+        /// Destination port.
+        port: u16,
+        /// The policy resource the port belongs to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+        /// Success, `EINPROGRESS` (non-blocking), or the errno.
+        result: Outcome,
+        /// Who.
+        process: Identity,
+    },
+    /// Records were lost in the kernel since the last report.
+    Loss {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Lost records by kind, since the previous loss report.
+        dropped: BTreeMap<String, u64>,
+    },
+    /// Counters since start (on request and at shutdown).
+    Stats {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Counters by event kind.
+        counters: BTreeMap<String, KindCounters>,
+    },
+}

@@ -1,0 +1,199 @@
+//! Masking secrets in command lines before anything leaves the node.
+//!
+//! Covered: `--password=x`, `--password x`, `-p x` is left alone (too many
+//! tools use `-p` for ports), `PGPASSWORD=x`-style assignments, credentials
+//! in URLs (`scheme://user:secret@host`), secret query parameters
+//! (`?token=x`), and `Authorization: Bearer x` / `Basic x` header values.
+
+/// What replaces a secret.
+pub const MASK: &str = "****";
+
+/// True for an option or variable name that holds a secret.
+/// (`PWD` is the working directory, not a password, so `pwd` is not a word here.)
+fn is_secret_name(name: &str) -> bool {
+    let n = name
+        .trim_start_matches('-')
+        .to_ascii_lowercase()
+        .replace('-', "_");
+    const ENDINGS: [&str; 10] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "access_key",
+        "private_key",
+        "credential",
+        "credentials",
+    ];
+    n == "pass" || n.ends_with("_pass") || ENDINGS.iter().any(|w| n.ends_with(w))
+}
+
+/// Masks `user:secret@` in every URL of `arg`.
+fn mask_url_credentials(arg: &str) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail.find(['/', '?', '#', ' ']).unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(atsign), Some(colon)) if colon < atsign => {
+                out.push_str(&authority[..=colon]);
+                out.push_str(MASK);
+                out.push_str(&authority[atsign..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Masks secret-named query parameters (`?token=x&a=b`).
+fn mask_query(arg: &str) -> String {
+    let Some(q) = arg.find('?') else {
+        return arg.to_owned();
+    };
+    let (base, query) = arg.split_at(q + 1);
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_secret_name(k) => format!("{k}={MASK}"),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{base}{}", parts.join("&"))
+}
+
+/// Returns `argv` with secrets replaced by [`MASK`].
+pub fn mask_argv(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut mask_next = false;
+    for arg in argv {
+        if mask_next {
+            out.push(MASK.to_owned());
+            mask_next = false;
+            continue;
+        }
+        let lower = arg.to_ascii_lowercase();
+        if let Some(i) = lower.find("bearer ").or_else(|| lower.find("basic ")) {
+            let word = if lower[i..].starts_with("bearer ") {
+                7
+            } else {
+                6
+            };
+            out.push(format!("{}{MASK}", &arg[..i + word]));
+            continue;
+        }
+        if let Some((name, _)) = arg.split_once('=') {
+            if !name.contains("://") && !name.contains('?') && is_secret_name(name) {
+                out.push(format!("{name}={MASK}"));
+                continue;
+            }
+        }
+        if arg.starts_with("--") && is_secret_name(arg) {
+            out.push(arg.clone());
+            mask_next = true;
+            continue;
+        }
+        out.push(mask_query(&mask_url_credentials(arg)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(args: &[&str]) -> Vec<String> {
+        mask_argv(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_with_values() {
+        assert_eq!(
+            m(&["mysql", "--password=hunter2", "-u", "app"]),
+            ["mysql", "--password=****", "-u", "app"]
+        );
+        assert_eq!(
+            m(&["tool", "--password", "hunter2", "next"]),
+            ["tool", "--password", "****", "next"]
+        );
+        assert_eq!(
+            m(&["tool", "--api-key=abc", "--db-password", "x"]),
+            ["tool", "--api-key=****", "--db-password", "****"]
+        );
+        assert_eq!(
+            m(&["tool", "--auth-token=abc"]),
+            ["tool", "--auth-token=****"]
+        );
+    }
+
+    #[test]
+    fn environment_assignments() {
+        assert_eq!(
+            m(&["env", "PGPASSWORD=s3cret", "psql"]),
+            ["env", "PGPASSWORD=****", "psql"]
+        );
+        assert_eq!(
+            m(&["env", "AWS_SECRET_ACCESS_KEY=abc", "GITHUB_TOKEN=t"]),
+            ["env", "AWS_SECRET_ACCESS_KEY=****", "GITHUB_TOKEN=****"]
+        );
+        assert_eq!(
+            m(&["env", "HOME=/root", "LANG=C"]),
+            ["env", "HOME=/root", "LANG=C"]
+        );
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            m(&["psql", "postgresql://app:hunter2@db:5432/prod"]),
+            ["psql", "postgresql://app:****@db:5432/prod"]
+        );
+        assert_eq!(
+            m(&["curl", "https://api.example/v1?token=abc&page=2"]),
+            ["curl", "https://api.example/v1?token=****&page=2"]
+        );
+        // No credentials: unchanged.
+        assert_eq!(
+            m(&["curl", "https://user@host/x"]),
+            ["curl", "https://user@host/x"]
+        );
+        assert_eq!(
+            m(&["curl", "http://host:8080/x"]),
+            ["curl", "http://host:8080/x"]
+        );
+    }
+
+    #[test]
+    fn authorization_headers() {
+        assert_eq!(
+            m(&["curl", "-H", "Authorization: Bearer eyJabc"]),
+            ["curl", "-H", "Authorization: Bearer ****"]
+        );
+        assert_eq!(
+            m(&["curl", "-H", "authorization: basic dXNlcjpw"]),
+            ["curl", "-H", "authorization: basic ****"]
+        );
+    }
+
+    #[test]
+    fn ordinary_arguments_untouched() {
+        let args = [
+            "sed",
+            "-i",
+            "s/a/b/",
+            "/etc/myapp/app.conf",
+            "-p",
+            "5432",
+            "--port=5432",
+            "--passes=3",
+        ];
+        assert_eq!(m(&args), args);
+    }
+}

@@ -1,0 +1,15 @@
+//! The Driftwatch node agent: loads the kernel sensors, attributes each
+//! event to a process identity, and emits the events.
+//!
+//! Where things happen:
+//! - [`sensors`]: preflight, BTF offsets, loading and attaching programs,
+//!   the watch maps, and decoding ring buffer records;
+//! - [`identity`]: the process table, cgroup/container/pod parsing, argv masking;
+//! - [`policy`]: the policy file;
+//! - [`event`]: the events as emitted.
+
+pub mod clock;
+pub mod event;
+pub mod identity;
+pub mod policy;
+pub mod sensors;

@@ -1,0 +1,331 @@
+//! `driftwatch-agent`: the node agent's command line and event loop.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufWriter, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use driftwatch_agent::{
+    clock::Clock,
+    event::{Event, KindCounters},
+    identity::ProcessTable,
+    policy::Policy,
+    sensors::{
+        decode::{kind_name, Decoded, Decoder},
+        preflight, Sensors, WatchSet, SENSOR_SET,
+    },
+};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+/// Driftwatch node agent: kernel evidence of who changed watched files and
+/// who connected to watched ports.
+///
+/// Loads eBPF sensors for exec, file changes and connects, filters them in
+/// the kernel against the policy's paths and ports, attributes every event
+/// to a process identity (user, login user behind sudo, binary, container,
+/// pod) and prints one JSON object per event.
+///
+/// Signals: SIGINT/SIGTERM detach and exit; SIGHUP re-reads the policy and
+/// updates the kernel's watch maps in place (a bad policy is refused and the
+/// running one stays); SIGUSR1 prints the counters.
+#[derive(Debug, Parser)]
+#[command(name = "driftwatch-agent", version)]
+struct Args {
+    /// Policy file (YAML, `apiVersion: driftwatch.dev/v1`); its resources'
+    /// `paths` and `ports` are what the kernel watches.
+    #[arg(long, env = "DRIFTWATCH_POLICY", value_name = "FILE")]
+    policy: PathBuf,
+
+    /// Print one JSON object per event on standard output.
+    #[arg(long)]
+    stdout: bool,
+
+    /// Node name put on every event [default: the host name].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Size of the kernel's event ring buffer, in MiB (a power of two).
+    #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
+    ring_mib: u32,
+
+    /// Seconds between checks for records lost in the kernel (reported as
+    /// `loss` events).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    loss_interval: u64,
+
+    /// Also write the final counters, as JSON, to this file at exit.
+    #[arg(long, value_name = "FILE")]
+    stats_file: Option<PathBuf>,
+
+    /// Log filter for standard error (`info`, `debug`, `driftwatch_agent=trace`, …).
+    #[arg(long, env = "DRIFTWATCH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_ring_mib(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v == 0 || !v.is_power_of_two() || v > 1024 {
+        return Err(format!("{v} is not a power of two between 1 and 1024"));
+    }
+    Ok(v)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // aya-log forwards kernel-side log records through the `log` crate.
+    let _ = tracing_log::LogTracer::init();
+
+    if !args.stdout {
+        eprintln!(
+            "driftwatch-agent: error: nothing to send events to; pass --stdout to print them as JSON lines"
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("driftwatch-agent: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("driftwatch-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Counters kept in user space, by kind.
+#[derive(Default)]
+struct UserCounts {
+    received: BTreeMap<&'static str, u64>,
+    filtered_user: BTreeMap<&'static str, u64>,
+    malformed: u64,
+}
+
+struct Output {
+    out: BufWriter<std::io::Stdout>,
+    node: String,
+}
+
+impl Output {
+    fn emit(&mut self, event: &Event) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.out, event).context("writing an event to stdout")?;
+        self.out
+            .write_all(b"\n")
+            .context("writing an event to stdout")?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.out.flush().context("flushing stdout")
+    }
+}
+
+fn stats(sensors: &Sensors, user: &UserCounts, node: &str) -> anyhow::Result<Event> {
+    let mut counters = sensors.counters()?;
+    for (kind, c) in counters.iter_mut() {
+        c.received = user.received.get(kind.as_str()).copied().unwrap_or(0);
+        c.filtered_user = user.filtered_user.get(kind.as_str()).copied().unwrap_or(0);
+    }
+    Ok(Event::Stats {
+        time: Clock::now_rfc3339(),
+        node: node.to_owned(),
+        counters,
+    })
+}
+
+fn node_name(arg: Option<String>) -> String {
+    arg.or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+    })
+    .unwrap_or_else(|| "unknown".into())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let policy = Policy::load(&args.policy)?;
+    let cgroup_root = preflight::prepare()?;
+    let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;
+    let node = node_name(args.node_name.clone());
+    tracing::info!(
+        sensor_set = SENSOR_SET,
+        hooks = sensors.hooks.len(),
+        probes = ?sensors.probes,
+        "sensors attached; selected sensor set {SENSOR_SET}"
+    );
+    sensors.apply(WatchSet::from_policy(&policy))?;
+
+    let mut table = ProcessTable::new(Some(cgroup_root));
+    let seeded = table.seed();
+    tracing::info!(processes = seeded, "process table seeded from /proc");
+    let mut decoder = Decoder {
+        node: node.clone(),
+        clock: Clock::new(),
+        table,
+    };
+    let mut out = Output {
+        out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
+        node: node.clone(),
+    };
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.emit(&Event::AgentStart {
+        time: Clock::now_rfc3339(),
+        node: node.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        kernel,
+        sensor_set: SENSOR_SET.into(),
+        probes: sensors.probes.clone(),
+        hooks: sensors.hooks.clone(),
+        watched_paths: sensors.watch().display_paths(),
+        watched_ports: sensors.watch().ports.keys().copied().collect(),
+    })?;
+    out.flush()?;
+
+    let ring = sensors.take_events()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
+    // until the AsyncFd is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "registering the ring buffer with the event loop: {}",
+                e.into_parts().1
+            )
+        })?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.loss_interval));
+    let mut user = UserCounts::default();
+    let mut reported_drops: BTreeMap<String, u64> = BTreeMap::new();
+
+    let handle = |bytes: &[u8],
+                  decoder: &mut Decoder,
+                  sensors: &Sensors,
+                  user: &mut UserCounts,
+                  out: &mut Output|
+     -> anyhow::Result<()> {
+        let kind = match Decoder::kind_of(bytes) {
+            Ok(k) => kind_name(k),
+            Err(e) => {
+                user.malformed += 1;
+                tracing::warn!("skipping a malformed kernel record: {e}");
+                return Ok(());
+            }
+        };
+        *user.received.entry(kind).or_default() += 1;
+        match decoder.decode(bytes, sensors.watch()) {
+            Ok(Decoded::Event(e)) => out.emit(&e)?,
+            Ok(Decoded::Internal) => {}
+            Ok(Decoded::FilteredInUser) => *user.filtered_user.entry(kind).or_default() += 1,
+            Err(e) => {
+                user.malformed += 1;
+                tracing::warn!("skipping a malformed kernel record: {e}");
+            }
+        }
+        Ok(())
+    };
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+                }
+                guard.clear_ready();
+                out.flush()?;
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                match Policy::load(&args.policy) {
+                    Ok(p) => {
+                        sensors.apply(WatchSet::from_policy(&p))?;
+                        tracing::info!(file = %args.policy.display(), "policy reloaded; watch maps updated in place");
+                        out.emit(&Event::PolicyApplied {
+                            time: Clock::now_rfc3339(),
+                            node: out.node.clone(),
+                            watched_paths: sensors.watch().display_paths(),
+                            watched_ports: sensors.watch().ports.keys().copied().collect(),
+                        })?;
+                        out.flush()?;
+                    }
+                    Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
+                }
+            }
+            _ = sigusr1.recv() => {
+                let s = stats(&sensors, &user, &out.node)?;
+                out.emit(&s)?;
+                out.flush()?;
+            }
+            _ = tick.tick() => {
+                if let Some(logger) = sensors.logger() {
+                    logger.flush();
+                }
+                let counters = sensors.counters()?;
+                let mut dropped = BTreeMap::new();
+                for (kind, c) in &counters {
+                    let before = reported_drops.get(kind).copied().unwrap_or(0);
+                    if c.dropped > before {
+                        dropped.insert(kind.clone(), c.dropped - before);
+                        reported_drops.insert(kind.clone(), c.dropped);
+                    }
+                }
+                if !dropped.is_empty() {
+                    tracing::warn!(?dropped, "kernel ring buffer overflowed; records lost");
+                    out.emit(&Event::Loss { time: Clock::now_rfc3339(), node: out.node.clone(), dropped })?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+
+    // Whatever the kernel wrote before the signal is still ours to report.
+    while let Some(item) = ring.get_mut().next() {
+        handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+    }
+    let final_stats = stats(&sensors, &user, &node)?;
+    out.emit(&final_stats)?;
+    out.flush()?;
+    if let Some(path) = &args.stats_file {
+        if let Event::Stats { counters, .. } = &final_stats {
+            let text = serde_json::to_string_pretty::<BTreeMap<String, KindCounters>>(counters)?;
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if user.malformed > 0 {
+        tracing::warn!(
+            count = user.malformed,
+            "malformed kernel records were skipped"
+        );
+    }
+    drop(ring);
+    drop(sensors);
+    tracing::info!("programs detached; exiting");
+    Ok(())
+}

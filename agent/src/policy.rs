@@ -1,0 +1,324 @@
+//! The policy file (`apiVersion: driftwatch.dev/v1`, `kind: Policy`).
+//!
+//! The agent uses the `paths` and `ports` of each resource to fill the
+//! kernel's watch maps. Selectors (`writers`, `clients`) and `mode` are
+//! parsed and validated here so that a bad policy is refused as a whole;
+//! judging them is the collector's work.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// A policy refused, naming the file, the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("{file}: cannot read policy: {source}")]
+    Read {
+        /// The policy file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not parse or does not have the policy's shape.
+    #[error("{file}: {reason}")]
+    Syntax {
+        /// The policy file.
+        file: String,
+        /// Parser message, with line and column.
+        reason: String,
+    },
+    /// A field has a value the policy does not allow.
+    #[error("{file}: {field}: {reason}")]
+    Invalid {
+        /// The policy file.
+        file: String,
+        /// Path to the field, e.g. `resources[1].paths[0]`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The kind of a watched resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    /// Configuration files.
+    Config,
+    /// Model artifacts.
+    Model,
+    /// A database reached over the network.
+    Database,
+}
+
+/// Whether a resource's rules only report or also block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Report only (default).
+    #[default]
+    Monitor,
+    /// Report and refuse actions outside the rules.
+    Enforce,
+}
+
+/// Who a rule lets act. Every field given must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    /// Absolute path of the binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// User name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Numeric uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Login user (the human behind sudo), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_user: Option<String>,
+    /// Login uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loginuid: Option<u32>,
+    /// Process name (`comm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Container image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Container name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// Kubernetes namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Kubernetes pod labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Kubernetes service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+/// One watched resource.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resource {
+    /// Unique name.
+    pub name: String,
+    /// What it is.
+    pub kind: ResourceKind,
+    /// Files and directory trees (a trailing `/` or an existing directory is a tree).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Who may change the paths.
+    #[serde(default)]
+    pub writers: Vec<Selector>,
+    /// Who may connect to the ports.
+    #[serde(default)]
+    pub clients: Vec<Selector>,
+    /// Monitor or enforce.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// A whole policy document.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Policy {
+    /// Must be `driftwatch.dev/v1`.
+    pub api_version: String,
+    /// Must be `Policy`.
+    pub kind: String,
+    /// The resources.
+    #[serde(default)]
+    pub resources: Vec<Resource>,
+}
+
+/// The API version this agent reads.
+pub const API_VERSION: &str = "driftwatch.dev/v1";
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates policy text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, PolicyError> {
+        let policy: Policy = serde_yaml::from_str(text).map_err(|e| PolicyError::Syntax {
+            file: file.to_owned(),
+            reason: e.to_string(),
+        })?;
+        policy.validate(file)?;
+        Ok(policy)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), PolicyError> {
+        let bad = |field: String, reason: String| PolicyError::Invalid {
+            file: file.to_owned(),
+            field,
+            reason,
+        };
+        if self.api_version != API_VERSION {
+            return Err(bad(
+                "apiVersion".into(),
+                format!("must be {API_VERSION:?}, got {:?}", self.api_version),
+            ));
+        }
+        if self.kind != "Policy" {
+            return Err(bad(
+                "kind".into(),
+                format!("must be \"Policy\", got {:?}", self.kind),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let at = |f: &str| format!("resources[{i}]{f}");
+            if r.name.trim().is_empty() {
+                return Err(bad(at(".name"), "must not be empty".into()));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(bad(
+                    at(".name"),
+                    format!("{:?} is used by an earlier resource", r.name),
+                ));
+            }
+            match r.kind {
+                ResourceKind::Database if r.ports.is_empty() => {
+                    return Err(bad(
+                        at(".ports"),
+                        "a database resource needs at least one port".into(),
+                    ))
+                }
+                ResourceKind::Config | ResourceKind::Model if r.paths.is_empty() => {
+                    return Err(bad(
+                        at(".paths"),
+                        "a config or model resource needs at least one path".into(),
+                    ))
+                }
+                _ => {}
+            }
+            for (j, p) in r.paths.iter().enumerate() {
+                let field = at(&format!(".paths[{j}]"));
+                if !p.starts_with('/') {
+                    return Err(bad(field, format!("must be an absolute path, got {p:?}")));
+                }
+                if p.len() >= agent_common::PATH_LEN - 1 {
+                    return Err(bad(
+                        field,
+                        format!("is longer than {} bytes", agent_common::PATH_LEN - 2),
+                    ));
+                }
+                if p.split('/').any(|c| c == ".." || c == ".") {
+                    return Err(bad(
+                        field,
+                        format!("must not contain . or .. components, got {p:?}"),
+                    ));
+                }
+            }
+            for (j, port) in r.ports.iter().enumerate() {
+                if *port == 0 {
+                    return Err(bad(
+                        at(&format!(".ports[{j}]")),
+                        "must be between 1 and 65535".into(),
+                    ));
+                }
+            }
+            for (list, sels) in [("writers", &r.writers), ("clients", &r.clients)] {
+                for (j, s) in sels.iter().enumerate() {
+                    if *s == Selector::default() {
+                        return Err(bad(
+                            at(&format!(".{list}[{j}]")),
+                            "an empty selector would match everyone; name at least one field"
+                                .into(),
+                        ));
+                    }
+                    if let Some(exe) = &s.exe {
+                        if !exe.starts_with('/') {
+                            return Err(bad(
+                                at(&format!(".{list}[{j}].exe")),
+                                format!("must be an absolute path, got {exe:?}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: driftwatch.dev/v1
+kind: Policy
+resources:
+  - name: app-config
+    kind: config
+    paths: ["/etc/myapp/", "/srv/app/settings.yaml"]
+    writers:
+      - { exe: /usr/bin/ansible-playbook }
+      - { user: deploy }
+  - name: postgres
+    kind: database
+    ports: [5432]
+    clients: [ { exe: /usr/bin/psql, user: app }, { namespace: payments } ]
+    mode: enforce
+"#;
+
+    fn err(text: &str) -> String {
+        match Policy::parse("p.yaml", text) {
+            Ok(_) => panic!("policy should be refused:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let p = Policy::parse("p.yaml", GOOD).expect("valid");
+        assert_eq!(p.resources.len(), 2);
+        assert_eq!(p.resources[1].ports, [5432]);
+        assert_eq!(p.resources[1].mode, Mode::Enforce);
+        assert_eq!(p.resources[0].writers[1].user.as_deref(), Some("deploy"));
+    }
+
+    #[test]
+    fn refusals_name_file_field_and_reason() {
+        assert_eq!(
+            err(&GOOD.replace("\"/etc/myapp/\"", "\"etc/myapp\"")),
+            "p.yaml: resources[0].paths[0]: must be an absolute path, got \"etc/myapp\""
+        );
+        assert_eq!(
+            err(&GOOD.replace("[5432]", "[0]")),
+            "p.yaml: resources[1].ports[0]: must be between 1 and 65535"
+        );
+        assert!(err(&GOOD.replace("[5432]", "[70000]")).starts_with("p.yaml: "));
+        assert!(err(&GOOD.replace("driftwatch.dev/v1", "v2")).contains("apiVersion: must be"));
+        assert!(
+            err(&GOOD.replace("name: postgres", "name: app-config")).contains("resources[1].name")
+        );
+        assert!(err(&GOOD.replace("kind: database", "kind: databse")).contains("unknown variant"));
+        assert!(err(&GOOD.replace("mode: enforce", "mode: block")).contains("p.yaml: "));
+        assert!(err(&GOOD.replace("writers:", "writerz:")).contains("unknown field `writerz`"));
+        assert!(err("resources: [").starts_with("p.yaml: "));
+        assert!(err(&GOOD.replace("{ user: deploy }", "{}")).contains("resources[0].writers[1]"));
+        assert!(
+            err(&GOOD.replace("/srv/app/settings.yaml", "/srv/../etc/x"))
+                .contains("resources[0].paths[1]")
+        );
+    }
+}

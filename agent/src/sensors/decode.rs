@@ -1,0 +1,285 @@
+//! Ring buffer records to events: decoding, normalising and attributing.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use agent_common::{
+    ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
+    ARGV_TRUNCATED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
+};
+
+use super::watch::{normalise, WatchSet};
+use crate::{
+    clock::Clock,
+    event::{Event, Outcome},
+    identity::{cstr, ProcessTable},
+};
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its kind's record.
+    #[error("record of kind {kind} is {len} bytes, expected {want}")]
+    Short {
+        /// The kind.
+        kind: u32,
+        /// Bytes received.
+        len: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// Unknown kind or op.
+    #[error("unknown record kind {0}")]
+    Unknown(u32),
+}
+
+/// Short name of a kind, as used in counters and output.
+pub fn kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Exec => "exec",
+        EventKind::Fork => "fork",
+        EventKind::Exit => "exit",
+        EventKind::File => "file",
+        EventKind::Connect => "connect",
+    }
+}
+
+fn op_name(op: FileOp) -> &'static str {
+    match op {
+        FileOp::Open => "open",
+        FileOp::Rename => "rename",
+        FileOp::Unlink => "unlink",
+        FileOp::Chmod => "chmod",
+        FileOp::Chown => "chown",
+        FileOp::Truncate => "truncate",
+        FileOp::Link => "link",
+        FileOp::Symlink => "symlink",
+        FileOp::CloseWrite => "close_write",
+    }
+}
+
+fn open_flags(flags: u32) -> Vec<&'static str> {
+    let mut out = vec![match flags & 3 {
+        0 => "O_RDONLY",
+        1 => "O_WRONLY",
+        _ => "O_RDWR",
+    }];
+    for (bit, name) in [
+        (libc::O_CREAT, "O_CREAT"),
+        (libc::O_EXCL, "O_EXCL"),
+        (libc::O_TRUNC, "O_TRUNC"),
+        (libc::O_APPEND, "O_APPEND"),
+        (libc::O_TMPFILE & !libc::O_DIRECTORY, "O_TMPFILE"),
+    ] {
+        if flags & bit as u32 != 0 {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Reads a `T` from the front of `bytes`, checking the length.
+fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+    let want = std::mem::size_of::<T>();
+    if bytes.len() < want {
+        return Err(DecodeError::Short {
+            kind,
+            len: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: length checked; T is a plain repr(C) record; unaligned read.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+/// What a record turned into.
+pub enum Decoded {
+    /// An event to emit.
+    Event(Box<Event>),
+    /// Bookkeeping only (fork), nothing to emit.
+    Internal,
+    /// Passed on by the kernel, but outside the watched set once normalised.
+    FilteredInUser,
+}
+
+/// Turns records into events, keeping the process table current.
+pub struct Decoder {
+    /// Node name put on every event.
+    pub node: String,
+    /// Boot clock to wall clock.
+    pub clock: Clock,
+    /// Process identities.
+    pub table: ProcessTable,
+}
+
+impl Decoder {
+    /// The kind of a record, from its first four bytes.
+    pub fn kind_of(bytes: &[u8]) -> Result<EventKind, DecodeError> {
+        let k = read::<u32>(bytes, 0)?;
+        EventKind::from_u32(k).ok_or(DecodeError::Unknown(k))
+    }
+
+    /// Decodes one record.
+    pub fn decode(&mut self, bytes: &[u8], watch: &WatchSet) -> Result<Decoded, DecodeError> {
+        let kind = Self::kind_of(bytes)?;
+        let k = kind as u32;
+        Ok(match kind {
+            EventKind::Exec => {
+                let e: ExecEvent = read(bytes, k)?;
+                let argv = &e.argv[..(e.argv_len as usize).min(e.argv.len())];
+                self.table.on_exec(&e.hdr, cstr(&e.exe), argv);
+                Decoded::Event(Box::new(Event::Exec {
+                    time: self.time(&e.hdr),
+                    node: self.node.clone(),
+                    process: self.table.identity(&e.hdr, &self.clock),
+                    args_truncated: e.flags & ARGV_TRUNCATED != 0,
+                }))
+            }
+            EventKind::Fork => {
+                let e: ForkEvent = read(bytes, k)?;
+                self.table.on_fork(&e.hdr, e.child_tgid, e.child_start_ns);
+                Decoded::Internal
+            }
+            EventKind::Exit => {
+                let e: ExitEvent = read(bytes, k)?;
+                let process = self.table.identity(&e.hdr, &self.clock);
+                self.table.on_exit(e.hdr.tgid, e.hdr.start_ns);
+                Decoded::Event(Box::new(Event::Exit {
+                    time: self.time(&e.hdr),
+                    node: self.node.clone(),
+                    process,
+                    exit_code: ((e.exit_code >> 8) & 0xff) as i32,
+                    signal: (e.exit_code & 0x7f) as i32,
+                }))
+            }
+            EventKind::File => {
+                let e: FileEvent = read(bytes, k)?;
+                self.file(&e, watch)?
+            }
+            EventKind::Connect => {
+                let e: ConnectEvent = read(bytes, k)?;
+                let (family, address) = if e.family == libc::AF_INET6 as u16 {
+                    ("ipv6", Ipv6Addr::from(e.addr).to_string())
+                } else {
+                    let a: [u8; 4] = [e.addr[0], e.addr[1], e.addr[2], e.addr[3]];
+                    ("ipv4", Ipv4Addr::from(a).to_string())
+                };
+                Decoded::Event(Box::new(Event::Connect {
+                    time: self.time(&e.hdr),
+                    node: self.node.clone(),
+                    family,
+                    address,
+                    port: e.port,
+                    resource: watch.resource_of_port(e.port).map(str::to_owned),
+                    result: Outcome::from_ret(i64::from(e.ret)),
+                    process: self.table.identity(&e.hdr, &self.clock),
+                }))
+            }
+        })
+    }
+
+    fn time(&self, h: &Header) -> String {
+        self.clock.boot_ns_to_rfc3339(h.ktime_ns)
+    }
+
+    fn file(&mut self, e: &FileEvent, watch: &WatchSet) -> Result<Decoded, DecodeError> {
+        let op = FileOp::from_u32(e.op).ok_or(DecodeError::Unknown(e.op))?;
+        let flags1 = e.path_flags & 0xff;
+        let flags2 = (e.path_flags >> PATH2_SHIFT) & 0xff;
+        // Paths built from a string may hold `.`, `..` or `//`; the kernel
+        // matched a prefix or passed them on, so decide here on the normal form.
+        let fix = |raw: String, flags: u32| {
+            if flags & PATH_FROM_FILE == 0 && (flags & PATH_UNNORMALISED != 0 || raw.contains("/."))
+            {
+                normalise(&raw)
+            } else {
+                raw
+            }
+        };
+        let raw1 = cstr(&e.path);
+        let raw2 = cstr(&e.path2);
+        let (path, new_path, target) = match op {
+            FileOp::Symlink => (fix(raw2, flags2), None, Some(raw1)),
+            FileOp::Rename | FileOp::Link => (fix(raw1, flags1), Some(fix(raw2, flags2)), None),
+            _ => (fix(raw1, flags1), None, None),
+        };
+        let resource = watch
+            .resource_of(&path)
+            .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
+            .map(str::to_owned);
+        if resource.is_none() && op != FileOp::CloseWrite {
+            return Ok(Decoded::FilteredInUser);
+        }
+        let main_flags = if op == FileOp::Symlink {
+            flags2
+        } else {
+            flags1
+        };
+        let (flags, mode) = match op {
+            FileOp::Open => (
+                open_flags(e.flags),
+                (e.flags & libc::O_CREAT as u32 != 0).then(|| format!("{:04o}", e.mode & 0o7777)),
+            ),
+            FileOp::Chmod => (Vec::new(), Some(format!("{:04o}", e.mode & 0o7777))),
+            _ => (Vec::new(), None),
+        };
+        let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
+        Ok(Decoded::Event(Box::new(Event::File {
+            time: self.time(&e.hdr),
+            node: self.node.clone(),
+            op: op_name(op),
+            path,
+            new_path,
+            target,
+            resource,
+            flags,
+            mode,
+            owner_uid: owner(e.uid),
+            owner_gid: owner(e.gid),
+            resolved_from: if main_flags & PATH_FROM_FILE != 0 {
+                "file"
+            } else {
+                "name"
+            },
+            path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
+            result: Outcome::from_ret(e.ret),
+            process: self.table.identity(&e.hdr, &self.clock),
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_records_are_errors_not_panics() {
+        assert_eq!(
+            Decoder::kind_of(&[1, 0]),
+            Err(DecodeError::Short {
+                kind: 0,
+                len: 2,
+                want: 4
+            })
+        );
+        assert_eq!(
+            Decoder::kind_of(&[99, 0, 0, 0]),
+            Err(DecodeError::Unknown(99))
+        );
+        let mut d = Decoder {
+            node: "n".into(),
+            clock: Clock::new(),
+            table: ProcessTable::new(None),
+        };
+        let short = [4u8, 0, 0, 0, 1, 2, 3];
+        assert!(matches!(
+            d.decode(&short, &WatchSet::default()),
+            Err(DecodeError::Short { kind: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn open_flags_are_named() {
+        assert_eq!(open_flags(0o1101), ["O_WRONLY", "O_CREAT", "O_TRUNC"]);
+        assert_eq!(open_flags(2), ["O_RDWR"]);
+    }
+}

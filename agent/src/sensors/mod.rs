@@ -1,0 +1,392 @@
+//! Loading the kernel sensors, filling their watch maps and reading their
+//! counters.
+//!
+//! One sensor set runs on kernels without kprobes, fentry or BPF LSM (the
+//! kind these nodes run): syscall tracepoints, BTF-typed scheduler
+//! tracepoints and cgroup `connect4`/`connect6` hooks. The agent probes for
+//! the richer program types too and reports what it found, so a node's
+//! capabilities are visible before a sensor set that uses them exists.
+
+pub mod btf;
+pub mod decode;
+pub mod preflight;
+pub mod watch;
+
+use std::{collections::BTreeMap, fs::File, path::Path};
+
+use agent_common::{
+    EventKind, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_FILTERED, COUNTER_SEEN, COUNTER_SLOTS,
+};
+use aya::{
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramType, TracePoint,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use crate::event::KindCounters;
+pub use watch::WatchSet;
+
+/// Why the sensors could not be started or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum SensorError {
+    /// Kernel BTF is missing or lacks a needed type.
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    /// The object could not be loaded.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    /// A program was refused by the kernel (verifier, permissions, type).
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: String,
+        /// What the kernel said.
+        source: ProgramError,
+    },
+    /// A hook the sensors cannot work without is missing on this kernel.
+    #[error("this kernel lacks {0}, which the sensors need")]
+    MissingHook(String),
+    /// A map is missing or of the wrong type.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// The error.
+        source: MapError,
+    },
+    /// No cgroup v2 hierarchy to attach connect hooks to.
+    #[error("opening cgroup2 root {path}: {source}")]
+    Cgroup {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The compiled eBPF object, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch"));
+
+/// Name of the sensor set this build provides.
+pub const SENSOR_SET: &str = "tracepoint+tp_btf+cgroup_sock_addr";
+
+/// (program, `syscalls/` tracepoint, required) for the entry side of file calls.
+const FILE_ENTERS: &[(&str, &str, bool)] = &[
+    ("enter_openat", "sys_enter_openat", true),
+    ("enter_openat2", "sys_enter_openat2", false),
+    ("enter_open", "sys_enter_open", false),
+    ("enter_creat", "sys_enter_creat", false),
+    ("enter_renameat2", "sys_enter_renameat2", true),
+    ("enter_renameat", "sys_enter_renameat", false),
+    ("enter_rename", "sys_enter_rename", false),
+    ("enter_unlinkat", "sys_enter_unlinkat", true),
+    ("enter_unlink", "sys_enter_unlink", false),
+    ("enter_rmdir", "sys_enter_rmdir", false),
+    ("enter_fchmodat", "sys_enter_fchmodat", true),
+    ("enter_fchmodat", "sys_enter_fchmodat2", false),
+    ("enter_chmod", "sys_enter_chmod", false),
+    ("enter_fchmod", "sys_enter_fchmod", true),
+    ("enter_fchownat", "sys_enter_fchownat", true),
+    ("enter_chown", "sys_enter_chown", false),
+    ("enter_chown", "sys_enter_lchown", false),
+    ("enter_fchown", "sys_enter_fchown", true),
+    ("enter_truncate", "sys_enter_truncate", true),
+    ("enter_ftruncate", "sys_enter_ftruncate", true),
+    ("enter_linkat", "sys_enter_linkat", true),
+    ("enter_link", "sys_enter_link", false),
+    ("enter_symlinkat", "sys_enter_symlinkat", true),
+    ("enter_symlink", "sys_enter_symlink", false),
+    ("enter_close", "sys_enter_close", true),
+];
+
+/// Running sensors. Dropping this detaches every program.
+pub struct Sensors {
+    ebpf: Ebpf,
+    /// Kept alive: dropping the logger closes its map.
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Hooks attached, as `category/name`.
+    pub hooks: Vec<String>,
+    /// Program types probed, and whether the kernel accepts them.
+    pub probes: BTreeMap<String, bool>,
+    watch: WatchSet,
+}
+
+fn program_err(name: &str) -> impl FnOnce(ProgramError) -> SensorError + '_ {
+    move |source| SensorError::Program {
+        name: name.to_owned(),
+        source,
+    }
+}
+
+/// Asks the kernel which program types it loads.
+fn probe_kernel() -> BTreeMap<String, bool> {
+    let mut probes = BTreeMap::new();
+    for (name, ty) in [
+        ("tracepoint", ProgramType::TracePoint),
+        ("raw_tracepoint", ProgramType::RawTracePoint),
+        ("cgroup_sock_addr", ProgramType::CgroupSockAddr),
+        ("tracing(fentry,tp_btf)", ProgramType::Tracing),
+        ("lsm", ProgramType::Lsm(aya::programs::LsmAttachType::Mac)),
+        ("kprobe", ProgramType::KProbe),
+    ] {
+        let ok = aya::sys::is_program_supported(ty).unwrap_or(false);
+        probes.insert(name.to_owned(), ok);
+    }
+    probes.insert(
+        "btf".to_owned(),
+        Path::new("/sys/kernel/btf/vmlinux").exists(),
+    );
+    probes
+}
+
+impl Sensors {
+    /// Loads and attaches every program. `ring_bytes` sizes the event ring
+    /// buffer (a power of two, multiple of the page size).
+    pub fn start(cgroup_root: &Path, ring_bytes: u32) -> Result<Self, SensorError> {
+        let btf = btf::Btf::from_sys_fs()?;
+        let offsets = btf.kernel_offsets()?;
+        tracing::debug!(?offsets, "kernel struct offsets from BTF");
+        for tp in [
+            "sched_process_exec",
+            "sched_process_fork",
+            "sched_process_exit",
+        ] {
+            if !btf.has_tracepoint(tp) {
+                return Err(SensorError::MissingHook(format!("the BTF tracepoint {tp}")));
+            }
+        }
+        let probes = probe_kernel();
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("no eBPF log map ({e}); kernel-side logs are off");
+                None
+            }
+        };
+        let mut hooks = Vec::new();
+
+        let kernel_btf =
+            aya::Btf::from_sys_fs().map_err(|e| SensorError::Load(EbpfError::BtfError(e)))?;
+        for tp in [
+            "sched_process_exec",
+            "sched_process_fork",
+            "sched_process_exit",
+        ] {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(tp)
+                .ok_or_else(|| SensorError::MissingHook(format!("program {tp} in the object")))?
+                .try_into()
+                .map_err(program_err(tp))?;
+            prog.load(tp, &kernel_btf).map_err(program_err(tp))?;
+            prog.attach().map_err(program_err(tp))?;
+            hooks.push(format!("tp_btf/{tp}"));
+        }
+
+        let mut loaded = std::collections::HashSet::new();
+        for &(name, tp, required) in FILE_ENTERS {
+            if !Path::new(&format!("{}/events/syscalls/{tp}", preflight::TRACEFS)).exists() {
+                if required {
+                    return Err(SensorError::MissingHook(format!(
+                        "the tracepoint syscalls/{tp}"
+                    )));
+                }
+                tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
+                continue;
+            }
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+                .try_into()
+                .map_err(program_err(name))?;
+            if loaded.insert(name) {
+                prog.load().map_err(program_err(name))?;
+            }
+            prog.attach("syscalls", tp).map_err(program_err(name))?;
+            hooks.push(format!("syscalls/{tp}"));
+            if name != "enter_close" {
+                let exit_tp = tp.replacen("sys_enter_", "sys_exit_", 1);
+                let exit: &mut TracePoint = ebpf
+                    .program_mut("exit_file")
+                    .ok_or_else(|| {
+                        SensorError::MissingHook("program exit_file in the object".into())
+                    })?
+                    .try_into()
+                    .map_err(program_err("exit_file"))?;
+                if loaded.insert("exit_file") {
+                    exit.load().map_err(program_err("exit_file"))?;
+                }
+                exit.attach("syscalls", &exit_tp)
+                    .map_err(program_err("exit_file"))?;
+                hooks.push(format!("syscalls/{exit_tp}"));
+            }
+        }
+
+        let cgroup = File::open(cgroup_root).map_err(|source| SensorError::Cgroup {
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        for name in ["connect4", "connect6"] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+                .try_into()
+                .map_err(program_err(name))?;
+            prog.load().map_err(program_err(name))?;
+            // On 5.7+ aya attaches through a bpf_link, which always coexists
+            // with other programs and takes no flags; `Single` passes none.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            hooks.push(format!("cgroup/{name}@{}", cgroup_root.display()));
+        }
+        let exit: &mut TracePoint = ebpf
+            .program_mut("exit_connect")
+            .ok_or_else(|| SensorError::MissingHook("program exit_connect in the object".into()))?
+            .try_into()
+            .map_err(program_err("exit_connect"))?;
+        exit.load().map_err(program_err("exit_connect"))?;
+        exit.attach("syscalls", "sys_exit_connect")
+            .map_err(program_err("exit_connect"))?;
+        hooks.push("syscalls/sys_exit_connect".into());
+
+        Ok(Self {
+            ebpf,
+            _logger: logger,
+            hooks,
+            probes,
+            watch: WatchSet::default(),
+        })
+    }
+
+    /// The ring buffer to read events from (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(SensorError::Map {
+            name: "EVENTS",
+            source: MapError::InvalidName {
+                name: "EVENTS".into(),
+            },
+        })?;
+        RingBuf::try_from(map).map_err(|source| SensorError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The kernel-side log reader, for the caller to poll.
+    pub fn logger(&mut self) -> Option<&mut aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self._logger.as_mut()
+    }
+
+    /// The watched set in force.
+    pub fn watch(&self) -> &WatchSet {
+        &self.watch
+    }
+
+    /// Replaces the watched set in the kernel maps, in place: programs stay
+    /// loaded and attached, and entries in both sets are never removed.
+    pub fn apply(&mut self, next: WatchSet) -> Result<(), SensorError> {
+        let map_err = |name| move |source| SensorError::Map { name, source };
+        {
+            let mut paths: LpmTrie<
+                &mut MapData,
+                [u8; agent_common::PATH_LEN],
+                agent_common::WatchValue,
+            > = LpmTrie::try_from(self.ebpf.map_mut("WATCH_PATHS").ok_or(SensorError::Map {
+                name: "WATCH_PATHS",
+                source: MapError::InvalidName {
+                    name: "WATCH_PATHS".into(),
+                },
+            })?)
+            .map_err(map_err("WATCH_PATHS"))?;
+            for e in next.paths.iter() {
+                let (key, value) = e.to_key();
+                paths
+                    .insert(&key, value, 0)
+                    .map_err(map_err("WATCH_PATHS"))?;
+            }
+            for old in self
+                .watch
+                .paths
+                .iter()
+                .filter(|o| !next.paths.iter().any(|n| n.same_key(o)))
+            {
+                let (key, _) = old.to_key();
+                paths.remove(&key).map_err(map_err("WATCH_PATHS"))?;
+            }
+        }
+        {
+            let mut ports: BpfHashMap<&mut MapData, u16, u32> =
+                BpfHashMap::try_from(self.ebpf.map_mut("WATCH_PORTS").ok_or(SensorError::Map {
+                    name: "WATCH_PORTS",
+                    source: MapError::InvalidName {
+                        name: "WATCH_PORTS".into(),
+                    },
+                })?)
+                .map_err(map_err("WATCH_PORTS"))?;
+            for (port, resource) in &next.ports {
+                ports
+                    .insert(port, *resource as u32, 0)
+                    .map_err(map_err("WATCH_PORTS"))?;
+            }
+            for port in self
+                .watch
+                .ports
+                .keys()
+                .filter(|p| !next.ports.contains_key(p))
+            {
+                ports.remove(port).map_err(map_err("WATCH_PORTS"))?;
+            }
+        }
+        self.watch = next;
+        Ok(())
+    }
+
+    /// Kernel counters summed over CPUs, by kind name.
+    pub fn counters(&self) -> Result<BTreeMap<String, KindCounters>, SensorError> {
+        let map_err = |source| SensorError::Map {
+            name: "COUNTERS",
+            source,
+        };
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or(SensorError::Map {
+                name: "COUNTERS",
+                source: MapError::InvalidName {
+                    name: "COUNTERS".into(),
+                },
+            })?)
+            .map_err(map_err)?;
+        let mut out = BTreeMap::new();
+        for kind in [
+            EventKind::Exec,
+            EventKind::Fork,
+            EventKind::Exit,
+            EventKind::File,
+            EventKind::Connect,
+        ] {
+            let slot = |s: u32| -> Result<u64, SensorError> {
+                Ok(arr
+                    .get(&(kind as u32 * COUNTER_SLOTS + s), 0)
+                    .map_err(map_err)?
+                    .iter()
+                    .sum())
+            };
+            out.insert(
+                decode::kind_name(kind).to_owned(),
+                KindCounters {
+                    seen: slot(COUNTER_SEEN)?,
+                    filtered_kernel: slot(COUNTER_FILTERED)?,
+                    emitted: slot(COUNTER_EMITTED)?,
+                    dropped: slot(COUNTER_DROPPED)?,
+                    ..Default::default()
+                },
+            );
+        }
+        Ok(out)
+    }
+}

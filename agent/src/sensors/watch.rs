@@ -1,0 +1,203 @@
+//! The watched set: policy paths and ports as the kernel maps hold them.
+
+use std::{
+    collections::BTreeMap,
+    path::{Component, Path, PathBuf},
+};
+
+use agent_common::{WatchValue, PATH_LEN};
+use aya::maps::lpm_trie::Key;
+
+use crate::policy::Policy;
+
+/// One entry of the watched-path trie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchPath {
+    /// Canonical absolute path; a tree ends in `/`.
+    pub prefix: String,
+    /// A single file or the tree's own directory, matched exactly.
+    pub exact: bool,
+    /// Index of the resource in the policy.
+    pub resource: usize,
+}
+
+impl WatchPath {
+    /// The LPM key and value. An exact entry includes the terminating NUL
+    /// so that `/a/b` does not match `/a/bc`.
+    pub fn to_key(&self) -> (Key<[u8; PATH_LEN]>, WatchValue) {
+        let mut data = [0u8; PATH_LEN];
+        let bytes = self.prefix.as_bytes();
+        let n = bytes.len().min(PATH_LEN - 1);
+        data[..n].copy_from_slice(&bytes[..n]);
+        let bits = (n + usize::from(self.exact)) * 8;
+        (
+            Key::new(bits as u32, data),
+            WatchValue {
+                resource: self.resource as u32,
+                exact: u32::from(self.exact),
+            },
+        )
+    }
+
+    /// True when both produce the same trie key.
+    pub fn same_key(&self, other: &Self) -> bool {
+        self.prefix == other.prefix && self.exact == other.exact
+    }
+
+    fn covers(&self, path: &str) -> bool {
+        if self.exact {
+            path == self.prefix
+        } else {
+            path.starts_with(&self.prefix)
+        }
+    }
+}
+
+/// Everything the kernel filters on.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSet {
+    /// Trie entries.
+    pub paths: Vec<WatchPath>,
+    /// Port to resource index.
+    pub ports: BTreeMap<u16, usize>,
+    /// Resource names, by index.
+    pub names: Vec<String>,
+}
+
+/// Resolves symlinks in the part of `path` that exists, so that the prefix
+/// is written as the kernel will report it (`/var/run` → `/run`).
+pub fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if parent != path => canonical(parent).join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Lexical normalisation: drops `.` and empty components, applies `..`.
+pub fn normalise(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_str().unwrap_or_default()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+impl WatchSet {
+    /// The watched set a policy asks for, as of the filesystem now.
+    pub fn from_policy(policy: &Policy) -> Self {
+        let mut set = Self::default();
+        for (i, r) in policy.resources.iter().enumerate() {
+            set.names.push(r.name.clone());
+            for p in &r.paths {
+                let canon = canonical(Path::new(p));
+                let text = canon.display().to_string();
+                let tree = p.ends_with('/') || canon.is_dir();
+                if tree {
+                    let prefix = if text == "/" {
+                        "/".to_owned()
+                    } else {
+                        format!("{text}/")
+                    };
+                    set.paths.push(WatchPath {
+                        prefix,
+                        exact: false,
+                        resource: i,
+                    });
+                }
+                set.paths.push(WatchPath {
+                    prefix: text,
+                    exact: true,
+                    resource: i,
+                });
+            }
+            for port in &r.ports {
+                set.ports.insert(*port, i);
+            }
+        }
+        set.paths.dedup_by(|a, b| a.same_key(b));
+        set
+    }
+
+    /// The resource name a path belongs to (longest match), if watched.
+    pub fn resource_of(&self, path: &str) -> Option<&str> {
+        self.paths
+            .iter()
+            .filter(|w| w.covers(path))
+            .max_by_key(|w| w.prefix.len() + usize::from(w.exact))
+            .and_then(|w| self.names.get(w.resource))
+            .map(String::as_str)
+    }
+
+    /// The resource name a port belongs to.
+    pub fn resource_of_port(&self, port: u16) -> Option<&str> {
+        self.ports
+            .get(&port)
+            .and_then(|i| self.names.get(*i))
+            .map(String::as_str)
+    }
+
+    /// Prefixes for display (trees end in `/`).
+    pub fn display_paths(&self) -> Vec<String> {
+        self.paths
+            .iter()
+            .filter(|w| {
+                !w.exact
+                    || !self
+                        .paths
+                        .iter()
+                        .any(|t| !t.exact && t.prefix == format!("{}/", w.prefix))
+            })
+            .map(|w| w.prefix.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_lexically() {
+        assert_eq!(normalise("/etc/myapp/./x"), "/etc/myapp/x");
+        assert_eq!(normalise("/etc//myapp/x"), "/etc/myapp/x");
+        assert_eq!(normalise("/tmp/a/../../etc/myapp/x"), "/etc/myapp/x");
+        assert_eq!(normalise("/../.."), "/");
+    }
+
+    #[test]
+    fn trees_files_and_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = canonical(dir.path()).display().to_string();
+        let text = format!(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: cfg, kind: config, paths: [\"{root}\", \"/srv/app/settings.yaml\"] }}\n  - {{ name: db, kind: database, ports: [5432] }}\n"
+        );
+        let policy = Policy::parse("p.yaml", &text).unwrap();
+        let set = WatchSet::from_policy(&policy);
+        assert_eq!(set.resource_of(&format!("{root}/a/b.conf")), Some("cfg"));
+        assert_eq!(set.resource_of(&root), Some("cfg"));
+        assert_eq!(set.resource_of(&format!("{root}x/a")), None);
+        assert_eq!(set.resource_of("/srv/app/settings.yaml"), Some("cfg"));
+        assert_eq!(set.resource_of("/srv/app/settings.yaml.bak"), None);
+        assert_eq!(set.resource_of_port(5432), Some("db"));
+        assert_eq!(set.resource_of_port(5433), None);
+        let (key, _) = set
+            .paths
+            .iter()
+            .find(|w| w.prefix == "/srv/app/settings.yaml")
+            .unwrap()
+            .to_key();
+        assert_eq!(
+            { key.prefix_len },
+            ("/srv/app/settings.yaml".len() as u32 + 1) * 8
+        );
+    }
+}
