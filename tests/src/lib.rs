@@ -1,1 +1,219 @@
+//! Harness for the end-to-end tests: start the real agent on a policy, act,
+//! stop it, and look at what it printed.
+//!
+//! The tests load programs into the running kernel, so they need root; run
+//! them with `cargo xtask test`, which builds the agent and points
+//! `DRIFTWATCH_AGENT_BIN` at it. Without root they fail saying so: a kernel
+//! test that quietly passes would prove nothing.
 
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DRIFTWATCH_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/driftwatch-agent");
+    assert!(
+        p.exists(),
+        "no agent binary at {}; run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test unless it can load eBPF programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "kernel tests load eBPF programs and need root; run `cargo xtask test` as root"
+    );
+}
+
+/// A temporary directory with its canonical path (the kernel reports real paths).
+pub struct Dir {
+    _tmp: tempfile::TempDir,
+    /// Canonical path.
+    pub path: PathBuf,
+}
+
+impl Dir {
+    /// A fresh directory under /tmp.
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("dw-test-")
+            .tempdir()
+            .expect("temp dir");
+        let path = tmp.path().canonicalize().expect("canonical temp dir");
+        Self { _tmp: tmp, path }
+    }
+
+    /// `self.path/rel` as text.
+    pub fn join(&self, rel: &str) -> String {
+        self.path.join(rel).display().to_string()
+    }
+}
+
+impl Default for Dir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A policy watching `paths` (as config) and `ports` (as a database).
+pub fn policy(paths: &[String], ports: &[u16]) -> String {
+    let mut s = String::from("apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n");
+    if !paths.is_empty() {
+        let list: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+        s += &format!(
+            "  - name: cfg\n    kind: config\n    paths: [{}]\n",
+            list.join(", ")
+        );
+    }
+    if !ports.is_empty() {
+        let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        s += &format!(
+            "  - name: db\n    kind: database\n    ports: [{}]\n",
+            list.join(", ")
+        );
+    }
+    s
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Child,
+    out: PathBuf,
+    /// The policy file it reads (rewrite it and call [`Agent::reload`]).
+    pub policy: PathBuf,
+    _dir: Dir,
+}
+
+impl Agent {
+    /// Starts the agent on `policy_yaml` and waits until its sensors are attached.
+    pub fn start(policy_yaml: &str) -> Self {
+        require_root();
+        let dir = Dir::new();
+        let policy = dir.path.join("policy.yaml");
+        std::fs::write(&policy, policy_yaml).expect("write policy");
+        let out = dir.path.join("events.jsonl");
+        let child = Command::new(agent_bin())
+            .args([
+                "--policy",
+                &policy.display().to_string(),
+                "--stdout",
+                "--loss-interval",
+                "1",
+            ])
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the agent");
+        let mut agent = Self {
+            child,
+            out,
+            policy,
+            _dir: dir,
+        };
+        agent.wait_for(|e| e["kind"] == "agent_start", "agent_start");
+        agent
+    }
+
+    /// Events printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        let file = std::fs::File::open(&self.out).expect("open output");
+        std::io::BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("agent printed non-JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits (up to 60 s) for an event matching `pred`.
+    pub fn wait_for(&mut self, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(e) = self.events().into_iter().find(&pred) {
+                return e;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited ({status}) before printing {what}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} from the agent within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGHUP (policy reload).
+    pub fn reload(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+    }
+
+    /// Stops the agent (SIGINT) and returns everything it printed; asserts a clean exit.
+    pub fn stop(mut self) -> Vec<Value> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait for the agent");
+        assert!(status.success(), "agent exited with {status}");
+        self.events()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a command and asserts it succeeded.
+pub fn run(cmd: &mut Command) {
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed with {status}");
+}
+
+/// Runs `python3 -c script`.
+pub fn python(script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.args(["-c", script]);
+    c
+}
+
+/// File events on `path` (as `path` or `new_path`).
+pub fn file_events<'a>(events: &'a [Value], path: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "file" && (e["path"] == path || e["new_path"] == path))
+        .collect()
+}
+
+/// The final counters the agent printed at exit.
+pub fn final_stats(events: &[Value]) -> &Value {
+    let s = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "stats")
+        .expect("a stats event at exit");
+    &s["counters"]
+}

@@ -276,8 +276,6 @@ pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
         return false;
     }
     s.odd = 0;
-    // The string starts after a virtual '/' (relative names join with one).
-    s.key[511] = b'/';
     let n = unsafe {
         gen::bpf_probe_read_user_str(
             s.key.as_mut_ptr() as *mut c_void,
@@ -288,6 +286,9 @@ pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
     if n <= 0 {
         return false;
     }
+    // A relative name is joined to its directory with one '/': put it before
+    // the string so a leading `./` or `../` is seen. An absolute one has its own.
+    s.key[511] = if s.key[0] == b'/' { 0 } else { b'/' };
     for i in 0..PATH_LEN {
         // SAFETY: indices are masked into the 512-byte key; nothing but the
         // index is carried in registers, so the verifier prunes each step.

@@ -172,7 +172,7 @@ impl ProcessTable {
                 .to_str()
                 .and_then(|s| s.parse::<u32>().ok())
             {
-                if let Some(p) = self.from_proc(pid) {
+                if let Some(p) = self.read_proc(pid) {
                     self.procs.insert(pid, p);
                 }
             }
@@ -202,7 +202,7 @@ impl ProcessTable {
     }
 
     /// Reads one process from `/proc`; `None` when it is gone.
-    fn from_proc(&self, pid: u32) -> Option<Proc> {
+    fn read_proc(&self, pid: u32) -> Option<Proc> {
         let base = PathBuf::from(format!("/proc/{pid}"));
         let stat = std::fs::read_to_string(base.join("stat")).ok()?;
         // comm may hold spaces and parens: fields start after the last ')'.
@@ -304,7 +304,7 @@ impl ProcessTable {
             .procs
             .get(&parent.tgid)
             .cloned()
-            .or_else(|| self.from_proc(parent.tgid));
+            .or_else(|| self.read_proc(parent.tgid));
         let p = match base {
             Some(b) => Proc {
                 tgid: child,
@@ -369,7 +369,7 @@ impl ProcessTable {
                 // Not seen yet (started while the table was being seeded):
                 // read it now, or fall back to what the kernel told us.
                 let p = self
-                    .from_proc(h.tgid)
+                    .read_proc(h.tgid)
                     .filter(|p| p.start_ticks == ticks)
                     .unwrap_or_else(|| {
                         let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
@@ -395,7 +395,7 @@ impl ProcessTable {
                 .procs
                 .get(&next)
                 .cloned()
-                .or_else(|| self.from_proc(next))
+                .or_else(|| self.read_proc(next))
             else {
                 break;
             };

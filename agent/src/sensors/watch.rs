@@ -29,14 +29,18 @@ impl WatchPath {
         let bytes = self.prefix.as_bytes();
         let n = bytes.len().min(PATH_LEN - 1);
         data[..n].copy_from_slice(&bytes[..n]);
-        let bits = (n + usize::from(self.exact)) * 8;
         (
-            Key::new(bits as u32, data),
+            Key::new(self.key_bits(), data),
             WatchValue {
                 resource: self.resource as u32,
                 exact: u32::from(self.exact),
             },
         )
+    }
+
+    /// Bits of the key that must match.
+    pub fn key_bits(&self) -> u32 {
+        ((self.prefix.len().min(PATH_LEN - 1) + usize::from(self.exact)) * 8) as u32
     }
 
     /// True when both produce the same trie key.
@@ -189,14 +193,13 @@ mod tests {
         assert_eq!(set.resource_of("/srv/app/settings.yaml.bak"), None);
         assert_eq!(set.resource_of_port(5432), Some("db"));
         assert_eq!(set.resource_of_port(5433), None);
-        let (key, _) = set
+        let file = set
             .paths
             .iter()
             .find(|w| w.prefix == "/srv/app/settings.yaml")
-            .unwrap()
-            .to_key();
+            .unwrap();
         assert_eq!(
-            { key.prefix_len },
+            file.key_bits(),
             ("/srv/app/settings.yaml".len() as u32 + 1) * 8
         );
     }

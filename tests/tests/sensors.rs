@@ -1,0 +1,421 @@
+//! Each sensor, driven by real actions against the real kernel.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    process::Command,
+};
+
+use driftwatch_tests::{file_events, final_stats, policy, python, run, Agent, Dir};
+use serde_json::Value;
+
+fn ops(events: &[&Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["op"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn sed_in_place_on_a_watched_file_reports_the_rename_into_place() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    let conf = dir.join("etc/app.conf");
+    std::fs::write(&conf, "debug=false\n").unwrap();
+    // Watch the single file, not its directory.
+    let agent = Agent::start(&policy(std::slice::from_ref(&conf), &[]));
+    run(Command::new("sed").args(["-i", "s/debug=false/debug=true/", &conf]));
+    let events = agent.stop();
+
+    let on_conf = file_events(&events, &conf);
+    let rename = on_conf
+        .iter()
+        .find(|e| e["op"] == "rename")
+        .unwrap_or_else(|| panic!("no rename into {conf}: {on_conf:?}"));
+    assert_eq!(rename["new_path"], conf.as_str());
+    assert!(rename["path"]
+        .as_str()
+        .unwrap()
+        .starts_with(&dir.join("etc/sed")));
+    assert_eq!(rename["result"]["ok"], true);
+    assert_eq!(rename["resource"], "cfg");
+    let p = &rename["process"];
+    assert_eq!(p["comm"], "sed");
+    assert!(p["exe"].as_str().unwrap().ends_with("/sed"), "{p}");
+    assert!(
+        p["args"].as_array().unwrap().iter().any(|a| a == "-i"),
+        "{p}"
+    );
+    assert_eq!(p["user"], "root");
+    // sed's temp file sits beside the file but is not the watched file: the
+    // kernel filter must not report its creation.
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["kind"] == "file" && e["op"] == "open"),
+        "a single-file watch reported another file's open"
+    );
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "debug=true\n");
+}
+
+#[test]
+fn python_temp_file_then_os_replace_into_a_watched_dir() {
+    let dir = Dir::new();
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let agent = Agent::start(&policy(&[format!("{models}/")], &[]));
+    run(&mut python(&format!(
+        "import os\nwith open('{models}/.model.tmp','wb') as f: f.write(b'weights')\nos.replace('{models}/.model.tmp','{models}/model.bin')"
+    )));
+    let events = agent.stop();
+
+    let tmp = format!("{models}/.model.tmp");
+    let model = format!("{models}/model.bin");
+    let on_tmp = file_events(&events, &tmp);
+    assert_eq!(
+        ops(&on_tmp),
+        ["open", "close_write", "rename"],
+        "{on_tmp:?}"
+    );
+    let open = on_tmp[0];
+    assert_eq!(open["resolved_from"], "file");
+    assert!(open["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "O_CREAT"));
+    let rename = on_tmp[2];
+    assert_eq!(rename["new_path"], model.as_str());
+    assert!(rename["process"]["exe"]
+        .as_str()
+        .unwrap()
+        .contains("python"));
+}
+
+#[test]
+fn relative_paths_from_a_cwd_inside_the_tree_and_openat_with_a_dirfd() {
+    let dir = Dir::new();
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(dir.join("tree/sub")).unwrap();
+    std::fs::write(dir.join("tree/old.conf"), "x").unwrap();
+    let agent = Agent::start(&policy(&[format!("{tree}/")], &[]));
+    // cwd inside the tree; writes through `..`, a rename by relative names,
+    // and an openat() relative to a directory fd.
+    run(python(&format!(
+        "import os\nos.chdir('{tree}/sub')\nopen('../rel.conf','w').write('a')\nos.rename('../old.conf','../new.conf')\nd=os.open('{tree}', os.O_RDONLY)\nfd=os.open('viafd.conf', os.O_WRONLY|os.O_CREAT, 0o640, dir_fd=d)\nos.close(fd)"
+    ))
+    .current_dir(dir.join("tree/sub")));
+    let events = agent.stop();
+
+    let rel = file_events(&events, &format!("{tree}/rel.conf"));
+    assert_eq!(ops(&rel), ["open", "close_write"], "{events:#?}");
+    let renamed = file_events(&events, &format!("{tree}/new.conf"));
+    assert_eq!(renamed.len(), 1, "{events:#?}");
+    assert_eq!(renamed[0]["path"], format!("{tree}/old.conf"));
+    assert_eq!(renamed[0]["resolved_from"], "name");
+    let viafd = file_events(&events, &format!("{tree}/viafd.conf"));
+    assert_eq!(ops(&viafd), ["open", "close_write"], "{events:#?}");
+    assert_eq!(viafd[0]["mode"], "0640");
+}
+
+#[test]
+fn writes_through_a_symlinked_directory_and_dotdot_report_the_real_path() {
+    let dir = Dir::new();
+    let real = dir.join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, dir.join("link")).unwrap();
+    std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+    let agent = Agent::start(&policy(&[format!("{real}/")], &[]));
+    run(Command::new("sh").args([
+        "-c",
+        &format!("echo a > {}/viasymlink.conf", dir.join("link")),
+    ]));
+    run(Command::new("sh").args([
+        "-c",
+        &format!("echo b > {}/../real/viadotdot.conf", dir.join("elsewhere")),
+    ]));
+    // A path-string call (chmod) whose literal path escapes and re-enters the tree.
+    run(Command::new("chmod").args([
+        "600",
+        &format!("{}/../real/viadotdot.conf", dir.join("elsewhere")),
+    ]));
+    let events = agent.stop();
+
+    assert_eq!(
+        ops(&file_events(&events, &format!("{real}/viasymlink.conf"))),
+        ["open", "close_write"]
+    );
+    let dotdot = file_events(&events, &format!("{real}/viadotdot.conf"));
+    assert_eq!(
+        ops(&dotdot),
+        ["open", "close_write", "chmod"],
+        "{events:#?}"
+    );
+    assert_eq!(dotdot[2]["mode"], "0600");
+    assert!(!events
+        .iter()
+        .any(|e| e["kind"] == "file" && e["path"].as_str().unwrap().contains("/link/")));
+}
+
+#[test]
+fn chmod_chown_truncate_link_symlink_and_unlink() {
+    let dir = Dir::new();
+    let tree = dir.join("cfg");
+    std::fs::create_dir_all(&tree).unwrap();
+    let f = format!("{tree}/app.conf");
+    std::fs::write(&f, "content").unwrap();
+    let agent = Agent::start(&policy(&[format!("{tree}/")], &[]));
+    run(Command::new("chmod").args(["640", &f]));
+    run(Command::new("chown").args(["65534:65534", &f]));
+    run(Command::new("truncate").args(["-s", "0", &f]));
+    run(Command::new("ln").args([&f, &format!("{tree}/hard.conf")]));
+    run(Command::new("ln").args(["-s", "/etc/passwd", &format!("{tree}/sym.conf")]));
+    run(Command::new("rm").args([&f]));
+    let events = agent.stop();
+
+    let on_f = file_events(&events, &f);
+    let find = |op: &str| -> &Value {
+        on_f.iter()
+            .find(|e| e["op"] == op)
+            .copied()
+            .unwrap_or_else(|| panic!("no {op} on {f}: {on_f:#?}"))
+    };
+    assert_eq!(find("chmod")["mode"], "0640");
+    assert_eq!(find("chown")["owner_uid"], 65534);
+    assert_eq!(find("chown")["owner_gid"], 65534);
+    assert_eq!(find("truncate")["process"]["comm"], "truncate");
+    assert_eq!(find("link")["new_path"], format!("{tree}/hard.conf"));
+    let unlink = find("unlink");
+    assert_eq!(unlink["process"]["comm"], "rm");
+    assert_eq!(unlink["result"]["ok"], true);
+    let sym = file_events(&events, &format!("{tree}/sym.conf"));
+    assert_eq!(sym[0]["op"], "symlink");
+    assert_eq!(sym[0]["target"], "/etc/passwd");
+}
+
+#[test]
+fn a_refused_write_is_reported_with_its_errno_and_the_callers_identity() {
+    let dir = Dir::new();
+    let tree = dir.join("locked");
+    std::fs::create_dir_all(&tree).unwrap();
+    let f = format!("{tree}/secret.conf");
+    std::fs::write(&f, "x").unwrap();
+    let agent = Agent::start(&policy(&[format!("{tree}/")], &[]));
+    // As nobody, with a login uid as sshd/sudo would leave it, try to write.
+    let status = python(&format!(
+        "import os\nopen('/proc/self/loginuid','w').write('4242')\nos.setgid(65534); os.setuid(65534)\ntry:\n  open('{f}','w')\nexcept PermissionError:\n  raise SystemExit(7)"
+    ))
+    .status()
+    .unwrap();
+    assert_eq!(status.code(), Some(7), "the write should have been refused");
+    let events = agent.stop();
+
+    let on_f = file_events(&events, &f);
+    assert_eq!(on_f.len(), 1, "{on_f:#?}");
+    let e = on_f[0];
+    assert_eq!(e["op"], "open");
+    assert_eq!(e["result"]["ok"], false);
+    assert_eq!(e["result"]["errno"], 13);
+    assert_eq!(e["result"]["error"], "EACCES");
+    assert_eq!(e["resolved_from"], "name");
+    assert_eq!(e["process"]["uid"], 65534);
+    assert_eq!(e["process"]["user"], "nobody");
+    assert_eq!(e["process"]["loginuid"], 4242);
+}
+
+#[test]
+fn a_short_lived_exec_is_complete_with_masked_arguments_and_its_exit() {
+    let agent = Agent::start(&policy(&["/nonexistent-dw-test/".into()], &[]));
+    let marker = format!("dw-marker-{}", std::process::id());
+    run(Command::new("/bin/sh").args([
+        "-c",
+        "exit 0",
+        &marker,
+        "--password=hunter2",
+        "postgresql://app:s3cret@db:5432/prod",
+    ]));
+    let status = Command::new("/bin/sh")
+        .args(["-c", "exit 3", &format!("{marker}-exit")])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    let events = agent.stop();
+
+    let exec = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "exec"
+                && e["process"]["args"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == marker.as_str()))
+        })
+        .unwrap_or_else(|| panic!("no exec with {marker}"));
+    let p = &exec["process"];
+    assert_eq!(
+        p["args"],
+        serde_json::json!([
+            "/bin/sh",
+            "-c",
+            "exit 0",
+            marker,
+            "--password=****",
+            "postgresql://app:****@db:5432/prod"
+        ])
+    );
+    assert!(p["exe"].as_str().unwrap().ends_with("sh"), "{p}");
+    assert_eq!(p["ppid"], std::process::id());
+    assert!(p["ancestors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["pid"] == std::process::id()));
+    assert_eq!(p["exec_id"].as_str().unwrap().len(), 16);
+    let exit_marker = format!("{marker}-exit");
+    let exit = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "exit"
+                && e["process"]["args"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == exit_marker.as_str()))
+        })
+        .expect("exit event of the short-lived process");
+    assert_eq!(exit["exit_code"], 3);
+}
+
+#[test]
+fn connects_to_watched_ports_are_reported_with_results_unwatched_are_not() {
+    let watched4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = watched4.local_addr().unwrap().port();
+    let watched6 = TcpListener::bind(("::1", port)).ok();
+    let unwatched = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = unwatched.local_addr().unwrap().port();
+    // A watched port nobody listens on: the refused attempt counts too.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let agent = Agent::start(&policy(&[], &[port, closed_port]));
+
+    TcpStream::connect(("127.0.0.1", port)).unwrap();
+    TcpStream::connect(("127.0.0.1", other)).unwrap();
+    assert!(TcpStream::connect(("127.0.0.1", closed_port)).is_err());
+    if watched6.is_some() {
+        TcpStream::connect(("::1", port)).unwrap();
+    }
+    let events = agent.stop();
+
+    let me = std::process::id();
+    let connects: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "connect" && e["process"]["pid"] == me)
+        .collect();
+    let to = |p: u16, fam: &str| {
+        connects
+            .iter()
+            .find(|e| e["port"] == p && e["family"] == fam)
+            .copied()
+    };
+    let ok = to(port, "ipv4").unwrap_or_else(|| panic!("no connect to {port}: {connects:#?}"));
+    assert_eq!(ok["address"], "127.0.0.1");
+    assert_eq!(ok["result"]["ok"], true);
+    assert_eq!(ok["resource"], "db");
+    let refused = to(closed_port, "ipv4").expect("refused connect reported");
+    assert_eq!(refused["result"]["error"], "ECONNREFUSED");
+    assert!(
+        to(other, "ipv4").is_none(),
+        "unwatched port reported: {connects:#?}"
+    );
+    if watched6.is_some() {
+        assert_eq!(to(port, "ipv6").expect("ipv6 connect")["address"], "::1");
+    }
+    assert!(
+        final_stats(&events)["connect"]["filtered_kernel"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[test]
+fn writes_outside_watched_paths_are_filtered_in_the_kernel() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("watched")).unwrap();
+    std::fs::create_dir_all(dir.join("unwatched")).unwrap();
+    let agent = Agent::start(&policy(&[format!("{}/", dir.join("watched"))], &[]));
+    let n = 300;
+    let target = dir.join("unwatched/noise.txt");
+    run(&mut python(&format!(
+        "import os\nfor i in range({n}):\n  open('{target}','w').write(str(i))\n  os.chmod('{target}', 0o600)"
+    )));
+    let events = agent.stop();
+
+    assert!(file_events(&events, &target).is_empty());
+    let file = &final_stats(&events)["file"];
+    // Each iteration is two unwatched calls (an open for write and a chmod),
+    // all of them dropped before the ring buffer.
+    assert!(file["filtered_kernel"].as_u64().unwrap() >= 2 * n, "{file}");
+    assert_eq!(file["emitted"], file["received"], "{file}");
+    assert_eq!(file["dropped"], 0);
+}
+
+#[test]
+fn the_watched_set_changes_at_run_time_without_reloading_programs() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    let a = format!("{}/", dir.join("a"));
+    let b = format!("{}/", dir.join("b"));
+    let mut agent = Agent::start(&policy(std::slice::from_ref(&a), &[]));
+    let before = dir.join("b/before.conf");
+    std::fs::write(&before, "x").unwrap();
+
+    std::fs::write(&agent.policy, policy(std::slice::from_ref(&b), &[])).unwrap();
+    agent.reload();
+    agent.wait_for(|e| e["kind"] == "policy_applied", "policy_applied");
+    let after = dir.join("b/after.conf");
+    std::fs::write(&after, "y").unwrap();
+    let no_longer = dir.join("a/no-longer.conf");
+    std::fs::write(&no_longer, "z").unwrap();
+
+    // A bad policy is refused and the running one stays.
+    std::fs::write(&agent.policy, "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources: [ { name: x, kind: config, paths: [relative] } ]\n").unwrap();
+    agent.reload();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let still = dir.join("b/still.conf");
+    std::fs::write(&still, "w").unwrap();
+    let events = agent.stop();
+
+    assert!(file_events(&events, &before).is_empty());
+    assert_eq!(ops(&file_events(&events, &after)), ["open", "close_write"]);
+    assert!(file_events(&events, &no_longer).is_empty());
+    assert_eq!(ops(&file_events(&events, &still)), ["open", "close_write"]);
+    assert_eq!(
+        events.iter().filter(|e| e["kind"] == "agent_start").count(),
+        1
+    );
+}
+
+#[test]
+fn a_bad_policy_is_refused_with_file_field_and_reason() {
+    let dir = Dir::new();
+    let p = dir.path.join("bad.yaml");
+    std::fs::write(&p, "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - { name: db, kind: database, ports: [0] }\n").unwrap();
+    let out = Command::new(driftwatch_tests::agent_bin())
+        .args(["--policy", &p.display().to_string(), "--stdout"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: resources[0].ports[0]: must be between 1 and 65535",
+            p.display()
+        )),
+        "{err}"
+    );
+    let missing = Command::new(driftwatch_tests::agent_bin())
+        .args(["--policy", "/nonexistent/policy.yaml", "--stdout"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("/nonexistent/policy.yaml: cannot read policy"));
+}

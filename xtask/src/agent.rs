@@ -1,0 +1,107 @@
+//! Running the agent as a child process and reading what it printed.
+
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// A running agent writing JSON lines to `out`.
+pub struct Agent {
+    child: Child,
+    /// Where its standard output goes.
+    pub out: PathBuf,
+}
+
+impl Agent {
+    /// Starts `bin` on `policy` and waits until its sensors are attached.
+    pub fn start(bin: &Path, policy: &Path, out: &Path, extra: &[&str]) -> Result<Self> {
+        let stdout =
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        let child = Command::new(bin)
+            .arg("--policy")
+            .arg(policy)
+            .arg("--stdout")
+            .args(extra)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut agent = Self {
+            child,
+            out: out.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if std::fs::read_to_string(out).is_ok_and(|s| s.contains("\"kind\":\"agent_start\"")) {
+                return Ok(agent);
+            }
+            // Output to /dev/null: the attached hooks show in the kernel instead.
+            if out == Path::new("/dev/null") && attached(agent.child.id()) {
+                // The watch maps are filled right after the last attach.
+                std::thread::sleep(Duration::from_secs(1));
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("the agent exited before attaching its sensors ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not attach its sensors within 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent with SIGINT, without reading its output.
+    pub fn stop_quiet(mut self) -> Result<()> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the agent exited with {status}");
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGINT and returns every JSON line it printed.
+    pub fn stop(mut self) -> Result<Vec<serde_json::Value>> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the agent exited with {status}");
+        }
+        let file = std::fs::File::open(&self.out)?;
+        let mut events = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            events.push(
+                serde_json::from_str(&line)
+                    .with_context(|| format!("agent printed non-JSON: {line}"))?,
+            );
+        }
+        Ok(events)
+    }
+}
+
+/// True once the process holds the cgroup connect links, the last hooks the
+/// agent attaches before its start-up event.
+fn attached(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo")).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("link_type:\tcgroup"))
+        })
+    })
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! `cargo xtask bench sensors`: the agent's cost and capacity, each measured
+//! as a ratio or a rate within one run (machines here are shared and noisy).
+//!
+//! 1. Unwatched file syscalls (open for write, write, close, stat, chmod,
+//!    rename) with the agent off vs on: alternating rounds, median ns per
+//!    iteration, ratio on/off. Target ≤ 1.05×.
+//! 2. Watched events end to end: a generator on one core calls `fchmod` on a
+//!    watched file as fast as it can (each call is one event through kernel
+//!    filter, ring buffer, decode, identity and JSON); the agent's counters
+//!    say how many it received and whether any were lost. Then the same at a
+//!    paced 200k/s. Target ≥ 200k events/s with zero loss.
+
+use std::{
+    ffi::CString,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{agent::Agent, build_agent, setup};
+
+/// Which benchmark to run.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Which {
+    /// Kernel sensors and agent pipeline.
+    Sensors,
+}
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes()).context("path with NUL")
+}
+
+/// One iteration of unwatched file work; returns ns per iteration.
+fn unwatched_round(dir: &Path, iters: u32) -> Result<f64> {
+    let a = cpath(&dir.join("a.txt"))?;
+    let b = cpath(&dir.join("b.txt"))?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: plain syscalls on our own files with valid C strings.
+        unsafe {
+            let fd = libc::open(a.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644);
+            if fd < 0 {
+                bail!("open failed: {}", std::io::Error::last_os_error());
+            }
+            libc::write(fd, b"x".as_ptr().cast(), 1);
+            libc::close(fd);
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::stat(a.as_ptr(), &mut st);
+            libc::chmod(a.as_ptr(), 0o600);
+            libc::rename(a.as_ptr(), b.as_ptr());
+            libc::rename(b.as_ptr(), a.as_ptr());
+        }
+    }
+    Ok(start.elapsed().as_nanos() as f64 / f64::from(iters))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Calls fchmod on `fd` `count` times, paced to `rate` per second if given.
+fn generate(fd: i32, count: u64, rate: Option<u64>) -> Duration {
+    let start = Instant::now();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            if i % 1000 == 0 {
+                let due = Duration::from_nanos(i * 1_000_000_000 / rate);
+                let now = start.elapsed();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+        }
+        // SAFETY: fchmod on our own open fd.
+        unsafe { libc::fchmod(fd, if i % 2 == 0 { 0o600 } else { 0o644 }) };
+    }
+    start.elapsed()
+}
+
+struct Throughput {
+    offered_per_s: f64,
+    end_to_end_per_s: f64,
+    emitted: u64,
+    received: u64,
+    dropped: u64,
+}
+
+fn throughput(
+    bin: &Path,
+    policy: &Path,
+    dir: &Path,
+    count: u64,
+    rate: Option<u64>,
+) -> Result<Throughput> {
+    let stats = dir.join("stats.json");
+    let _ = std::fs::remove_file(&stats);
+    let stats_arg = stats.display().to_string();
+    let agent = Agent::start(
+        bin,
+        policy,
+        Path::new("/dev/null"),
+        &[
+            "--ring-mib",
+            "256",
+            "--stats-file",
+            &stats_arg,
+            "--log",
+            "warn",
+        ],
+    );
+    // /dev/null never shows agent_start; wait for the sensors differently.
+    let agent = match agent {
+        Ok(a) => a,
+        Err(e) => bail!("{e:#}"),
+    };
+    let file = cpath(&dir.join("watched/target.bin"))?;
+    // SAFETY: opening our own file.
+    let fd = unsafe { libc::open(file.as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0o644) };
+    if fd < 0 {
+        bail!("open failed: {}", std::io::Error::last_os_error());
+    }
+    let t0 = Instant::now();
+    let gen = generate(fd, count, rate);
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+    agent.stop_quiet()?;
+    let total = t0.elapsed();
+    let text = std::fs::read_to_string(&stats).context("reading the agent's stats file")?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let f = &v["file"];
+    let n = |k: &str| f[k].as_u64().unwrap_or(0);
+    Ok(Throughput {
+        offered_per_s: count as f64 / gen.as_secs_f64(),
+        end_to_end_per_s: n("received") as f64 / total.as_secs_f64(),
+        emitted: n("emitted"),
+        received: n("received"),
+        dropped: n("dropped"),
+    })
+}
+
+/// Runs a benchmark.
+pub fn run(which: Which) -> Result<()> {
+    let Which::Sensors = which;
+    setup::require_root("cargo xtask bench")?;
+    setup::ensure()?;
+    let bin = build_agent(true)?;
+    let dir = Path::new("/tmp/driftwatch-bench");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("watched"))?;
+    std::fs::create_dir_all(dir.join("unwatched"))?;
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: bench, kind: model, paths: [\"{}/watched/\"] }}\n",
+            dir.display()
+        ),
+    )?;
+
+    eprintln!("bench: unwatched file syscalls, agent off vs on (5 alternating rounds)");
+    let iters = 20_000;
+    unwatched_round(&dir.join("unwatched"), iters / 4)?; // warm caches
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        off.push(unwatched_round(&dir.join("unwatched"), iters)?);
+        let agent = Agent::start(&bin, &policy, &dir.join("events.jsonl"), &["--log", "warn"])?;
+        on.push(unwatched_round(&dir.join("unwatched"), iters)?);
+        let events = agent.stop()?;
+        let leaked = events.iter().filter(|e| e["kind"] == "file").count();
+        if leaked > 0 {
+            bail!("{leaked} file events reached user space for unwatched paths");
+        }
+        eprintln!(
+            "bench:   round {round}: off {:.0} ns/iter, on {:.0} ns/iter",
+            off[round], on[round]
+        );
+    }
+    let (off_m, on_m) = (median(off), median(on));
+
+    eprintln!("bench: watched events, unpaced burst of 1,000,000");
+    let burst = throughput(&bin, &policy, dir, 1_000_000, None)?;
+    eprintln!("bench: watched events, paced at 200,000/s for 3 s");
+    let paced = throughput(&bin, &policy, dir, 600_000, Some(200_000))?;
+
+    println!();
+    println!(
+        "Driftwatch sensors benchmark (one run, {} CPUs)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "unwatched file syscalls: off {off_m:.0} ns/iter, on {on_m:.0} ns/iter, ratio {:.3}x (target <= 1.05x)",
+        on_m / off_m
+    );
+    for (name, t) in [("unpaced burst", &burst), ("paced 200k/s", &paced)] {
+        println!(
+            "watched events, {name}: offered {:.0}/s, end to end {:.0}/s, emitted {}, received {}, lost {}{}",
+            t.offered_per_s,
+            t.end_to_end_per_s,
+            t.emitted,
+            t.received,
+            t.dropped,
+            if t.dropped == 0 && t.received == t.emitted { " (zero loss)" } else { "" }
+        );
+    }
+    Ok(())
+}
