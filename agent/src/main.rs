@@ -176,12 +176,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     sensors.apply(WatchSet::from_policy(&policy))?;
 
-    let mut table = ProcessTable::new(Some(cgroup_root));
+    let clock = Clock::new();
+    let mut table = ProcessTable::new(Some(cgroup_root), clock);
     let seeded = table.seed();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let mut decoder = Decoder {
         node: node.clone(),
-        clock: Clock::new(),
+        clock,
         table,
     };
     let mut out = Output {

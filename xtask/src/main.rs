@@ -96,12 +96,44 @@ fn test(args: &[String]) -> Result<()> {
     ]))?;
     let agent = build_agent(false)?;
     eprintln!("xtask: cargo test --workspace (kernel tests load real programs)");
-    setup::run(
-        cargo()
-            .args(["test", "--workspace", "--"])
-            .args(args)
-            .env("DRIFTWATCH_AGENT_BIN", &agent),
-    )
+    let mut child = cargo()
+        .args(["test", "--workspace", "--"])
+        .args(args)
+        .env("DRIFTWATCH_AGENT_BIN", &agent)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Pass the output through, and add up the per-binary results so the
+    // run ends with one line for the whole suite.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|p| {
+                            p.trim()
+                                .strip_suffix(word)
+                                .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                        })
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        anyhow::bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        anyhow::bail!("no tests ran");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

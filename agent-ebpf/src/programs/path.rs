@@ -40,6 +40,7 @@ pub struct Scratch {
     dentry: u64,
     vfsmnt: u64,
     mnt: u64,
+    mnt_root: u64,
     truncated: u64,
     odd: u64,
 }
@@ -61,6 +62,8 @@ unsafe fn d_path(s: &mut Scratch, dentry: u64, vfsmnt: u64) -> (usize, bool) {
     s.dentry = dentry;
     s.vfsmnt = vfsmnt;
     s.mnt = vfsmnt - off!(mount_mnt) as u64;
+    // Only changes when the walk crosses into the parent mount.
+    s.mnt_root = unsafe { task::read(vfsmnt, off!(vfsmount_mnt_root)) };
     for _ in 0..MAX_DEPTH {
         if unsafe { walk_step(s) } {
             break;
@@ -79,9 +82,8 @@ unsafe fn d_path(s: &mut Scratch, dentry: u64, vfsmnt: u64) -> (usize, bool) {
 unsafe fn walk_step(s: &mut Scratch) -> bool {
     unsafe {
         let dentry = core::ptr::read_volatile(&s.dentry);
-        let vfsmnt = core::ptr::read_volatile(&s.vfsmnt);
         let mnt = core::ptr::read_volatile(&s.mnt);
-        let mnt_root: u64 = task::read(vfsmnt, off!(vfsmount_mnt_root));
+        let mnt_root = core::ptr::read_volatile(&s.mnt_root);
         let parent: u64 = task::read(dentry, off!(dentry_d_parent));
         if dentry == mnt_root || dentry == parent {
             if dentry != mnt_root {
@@ -96,6 +98,7 @@ unsafe fn walk_step(s: &mut Scratch) -> bool {
             s.dentry = task::read(mnt, off!(mount_mnt_mountpoint));
             s.mnt = mnt_parent;
             s.vfsmnt = mnt_parent + off!(mount_mnt) as u64;
+            s.mnt_root = task::read(s.vfsmnt, off!(vfsmount_mnt_root));
             return false;
         }
         let name_base = dentry + off!(dentry_d_name) as u64;

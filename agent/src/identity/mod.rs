@@ -10,6 +10,7 @@ pub mod mask;
 use std::{
     collections::{HashMap, VecDeque},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,6 +25,25 @@ const EXITED_GRACE: Duration = Duration::from_secs(30);
 /// How many ancestors an identity lists.
 const MAX_ANCESTORS: usize = 16;
 
+/// What a process shares with every event it appears in; built once per
+/// exec or fork and shared, so attributing an event copies no strings.
+#[derive(Debug, Serialize)]
+pub struct ProcInfo {
+    /// Stable id of the process instance (unique across pid reuse and hosts).
+    pub exec_id: String,
+    /// When the process started (RFC 3339).
+    pub start_time: String,
+    /// Executable path.
+    pub exe: String,
+    /// Arguments, secrets masked.
+    pub args: Vec<String>,
+    /// cgroup v2 path.
+    pub cgroup: String,
+    /// Container and pod.
+    #[serde(flatten)]
+    pub placement: Placement,
+}
+
 /// One process in the table.
 #[derive(Clone, Debug)]
 pub struct Proc {
@@ -34,16 +54,10 @@ pub struct Proc {
     /// Start time in clock ticks since boot (the resolution `/proc` offers,
     /// so ids computed from `/proc` and from the kernel agree).
     pub start_ticks: u64,
-    /// Stable id of this process instance.
-    pub exec_id: String,
-    /// Executable path.
-    pub exe: String,
-    /// Arguments, secrets masked.
-    pub args: Vec<String>,
-    /// cgroup v2 path.
-    pub cgroup: String,
-    /// Container and pod.
-    pub placement: Placement,
+    /// Shared identity fields.
+    pub info: Arc<ProcInfo>,
+    /// Ancestry, computed on first use.
+    ancestors: Option<Arc<Vec<Ancestor>>>,
 }
 
 /// An ancestor in an identity's chain.
@@ -66,15 +80,11 @@ pub struct Identity {
     pub tid: u32,
     /// Parent process id.
     pub ppid: u32,
-    /// Stable id of the process instance (unique across pid reuse and hosts).
-    pub exec_id: String,
-    /// When the process started (RFC 3339).
-    pub start_time: String,
     /// Real uid.
     pub uid: u32,
     /// Real user name.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<Arc<str>>,
     /// Real gid.
     pub gid: u32,
     /// Effective uid.
@@ -84,20 +94,14 @@ pub struct Identity {
     pub loginuid: Option<u32>,
     /// Login user name.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub login_user: Option<String>,
+    pub login_user: Option<Arc<str>>,
     /// `comm`.
     pub comm: String,
-    /// Executable path.
-    pub exe: String,
-    /// Arguments, secrets masked.
-    pub args: Vec<String>,
-    /// cgroup v2 path.
-    pub cgroup: String,
-    /// Container and pod.
+    /// exec_id, start time, exe, args, cgroup, container, pod.
     #[serde(flatten)]
-    pub placement: Placement,
+    pub info: Arc<ProcInfo>,
     /// Parent, grandparent, …
-    pub ancestors: Vec<Ancestor>,
+    pub ancestors: Arc<Vec<Ancestor>>,
 }
 
 /// The process table and the caches identities are built from.
@@ -106,10 +110,11 @@ pub struct ProcessTable {
     exited: VecDeque<(Instant, u32, u64)>,
     boot_id: String,
     ns_per_tick: u64,
-    users: HashMap<u32, Option<String>>,
+    users: HashMap<u32, Option<Arc<str>>>,
     cgroup_root: Option<PathBuf>,
     cgroup_paths: HashMap<u64, String>,
     cgroup_scanned: Option<Instant>,
+    clock: Clock,
 }
 
 /// FNV-1a, 64-bit: a hash that never changes between builds, so ids do not.
@@ -139,7 +144,7 @@ pub fn cstr(bytes: &[u8]) -> String {
 
 impl ProcessTable {
     /// An empty table for this boot. `cgroup_root` is the cgroup2 mount.
-    pub fn new(cgroup_root: Option<PathBuf>) -> Self {
+    pub fn new(cgroup_root: Option<PathBuf>, clock: Clock) -> Self {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
@@ -155,6 +160,7 @@ impl ProcessTable {
             cgroup_root,
             cgroup_paths: HashMap::new(),
             cgroup_scanned: None,
+            clock,
         }
     }
 
@@ -201,6 +207,26 @@ impl ProcessTable {
         ns / self.ns_per_tick
     }
 
+    /// A table entry; the shared fields are built here, once.
+    fn entry(&self, tgid: u32, ppid: u32, start_ticks: u64, shape: Shape) -> Proc {
+        Proc {
+            tgid,
+            ppid,
+            start_ticks,
+            info: Arc::new(ProcInfo {
+                exec_id: self.exec_id(tgid, start_ticks),
+                start_time: self
+                    .clock
+                    .boot_ns_to_rfc3339(start_ticks * self.ns_per_tick),
+                exe: shape.exe,
+                args: shape.args,
+                cgroup: shape.cgroup,
+                placement: shape.placement,
+            }),
+            ancestors: None,
+        }
+    }
+
     /// Reads one process from `/proc`; `None` when it is gone.
     fn read_proc(&self, pid: u32) -> Option<Proc> {
         let base = PathBuf::from(format!("/proc/{pid}"));
@@ -219,16 +245,17 @@ impl ProcessTable {
         let (cgroup, placement) = std::fs::read_to_string(base.join("cgroup"))
             .map(|t| cgroup::from_proc_cgroup(&t))
             .unwrap_or_default();
-        Some(Proc {
-            tgid: pid,
+        Some(self.entry(
+            pid,
             ppid,
             start_ticks,
-            exec_id: self.exec_id(pid, start_ticks),
-            exe,
-            args,
-            cgroup,
-            placement,
-        })
+            Shape {
+                exe,
+                args,
+                cgroup,
+                placement,
+            },
+        ))
     }
 
     /// cgroup path and placement for a live process, falling back to the
@@ -283,47 +310,30 @@ impl ProcessTable {
     /// A process executed a new program.
     pub fn on_exec(&mut self, h: &Header, exe: String, argv: &[u8]) {
         let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
-        let start_ticks = self.ticks(h.start_ns);
-        let p = Proc {
-            tgid: h.tgid,
-            ppid: h.ppid,
-            start_ticks,
-            exec_id: self.exec_id(h.tgid, start_ticks),
-            exe,
-            args: mask::mask_argv(&split_argv(argv)),
-            cgroup,
-            placement,
-        };
+        let args = mask::mask_argv(&split_argv(argv));
+        let p = self.entry(
+            h.tgid,
+            h.ppid,
+            self.ticks(h.start_ns),
+            Shape {
+                exe,
+                args,
+                cgroup,
+                placement,
+            },
+        );
         self.procs.insert(h.tgid, p);
     }
 
     /// A process forked a child, which inherits its program and cgroup.
     pub fn on_fork(&mut self, parent: &Header, child: u32, child_start_ns: u64) {
-        let start_ticks = self.ticks(child_start_ns);
         let base = self
             .procs
             .get(&parent.tgid)
             .cloned()
             .or_else(|| self.read_proc(parent.tgid));
-        let p = match base {
-            Some(b) => Proc {
-                tgid: child,
-                ppid: parent.tgid,
-                start_ticks,
-                exec_id: self.exec_id(child, start_ticks),
-                ..b
-            },
-            None => Proc {
-                tgid: child,
-                ppid: parent.tgid,
-                start_ticks,
-                exec_id: self.exec_id(child, start_ticks),
-                exe: String::new(),
-                args: Vec::new(),
-                cgroup: String::new(),
-                placement: Placement::default(),
-            },
-        };
+        let shape = base.map(|b| Shape::of(&b.info)).unwrap_or_default();
+        let p = self.entry(child, parent.tgid, self.ticks(child_start_ns), shape);
         self.procs.insert(child, p);
     }
 
@@ -343,53 +353,21 @@ impl ProcessTable {
         }
     }
 
-    fn user_name(&mut self, uid: u32) -> Option<String> {
+    fn user_name(&mut self, uid: u32) -> Option<Arc<str>> {
         self.users
             .entry(uid)
             .or_insert_with(|| {
                 nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                     .ok()
                     .flatten()
-                    .map(|u| u.name)
+                    .map(|u| Arc::from(u.name))
             })
             .clone()
     }
 
-    /// The identity of the task that made `h`.
-    pub fn identity(&mut self, h: &Header, clock: &Clock) -> Identity {
-        let ticks = self.ticks(h.start_ns);
-        let known = self
-            .procs
-            .get(&h.tgid)
-            .filter(|p| p.start_ticks == ticks)
-            .cloned();
-        let proc = match known {
-            Some(p) => p,
-            None => {
-                // Not seen yet (started while the table was being seeded):
-                // read it now, or fall back to what the kernel told us.
-                let p = self
-                    .read_proc(h.tgid)
-                    .filter(|p| p.start_ticks == ticks)
-                    .unwrap_or_else(|| {
-                        let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
-                        Proc {
-                            tgid: h.tgid,
-                            ppid: h.ppid,
-                            start_ticks: ticks,
-                            exec_id: self.exec_id(h.tgid, ticks),
-                            exe: String::new(),
-                            args: Vec::new(),
-                            cgroup,
-                            placement,
-                        }
-                    });
-                self.procs.insert(h.tgid, p.clone());
-                p
-            }
-        };
+    /// The chain of parents from `next` up, nearest first.
+    fn ancestry(&mut self, mut next: u32) -> Vec<Ancestor> {
         let mut ancestors = Vec::new();
-        let mut next = h.ppid;
         while next > 0 && ancestors.len() < MAX_ANCESTORS {
             let Some(a) = self
                 .procs
@@ -401,21 +379,60 @@ impl ProcessTable {
             };
             ancestors.push(Ancestor {
                 pid: a.tgid,
-                exec_id: a.exec_id.clone(),
-                exe: a.exe.clone(),
+                exec_id: a.info.exec_id.clone(),
+                exe: a.info.exe.clone(),
             });
             if a.ppid == a.tgid {
                 break;
             }
             next = a.ppid;
         }
+        ancestors
+    }
+
+    /// The identity of the task that made `h`.
+    pub fn identity(&mut self, h: &Header) -> Identity {
+        let ticks = self.ticks(h.start_ns);
+        let known = self
+            .procs
+            .get(&h.tgid)
+            .filter(|p| p.start_ticks == ticks)
+            .cloned();
+        let mut proc = match known {
+            Some(p) => p,
+            None => {
+                // Not seen yet (started while the table was being seeded):
+                // read it now, or fall back to what the kernel told us.
+                let p = match self.read_proc(h.tgid).filter(|p| p.start_ticks == ticks) {
+                    Some(p) => p,
+                    None => {
+                        let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
+                        let shape = Shape {
+                            cgroup,
+                            placement,
+                            ..Shape::default()
+                        };
+                        self.entry(h.tgid, h.ppid, ticks, shape)
+                    }
+                };
+                self.procs.insert(h.tgid, p.clone());
+                p
+            }
+        };
+        let ancestors = match &proc.ancestors {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(self.ancestry(h.ppid));
+                proc.ancestors = Some(a.clone());
+                self.procs.insert(h.tgid, proc.clone());
+                a
+            }
+        };
         let loginuid = (h.loginuid != u32::MAX).then_some(h.loginuid);
         Identity {
             pid: h.tgid,
             tid: h.pid,
             ppid: h.ppid,
-            exec_id: proc.exec_id,
-            start_time: clock.boot_ns_to_rfc3339(proc.start_ticks * self.ns_per_tick),
             uid: h.uid,
             user: self.user_name(h.uid),
             gid: h.gid,
@@ -423,11 +440,28 @@ impl ProcessTable {
             loginuid,
             login_user: loginuid.and_then(|u| self.user_name(u)),
             comm: cstr(&h.comm),
-            exe: proc.exe,
-            args: proc.args,
-            cgroup: proc.cgroup,
-            placement: proc.placement,
+            info: proc.info,
             ancestors,
+        }
+    }
+}
+
+/// The per-program part of an entry: what exec sets and fork inherits.
+#[derive(Default)]
+struct Shape {
+    exe: String,
+    args: Vec<String>,
+    cgroup: String,
+    placement: Placement,
+}
+
+impl Shape {
+    fn of(info: &ProcInfo) -> Self {
+        Self {
+            exe: info.exe.clone(),
+            args: info.args.clone(),
+            cgroup: info.cgroup.clone(),
+            placement: info.placement.clone(),
         }
     }
 }
@@ -446,11 +480,11 @@ mod tests {
 
     #[test]
     fn seeded_table_knows_this_process_and_ids_are_stable() {
-        let mut t = ProcessTable::new(None);
+        let mut t = ProcessTable::new(None, Clock::new());
         assert!(t.seed() > 1);
         let me = std::process::id();
         let p = t.procs.get(&me).cloned().expect("own process in table");
-        assert!(p.exe.ends_with(
+        assert!(p.info.exe.ends_with(
             std::env::current_exe()
                 .unwrap()
                 .file_name()
@@ -458,11 +492,11 @@ mod tests {
                 .to_str()
                 .unwrap()
         ));
-        assert_eq!(p.exec_id, t.exec_id(me, p.start_ticks));
+        assert_eq!(p.info.exec_id, t.exec_id(me, p.start_ticks));
         assert_ne!(
             t.exec_id(me, p.start_ticks),
             t.exec_id(me, p.start_ticks + 1)
         );
-        assert_eq!(p.exec_id.len(), 16);
+        assert_eq!(p.info.exec_id.len(), 16);
     }
 }

@@ -130,7 +130,7 @@ impl Decoder {
                 Decoded::Event(Box::new(Event::Exec {
                     time: self.time(&e.hdr),
                     node: self.node.clone(),
-                    process: self.table.identity(&e.hdr, &self.clock),
+                    process: self.table.identity(&e.hdr),
                     args_truncated: e.flags & ARGV_TRUNCATED != 0,
                 }))
             }
@@ -141,7 +141,7 @@ impl Decoder {
             }
             EventKind::Exit => {
                 let e: ExitEvent = read(bytes, k)?;
-                let process = self.table.identity(&e.hdr, &self.clock);
+                let process = self.table.identity(&e.hdr);
                 self.table.on_exit(e.hdr.tgid, e.hdr.start_ns);
                 Decoded::Event(Box::new(Event::Exit {
                     time: self.time(&e.hdr),
@@ -171,7 +171,7 @@ impl Decoder {
                     port: e.port,
                     resource: watch.resource_of_port(e.port).map(str::to_owned),
                     result: Outcome::from_ret(i64::from(e.ret)),
-                    process: self.table.identity(&e.hdr, &self.clock),
+                    process: self.table.identity(&e.hdr),
                 }))
             }
         })
@@ -242,7 +242,7 @@ impl Decoder {
             },
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
             result: Outcome::from_ret(e.ret),
-            process: self.table.identity(&e.hdr, &self.clock),
+            process: self.table.identity(&e.hdr),
         })))
     }
 }
@@ -268,7 +268,7 @@ mod tests {
         let mut d = Decoder {
             node: "n".into(),
             clock: Clock::new(),
-            table: ProcessTable::new(None),
+            table: ProcessTable::new(None, Clock::new()),
         };
         let short = [4u8, 0, 0, 0, 1, 2, 3];
         assert!(matches!(
