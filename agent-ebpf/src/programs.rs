@@ -96,6 +96,20 @@ fn count(kind: EventKind, slot: u32) {
     }
 }
 
+/// Wake the reader only once this much is waiting: a wakeup per record costs
+/// the agent more than the record itself. The agent also drains on a short
+/// timer, which bounds the latency of a lone record.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 #[inline(always)]
 fn ready() -> bool {
     off!(ready) == 1
@@ -153,7 +167,7 @@ unsafe fn on_exec(bprm: u64) {
         (*e).argv_len = len as u32;
         (*e).flags = flags;
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::Exec, COUNTER_EMITTED);
 }
 
@@ -186,7 +200,7 @@ unsafe fn on_fork(child: u64) {
         (*e)._pad = 0;
         (*e).child_start_ns = task::read(child, off!(task_start_boottime));
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::Fork, COUNTER_EMITTED);
 }
 
@@ -217,7 +231,7 @@ unsafe fn on_exit() {
         (*e).exit_code = task::read(task, off!(task_exit_code));
         (*e)._pad = 0;
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::Exit, COUNTER_EMITTED);
 }
 
@@ -518,7 +532,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
             (*e).path2[0] = 0;
         }
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::File, COUNTER_EMITTED);
 
     if op == FileOp::Open as u32 && ret >= 0 && hit1 {
@@ -582,7 +596,7 @@ unsafe fn on_close(fd: i32, expected: u64) {
         path::copy_key(s, (*e).path.as_mut_ptr());
         (*e).path2[0] = 0;
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::File, COUNTER_EMITTED);
 }
 
@@ -655,7 +669,7 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
         (*e).ret = ret as i32;
         (*e).addr = p.addr;
     }
-    entry.submit(0);
+    entry.submit(wake_flags());
     count(EventKind::Connect, COUNTER_EMITTED);
     0
 }

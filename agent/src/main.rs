@@ -114,6 +114,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Longest an event waits in the ring buffer when few are arriving.
+const DRAIN_MS: u64 = 10;
+
 /// Counters kept in user space, by kind.
 #[derive(Default)]
 struct UserCounts {
@@ -220,6 +223,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.loss_interval));
+    // The kernel wakes us only when 64 KiB are waiting; this bounds the
+    // delay of a lone event.
+    let mut drain = tokio::time::interval(Duration::from_millis(DRAIN_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut user = UserCounts::default();
     let mut reported_drops: BTreeMap<String, u64> = BTreeMap::new();
 
@@ -260,6 +267,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 guard.clear_ready();
                 out.flush()?;
+            }
+            _ = drain.tick() => {
+                let mut n = 0;
+                while let Some(item) = ring.get_mut().next() {
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+                    n += 1;
+                }
+                if n > 0 {
+                    out.flush()?;
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

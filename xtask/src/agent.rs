@@ -55,6 +55,12 @@ impl Agent {
         }
     }
 
+    /// Sends SIGINT without waiting.
+    pub fn interrupt(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+
     /// Stops the agent with SIGINT, without reading its output.
     pub fn stop_quiet(mut self) -> Result<()> {
         // SAFETY: signalling our own child.
