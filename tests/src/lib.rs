@@ -101,6 +101,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `policy_yaml` and waits until its sensors are attached.
     pub fn start(policy_yaml: &str) -> Self {
+        Self::start_with(policy_yaml, &[])
+    }
+
+    /// As [`Agent::start`], with extra command-line arguments.
+    pub fn start_with(policy_yaml: &str, extra: &[&str]) -> Self {
         require_root();
         let dir = Dir::new();
         let policy = dir.path.join("policy.yaml");
@@ -114,6 +119,7 @@ impl Agent {
                 "--loss-interval",
                 "1",
             ])
+            .args(extra)
             .stdout(std::fs::File::create(&out).expect("output file"))
             .stderr(Stdio::inherit())
             .spawn()
@@ -152,12 +158,35 @@ impl Agent {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the agent exited ({status}) before printing {what}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} from the agent within 60 s"
-            );
+            if Instant::now() > deadline {
+                let mut kinds = std::collections::BTreeMap::new();
+                for e in self.events() {
+                    *kinds
+                        .entry(e["kind"].as_str().unwrap_or("?").to_owned())
+                        .or_insert(0) += 1;
+                }
+                panic!("no {what} from the agent within 60 s; it printed {kinds:?}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// The agent's scheduler state letter (`R`, `S`, `T` for stopped, …).
+    pub fn state(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim().chars().take(1).collect())
+            })
+            .unwrap_or_default()
     }
 
     /// Sends SIGHUP (policy reload).

@@ -419,3 +419,49 @@ fn a_bad_policy_is_refused_with_file_field_and_reason() {
     assert!(String::from_utf8_lossy(&missing.stderr)
         .contains("/nonexistent/policy.yaml: cannot read policy"));
 }
+
+#[test]
+fn ring_buffer_overflow_is_counted_and_reported_as_loss() {
+    let dir = Dir::new();
+    let tree = dir.join("busy");
+    std::fs::create_dir_all(&tree).unwrap();
+    let f = format!("{tree}/hot.conf");
+    std::fs::write(&f, "x").unwrap();
+    // The smallest ring (1 MiB holds ~1,700 file records), and a reader that
+    // is stopped while 20,000 watched changes happen: records must be lost,
+    // and the loss must be said.
+    let mut agent = Agent::start_with(&policy(&[format!("{tree}/")], &[]), &["--ring-mib", "1"]);
+    agent.signal(libc::SIGSTOP);
+    let t = std::time::Instant::now();
+    while agent.state() != "T" && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        agent.state(),
+        "T",
+        "the agent must be stopped while the ring fills"
+    );
+    let n = 20_000;
+    run(&mut python(&format!(
+        "import os\nfor i in range({n}):\n  os.chmod('{f}', 0o600 if i % 2 else 0o640)"
+    )));
+    agent.signal(libc::SIGCONT);
+    let loss = agent.wait_for(|e| e["kind"] == "loss", "a loss event");
+    let events = agent.stop();
+
+    let lost_reported: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "loss")
+        .map(|e| e["dropped"]["file"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(loss["dropped"]["file"].as_u64().unwrap() > 0, "{loss}");
+    let file = &final_stats(&events)["file"];
+    let chmods = file_events(&events, &f)
+        .into_iter()
+        .filter(|e| e["op"] == "chmod")
+        .count() as u64;
+    // Every change is either delivered or counted as lost: nothing vanishes.
+    assert_eq!(chmods + file["dropped"].as_u64().unwrap(), n, "{file}");
+    assert_eq!(lost_reported, file["dropped"].as_u64().unwrap(), "{file}");
+    assert!(chmods < n);
+}
