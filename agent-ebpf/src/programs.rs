@@ -110,6 +110,20 @@ fn wake_flags() -> u64 {
     }
 }
 
+/// Reserves a `T` on the ring buffer, lets `fill` write it, and submits it;
+/// a full ring is counted as a drop for `kind`. Returns whether it was sent.
+#[inline(always)]
+fn emit<T: 'static>(kind: EventKind, fill: impl FnOnce(*mut T)) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        count(kind, COUNTER_DROPPED);
+        return false;
+    };
+    fill(entry.as_mut_ptr());
+    entry.submit(wake_flags());
+    count(kind, COUNTER_EMITTED);
+    true
+}
+
 #[inline(always)]
 fn ready() -> bool {
     off!(ready) == 1
@@ -140,12 +154,8 @@ unsafe fn on_exec(bprm: u64) {
     if exe_flags & agent_common::PATH_TRUNCATED != 0 {
         flags |= EXE_TRUNCATED;
     }
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count(EventKind::Exec, COUNTER_DROPPED);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<ExecEvent>(EventKind::Exec, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Exec, task);
         path::copy_key(s, (*e).exe.as_mut_ptr());
         let mm: u64 = task::read(task, off!(task_mm));
@@ -166,9 +176,7 @@ unsafe fn on_exec(bprm: u64) {
         }
         (*e).argv_len = len as u32;
         (*e).flags = flags;
-    }
-    entry.submit(wake_flags());
-    count(EventKind::Exec, COUNTER_EMITTED);
+    });
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
@@ -189,19 +197,13 @@ unsafe fn on_fork(child: u64) {
         return;
     }
     count(EventKind::Fork, COUNTER_SEEN);
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        count(EventKind::Fork, COUNTER_DROPPED);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<ForkEvent>(EventKind::Fork, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Fork, task::current());
         (*e).child_tgid = tgid;
         (*e)._pad = 0;
         (*e).child_start_ns = task::read(child, off!(task_start_boottime));
-    }
-    entry.submit(wake_flags());
-    count(EventKind::Fork, COUNTER_EMITTED);
+    });
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
@@ -220,19 +222,13 @@ unsafe fn on_exit() {
         return;
     }
     count(EventKind::Exit, COUNTER_SEEN);
-    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        count(EventKind::Exit, COUNTER_DROPPED);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<ExitEvent>(EventKind::Exit, |e| unsafe {
         let task = task::current();
         task::fill_header(&mut (*e).hdr, EventKind::Exit, task);
         (*e).exit_code = task::read(task, off!(task_exit_code));
         (*e)._pad = 0;
-    }
-    entry.submit(wake_flags());
-    count(EventKind::Exit, COUNTER_EMITTED);
+    });
 }
 
 // ---------------------------------------------------------------- file calls
@@ -283,6 +279,30 @@ fn stash(p: &mut PendingFile) {
         }
     }
     let _ = PENDING_FILE.insert(&bpf_get_current_pid_tgid(), p, 0);
+}
+
+/// `(olddfd, oldname, newdfd, newname[, flags])`: renameat, renameat2, linkat.
+#[inline(always)]
+fn two_at(ctx: &TracePointContext, op: FileOp, has_flags: bool) -> PendingFile {
+    PendingFile {
+        dfd: arg(ctx, 0) as i32,
+        path: arg(ctx, 1),
+        dfd2: arg(ctx, 2) as i32,
+        path2: arg(ctx, 3),
+        // Reading past a call's own arguments would read the next record's bytes.
+        flags: if has_flags { arg(ctx, 4) as u32 } else { 0 },
+        ..pending(op)
+    }
+}
+
+/// `(oldname, newname)` relative to the cwd: rename, link, symlink.
+#[inline(always)]
+fn two(ctx: &TracePointContext, op: FileOp) -> PendingFile {
+    PendingFile {
+        path: arg(ctx, 0),
+        path2: arg(ctx, 1),
+        ..pending(op)
+    }
 }
 
 /// Defines a `sys_enter_*` program that turns the call's arguments into a
@@ -341,26 +361,17 @@ enter!(enter_openat2, |ctx| {
         ..pending(FileOp::Open)
     })
 });
-enter!(enter_renameat2, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    path: arg(&ctx, 1),
-    dfd2: arg(&ctx, 2) as i32,
-    path2: arg(&ctx, 3),
-    flags: arg(&ctx, 4) as u32,
-    ..pending(FileOp::Rename)
-}));
-enter!(enter_renameat, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    path: arg(&ctx, 1),
-    dfd2: arg(&ctx, 2) as i32,
-    path2: arg(&ctx, 3),
-    ..pending(FileOp::Rename)
-}));
-enter!(enter_rename, |ctx| Some(PendingFile {
-    path: arg(&ctx, 0),
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::Rename)
-}));
+enter!(enter_renameat2, |ctx| Some(two_at(
+    &ctx,
+    FileOp::Rename,
+    true
+)));
+enter!(enter_renameat, |ctx| Some(two_at(
+    &ctx,
+    FileOp::Rename,
+    false
+)));
+enter!(enter_rename, |ctx| Some(two(&ctx, FileOp::Rename)));
 enter!(enter_unlinkat, |ctx| Some(PendingFile {
     dfd: arg(&ctx, 0) as i32,
     path: arg(&ctx, 1),
@@ -424,30 +435,15 @@ enter!(enter_ftruncate, |ctx| Some(PendingFile {
     by_fd: 1,
     ..pending(FileOp::Truncate)
 }));
-enter!(enter_linkat, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    path: arg(&ctx, 1),
-    dfd2: arg(&ctx, 2) as i32,
-    path2: arg(&ctx, 3),
-    flags: arg(&ctx, 4) as u32,
-    ..pending(FileOp::Link)
-}));
-enter!(enter_link, |ctx| Some(PendingFile {
-    path: arg(&ctx, 0),
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::Link)
-}));
+enter!(enter_linkat, |ctx| Some(two_at(&ctx, FileOp::Link, true)));
+enter!(enter_link, |ctx| Some(two(&ctx, FileOp::Link)));
 enter!(enter_symlinkat, |ctx| Some(PendingFile {
     path: arg(&ctx, 0),
     dfd2: arg(&ctx, 1) as i32,
     path2: arg(&ctx, 2),
     ..pending(FileOp::Symlink)
 }));
-enter!(enter_symlink, |ctx| Some(PendingFile {
-    path: arg(&ctx, 0),
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::Symlink)
-}));
+enter!(enter_symlink, |ctx| Some(two(&ctx, FileOp::Symlink)));
 
 /// Attached to the `sys_exit_*` of every call above.
 #[tracepoint]
@@ -511,12 +507,8 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         count(EventKind::File, COUNTER_FILTERED);
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
-        count(EventKind::File, COUNTER_DROPPED);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
         (*e).ret = ret;
         (*e).op = op;
@@ -531,9 +523,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         } else {
             (*e).path2[0] = 0;
         }
-    }
-    entry.submit(wake_flags());
-    count(EventKind::File, COUNTER_EMITTED);
+    });
 
     if op == FileOp::Open as u32 && ret >= 0 && hit1 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -579,12 +569,8 @@ unsafe fn on_close(fd: i32, expected: u64) {
     };
     let s = unsafe { &mut *s };
     let flags = unsafe { path::resolve_file(s, file) };
-    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
-        count(EventKind::File, COUNTER_DROPPED);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
         (*e).ret = 0;
         (*e).op = FileOp::CloseWrite as u32;
@@ -595,9 +581,7 @@ unsafe fn on_close(fd: i32, expected: u64) {
         (*e).path_flags = flags;
         path::copy_key(s, (*e).path.as_mut_ptr());
         (*e).path2[0] = 0;
-    }
-    entry.submit(wake_flags());
-    count(EventKind::File, COUNTER_EMITTED);
+    });
 }
 
 // ---------------------------------------------------------------- connects
@@ -656,21 +640,14 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
     let _ = PENDING_CONNECT.remove(&key);
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
     let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        count(EventKind::Connect, COUNTER_DROPPED);
-        return 0;
-    };
-    let e = entry.as_mut_ptr();
     // SAFETY: writes into our reserved record; task reads are probe reads.
-    unsafe {
+    emit::<ConnectEvent>(EventKind::Connect, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Connect, task::current());
         (*e).family = p.family;
         (*e).port = p.port;
         (*e).ret = ret as i32;
         (*e).addr = p.addr;
-    }
-    entry.submit(wake_flags());
-    count(EventKind::Connect, COUNTER_EMITTED);
+    });
     0
 }
 
