@@ -1,0 +1,10 @@
+//! The Driftwatch collector: ingests agent streams durably, stores events in
+//! sled, and answers timeline queries.
+//!
+//! - [`store`]: keys, indexes, idempotent appends, retention;
+//! - [`ingest`]: the agent stream service (hello, batches, acks, heartbeats);
+//! - [`query`]: the timeline and agents services.
+
+pub mod ingest;
+pub mod query;
+pub mod store;
