@@ -6,10 +6,12 @@
 //!   the watch maps, and decoding ring buffer records;
 //! - [`identity`]: the process table, cgroup/container/pod parsing, argv masking;
 //! - [`policy`]: the policy file;
-//! - [`event`]: the events as emitted.
+//! - [`event`]: the events as emitted;
+//! - [`stream`]: the spool and the stream to the collector.
 
 pub mod clock;
 pub mod event;
 pub mod identity;
 pub mod policy;
 pub mod sensors;
+pub mod stream;

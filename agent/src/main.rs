@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
+use driftwatch_agent::stream::{self, Spool};
 use driftwatch_agent::{
     clock::Clock,
     event::{Event, KindCounters},
@@ -20,6 +21,7 @@ use driftwatch_agent::{
         preflight, Sensors, WatchSet, SENSOR_SET,
     },
 };
+use driftwatch_proto::v1::NodeInfo;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -47,6 +49,29 @@ struct Args {
     /// Print one JSON object per event on standard output.
     #[arg(long)]
     stdout: bool,
+
+    /// Stream events to the collector at this URL (`http://host:7070`).
+    /// Events are spooled on disk first and kept until the collector has
+    /// stored them; while it is unreachable the agent keeps collecting.
+    #[arg(long, env = "DRIFTWATCH_COLLECTOR", value_name = "URL")]
+    collector: Option<String>,
+
+    /// Directory of the spool (with --collector).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_SPOOL_DIR",
+        default_value = "/var/lib/driftwatch/spool"
+    )]
+    spool_dir: PathBuf,
+
+    /// Most events the spool keeps for an unreachable collector; beyond it
+    /// the oldest go, and the collector is told exactly which.
+    #[arg(long, default_value_t = 2_000_000)]
+    spool_max_events: usize,
+
+    /// Seconds between heartbeats to the collector.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    heartbeat_interval: u64,
 
     /// Node name put on every event [default: the host name].
     #[arg(long, env = "NODE_NAME")]
@@ -89,9 +114,10 @@ fn main() -> ExitCode {
     // aya-log forwards kernel-side log records through the `log` crate.
     let _ = tracing_log::LogTracer::init();
 
-    if !args.stdout {
+    if !args.stdout && args.collector.is_none() {
         eprintln!(
-            "driftwatch-agent: error: nothing to send events to; pass --stdout to print them as JSON lines"
+            "driftwatch-agent: error: nothing to send events to; pass --stdout to print them as JSON lines, \
+             and/or --collector URL to stream them"
         );
         return ExitCode::from(2);
     }
@@ -126,21 +152,35 @@ struct UserCounts {
 }
 
 struct Output {
-    out: BufWriter<std::io::Stdout>,
+    out: Option<BufWriter<std::io::Stdout>>,
     node: String,
+    spool: Option<(Spool, std::sync::Arc<tokio::sync::Notify>)>,
 }
 
 impl Output {
     fn emit(&mut self, event: &Event) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.out, event).context("writing an event to stdout")?;
-        self.out
-            .write_all(b"\n")
-            .context("writing an event to stdout")?;
+        if let Some(out) = self.out.as_mut() {
+            serde_json::to_writer(&mut *out, event).context("writing an event to stdout")?;
+            out.write_all(b"\n").context("writing an event to stdout")?;
+        }
+        if let Some((spool, notify)) = &self.spool {
+            if let Some(e) = stream::convert::to_proto(event) {
+                // A failing spool must not stop the sensors: the hole it
+                // leaves is reported to the collector as a dropped range.
+                if let Err(err) = spool.push(e) {
+                    tracing::error!("spooling an event failed: {err}");
+                }
+                notify.notify_one();
+            }
+        }
         Ok(())
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        self.out.flush().context("flushing stdout")
+        match self.out.as_mut() {
+            Some(out) => out.flush().context("flushing stdout"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -188,13 +228,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         clock,
         table,
     };
-    let mut out = Output {
-        out: BufWriter::with_capacity(1 << 16, std::io::stdout()),
-        node: node.clone(),
-    };
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
+    let spool = match &args.collector {
+        Some(url) => {
+            std::fs::create_dir_all(&args.spool_dir).with_context(|| {
+                format!("creating the spool directory {}", args.spool_dir.display())
+            })?;
+            let spool = Spool::open(&args.spool_dir, args.spool_max_events)
+                .with_context(|| format!("opening the spool in {}", args.spool_dir.display()))?;
+            let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+            let sender = stream::Sender {
+                url: url.clone(),
+                spool: spool.clone(),
+                notify: notify.clone(),
+                node: NodeInfo {
+                    name: node.clone(),
+                    kernel: kernel.clone(),
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_default(),
+                    sensor_set: SENSOR_SET.into(),
+                    probes: sensors.probes.clone().into_iter().collect(),
+                },
+                started: driftwatch_proto::time::parse_rfc3339(&Clock::now_rfc3339()).unwrap_or(0),
+                heartbeat: Duration::from_secs(args.heartbeat_interval),
+            };
+            tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");
+            tokio::spawn(sender.run());
+            Some((spool, notify))
+        }
+        None => None,
+    };
+    let mut out = Output {
+        out: args
+            .stdout
+            .then(|| BufWriter::with_capacity(1 << 16, std::io::stdout())),
+        node: node.clone(),
+        spool,
+    };
     out.emit(&Event::AgentStart {
         time: Clock::now_rfc3339(),
         node: node.clone(),
@@ -334,6 +408,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Event::Stats { counters, .. } = &final_stats {
             let text = serde_json::to_string_pretty::<BTreeMap<String, KindCounters>>(counters)?;
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if let Some((spool, _)) = &out.spool {
+        // What was not acknowledged yet is sent by the next run.
+        if let Err(e) = spool.flush() {
+            tracing::error!("flushing the spool: {e}");
         }
     }
     if user.malformed > 0 {

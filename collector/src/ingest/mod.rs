@@ -1,1 +1,233 @@
-//! The agent stream service.
+//! The agent stream service: `Hello`, then batches, heartbeats and dropped
+//! ranges up; acks down. An ack names the highest sequence number that is on
+//! disk (fsync'd), never more.
+
+use std::{pin::Pin, time::SystemTime};
+
+use driftwatch_proto::v1::{
+    agent_message::Msg, agent_service_server::AgentService, collector_message, Ack, AgentMessage,
+    CollectorMessage, Event, Gap,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{Store, StoreError};
+
+/// Now, Unix nanoseconds.
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The gRPC status for a store error.
+pub fn status_of(e: &StoreError) -> Status {
+    match e {
+        StoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Invalid { reason, .. } if reason.contains("on the stream of") => {
+            Status::permission_denied(e.to_string())
+        }
+        StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Sled(_) | StoreError::Corrupt { .. } => Status::unavailable(e.to_string()),
+    }
+}
+
+/// A stream error from the transport, as the agent should see it: a message
+/// that does not decode is the client's fault, not ours.
+fn inbound_status(s: Status) -> Status {
+    if s.code() == tonic::Code::Internal && s.message().contains("decode") {
+        Status::invalid_argument(format!("malformed message: {}", s.message()))
+    } else {
+        s
+    }
+}
+
+fn valid_node_name(name: &str) -> Result<(), Status> {
+    if name.is_empty() || name.len() > 253 || name.bytes().any(|b| b == 0 || b == b'/') {
+        return Err(Status::invalid_argument(format!(
+            "node name {name:?} must be 1-253 bytes without NUL or '/'"
+        )));
+    }
+    Ok(())
+}
+
+/// The service.
+#[derive(Clone)]
+pub struct Ingest {
+    store: Store,
+    /// Newly stored events, for `timeline --follow`.
+    pub stored: broadcast::Sender<Event>,
+}
+
+impl Ingest {
+    /// A service writing to `store`.
+    pub fn new(store: Store) -> Self {
+        let (stored, _) = broadcast::channel(65536);
+        Self { store, stored }
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
+
+fn ack(through: u64) -> CollectorMessage {
+    CollectorMessage {
+        msg: Some(collector_message::Msg::Ack(Ack { through })),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Ingest {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await
+            .map_err(inbound_status)?
+            .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
+        let Some(Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument("the first message must be hello"));
+        };
+        let node = hello
+            .node
+            .ok_or_else(|| Status::invalid_argument("hello without node info"))?;
+        valid_node_name(&node.name)?;
+        let name = node.name.clone();
+        let store = self.store.clone();
+        let now = now_nanos();
+
+        let previous = store.agent(&name).map_err(|e| status_of(&e))?;
+        if let Some(p) = &previous {
+            if p.agent_started_unix_nanos != 0
+                && hello.agent_started_unix_nanos != p.agent_started_unix_nanos
+            {
+                // A new agent process: nothing was watching from the last
+                // contact with the old one until this one started.
+                let gap = Gap {
+                    node: name.clone(),
+                    from_seq: 0,
+                    to_seq: 0,
+                    from_time_unix_nanos: p.last_seen_unix_nanos,
+                    to_time_unix_nanos: hello.agent_started_unix_nanos.max(p.last_seen_unix_nanos),
+                    reason: "agent_offline".into(),
+                };
+                store.add_gap(&gap).map_err(|e| status_of(&e))?;
+            }
+        }
+        let mut status = store.hello(&node, now).map_err(|e| status_of(&e))?;
+        status.agent_started_unix_nanos = hello.agent_started_unix_nanos;
+        store.put_agent(&status).map_err(|e| status_of(&e))?;
+        tracing::info!(node = %name, acked = status.acked_seq, "agent connected");
+
+        let (tx, rx) = mpsc::channel(64);
+        // Tell the agent where to resume.
+        let _ = tx.send(Ok(ack(status.acked_seq))).await;
+        let stored = self.stored.clone();
+        tokio::spawn(async move {
+            let result = serve(&store, &name, &mut inbound, &tx, &stored).await;
+            if let Err(s) = &result {
+                tracing::warn!(node = %name, "closing the agent's stream: {}", s.message());
+                let _ = tx.send(Err(s.clone())).await;
+            }
+            if let Ok(Some(mut a)) = store.agent(&name) {
+                a.connected = false;
+                a.last_seen_unix_nanos = now_nanos();
+                let _ = store.put_agent(&a);
+                let _ = store.flush().await;
+            }
+            tracing::info!(node = %name, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve(
+    store: &Store,
+    name: &str,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &mpsc::Sender<Result<CollectorMessage, Status>>,
+    stored: &broadcast::Sender<Event>,
+) -> Result<(), Status> {
+    while let Some(msg) = inbound.message().await.map_err(inbound_status)? {
+        let status_err = |e: StoreError| status_of(&e);
+        match msg.msg {
+            Some(Msg::Batch(batch)) => {
+                let before = store
+                    .agent(name)
+                    .map_err(status_err)?
+                    .map(|a| a.acked_seq)
+                    .unwrap_or(0);
+                let result = store.append(name, &batch.events);
+                // Durable before acknowledged, whatever part was accepted.
+                store.flush().await.map_err(status_err)?;
+                let through = match &result {
+                    Ok(t) => *t,
+                    Err(_) => store
+                        .agent(name)
+                        .map_err(status_err)?
+                        .map(|a| a.acked_seq)
+                        .unwrap_or(0),
+                };
+                for e in batch
+                    .events
+                    .iter()
+                    .filter(|e| e.seq > before && e.seq <= through)
+                {
+                    let _ = stored.send(e.clone());
+                }
+                if let Some(mut a) = store.agent(name).map_err(status_err)? {
+                    a.last_seen_unix_nanos = now_nanos();
+                    store.put_agent(&a).map_err(status_err)?;
+                }
+                if tx.send(Ok(ack(through))).await.is_err() {
+                    return Ok(());
+                }
+                result.map_err(status_err)?;
+            }
+            Some(Msg::Heartbeat(h)) => {
+                if let Some(mut a) = store.agent(name).map_err(status_err)? {
+                    a.last_seen_unix_nanos = now_nanos();
+                    a.last_seq = a.last_seq.max(h.last_seq);
+                    store.put_agent(&a).map_err(status_err)?;
+                }
+            }
+            Some(Msg::Dropped(d)) => {
+                if d.from_seq == 0 || d.to_seq < d.from_seq {
+                    return Err(Status::invalid_argument(format!(
+                        "dropped range {}..={} is empty or starts at 0",
+                        d.from_seq, d.to_seq
+                    )));
+                }
+                let now = now_nanos();
+                store
+                    .add_gap(&Gap {
+                        node: name.to_owned(),
+                        from_seq: d.from_seq,
+                        to_seq: d.to_seq,
+                        from_time_unix_nanos: now,
+                        to_time_unix_nanos: now,
+                        reason: "agent_dropped".into(),
+                    })
+                    .map_err(status_err)?;
+                store.flush().await.map_err(status_err)?;
+                let through = store
+                    .agent(name)
+                    .map_err(status_err)?
+                    .map(|a| a.acked_seq)
+                    .unwrap_or(0);
+                if tx.send(Ok(ack(through))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(Msg::Hello(_)) => return Err(Status::invalid_argument("hello sent twice")),
+            None => return Err(Status::invalid_argument("empty message")),
+        }
+    }
+    Ok(())
+}

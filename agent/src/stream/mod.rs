@@ -1,0 +1,207 @@
+//! Delivery to the collector: a spool on disk and one gRPC stream.
+//!
+//! The sender resumes from the collector's acknowledgement on every
+//! (re)connection, so a collector restart costs a replay, never an event;
+//! redelivered events are stored once because the collector keys them by
+//! sequence number. Holes below the first spooled event (evicted from a full
+//! spool, or lost in an agent crash before the spool reached disk) are
+//! reported as dropped ranges, which the collector shows as gaps.
+
+pub mod convert;
+pub mod spool;
+
+use std::time::Duration;
+
+use driftwatch_proto::v1::{
+    agent_message::Msg, agent_service_client::AgentServiceClient, collector_message, AgentMessage,
+    Dropped, EventBatch, Heartbeat, Hello, NodeInfo,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use spool::Spool;
+
+/// Events per batch.
+const BATCH: usize = 512;
+/// Batches sent ahead of the last acknowledgement.
+const WINDOW: u64 = 8 * BATCH as u64;
+/// Largest message the agent sends.
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Bad URL.
+    #[error("collector URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Could not connect.
+    #[error("cannot reach the collector at {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The collector ended or refused the stream.
+    #[error("the collector closed the stream: {0}")]
+    Status(#[from] tonic::Status),
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+}
+
+/// Settings of the sender.
+#[derive(Clone)]
+pub struct Sender {
+    /// Collector URL (`http://host:port`).
+    pub url: String,
+    /// The spool to read from.
+    pub spool: Spool,
+    /// Woken when events are spooled.
+    pub notify: std::sync::Arc<Notify>,
+    /// What this node is.
+    pub node: NodeInfo,
+    /// When this agent started, Unix nanoseconds.
+    pub started: i64,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+}
+
+fn jitter(max: Duration) -> Duration {
+    use rand::Rng as _;
+    let ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(0..ms))
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Sender {
+    /// Streams forever, reconnecting with exponential backoff and jitter.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.stream_once().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(
+                        spooled = self.spool.len(),
+                        "{e}; events stay in the spool, retrying in {:.1}s",
+                        backoff.as_secs_f64()
+                    );
+                }
+            }
+            tokio::time::sleep(backoff + jitter(backoff / 2)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn stream_once(&self) -> Result<(), StreamError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| StreamError::Url {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| StreamError::Connect {
+                url: self.url.clone(),
+                source,
+            })?;
+        let mut client = AgentServiceClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+        let hello = AgentMessage {
+            msg: Some(Msg::Hello(Hello {
+                node: Some(self.node.clone()),
+                agent_started_unix_nanos: self.started,
+            })),
+        };
+        let _ = tx.send(hello).await;
+        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let mut acked = match inbound.message().await? {
+            Some(m) => match m.msg {
+                Some(collector_message::Msg::Ack(a)) => a.through,
+                None => 0,
+            },
+            None => return Ok(()),
+        };
+        tracing::info!(url = %self.url, acked, spooled = self.spool.len(), "streaming to the collector");
+        self.spool.ack(acked)?;
+        let mut sent = acked;
+        let mut beat = tokio::time::interval(self.heartbeat);
+        loop {
+            if sent < acked {
+                sent = acked;
+            }
+            if sent - acked < WINDOW {
+                let batch = self.spool.read_after(sent, BATCH)?;
+                if let Some(first) = batch.first() {
+                    if first.seq > sent + 1 {
+                        let d = Dropped {
+                            from_seq: sent + 1,
+                            to_seq: first.seq - 1,
+                            reason: "spool".into(),
+                        };
+                        tracing::warn!(
+                            from = d.from_seq,
+                            to = d.to_seq,
+                            "events were lost before delivery; reporting the range"
+                        );
+                        if tx
+                            .send(AgentMessage {
+                                msg: Some(Msg::Dropped(d)),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                        sent = first.seq - 1;
+                    }
+                    sent = batch.last().map_or(sent, |e| e.seq);
+                    if tx
+                        .send(AgentMessage {
+                            msg: Some(Msg::Batch(EventBatch { events: batch })),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                m = inbound.message() => match m? {
+                    Some(m) => {
+                        if let Some(collector_message::Msg::Ack(a)) = m.msg {
+                            acked = acked.max(a.through);
+                            self.spool.ack(acked)?;
+                        }
+                    }
+                    None => return Ok(()),
+                },
+                _ = self.notify.notified() => {}
+                _ = beat.tick() => {
+                    let hb = Heartbeat { time_unix_nanos: now_nanos(), last_seq: self.spool.last_seq() };
+                    if tx.send(AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}

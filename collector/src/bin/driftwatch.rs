@@ -1,0 +1,360 @@
+//! `driftwatch`: the command line for security teams and responders.
+
+use std::{io::Write as _, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use driftwatch_collector::{ingest::now_nanos, query::kind_of, units};
+use driftwatch_proto::{
+    time::{parse_rfc3339, rfc3339},
+    v1::{
+        event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest, Event, Gap,
+        TimelineRequest,
+    },
+};
+use serde_json::{json, Value};
+
+/// Query Driftwatch: replay what happened on a host, to a file, or by a process.
+#[derive(Parser)]
+#[command(name = "driftwatch", version)]
+struct Cli {
+    /// Collector URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DRIFTWATCH_COLLECTOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    collector: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// A readable table.
+    Table,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Events in order, with gaps (lost records, offline agents) shown inline.
+    Timeline {
+        /// Only this host (node name).
+        #[arg(long)]
+        host: Option<String>,
+        /// From: a duration back from now (`10m`, `2h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until: a duration back from now or an RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this process instance.
+        #[arg(long)]
+        exec_id: Option<String>,
+        /// Only this pid.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Only file events under this path prefix.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only these kinds (exec, exit, file, connect, loss); repeatable.
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// At most this many events.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Agents, their last heartbeat, sensor set and lag.
+    Agents {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn when(s: &str) -> Result<i64, String> {
+    if let Ok(d) = units::parse_duration(s) {
+        return Ok(now_nanos() - d.as_nanos() as i64);
+    }
+    parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
+}
+
+fn time(t: i64) -> String {
+    rfc3339(t.into())
+}
+
+fn event_json(e: &Event) -> Value {
+    let p = e.process.as_ref();
+    let mut v = json!({
+        "type": "event",
+        "kind": kind_of(e),
+        "node": e.node,
+        "seq": e.seq,
+        "time": time(e.time_unix_nanos),
+    });
+    if let Some(p) = p {
+        v["process"] = json!({
+            "pid": p.pid, "tid": p.tid, "ppid": p.ppid, "exec_id": p.exec_id,
+            "start_time": time(p.start_time_unix_nanos), "uid": p.uid, "user": p.user,
+            "gid": p.gid, "euid": p.euid, "loginuid": p.loginuid, "login_user": p.login_user,
+            "comm": p.comm, "exe": p.exe, "args": p.args, "cgroup": p.cgroup,
+            "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime})),
+            "pod_uid": p.pod_uid,
+            "ancestors": p.ancestors.iter().map(|a| json!({"pid": a.pid, "exec_id": a.exec_id, "exe": a.exe})).collect::<Vec<_>>(),
+        });
+    }
+    let outcome = |o: &Option<driftwatch_proto::v1::Outcome>| {
+        o.as_ref()
+            .map(|o| json!({"ok": o.ok, "errno": o.errno, "error": o.error}))
+    };
+    match &e.event {
+        Some(event::Event::Exec(x)) => v["args_truncated"] = json!(x.args_truncated),
+        Some(event::Event::Exit(x)) => {
+            v["exit_code"] = json!(x.exit_code);
+            v["signal"] = json!(x.signal);
+        }
+        Some(event::Event::File(f)) => {
+            v["op"] = json!(f.op);
+            v["path"] = json!(f.path);
+            if !f.new_path.is_empty() {
+                v["new_path"] = json!(f.new_path);
+            }
+            if !f.target.is_empty() {
+                v["target"] = json!(f.target);
+            }
+            v["resource"] = json!(f.resource);
+            v["flags"] = json!(f.flags);
+            if !f.mode.is_empty() {
+                v["mode"] = json!(f.mode);
+            }
+            v["owner_uid"] = json!(f.owner_uid);
+            v["owner_gid"] = json!(f.owner_gid);
+            v["resolved_from"] = json!(f.resolved_from);
+            v["result"] = json!(outcome(&f.result));
+        }
+        Some(event::Event::Connect(c)) => {
+            v["family"] = json!(c.family);
+            v["address"] = json!(c.address);
+            v["port"] = json!(c.port);
+            v["resource"] = json!(c.resource);
+            v["result"] = json!(outcome(&c.result));
+        }
+        Some(event::Event::Loss(l)) => v["dropped"] = json!(l.dropped),
+        None => {}
+    }
+    v
+}
+
+fn gap_json(g: &Gap) -> Value {
+    json!({
+        "type": "gap", "node": g.node, "reason": g.reason,
+        "from_seq": g.from_seq, "to_seq": g.to_seq,
+        "from": time(g.from_time_unix_nanos), "to": time(g.to_time_unix_nanos),
+    })
+}
+
+fn detail(e: &Event) -> String {
+    match &e.event {
+        Some(event::Event::Exec(_)) => e
+            .process
+            .as_ref()
+            .map(|p| p.args.join(" "))
+            .unwrap_or_default(),
+        Some(event::Event::Exit(x)) => format!("exit {} signal {}", x.exit_code, x.signal),
+        Some(event::Event::File(f)) => {
+            let res = f
+                .result
+                .as_ref()
+                .map(|r| {
+                    if r.ok {
+                        String::new()
+                    } else {
+                        format!(" [{}]", r.error)
+                    }
+                })
+                .unwrap_or_default();
+            if f.new_path.is_empty() {
+                format!("{} {}{res}", f.op, f.path)
+            } else {
+                format!("{} {} -> {}{res}", f.op, f.path, f.new_path)
+            }
+        }
+        Some(event::Event::Connect(c)) => {
+            let res = c
+                .result
+                .as_ref()
+                .map(|r| {
+                    if r.ok {
+                        "ok".to_owned()
+                    } else {
+                        r.error.clone()
+                    }
+                })
+                .unwrap_or_default();
+            format!("connect {}:{} {res}", c.address, c.port)
+        }
+        Some(event::Event::Loss(l)) => format!("KERNEL LOST RECORDS: {:?}", l.dropped),
+        None => String::new(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let mut client = QueryServiceClient::connect(cli.collector.clone())
+        .await
+        .map_err(|e| format!("cannot reach the collector at {}: {e}", cli.collector))?;
+    let mut out = std::io::stdout().lock();
+    match cli.cmd {
+        Cmd::Timeline {
+            host,
+            since,
+            until,
+            exec_id,
+            pid,
+            path,
+            kinds,
+            follow,
+            limit,
+            output,
+        } => {
+            let req = TimelineRequest {
+                node: host.unwrap_or_default(),
+                since_unix_nanos: since.as_deref().map(when).transpose()?.unwrap_or(0),
+                until_unix_nanos: until.as_deref().map(when).transpose()?.unwrap_or(0),
+                exec_id: exec_id.unwrap_or_default(),
+                pid: pid.unwrap_or(0),
+                path_prefix: path.unwrap_or_default(),
+                kinds,
+                follow,
+                limit: limit.unwrap_or(0),
+            };
+            let mut stream = client
+                .timeline(req)
+                .await
+                .map_err(|s| format!("timeline: {}", s.message()))?
+                .into_inner();
+            if matches!(output, Output::Table) {
+                let _ = writeln!(
+                    out,
+                    "{:<30} {:<12} {:>6} {:<8} {:<8} {:<7} {:<24} DETAIL",
+                    "TIME", "HOST", "SEQ", "KIND", "USER", "PID", "EXE"
+                );
+            }
+            while let Some(item) = stream
+                .message()
+                .await
+                .map_err(|s| format!("timeline: {}", s.message()))?
+            {
+                let line = match (&item.item, output) {
+                    (Some(timeline_item::Item::Event(e)), Output::Json) => {
+                        event_json(e).to_string()
+                    }
+                    (Some(timeline_item::Item::Gap(g)), Output::Json) => gap_json(g).to_string(),
+                    (Some(timeline_item::Item::Event(e)), Output::Table) => {
+                        let p = e.process.clone().unwrap_or_default();
+                        let user = if p.login_user.is_empty() || p.login_user == p.user {
+                            p.user.clone()
+                        } else {
+                            format!("{}({})", p.user, p.login_user)
+                        };
+                        format!(
+                            "{:<30} {:<12} {:>6} {:<8} {:<8} {:<7} {:<24} {}",
+                            time(e.time_unix_nanos),
+                            e.node,
+                            e.seq,
+                            kind_of(e),
+                            user,
+                            p.pid,
+                            p.exe,
+                            detail(e)
+                        )
+                    }
+                    (Some(timeline_item::Item::Gap(g)), Output::Table) => {
+                        let seqs = if g.from_seq > 0 {
+                            format!(" seq {}..{}", g.from_seq, g.to_seq)
+                        } else {
+                            String::new()
+                        };
+                        format!(
+                            "---- GAP {} {}{seqs} from {} to {} ----",
+                            g.node,
+                            g.reason,
+                            time(g.from_time_unix_nanos),
+                            time(g.to_time_unix_nanos)
+                        )
+                    }
+                    (None, _) => continue,
+                };
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Cmd::Agents { output } => {
+            let agents = client
+                .agents(AgentsRequest {})
+                .await
+                .map_err(|s| format!("agents: {}", s.message()))?
+                .into_inner()
+                .agents;
+            if matches!(output, Output::Table) {
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}",
+                    "HOST", "STATE", "LAST SEEN", "SENSOR SET", "ACKED", "LAG"
+                );
+            }
+            for a in agents {
+                let n = a.node.clone().unwrap_or_default();
+                let lag = a.last_seq.saturating_sub(a.acked_seq);
+                let line = match output {
+                    Output::Json => json!({
+                        "host": n.name, "connected": a.connected, "last_seen": time(a.last_seen_unix_nanos),
+                        "sensor_set": n.sensor_set, "kernel": n.kernel, "agent_version": n.agent_version,
+                        "acked_seq": a.acked_seq, "last_seq": a.last_seq, "lag": lag,
+                    })
+                    .to_string(),
+                    Output::Table => format!(
+                        "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}",
+                        n.name,
+                        if a.connected { "connected" } else { "offline" },
+                        time(a.last_seen_unix_nanos),
+                        n.sensor_set,
+                        a.acked_seq,
+                        lag
+                    ),
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("driftwatch: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("driftwatch: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! `driftwatch-collector`: stores agent events durably and serves queries.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use driftwatch_collector::{
+    ingest::{now_nanos, Ingest},
+    query::Query,
+    store::Store,
+    units,
+};
+use driftwatch_proto::v1::{
+    agent_service_server::AgentServiceServer, query_service_server::QueryServiceServer,
+};
+
+/// Driftwatch collector: one bidirectional gRPC stream per agent, events
+/// acknowledged only once they are on disk, stored in sled (one directory,
+/// nothing else to set up), replayed by `driftwatch timeline`.
+#[derive(Debug, Parser)]
+#[command(name = "driftwatch-collector", version)]
+struct Args {
+    /// Address to listen on (agents and the CLI).
+    #[arg(long, env = "DRIFTWATCH_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Directory of the sled store (created if missing).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_DATA_DIR",
+        default_value = "/var/lib/driftwatch/collector"
+    )]
+    data_dir: PathBuf,
+    /// Delete events older than this (`30d`, `12h`, `90m`).
+    #[arg(long, default_value = "30d", value_parser = units::parse_duration)]
+    retention_age: Duration,
+    /// Delete the oldest events while the store is larger than this
+    /// (`10GiB`, `500MiB`; `0` for no bound).
+    #[arg(long, default_value = "0", value_parser = units::parse_bytes)]
+    retention_size: u64,
+    /// Largest message accepted from an agent; larger ones are refused
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value = "4MiB", value_parser = units::parse_bytes)]
+    max_message_size: u64,
+    /// Log filter for standard error.
+    #[arg(long, env = "DRIFTWATCH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("driftwatch-collector: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("driftwatch-collector: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir)
+        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+    // Agents whose stream was open when the collector stopped are not connected now.
+    for mut a in store.agents()? {
+        if a.connected {
+            a.connected = false;
+            store.put_agent(&a)?;
+        }
+    }
+    tracing::info!(events = store.len(), dir = %args.data_dir.display(), "store opened");
+    let ingest = Ingest::new(store.clone());
+    let query = Query::new(store.clone(), ingest.stored.clone());
+
+    let retention_store = store.clone();
+    let (age, size) = (args.retention_age, args.retention_size);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let min_time = now_nanos() - age.as_nanos() as i64;
+            match retention_store.retain(min_time, size) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "retention removed old events"),
+                Err(e) => tracing::error!("retention failed: {e}"),
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "collector listening");
+    let max = args.max_message_size as usize;
+    tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(ingest).max_decoding_message_size(max))
+        .add_service(QueryServiceServer::new(query))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown(),
+        )
+        .await
+        .context("serving")?;
+    store.flush().await?;
+    tracing::info!("store flushed; exiting");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
