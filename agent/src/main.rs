@@ -206,7 +206,20 @@ fn node_name(arg: Option<String>) -> String {
     .unwrap_or_else(|| "unknown".into())
 }
 
+/// A collector URL the transport accepts, checked before anything is loaded.
+fn check_collector_url(url: &str) -> anyhow::Result<()> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        anyhow::bail!("collector URL {url:?} must start with http:// or https:// (e.g. http://collector:7070)");
+    }
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| anyhow::anyhow!("collector URL {url:?} is not valid: {e}"))?;
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(url) = &args.collector {
+        check_collector_url(url)?;
+    }
     let policy = Policy::load(&args.policy)?;
     let cgroup_root = preflight::prepare()?;
     let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;

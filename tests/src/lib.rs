@@ -246,3 +246,152 @@ pub fn final_stats(events: &[Value]) -> &Value {
         .expect("a stats event at exit");
     &s["counters"]
 }
+
+/// A binary built beside the agent (`driftwatch-collector`, `driftwatch`).
+pub fn bin(name: &str) -> PathBuf {
+    let p = agent_bin().with_file_name(name);
+    assert!(
+        p.exists(),
+        "no {} binary; run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running collector.
+pub struct Collector {
+    child: Option<Child>,
+    /// Its address, `http://127.0.0.1:PORT`.
+    pub url: String,
+    port: u16,
+    /// Its data directory.
+    pub data: PathBuf,
+    _dir: Dir,
+}
+
+impl Collector {
+    /// Starts a collector on a fresh store and waits until it listens.
+    pub fn start() -> Self {
+        let dir = Dir::new();
+        let port = free_port();
+        let mut c = Self {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            data: dir.path.join("store"),
+            _dir: dir,
+        };
+        c.restart();
+        c
+    }
+
+    /// (Re)starts the process on the same port and store.
+    pub fn restart(&mut self) {
+        let child = Command::new(bin("driftwatch-collector"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data-dir",
+                &self.data.display().to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the collector");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "collector did not listen within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `driftwatch timeline -o json ARGS…`, parsed.
+    pub fn timeline(&self, args: &[&str]) -> Vec<Value> {
+        let out = Command::new(bin("driftwatch"))
+            .args(["--collector", &self.url, "timeline", "-o", "json"])
+            .args(args)
+            .output()
+            .expect("run driftwatch");
+        assert!(
+            out.status.success(),
+            "driftwatch timeline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("non-JSON line ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits (up to 60 s) until `pred` holds for the timeline `args` select.
+    pub fn wait_timeline(
+        &self,
+        args: &[&str],
+        pred: impl Fn(&[Value]) -> bool,
+        what: &str,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let t = self.timeline(args);
+            if pred(&t) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timeline never showed {what}; last: {t:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Agent {
+    /// Starts an agent streaming to `collector` as `node`, spooling in `spool`.
+    pub fn streaming(policy_yaml: &str, collector: &str, node: &str, spool: &Path) -> Self {
+        let spool = spool.display().to_string();
+        Self::start_with(
+            policy_yaml,
+            &[
+                "--collector",
+                collector,
+                "--node-name",
+                node,
+                "--spool-dir",
+                &spool,
+                "--heartbeat-interval",
+                "1",
+            ],
+        )
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

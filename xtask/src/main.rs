@@ -69,7 +69,13 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
         if release { "release" } else { "debug" }
     );
     let mut c = cargo();
-    c.args(["build", "-p", "driftwatch-agent"]);
+    c.args([
+        "build",
+        "-p",
+        "driftwatch-agent",
+        "-p",
+        "driftwatch-collector",
+    ]);
     if release {
         c.arg("--release");
     }
