@@ -39,6 +39,9 @@ pub fn status_of(e: &StoreError) -> Status {
 fn inbound_status(s: Status) -> Status {
     if s.code() == tonic::Code::Internal && s.message().contains("decode") {
         Status::invalid_argument(format!("malformed message: {}", s.message()))
+    } else if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
+        // gRPC's convention for a message over the size limit.
+        Status::resource_exhausted(s.message().to_owned())
     } else {
         s
     }

@@ -1,0 +1,164 @@
+//! Bad input on the agent stream: each gets the right gRPC status, nothing of
+//! it is stored, and a real agent streaming alongside is not disturbed.
+
+use driftwatch_proto::v1::{
+    agent_message::Msg, agent_service_client::AgentServiceClient, event, AgentMessage, Event,
+    EventBatch, FileChange, Hello, NodeInfo,
+};
+use driftwatch_tests::{policy, Agent, Collector, Dir};
+use tonic::Code;
+
+fn hello(node: &str) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Msg::Hello(Hello {
+            node: Some(NodeInfo {
+                name: node.into(),
+                ..Default::default()
+            }),
+            agent_started_unix_nanos: 1,
+        })),
+    }
+}
+
+fn file_event(node: &str, seq: u64, path: &str) -> Event {
+    Event {
+        event: Some(event::Event::File(FileChange {
+            op: "open".into(),
+            path: path.into(),
+            ..Default::default()
+        })),
+        process: None,
+        seq,
+        time_unix_nanos: 1_700_000_000_000_000_000 + seq as i64,
+        node: node.into(),
+    }
+}
+
+fn batch(events: Vec<Event>) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Msg::Batch(EventBatch { events })),
+    }
+}
+
+/// Sends `msgs` on one stream; returns the status the stream ended with.
+async fn status_of(url: &str, msgs: Vec<AgentMessage>) -> Code {
+    let mut client = AgentServiceClient::connect(url.to_owned())
+        .await
+        .expect("connect");
+    let resp = match client.stream(tokio_stream::iter(msgs)).await {
+        Ok(r) => r,
+        Err(s) => return s.code(),
+    };
+    let mut inbound = resp.into_inner();
+    loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return Code::Ok,
+            Err(s) => return s.code(),
+        }
+    }
+}
+
+#[test]
+fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let collector = Collector::start();
+    let agent = Agent::streaming(
+        &policy(&[format!("{tree}/")], &[]),
+        &collector.url,
+        "good",
+        &dir.path.join("spool"),
+    );
+    let url = collector.url.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // No hello first.
+        assert_eq!(
+            status_of(&url, vec![batch(vec![file_event("x", 1, "/a")])]).await,
+            Code::InvalidArgument
+        );
+        // A node name that cannot be one.
+        assert_eq!(
+            status_of(&url, vec![hello("a/b")]).await,
+            Code::InvalidArgument
+        );
+        // Out of order: sequence 5 with nothing before it.
+        assert_eq!(
+            status_of(
+                &url,
+                vec![
+                    hello("bad-order"),
+                    batch(vec![file_event("bad-order", 5, "/ooo")])
+                ]
+            )
+            .await,
+            Code::FailedPrecondition
+        );
+        // Another node's events on this node's stream.
+        assert_eq!(
+            status_of(
+                &url,
+                vec![
+                    hello("bad-node"),
+                    batch(vec![file_event("someone-else", 1, "/spoof")])
+                ]
+            )
+            .await,
+            Code::PermissionDenied
+        );
+        // An event without a kind.
+        let mut empty = file_event("bad-event", 1, "/x");
+        empty.event = None;
+        assert_eq!(
+            status_of(&url, vec![hello("bad-event"), batch(vec![empty])]).await,
+            Code::InvalidArgument
+        );
+        // Oversized: a 5 MiB message against the 4 MiB limit.
+        let huge = file_event("bad-size", 1, &"/".repeat(5 << 20));
+        assert_eq!(
+            status_of(&url, vec![hello("bad-size"), batch(vec![huge])]).await,
+            Code::ResourceExhausted
+        );
+        // A valid prefix of a batch is kept, the hole after it is refused.
+        assert_eq!(
+            status_of(
+                &url,
+                vec![
+                    hello("half"),
+                    batch(vec![
+                        file_event("half", 1, "/half-1"),
+                        file_event("half", 3, "/half-3")
+                    ])
+                ]
+            )
+            .await,
+            Code::FailedPrecondition
+        );
+    });
+    for path in ["/ooo", "/spoof", "/x"] {
+        assert!(
+            collector.timeline(&["--path", path]).is_empty(),
+            "{path} was stored"
+        );
+    }
+    assert_eq!(collector.timeline(&["--host", "half"]).len(), 1);
+
+    // The real agent kept streaming through all of it.
+    std::fs::write(format!("{tree}/after-faults.conf"), "x").unwrap();
+    collector.wait_timeline(
+        &[
+            "--host",
+            "good",
+            "--path",
+            &format!("{tree}/after-faults.conf"),
+        ],
+        |t| t.len() >= 2,
+        "the good agent's change",
+    );
+    agent.stop();
+}
