@@ -25,6 +25,8 @@ use crate::{agent::Agent, build_agent, setup};
 pub enum Which {
     /// Kernel sensors and agent pipeline.
     Sensors,
+    /// Collector ingest and timeline queries.
+    Collector,
 }
 
 fn cpath(p: &Path) -> Result<CString> {
@@ -149,7 +151,9 @@ fn throughput(
 
 /// Runs a benchmark.
 pub fn run(which: Which) -> Result<()> {
-    let Which::Sensors = which;
+    if !matches!(which, Which::Sensors) {
+        bail!("bench::run handles the sensors benchmark only");
+    }
     setup::require_root("cargo xtask bench")?;
     setup::ensure()?;
     let bin = build_agent(true)?;

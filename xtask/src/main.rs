@@ -5,6 +5,7 @@
 
 mod agent;
 mod bench;
+mod bench_collector;
 mod demo;
 mod setup;
 
@@ -149,6 +150,9 @@ fn main() -> ExitCode {
         Cmd::Build => setup::ensure().and_then(|_| build_agent(true).map(|_| ())),
         Cmd::Demo => demo::run(),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench {
+            which: bench::Which::Collector,
+        } => bench_collector::run(),
         Cmd::Bench { which } => bench::run(which),
     };
     match result {

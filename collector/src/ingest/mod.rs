@@ -166,9 +166,12 @@ async fn serve(
                     .map_err(status_err)?
                     .map(|a| a.acked_seq)
                     .unwrap_or(0);
+                let t = std::time::Instant::now();
                 let result = store.append(name, &batch.events);
+                let appended = t.elapsed();
                 // Durable before acknowledged, whatever part was accepted.
                 store.flush().await.map_err(status_err)?;
+                tracing::debug!(node = name, events = batch.events.len(), ?appended, flushed = ?(t.elapsed() - appended), "batch stored");
                 let through = match &result {
                     Ok(t) => *t,
                     Err(_) => store

@@ -69,6 +69,11 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
     } else {
         r.until_unix_nanos
     };
+    let limit = if r.limit > 0 {
+        r.limit as usize
+    } else {
+        usize::MAX
+    };
     let mut events: Vec<Event> = if !r.exec_id.is_empty() {
         store.indexed(false, &r.exec_id, true)?
     } else if !r.path_prefix.is_empty() {
@@ -81,8 +86,17 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
         };
         let mut v = Vec::new();
         for n in nodes {
+            // Each node's range is already in time order: stop at the limit.
+            let mut taken = 0;
             for e in store.node_range(&n, r.since_unix_nanos, until) {
-                v.push(e?);
+                let e = e?;
+                if matches(r, &e) {
+                    v.push(e);
+                    taken += 1;
+                    if taken == limit {
+                        break;
+                    }
+                }
             }
         }
         v
@@ -93,9 +107,7 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
     });
     // A rename is indexed under both of its paths.
     events.dedup_by(|a, b| a.node == b.node && a.seq == b.seq);
-    if r.limit > 0 {
-        events.truncate(r.limit as usize);
-    }
+    events.truncate(limit);
     let gaps: Vec<Gap> = store
         .gaps(&r.node)?
         .into_iter()
@@ -147,7 +159,15 @@ impl QueryService for Query {
         let r = request.into_inner();
         // Subscribe before reading the store, so nothing falls between the two.
         let mut live = r.follow.then(|| self.stored.subscribe());
+        let t = std::time::Instant::now();
         let items = collect(&self.store, &r).map_err(|e| status_of(&e))?;
+        tracing::debug!(items = items.len(), elapsed = ?t.elapsed(), "timeline collected");
+        if live.is_none() {
+            // Everything is known: one ready stream, no task or channel hops.
+            return Ok(Response::new(Box::pin(tokio_stream::iter(
+                items.into_iter().map(Ok),
+            ))));
+        }
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
             let mut last: HashMap<String, u64> = HashMap::new();

@@ -1,0 +1,316 @@
+//! `cargo xtask bench collector`: durable ingest rate over real gRPC streams,
+//! and first-page timeline latency once the store holds 10 million events.
+//!
+//! Four client streams each send batches of 1,000 events (shaped like real
+//! file events: path, identity with args and ancestors) and wait for the
+//! collector's acks, which it sends only after fsync. The rate is acked
+//! events over wall time.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use driftwatch_proto::v1::{
+    agent_message::Msg, agent_service_client::AgentServiceClient, collector_message, event,
+    query_service_client::QueryServiceClient, AgentMessage, Ancestor, Event, EventBatch,
+    FileChange, Hello, NodeInfo, Outcome, Process, TimelineRequest,
+};
+
+use crate::{cargo, root, setup};
+
+const STREAMS: u64 = 4;
+const BATCH: u64 = 1000;
+
+/// Node time of sequence 0: a day ago, so retention (30 days) keeps it all.
+fn t0() -> i64 {
+    static T0: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        now - 86_400 * 1_000_000_000
+    })
+}
+
+fn event(node: &str, seq: u64) -> Event {
+    Event {
+        event: Some(event::Event::File(FileChange {
+            op: "open".into(),
+            path: format!("/etc/myapp/conf.d/{}.yaml", seq % 1000),
+            resource: "app-config".into(),
+            flags: vec!["O_WRONLY".into(), "O_CREAT".into(), "O_TRUNC".into()],
+            mode: "0644".into(),
+            resolved_from: "file".into(),
+            result: Some(Outcome {
+                ok: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        process: Some(Process {
+            pid: 4242,
+            tid: 4242,
+            ppid: 4200,
+            exec_id: format!("{:016x}", seq / 100),
+            start_time_unix_nanos: t0(),
+            user: "deploy".into(),
+            comm: "sed".into(),
+            exe: "/usr/bin/sed".into(),
+            args: vec![
+                "sed".into(),
+                "-i".into(),
+                "s/debug=false/debug=true/".into(),
+                "app.yaml".into(),
+            ],
+            cgroup: "/system.slice/deploy.service".into(),
+            ancestors: vec![Ancestor {
+                pid: 4200,
+                exec_id: "00000000deadbeef".into(),
+                exe: "/usr/bin/bash".into(),
+            }],
+            ..Default::default()
+        }),
+        seq,
+        // One event per microsecond of node time.
+        time_unix_nanos: t0() + seq as i64 * 1000,
+        node: node.into(),
+    }
+}
+
+async fn stream(url: String, node: String, from: u64, count: u64) -> Result<()> {
+    let mut client = AgentServiceClient::connect(url)
+        .await?
+        .max_encoding_message_size(8 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(AgentMessage {
+        msg: Some(Msg::Hello(Hello {
+            node: Some(NodeInfo {
+                name: node.clone(),
+                ..Default::default()
+            }),
+            agent_started_unix_nanos: 1,
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let last = from + count - 1;
+    let sender = tokio::spawn(async move {
+        let mut seq = from;
+        while seq <= last {
+            let events = (seq..(seq + BATCH).min(last + 1))
+                .map(|s| event(&node, s))
+                .collect();
+            if tx
+                .send(AgentMessage {
+                    msg: Some(Msg::Batch(EventBatch { events })),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            seq += BATCH;
+        }
+        tx
+    });
+    while let Some(m) = inbound.message().await? {
+        if let Some(collector_message::Msg::Ack(a)) = m.msg {
+            if a.through >= last {
+                break;
+            }
+        }
+    }
+    drop(sender.await?);
+    Ok(())
+}
+
+/// Sends `per_stream` events on each of the streams, continuing their sequences.
+async fn ingest(url: &str, from: u64, per_stream: u64) -> Result<f64> {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            tokio::spawn(stream(
+                url.to_owned(),
+                format!("bench-{i}"),
+                from,
+                per_stream,
+            ))
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok((STREAMS * per_stream) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn first_page(url: &str, since: i64) -> Result<(Duration, usize)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut q = QueryServiceClient::new(channel);
+    let start = Instant::now();
+    let mut s = q
+        .timeline(TimelineRequest {
+            node: "bench-1".into(),
+            since_unix_nanos: since,
+            limit: 100,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut n = 0;
+    let mut first = None;
+    while s.message().await?.is_some() {
+        first.get_or_insert(start.elapsed());
+        n += 1;
+    }
+    if std::env::var_os("DRIFTWATCH_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "bench:   first item after {:?}, all {n} after {:?}",
+            first,
+            start.elapsed()
+        );
+    }
+    Ok((start.elapsed(), n))
+}
+
+fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
+    let child = Command::new(bin)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            &data.display().to_string(),
+            "--log",
+            &std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        ])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the collector")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("collector did not listen");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// Runs the benchmark.
+pub fn run() -> Result<()> {
+    setup::ensure()?;
+    eprintln!("xtask: building driftwatch-collector (release)");
+    setup::run(cargo().args(["build", "--release", "-p", "driftwatch-collector"]))?;
+    let bin = root().join("target/release/driftwatch-collector");
+    let dir = Path::new("/tmp/driftwatch-bench-collector");
+    let _ = std::fs::remove_dir_all(dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut collector = start_collector(&bin, &dir.join("store"), port)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    let total: u64 = std::env::var("DRIFTWATCH_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let first = (total / 10).clamp(STREAMS * BATCH, 1_000_000) / STREAMS;
+    eprintln!(
+        "bench: durable ingest, {} streams x {first} events",
+        STREAMS
+    );
+    let rate = rt.block_on(ingest(&url, 1, first))?;
+    eprintln!("bench:   {rate:.0} events/s acked after fsync");
+    let rest = total / STREAMS - first;
+    eprintln!("bench: filling the store to {total} events");
+    let mut rates = vec![rate];
+    let chunk = 500_000;
+    let mut done = first;
+    while done < first + rest {
+        let n = chunk.min(first + rest - done);
+        rates.push(rt.block_on(ingest(&url, done + 1, n))?);
+        done += n;
+        eprintln!(
+            "bench:   {} events stored ({:.0}/s)",
+            done * STREAMS,
+            rates.last().copied().unwrap_or(0.0)
+        );
+    }
+    let unary = rt.block_on(async {
+        let mut q = QueryServiceClient::connect(url.clone()).await?;
+        let t = Instant::now();
+        q.agents(driftwatch_proto::v1::AgentsRequest {}).await?;
+        let first = t.elapsed();
+        let t = Instant::now();
+        q.agents(driftwatch_proto::v1::AgentsRequest {}).await?;
+        eprintln!(
+            "bench: unary agents() again on the same connection {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        anyhow::Ok(first)
+    })?;
+    eprintln!(
+        "bench: unary agents() round trip {:.1} ms",
+        unary.as_secs_f64() * 1e3
+    );
+    let mut lat = Vec::new();
+    // First pages at ten points across the stored history.
+    for i in 0..10 {
+        let since = t0() + (done as i64 * 1000) * i / 10;
+        let (d, n) = rt.block_on(first_page(&url, since))?;
+        if n != 100 {
+            bail!("first page held {n} events, expected 100");
+        }
+        lat.push(d);
+    }
+    lat.sort();
+    let _ = collector.kill();
+    let _ = collector.wait();
+    let size: u64 = walk_size(&dir.join("store"));
+    rates.sort_by(|a, b| a.total_cmp(b));
+    println!();
+    println!(
+        "Driftwatch collector benchmark (one run, {} CPUs)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "durable ingest: {rate:.0} events/s on an empty store; median over the fill {:.0} events/s (target >= 200k/s)",
+        rates[rates.len() / 2]
+    );
+    println!(
+        "timeline first page (100 events) with {} events stored: median {:.1} ms, worst {:.1} ms (target < 50 ms); store {:.1} GiB on disk",
+        done * STREAMS,
+        lat[lat.len() / 2].as_secs_f64() * 1e3,
+        lat[lat.len() - 1].as_secs_f64() * 1e3,
+        size as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
+}
+
+fn walk_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk_size(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
