@@ -89,8 +89,50 @@ resources:
         ),
     )?;
 
-    eprintln!("demo: starting driftwatch-agent on {}", policy.display());
-    let agent = Agent::start(&bin, &policy, &dir.join("events.jsonl"), &[])?;
+    let release = bin.parent().map(Path::to_path_buf).unwrap_or_default();
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("http://127.0.0.1:{port}");
+    eprintln!(
+        "demo: starting driftwatch-collector on {url} (sled store in {}/store)",
+        dir.display()
+    );
+    let mut collector = Command::new(release.join("driftwatch-collector"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            &format!("{}/store", dir.display()),
+            "--log",
+            "warn",
+        ])
+        .spawn()
+        .context("starting the collector")?;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = collector.try_wait()? {
+            anyhow::bail!("the collector exited ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "demo: starting driftwatch-agent on {}, streaming to the collector",
+        policy.display()
+    );
+    let spool = format!("{}/spool", dir.display());
+    let agent = Agent::start(
+        &bin,
+        &policy,
+        &dir.join("events.jsonl"),
+        &[
+            "--collector",
+            &url,
+            "--node-name",
+            "demo-node",
+            "--spool-dir",
+            &spool,
+            "--log",
+            "warn",
+        ],
+    )?;
     let d = dir.display();
     step(
         "edit the config in place with sed -i",
@@ -135,7 +177,9 @@ resources:
         "write a file outside every watched path",
         &mut sh(&format!("echo x > {d}/scratch/notes.txt")),
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Delivery takes milliseconds; what is not acknowledged yet stays in
+    // the agent's spool for its next run.
+    std::thread::sleep(Duration::from_millis(1500));
     let events = agent.stop()?;
 
     println!();
@@ -192,6 +236,30 @@ resources:
             f["dropped"].as_u64().unwrap_or(0) + c["dropped"].as_u64().unwrap_or(0)
         );
     }
-    println!("Findings (drift, unauthorized access) come from the collector, which is not built yet; these are the events it will judge.");
+    println!();
+    println!("What the collector stored (driftwatch timeline --host demo-node --kind file --kind connect):");
+    let cli = release.join("driftwatch");
+    let _ = Command::new(&cli)
+        .args([
+            "--collector",
+            &url,
+            "timeline",
+            "--host",
+            "demo-node",
+            "--kind",
+            "file",
+            "--kind",
+            "connect",
+        ])
+        .status();
+    println!();
+    println!("driftwatch agents:");
+    let _ = Command::new(&cli)
+        .args(["--collector", &url, "agents"])
+        .status();
+    let _ = collector.kill();
+    let _ = collector.wait();
+    println!();
+    println!("Findings (drift, unauthorized access) are the next step: the correlation issue judges these events against the policy.");
     Ok(())
 }
