@@ -86,7 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             store.put_agent(&a)?;
         }
     }
-    tracing::info!(events = store.len(), dir = %args.data_dir.display(), "store opened");
+    tracing::info!(blocks = store.block_count(), dir = %args.data_dir.display(), "store opened");
     let ingest = Ingest::new(store.clone());
     let query = Query::new(store.clone(), ingest.stored.clone());
 

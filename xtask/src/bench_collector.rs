@@ -205,6 +205,22 @@ fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
     Ok(child)
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
     setup::ensure()?;
@@ -232,7 +248,9 @@ pub fn run() -> Result<()> {
         "bench: durable ingest, {} streams x {first} events",
         STREAMS
     );
+    let cpu0 = cpu_seconds(collector.id());
     let rate = rt.block_on(ingest(&url, 1, first))?;
+    let cpu_per_event = (cpu_seconds(collector.id()) - cpu0) / (STREAMS * first) as f64;
     eprintln!("bench:   {rate:.0} events/s acked after fsync");
     let rest = total / STREAMS - first;
     eprintln!("bench: filling the store to {total} events");
@@ -291,6 +309,11 @@ pub fn run() -> Result<()> {
     println!(
         "durable ingest: {rate:.0} events/s on an empty store; median over the fill {:.0} events/s (target >= 200k/s)",
         rates[rates.len() / 2]
+    );
+    println!(
+        "collector CPU per stored event: {:.1} us, i.e. {:.0} events/s per core (the load generator shares the cores in this run)",
+        cpu_per_event * 1e6,
+        1.0 / cpu_per_event
     );
     println!(
         "timeline first page (100 events) with {} events stored: median {:.1} ms, worst {:.1} ms (target < 50 ms); store {:.1} GiB on disk",

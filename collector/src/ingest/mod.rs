@@ -2,13 +2,20 @@
 //! ranges up; acks down. An ack names the highest sequence number that is on
 //! disk (fsync'd), never more.
 
-use std::{pin::Pin, time::SystemTime};
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::SystemTime,
+};
 
 use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_server::AgentService, collector_message, Ack, AgentMessage,
     CollectorMessage, Event, Gap,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -56,20 +63,90 @@ fn valid_node_name(name: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Group commit: streams append and move on; one task fsyncs whatever has
+/// been written and publishes the generation that is now durable. An ack
+/// waits for the generation of its batch, so every ack still means "on disk",
+/// but one fsync covers many batches from many agents.
+pub struct Durability {
+    store: Store,
+    written: AtomicU64,
+    dirty: Notify,
+    durable: watch::Sender<u64>,
+}
+
+impl Durability {
+    /// Starts the flusher for `store`.
+    pub fn start(store: Store) -> Arc<Self> {
+        let (durable, _) = watch::channel(0);
+        let d = Arc::new(Self {
+            store,
+            written: AtomicU64::new(0),
+            dirty: Notify::new(),
+            durable,
+        });
+        let flusher = d.clone();
+        tokio::spawn(async move {
+            loop {
+                flusher.dirty.notified().await;
+                // Every append that counted itself before this load is complete.
+                let target = flusher.written.load(Ordering::SeqCst);
+                if let Err(e) = flusher.store.flush().await {
+                    tracing::error!("flushing the store failed; acks are held back: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    flusher.dirty.notify_one();
+                    continue;
+                }
+                flusher.durable.send_replace(target);
+            }
+        });
+        d
+    }
+
+    /// Records a completed write; returns the generation to wait for.
+    pub fn wrote(&self) -> u64 {
+        let g = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        self.dirty.notify_one();
+        g
+    }
+
+    /// Waits until generation `g` is on disk.
+    pub async fn wait(&self, g: u64) {
+        let mut rx = self.durable.subscribe();
+        while *rx.borrow_and_update() < g {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The service.
 #[derive(Clone)]
 pub struct Ingest {
     store: Store,
+    durability: Arc<Durability>,
     /// Newly stored events, for `timeline --follow`.
     pub stored: broadcast::Sender<Event>,
 }
 
 impl Ingest {
-    /// A service writing to `store`.
+    /// A service writing to `store` (starts its flusher: call within a runtime).
     pub fn new(store: Store) -> Self {
         let (stored, _) = broadcast::channel(65536);
-        Self { store, stored }
+        Self {
+            durability: Durability::start(store.clone()),
+            store,
+            stored,
+        }
     }
+}
+
+/// What the acking side of a stream does once a write is durable.
+struct Pending {
+    generation: u64,
+    through: u64,
+    events: Vec<Event>,
+    error: Option<Status>,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<CollectorMessage, Status>> + Send>>;
@@ -129,11 +206,35 @@ impl AgentService for Ingest {
         tracing::info!(node = %name, acked = status.acked_seq, "agent connected");
 
         let (tx, rx) = mpsc::channel(64);
-        // Tell the agent where to resume.
+        // Tell the agent where to resume; with group commit the stored ack
+        // may cover a write not yet on disk, so make it durable first.
+        store.flush().await.map_err(|e| status_of(&e))?;
         let _ = tx.send(Ok(ack(status.acked_seq))).await;
         let stored = self.stored.clone();
+        let durability = self.durability.clone();
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(64);
+        // Acks go out in order, each once its write is on disk.
+        let ack_tx = tx.clone();
+        let acker = tokio::spawn(async move {
+            while let Some(p) = pending_rx.recv().await {
+                durability.wait(p.generation).await;
+                for e in p.events {
+                    let _ = stored.send(e);
+                }
+                if ack_tx.send(Ok(ack(p.through))).await.is_err() {
+                    return;
+                }
+                if let Some(status) = p.error {
+                    let _ = ack_tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        });
+        let durability = self.durability.clone();
         tokio::spawn(async move {
-            let result = serve(&store, &name, &mut inbound, &tx, &stored).await;
+            let result = serve(&store, &durability, &name, &mut inbound, &pending_tx).await;
+            drop(pending_tx);
+            let _ = acker.await;
             if let Err(s) = &result {
                 tracing::warn!(node = %name, "closing the agent's stream: {}", s.message());
                 let _ = tx.send(Err(s.clone())).await;
@@ -152,10 +253,10 @@ impl AgentService for Ingest {
 
 async fn serve(
     store: &Store,
+    durability: &Durability,
     name: &str,
     inbound: &mut Streaming<AgentMessage>,
-    tx: &mpsc::Sender<Result<CollectorMessage, Status>>,
-    stored: &broadcast::Sender<Event>,
+    pending: &mpsc::Sender<Pending>,
 ) -> Result<(), Status> {
     while let Some(msg) = inbound.message().await.map_err(inbound_status)? {
         let status_err = |e: StoreError| status_of(&e);
@@ -168,10 +269,6 @@ async fn serve(
                     .unwrap_or(0);
                 let t = std::time::Instant::now();
                 let result = store.append(name, &batch.events);
-                let appended = t.elapsed();
-                // Durable before acknowledged, whatever part was accepted.
-                store.flush().await.map_err(status_err)?;
-                tracing::debug!(node = name, events = batch.events.len(), ?appended, flushed = ?(t.elapsed() - appended), "batch stored");
                 let through = match &result {
                     Ok(t) => *t,
                     Err(_) => store
@@ -180,21 +277,34 @@ async fn serve(
                         .map(|a| a.acked_seq)
                         .unwrap_or(0),
                 };
-                for e in batch
-                    .events
-                    .iter()
-                    .filter(|e| e.seq > before && e.seq <= through)
-                {
-                    let _ = stored.send(e.clone());
-                }
                 if let Some(mut a) = store.agent(name).map_err(status_err)? {
                     a.last_seen_unix_nanos = now_nanos();
                     store.put_agent(&a).map_err(status_err)?;
                 }
-                if tx.send(Ok(ack(through))).await.is_err() {
+                let generation = durability.wrote();
+                tracing::debug!(node = name, events = batch.events.len(), appended = ?t.elapsed(), "batch written");
+                let events = batch
+                    .events
+                    .into_iter()
+                    .filter(|e| e.seq > before && e.seq <= through)
+                    .collect();
+                // Whatever part was accepted is acked once durable; then the
+                // refusal, if any, ends the stream.
+                let error = result.err().map(|e| status_of(&e));
+                let stop = error.is_some();
+                if pending
+                    .send(Pending {
+                        generation,
+                        through,
+                        events,
+                        error,
+                    })
+                    .await
+                    .is_err()
+                    || stop
+                {
                     return Ok(());
                 }
-                result.map_err(status_err)?;
             }
             Some(Msg::Heartbeat(h)) => {
                 if let Some(mut a) = store.agent(name).map_err(status_err)? {
@@ -221,13 +331,22 @@ async fn serve(
                         reason: "agent_dropped".into(),
                     })
                     .map_err(status_err)?;
-                store.flush().await.map_err(status_err)?;
                 let through = store
                     .agent(name)
                     .map_err(status_err)?
                     .map(|a| a.acked_seq)
                     .unwrap_or(0);
-                if tx.send(Ok(ack(through))).await.is_err() {
+                let generation = durability.wrote();
+                if pending
+                    .send(Pending {
+                        generation,
+                        through,
+                        events: Vec::new(),
+                        error: None,
+                    })
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }

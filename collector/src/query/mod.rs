@@ -75,9 +75,9 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
         usize::MAX
     };
     let mut events: Vec<Event> = if !r.exec_id.is_empty() {
-        store.indexed(false, &r.exec_id, true)?
+        store.indexed(false, &r.exec_id)?
     } else if !r.path_prefix.is_empty() {
-        store.indexed(true, &r.path_prefix, false)?
+        store.indexed(true, &r.path_prefix)?
     } else {
         let nodes = if r.node.is_empty() {
             store.nodes()?
@@ -86,16 +86,21 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
         };
         let mut v = Vec::new();
         for n in nodes {
-            // Each node's range is already in time order: stop at the limit.
+            // Buckets come in time order; events inside one are not, so stop
+            // only once the bucket in which the limit was reached is complete.
             let mut taken = 0;
-            for e in store.node_range(&n, r.since_unix_nanos, until) {
-                let e = e?;
-                if matches(r, &e) {
+            let mut full_at: Option<i64> = None;
+            for block in store.node_blocks(&n, r.since_unix_nanos, until) {
+                let (b, block) = block?;
+                if full_at.is_some_and(|f| b > f) {
+                    break;
+                }
+                for e in block.into_iter().filter(|e| matches(r, e)) {
                     v.push(e);
                     taken += 1;
-                    if taken == limit {
-                        break;
-                    }
+                }
+                if taken >= limit && full_at.is_none() {
+                    full_at = Some(b);
                 }
             }
         }
