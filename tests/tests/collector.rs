@@ -324,3 +324,54 @@ fn an_unreachable_collector_is_a_clear_error_and_the_agent_keeps_spooling() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn a_full_spool_drops_the_oldest_and_the_collector_shows_exactly_which() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut collector = Collector::start();
+    collector.kill();
+    let agent = Agent::start_with(
+        &policy(&[format!("{tree}/")], &[]),
+        &[
+            "--collector",
+            &collector.url,
+            "--node-name",
+            "node-s",
+            "--spool-dir",
+            &dir.path.join("spool").display().to_string(),
+            "--spool-max-events",
+            "10",
+        ],
+    );
+    write_files(&tree, "evicted", 20);
+    write_files(&tree, "kept", 2);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    collector.restart();
+    let t = collector.wait_timeline(
+        &["--host", "node-s"],
+        |t| {
+            t.iter()
+                .any(|e| e["type"] == "gap" && e["reason"] == "agent_dropped")
+        },
+        "the dropped range",
+    );
+    let gap = t.iter().find(|e| e["reason"] == "agent_dropped").unwrap();
+    assert_eq!(gap["from_seq"], 1, "{gap}");
+    let to = gap["to_seq"].as_u64().unwrap();
+    // What survived is exactly what follows the range: nothing below it, no hole after it.
+    let t = collector.wait_timeline(
+        &["--host", "node-s"],
+        |t| t.iter().filter(|e| e["type"] == "event").count() >= 10,
+        "the kept events",
+    );
+    let seqs: Vec<u64> = t
+        .iter()
+        .filter(|e| e["type"] == "event")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs.iter().min().copied(), Some(to + 1), "{seqs:?}");
+    assert!(file_events(&t, "node-s", "evicted0.conf").is_empty());
+    agent.stop();
+}

@@ -201,7 +201,7 @@ fn detail(e: &Event) -> String {
                 .unwrap_or_default();
             format!("connect {}:{} {res}", c.address, c.port)
         }
-        Some(event::Event::Loss(l)) => format!("KERNEL LOST RECORDS: {:?}", l.dropped),
+        Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
         None => String::new(),
     }
 }
@@ -257,6 +257,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                         event_json(e).to_string()
                     }
                     (Some(timeline_item::Item::Gap(g)), Output::Json) => gap_json(g).to_string(),
+                    (Some(timeline_item::Item::Event(e)), Output::Table)
+                        if kind_of(e) == "loss" =>
+                    {
+                        // A kernel loss record is a hole in the history: show it as one.
+                        let dropped = match &e.event {
+                            Some(event::Event::Loss(l)) => format!("{:?}", l.dropped),
+                            _ => String::new(),
+                        };
+                        format!("---- GAP {} kernel_loss (ring buffer full, records lost: {dropped}) at {} ----", e.node, time(e.time_unix_nanos))
+                    }
                     (Some(timeline_item::Item::Event(e)), Output::Table) => {
                         let p = e.process.clone().unwrap_or_default();
                         let user = if p.login_user.is_empty() || p.login_user == p.user {
