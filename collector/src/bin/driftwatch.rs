@@ -82,7 +82,8 @@ enum Cmd {
 
 fn when(s: &str) -> Result<i64, String> {
     if let Ok(d) = units::parse_duration(s) {
-        return Ok(now_nanos() - d.as_nanos() as i64);
+        let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        return Ok(now_nanos().saturating_sub(back));
     }
     parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
 }
