@@ -266,7 +266,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     sensor_set: SENSOR_SET.into(),
                     probes: sensors.probes.clone().into_iter().collect(),
                 },
-                started: driftwatch_proto::time::parse_rfc3339(&Clock::now_rfc3339()).unwrap_or(0),
+                started: driftwatch_proto::time::now_unix_nanos(),
                 heartbeat: Duration::from_secs(args.heartbeat_interval),
             };
             tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");

@@ -4,12 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use driftwatch_collector::{
-    ingest::{now_nanos, Ingest},
-    query::Query,
-    store::Store,
-    units,
-};
+use driftwatch_collector::{ingest::Ingest, query::Query, store::Store, units};
+use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
     agent_service_server::AgentServiceServer, query_service_server::QueryServiceServer,
 };
@@ -96,7 +92,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
-            let min_time = now_nanos() - age.as_nanos() as i64;
+            let min_time =
+                now_unix_nanos().saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX));
             match retention_store.retain(min_time, size) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "retention removed old events"),

@@ -1,6 +1,14 @@
 //! The API's times are Unix nanoseconds (`int64 *_unix_nanos`); these turn
 //! them into RFC 3339 text and back.
 
+/// Now, Unix nanoseconds (0 if the clock is before 1970).
+pub fn now_unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Unix nanoseconds to `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
 pub fn rfc3339(unix_ns: i128) -> String {
     let secs = unix_ns.div_euclid(1_000_000_000) as i64;

@@ -29,13 +29,7 @@ const BATCH: u64 = 1000;
 /// Node time of sequence 0: a day ago, so retention (30 days) keeps it all.
 fn t0() -> i64 {
     static T0: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *T0.get_or_init(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
-        now - 86_400 * 1_000_000_000
-    })
+    *T0.get_or_init(|| driftwatch_proto::time::now_unix_nanos() - 86_400 * 1_000_000_000)
 }
 
 fn event(node: &str, seq: u64) -> Event {

@@ -12,6 +12,7 @@ pub mod spool;
 
 use std::time::Duration;
 
+use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_client::AgentServiceClient, collector_message, AgentMessage,
     Dropped, EventBatch, Heartbeat, Hello, NodeInfo,
@@ -76,13 +77,6 @@ fn jitter(max: Duration) -> Duration {
     use rand::Rng as _;
     let ms = max.as_millis().max(1) as u64;
     Duration::from_millis(rand::rng().random_range(0..ms))
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 impl Sender {
@@ -196,7 +190,7 @@ impl Sender {
                 },
                 _ = self.notify.notified() => {}
                 _ = beat.tick() => {
-                    let hb = Heartbeat { time_unix_nanos: now_nanos(), last_seq: self.spool.last_seq() };
+                    let hb = Heartbeat { time_unix_nanos: now_unix_nanos(), last_seq: self.spool.last_seq() };
                     if tx.send(AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
                         return Ok(());
                     }

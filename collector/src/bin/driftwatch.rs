@@ -3,9 +3,9 @@
 use std::{io::Write as _, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use driftwatch_collector::{ingest::now_nanos, query::kind_of, units};
+use driftwatch_collector::{query::kind_of, units};
 use driftwatch_proto::{
-    time::{parse_rfc3339, rfc3339},
+    time::{now_unix_nanos, parse_rfc3339, rfc3339},
     v1::{
         event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest, Event, Gap,
         TimelineRequest,
@@ -83,7 +83,7 @@ enum Cmd {
 fn when(s: &str) -> Result<i64, String> {
     if let Ok(d) = units::parse_duration(s) {
         let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        return Ok(now_nanos().saturating_sub(back));
+        return Ok(now_unix_nanos().saturating_sub(back));
     }
     parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
 }

@@ -8,9 +8,9 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::SystemTime,
 };
 
+use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_server::AgentService, collector_message, Ack, AgentMessage,
     CollectorMessage, Event, Gap,
@@ -20,14 +20,6 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::store::{Store, StoreError};
-
-/// Now, Unix nanoseconds.
-pub fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
 
 /// The gRPC status for a store error.
 pub fn status_of(e: &StoreError) -> Status {
@@ -180,7 +172,7 @@ impl AgentService for Ingest {
         valid_node_name(&node.name)?;
         let name = node.name.clone();
         let store = self.store.clone();
-        let now = now_nanos();
+        let now = now_unix_nanos();
 
         let previous = store.agent(&name).map_err(|e| status_of(&e))?;
         if let Some(p) = &previous {
@@ -241,7 +233,7 @@ impl AgentService for Ingest {
             }
             if let Ok(Some(mut a)) = store.agent(&name) {
                 a.connected = false;
-                a.last_seen_unix_nanos = now_nanos();
+                a.last_seen_unix_nanos = now_unix_nanos();
                 let _ = store.put_agent(&a);
                 let _ = store.flush().await;
             }
@@ -278,7 +270,7 @@ async fn serve(
                         .unwrap_or(0),
                 };
                 if let Some(mut a) = store.agent(name).map_err(status_err)? {
-                    a.last_seen_unix_nanos = now_nanos();
+                    a.last_seen_unix_nanos = now_unix_nanos();
                     store.put_agent(&a).map_err(status_err)?;
                 }
                 let generation = durability.wrote();
@@ -308,7 +300,7 @@ async fn serve(
             }
             Some(Msg::Heartbeat(h)) => {
                 if let Some(mut a) = store.agent(name).map_err(status_err)? {
-                    a.last_seen_unix_nanos = now_nanos();
+                    a.last_seen_unix_nanos = now_unix_nanos();
                     a.last_seq = a.last_seq.max(h.last_seq);
                     store.put_agent(&a).map_err(status_err)?;
                 }
@@ -320,7 +312,7 @@ async fn serve(
                         d.from_seq, d.to_seq
                     )));
                 }
-                let now = now_nanos();
+                let now = now_unix_nanos();
                 store
                     .add_gap(&Gap {
                         node: name.to_owned(),
