@@ -1,5 +1,5 @@
 //! Builds the eBPF object with the nightly toolchain and `bpf-linker`, and
-//! leaves it in `OUT_DIR/driftwatch` for `include_bytes_aligned!`.
+//! leaves it in `OUT_DIR/driftwatch-ebpf` for `include_bytes_aligned!`.
 //! `AYA_BUILD_SKIP=1` leaves an empty object instead (lint-only builds); the
 //! agent then refuses to start with a message saying so.
 
@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
         std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
-        std::fs::write(out.join("driftwatch"), [])?;
+        std::fs::write(out.join("driftwatch-ebpf"), [])?;
         return Ok(());
     }
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?)

@@ -67,7 +67,7 @@ pub enum SensorError {
 }
 
 /// The compiled eBPF object, built by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch-ebpf"));
 
 /// Name of the sensor set this build provides.
 pub const SENSOR_SET: &str = "tracepoint+tp_btf+cgroup_sock_addr";
