@@ -56,6 +56,9 @@ pub enum SensorError {
         /// The error.
         source: MapError,
     },
+    /// The binary was built without its eBPF object.
+    #[error("this driftwatch-agent was built with AYA_BUILD_SKIP=1 and has no eBPF object; rebuild it without (cargo xtask build)")]
+    NoObject,
     /// No cgroup v2 hierarchy to attach connect hooks to.
     #[error("opening cgroup2 root {path}: {source}")]
     Cgroup {
@@ -145,6 +148,9 @@ impl Sensors {
     /// Loads and attaches every program. `ring_bytes` sizes the event ring
     /// buffer (a power of two, multiple of the page size).
     pub fn start(cgroup_root: &Path, ring_bytes: u32) -> Result<Self, SensorError> {
+        if OBJECT.is_empty() {
+            return Err(SensorError::NoObject);
+        }
         let btf = btf::Btf::from_sys_fs()?;
         let offsets = btf.kernel_offsets()?;
         tracing::debug!(?offsets, "kernel struct offsets from BTF");
