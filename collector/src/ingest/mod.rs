@@ -174,7 +174,9 @@ impl AgentService for Ingest {
         let store = self.store.clone();
         let now = now_unix_nanos();
 
-        let previous = store.agent(&name).map_err(|e| status_of(&e))?;
+        let (previous, status) = store
+            .hello(&node, now, hello.agent_started_unix_nanos)
+            .map_err(|e| status_of(&e))?;
         if let Some(p) = &previous {
             if p.agent_started_unix_nanos != 0
                 && hello.agent_started_unix_nanos != p.agent_started_unix_nanos
@@ -192,9 +194,6 @@ impl AgentService for Ingest {
                 store.add_gap(&gap).map_err(|e| status_of(&e))?;
             }
         }
-        let mut status = store.hello(&node, now).map_err(|e| status_of(&e))?;
-        status.agent_started_unix_nanos = hello.agent_started_unix_nanos;
-        store.put_agent(&status).map_err(|e| status_of(&e))?;
         tracing::info!(node = %name, acked = status.acked_seq, "agent connected");
 
         let (tx, rx) = mpsc::channel(64);
@@ -254,35 +253,21 @@ async fn serve(
         let status_err = |e: StoreError| status_of(&e);
         match msg.msg {
             Some(Msg::Batch(batch)) => {
-                let before = store
-                    .agent(name)
-                    .map_err(status_err)?
-                    .map(|a| a.acked_seq)
-                    .unwrap_or(0);
                 let t = std::time::Instant::now();
-                let result = store.append(name, &batch.events);
-                let through = match &result {
-                    Ok(t) => *t,
-                    Err(_) => store
-                        .agent(name)
-                        .map_err(status_err)?
-                        .map(|a| a.acked_seq)
-                        .unwrap_or(0),
-                };
-                if let Some(mut a) = store.agent(name).map_err(status_err)? {
-                    a.last_seen_unix_nanos = now_unix_nanos();
-                    store.put_agent(&a).map_err(status_err)?;
-                }
+                let done = store
+                    .append(name, &batch.events, now_unix_nanos())
+                    .map_err(status_err)?;
                 let generation = durability.wrote();
                 tracing::debug!(node = name, events = batch.events.len(), appended = ?t.elapsed(), "batch written");
                 let events = batch
                     .events
                     .into_iter()
-                    .filter(|e| e.seq > before && e.seq <= through)
+                    .filter(|e| e.seq > done.before && e.seq <= done.through)
                     .collect();
                 // Whatever part was accepted is acked once durable; then the
                 // refusal, if any, ends the stream.
-                let error = result.err().map(|e| status_of(&e));
+                let through = done.through;
+                let error = done.refused.map(|e| status_of(&e));
                 let stop = error.is_some();
                 if pending
                     .send(Pending {

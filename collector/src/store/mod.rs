@@ -62,6 +62,17 @@ pub enum StoreError {
     },
 }
 
+/// What [`Store::append`] did.
+#[derive(Debug)]
+pub struct Appended {
+    /// The acked sequence before the batch.
+    pub before: u64,
+    /// The highest sequence stored contiguously after it.
+    pub through: u64,
+    /// Why the rest of the batch was refused, if it was.
+    pub refused: Option<StoreError>,
+}
+
 /// The event store.
 #[derive(Clone)]
 pub struct Store {
@@ -224,38 +235,53 @@ impl Store {
         Ok(())
     }
 
-    /// Records that an agent is connected, creating its record if new.
-    pub fn hello(&self, node: &NodeInfo, now: i64) -> Result<AgentStatus, StoreError> {
-        let mut a = self.agent(&node.name)?.unwrap_or_default();
+    /// Records that an agent process started at `started` is connected,
+    /// creating its record if new. Returns the record as it was before.
+    pub fn hello(
+        &self,
+        node: &NodeInfo,
+        now: i64,
+        started: i64,
+    ) -> Result<(Option<AgentStatus>, AgentStatus), StoreError> {
+        let previous = self.agent(&node.name)?;
+        let mut a = previous.clone().unwrap_or_default();
         a.node = Some(node.clone());
         a.connected = true;
         a.last_seen_unix_nanos = now;
+        a.agent_started_unix_nanos = started;
         self.put_agent(&a)?;
-        Ok(a)
+        Ok((previous, a))
     }
 
-    /// Stores events of `node` in sequence order. Already stored sequence
-    /// numbers are skipped (redelivery); a hole is refused, and so is
-    /// everything after it. Returns the highest sequence stored
-    /// contiguously. Not durable until [`Store::flush`].
-    pub fn append(&self, node: &str, events: &[Event]) -> Result<u64, StoreError> {
+    /// Stores events of `node` in sequence order and records `seen_at` as
+    /// its last contact, in one update of the agent's record. Already stored
+    /// sequence numbers are skipped (redelivery); a hole or an invalid event
+    /// is refused, and so is everything after it, while what came before it
+    /// is kept. Not durable until [`Store::flush`]. `Err` is a storage failure.
+    pub fn append(
+        &self,
+        node: &str,
+        events: &[Event],
+        seen_at: i64,
+    ) -> Result<Appended, StoreError> {
         let mut agent = self.agent(node)?.unwrap_or_default();
-        let mut acked = agent.acked_seq;
+        let before = agent.acked_seq;
+        let mut acked = before;
         let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
-        let mut result = Ok(());
+        let mut refused = None;
         for e in events {
             if e.seq <= acked {
                 continue;
             }
             if e.seq != acked + 1 {
-                result = Err(StoreError::OutOfOrder {
+                refused = Some(StoreError::OutOfOrder {
                     expected: acked + 1,
                     got: e.seq,
                 });
                 break;
             }
             if let Err(err) = validate(node, e) {
-                result = Err(err);
+                refused = Some(err);
                 break;
             }
             accepted.push(e);
@@ -298,12 +324,15 @@ impl Store {
             }
             start = end;
         }
-        if acked != agent.acked_seq {
-            agent.acked_seq = acked;
-            agent.last_seq = agent.last_seq.max(acked);
-            self.put_agent(&agent)?;
-        }
-        result.map(|()| acked)
+        agent.acked_seq = acked;
+        agent.last_seq = agent.last_seq.max(acked);
+        agent.last_seen_unix_nanos = agent.last_seen_unix_nanos.max(seen_at);
+        self.put_agent(&agent)?;
+        Ok(Appended {
+            before,
+            through: acked,
+            refused,
+        })
     }
 
     /// Records a gap; a dropped range also moves the acked sequence past it.

@@ -28,6 +28,7 @@ fn open() -> (tempfile::TempDir, Store) {
                 ..Default::default()
             },
             1,
+            1,
         )
         .unwrap();
     (dir, store)
@@ -39,14 +40,18 @@ fn redelivery_is_stored_once_and_holes_are_refused() {
     let batch: Vec<Event> = (1..=5)
         .map(|i| ev("n1", i, 100 + i as i64, "/a", "x"))
         .collect();
-    assert_eq!(s.append("n1", &batch).unwrap(), 5);
+    assert_eq!(s.append("n1", &batch, 1).unwrap().through, 5);
     assert_eq!(
-        s.append("n1", &batch[2..]).unwrap(),
+        s.append("n1", &batch[2..], 1).unwrap().through,
         5,
         "redelivery is a no-op"
     );
     assert_eq!(s.event_count().unwrap(), 5);
-    let err = s.append("n1", &[ev("n1", 7, 200, "/a", "x")]).unwrap_err();
+    let err = s
+        .append("n1", &[ev("n1", 7, 200, "/a", "x")], 1)
+        .unwrap()
+        .refused
+        .expect("a hole is refused");
     assert!(
         matches!(
             err,
@@ -64,7 +69,7 @@ fn redelivery_is_stored_once_and_holes_are_refused() {
     );
     // A valid prefix is kept; the rest of the batch is refused.
     let mixed = [ev("n1", 6, 201, "/a", "x"), ev("n1", 8, 202, "/a", "x")];
-    assert!(s.append("n1", &mixed).is_err());
+    assert!(s.append("n1", &mixed, 1).unwrap().refused.is_some());
     assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 6);
 }
 
@@ -73,14 +78,14 @@ fn events_must_belong_to_the_stream_and_be_well_formed() {
     let (_d, s) = open();
     let mut other = ev("n2", 1, 100, "/a", "x");
     assert!(matches!(
-        s.append("n1", &[other.clone()]),
-        Err(StoreError::Invalid { .. })
+        s.append("n1", &[other.clone()], 1).unwrap().refused,
+        Some(StoreError::Invalid { .. })
     ));
     other.node = "n1".into();
     other.event = None;
     assert!(matches!(
-        s.append("n1", &[other]),
-        Err(StoreError::Invalid { .. })
+        s.append("n1", &[other], 1).unwrap().refused,
+        Some(StoreError::Invalid { .. })
     ));
     assert_eq!(s.event_count().unwrap(), 0);
 }
@@ -96,12 +101,13 @@ fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen() {
                 ..Default::default()
             },
             1,
+            1,
         )
         .unwrap();
         let batch: Vec<Event> = (1..=100)
             .map(|i| ev("n1", i, 1_000 + i as i64 * 10, "/a", "x"))
             .collect();
-        s.append("n1", &batch).unwrap();
+        s.append("n1", &batch, 1).unwrap();
         futures_flush(&s);
     }
     let s = Store::open(dir.path()).unwrap();
@@ -133,6 +139,7 @@ fn exec_id_and_path_indexes() {
             ev("n1", 2, 20, "/etc/other", "e2"),
             ev("n1", 3, 30, "/etc/app/b.conf", "e1"),
         ],
+        1,
     )
     .unwrap();
     let by_exec: Vec<u64> = s
@@ -154,7 +161,7 @@ fn exec_id_and_path_indexes() {
 #[test]
 fn dropped_ranges_are_gaps_that_move_the_ack() {
     let (_d, s) = open();
-    s.append("n1", &[ev("n1", 1, 10, "/a", "x")]).unwrap();
+    s.append("n1", &[ev("n1", 1, 10, "/a", "x")], 1).unwrap();
     s.add_gap(&Gap {
         node: "n1".into(),
         from_seq: 2,
@@ -163,7 +170,12 @@ fn dropped_ranges_are_gaps_that_move_the_ack() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(s.append("n1", &[ev("n1", 10, 50, "/a", "x")]).unwrap(), 10);
+    assert_eq!(
+        s.append("n1", &[ev("n1", 10, 50, "/a", "x")], 1)
+            .unwrap()
+            .through,
+        10
+    );
     assert_eq!(s.gaps("n1").unwrap().len(), 1);
 }
 
@@ -174,7 +186,7 @@ fn retention_by_age() {
     let batch: Vec<Event> = (1..=10)
         .map(|i| ev("n1", i, i as i64 * BUCKET_NS, "/a", "x"))
         .collect();
-    s.append("n1", &batch).unwrap();
+    s.append("n1", &batch, 1).unwrap();
     assert_eq!(s.retain(5 * BUCKET_NS + BUCKET_NS / 2, 0).unwrap(), 4);
     let left: Vec<u64> = s
         .node_range("n1", i64::MIN, i64::MAX)
@@ -202,16 +214,16 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
             )
         })
         .collect();
-    assert_eq!(s.append("n1", &batch).unwrap(), 1000);
+    assert_eq!(s.append("n1", &batch, 1).unwrap().through, 1000);
     assert_eq!(s.block_count(), 3);
     // Simulate a crash after the write but before the ack: roll the ack back
     // and redeliver the same events cut differently.
     let mut a = s.agent("n1").unwrap().unwrap();
     a.acked_seq = 0;
     s.put_agent(&a).unwrap();
-    s.append("n1", &batch[..300]).unwrap();
-    s.append("n1", &batch[300..650]).unwrap();
-    s.append("n1", &batch[650..]).unwrap();
+    s.append("n1", &batch[..300], 1).unwrap();
+    s.append("n1", &batch[300..650], 1).unwrap();
+    s.append("n1", &batch[650..], 1).unwrap();
     let all = s.node_range("n1", i64::MIN, i64::MAX).unwrap();
     let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
     assert_eq!(
