@@ -63,8 +63,7 @@ impl Agent {
 
     /// Stops the agent with SIGINT, without reading its output.
     pub fn stop_quiet(mut self) -> Result<()> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.interrupt();
         let status = self.child.wait()?;
         if !status.success() {
             bail!("the agent exited with {status}");
@@ -73,14 +72,10 @@ impl Agent {
     }
 
     /// Stops the agent with SIGINT and returns every JSON line it printed.
-    pub fn stop(mut self) -> Result<Vec<serde_json::Value>> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("the agent exited with {status}");
-        }
-        let file = std::fs::File::open(&self.out)?;
+    pub fn stop(self) -> Result<Vec<serde_json::Value>> {
+        let out = self.out.clone();
+        self.stop_quiet()?;
+        let file = std::fs::File::open(&out)?;
         let mut events = Vec::new();
         for line in std::io::BufReader::new(file).lines() {
             let line = line?;
