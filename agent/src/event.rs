@@ -80,16 +80,63 @@ pub enum Event {
         /// Watched ports.
         watched_ports: Vec<u16>,
     },
-    /// The watched set changed (policy reloaded).
+    /// A policy was applied: the kernel's watch maps follow it now.
     PolicyApplied {
         /// When.
         time: String,
         /// Node name.
         node: String,
+        /// Policy version (sha256 of its text, first 16 hex digits).
+        version: String,
+        /// Where it came from (a file, or the collector).
+        source: String,
         /// Watched path prefixes.
         watched_paths: Vec<String>,
         /// Watched ports.
         watched_ports: Vec<u16>,
+    },
+    /// A policy was refused; the running one stays in force.
+    PolicyRefused {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// Policy version.
+        version: String,
+        /// Where it came from.
+        source: String,
+        /// File, field and reason.
+        error: String,
+    },
+    /// A watched file's state: after a change, when first watched, or for
+    /// a baseline scan.
+    Digest {
+        /// When it was read.
+        time: String,
+        /// Node name.
+        node: String,
+        /// The state.
+        #[serde(flatten)]
+        state: crate::digest::FileDigest,
+    },
+    /// A scan finished.
+    ScanDone {
+        /// When.
+        time: String,
+        /// Node name.
+        node: String,
+        /// The baseline scan (absent for the scan of newly watched paths).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scan_id: Option<String>,
+        /// What was scanned.
+        path: String,
+        /// Files reported.
+        files: u64,
+        /// Files that could not be read.
+        errors: u64,
+        /// Why the scan failed as a whole.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// A program was executed.
     Exec {

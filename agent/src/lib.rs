@@ -5,13 +5,15 @@
 //! - [`sensors`]: preflight, BTF offsets, loading and attaching programs,
 //!   the watch maps, and decoding ring buffer records;
 //! - [`identity`]: the process table, cgroup/container/pod parsing, argv masking;
-//! - [`policy`]: the policy file;
+//! - [`policy`]: the policy file (shared with the collector);
+//! - [`digest`]: content digests, mode and owner of watched files;
 //! - [`event`]: the events as emitted;
 //! - [`stream`]: the spool and the stream to the collector.
 
 pub mod clock;
+pub mod digest;
 pub mod event;
 pub mod identity;
-pub mod policy;
+pub use driftwatch_proto::policy;
 pub mod sensors;
 pub mod stream;

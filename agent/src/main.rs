@@ -3,14 +3,16 @@
 use std::{
     collections::BTreeMap,
     io::{BufWriter, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Arc,
     process::ExitCode,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::Parser;
-use driftwatch_agent::stream::{self, Spool};
+use driftwatch_agent::digest::{Digester, Job, Reason, Report};
+use driftwatch_agent::stream::{self, Downlink, Spool};
 use driftwatch_agent::{
     clock::Clock,
     event::{Event, KindCounters},
@@ -35,16 +37,26 @@ use tokio::{
 /// to a process identity (user, login user behind sudo, binary, container,
 /// pod) and prints one JSON object per event.
 ///
-/// Signals: SIGINT/SIGTERM detach and exit; SIGHUP re-reads the policy and
-/// updates the kernel's watch maps in place (a bad policy is refused and the
-/// running one stays); SIGUSR1 prints the counters.
+/// After every completed change to a watched file (close after write,
+/// rename into place, truncate, chmod, chown, unlink) the agent reads the
+/// file's state (sha256, size, mode, owner) in the background and reports
+/// it as a `digest` event; it does the same for everything watched when a
+/// policy is applied.
+///
+/// With --collector, the collector's policy replaces the local file as soon
+/// as it arrives (and is kept in the spool directory for the next start).
+///
+/// Signals: SIGINT/SIGTERM detach and exit; SIGHUP re-reads the local policy
+/// file and updates the kernel's watch maps in place (a bad policy is
+/// refused and the running one stays); SIGUSR1 prints the counters.
 #[derive(Debug, Parser)]
 #[command(name = "driftwatch-agent", version)]
 struct Args {
     /// Policy file (YAML, `apiVersion: driftwatch.dev/v1`); its resources'
-    /// `paths` and `ports` are what the kernel watches.
+    /// `paths` and `ports` are what the kernel watches. Optional with
+    /// --collector, which sends its own.
     #[arg(long, env = "DRIFTWATCH_POLICY", value_name = "FILE")]
-    policy: PathBuf,
+    policy: Option<PathBuf>,
 
     /// Print one JSON object per event on standard output.
     #[arg(long)]
@@ -114,6 +126,12 @@ fn main() -> ExitCode {
     // aya-log forwards kernel-side log records through the `log` crate.
     let _ = tracing_log::LogTracer::init();
 
+    if args.policy.is_none() && args.collector.is_none() {
+        eprintln!(
+            "driftwatch-agent: error: no policy; pass --policy FILE, or --collector URL to receive the collector's"
+        );
+        return ExitCode::from(2);
+    }
     if !args.stdout && args.collector.is_none() {
         eprintln!(
             "driftwatch-agent: error: nothing to send events to; pass --stdout to print them as JSON lines, \
@@ -158,7 +176,9 @@ struct Output {
 }
 
 impl Output {
-    fn emit(&mut self, event: &Event) -> anyhow::Result<()> {
+    /// Writes and spools an event; returns its sequence number when spooled.
+    fn emit(&mut self, event: &Event) -> anyhow::Result<Option<u64>> {
+        let mut seq = None;
         if let Some(out) = self.out.as_mut() {
             serde_json::to_writer(&mut *out, event).context("writing an event to stdout")?;
             out.write_all(b"\n").context("writing an event to stdout")?;
@@ -167,13 +187,14 @@ impl Output {
             if let Some(e) = stream::convert::to_proto(event) {
                 // A failing spool must not stop the sensors: the hole it
                 // leaves is reported to the collector as a dropped range.
-                if let Err(err) = spool.push(e) {
-                    tracing::error!("spooling an event failed: {err}");
+                match spool.push(e) {
+                    Ok(s) => seq = Some(s),
+                    Err(err) => tracing::error!("spooling an event failed: {err}"),
                 }
                 notify.notify_one();
             }
         }
-        Ok(())
+        Ok(seq)
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
@@ -216,11 +237,147 @@ fn check_collector_url(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The policy in force.
+struct Running {
+    policy: Arc<Policy>,
+    version: String,
+    source: String,
+    /// Sent by the collector (then SIGHUP does not re-read the local file).
+    from_collector: bool,
+}
+
+/// Where the last policy from the collector is kept for the next start.
+fn saved_policy_path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("policy.yaml")
+}
+
+/// The policy to start with: the local file, else the collector's last one.
+fn initial_policy(args: &Args) -> anyhow::Result<Running> {
+    if let Some(path) = &args.policy {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read policy", path.display()))?;
+        let source = path.display().to_string();
+        return Ok(Running {
+            policy: Arc::new(Policy::parse(&source, &text)?),
+            version: policy_version(&text),
+            source,
+            from_collector: false,
+        });
+    }
+    let saved = saved_policy_path(&args.spool_dir);
+    if let Ok(text) = std::fs::read_to_string(&saved) {
+        match Policy::parse(&saved.display().to_string(), &text) {
+            Ok(p) => {
+                tracing::info!(file = %saved.display(), "starting with the collector's last policy");
+                return Ok(Running {
+                    policy: Arc::new(p),
+                    version: policy_version(&text),
+                    source: "collector".into(),
+                    from_collector: true,
+                });
+            }
+            Err(e) => tracing::warn!("ignoring the saved policy: {e}"),
+        }
+    }
+    tracing::info!("no policy yet; watching nothing until the collector sends one");
+    Ok(Running {
+        policy: Arc::new(Policy {
+            api_version: driftwatch_agent::policy::API_VERSION.into(),
+            kind: "Policy".into(),
+            resources: Vec::new(),
+        }),
+        version: String::new(),
+        source: "none".into(),
+        from_collector: false,
+    })
+}
+
+/// Digests everything a policy watches (reason `watch`).
+fn scan_watched(digester: &Digester, policy: &Arc<Policy>) {
+    for r in &policy.resources {
+        for p in &r.paths {
+            let policy = policy.clone();
+            digester.scan(p.clone(), Reason::Watch, None, move |path| {
+                policy.resource_for_path(path).map(|r| r.name.clone())
+            });
+        }
+    }
+}
+
+/// Applies a policy to the kernel's maps and reports it.
+fn apply_policy(
+    sensors: &mut Sensors,
+    out: &mut Output,
+    digester: &Digester,
+    next: Running,
+    running: &mut Running,
+) -> anyhow::Result<()> {
+    let time = Clock::now_rfc3339();
+    if let Err(e) = sensors.apply(WatchSet::from_policy(&next.policy)) {
+        tracing::error!("policy {} could not be applied, the running policy stays in force: {e:#}", next.version);
+        out.emit(&Event::PolicyRefused {
+            time,
+            node: out.node.clone(),
+            version: next.version,
+            source: next.source,
+            error: format!("{e:#}"),
+        })?;
+        return out.flush();
+    }
+    tracing::info!(version = %next.version, source = %next.source, "policy applied; watch maps updated in place");
+    out.emit(&Event::PolicyApplied {
+        time,
+        node: out.node.clone(),
+        version: next.version.clone(),
+        source: next.source.clone(),
+        watched_paths: sensors.watch().display_paths(),
+        watched_ports: sensors.watch().ports.keys().copied().collect(),
+    })?;
+    out.flush()?;
+    scan_watched(digester, &next.policy);
+    *running = next;
+    Ok(())
+}
+
+/// Asks for the state of the files a change event touched.
+fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Policy) {
+    let Event::File {
+        op, path, new_path, result, ..
+    } = e
+    else {
+        return;
+    };
+    if !result.ok {
+        return;
+    }
+    let paths: Vec<&str> = match *op {
+        "close_write" | "truncate" | "unlink" => vec![path],
+        "chmod" | "chown" => vec![path],
+        "rename" => [Some(path.as_str()), new_path.as_deref()].into_iter().flatten().collect(),
+        "link" | "symlink" => new_path.as_deref().into_iter().collect(),
+        _ => return,
+    };
+    for p in paths {
+        let Some(r) = policy.resource_for_path(p) else { continue };
+        digester.submit(Job {
+            path: p.to_owned(),
+            resource: Some(r.name.clone()),
+            trigger_seq: seq,
+            content_may_change: !matches!(*op, "chmod" | "chown"),
+        });
+    }
+}
+
+fn policy_version(text: &str) -> String {
+    driftwatch_agent::policy::version(text)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(url) = &args.collector {
         check_collector_url(url)?;
     }
-    let policy = Policy::load(&args.policy)?;
+    let mut running = initial_policy(&args)?;
+    let policy = running.policy.clone();
     let cgroup_root = preflight::prepare()?;
     let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;
     let node = node_name(args.node_name.clone());
@@ -231,6 +388,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sensors attached; selected sensor set {SENSOR_SET}"
     );
     sensors.apply(WatchSet::from_policy(&policy))?;
+    drop(policy);
 
     let clock = Clock::new();
     let mut table = ProcessTable::new(Some(cgroup_root), clock);
@@ -244,6 +402,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
+    let (downlink_tx, mut downlink) = tokio::sync::mpsc::unbounded_channel();
     let spool = match &args.collector {
         Some(url) => {
             std::fs::create_dir_all(&args.spool_dir).with_context(|| {
@@ -268,12 +427,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 started: driftwatch_proto::time::now_unix_nanos(),
                 heartbeat: Duration::from_secs(args.heartbeat_interval),
+                downlink: downlink_tx,
             };
             tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");
             tokio::spawn(sender.run());
             Some((spool, notify))
         }
-        None => None,
+        None => {
+            drop(downlink_tx);
+            None
+        }
     };
     let mut out = Output {
         out: args
@@ -293,7 +456,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watched_paths: sensors.watch().display_paths(),
         watched_ports: sensors.watch().ports.keys().copied().collect(),
     })?;
+    if !running.version.is_empty() {
+        out.emit(&Event::PolicyApplied {
+            time: Clock::now_rfc3339(),
+            node: node.clone(),
+            version: running.version.clone(),
+            source: running.source.clone(),
+            watched_paths: sensors.watch().display_paths(),
+            watched_ports: sensors.watch().ports.keys().copied().collect(),
+        })?;
+    }
     out.flush()?;
+    let (digester, mut reports) = Digester::start();
+    scan_watched(&digester, &running.policy);
 
     let ring = sensors.take_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
@@ -321,7 +496,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                   decoder: &mut Decoder,
                   sensors: &Sensors,
                   user: &mut UserCounts,
-                  out: &mut Output|
+                  out: &mut Output,
+                  digester: &Digester,
+                  policy: &Policy|
      -> anyhow::Result<()> {
         let kind = match Decoder::kind_of(bytes) {
             Ok(k) => kind_name(k),
@@ -333,7 +510,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         *user.received.entry(kind).or_default() += 1;
         match decoder.decode(bytes, sensors.watch()) {
-            Ok(Decoded::Event(e)) => out.emit(&e)?,
+            Ok(Decoded::Event(e)) => {
+                let seq = out.emit(&e)?;
+                digest_after(&e, seq, digester, policy);
+            }
             Ok(Decoded::Internal) => {}
             Ok(Decoded::FilteredInUser) => *user.filtered_user.entry(kind).or_default() += 1,
             Err(e) => {
@@ -350,7 +530,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
                 }
                 guard.clear_ready();
                 out.flush()?;
@@ -358,7 +538,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = drain.tick() => {
                 let mut n = 0;
                 while let Some(item) = ring.get_mut().next() {
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
                     n += 1;
                 }
                 if n > 0 {
@@ -368,20 +548,74 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                match Policy::load(&args.policy) {
-                    Ok(p) => {
-                        sensors.apply(WatchSet::from_policy(&p))?;
-                        tracing::info!(file = %args.policy.display(), "policy reloaded; watch maps updated in place");
-                        out.emit(&Event::PolicyApplied {
-                            time: Clock::now_rfc3339(),
-                            node: out.node.clone(),
-                            watched_paths: sensors.watch().display_paths(),
-                            watched_ports: sensors.watch().ports.keys().copied().collect(),
-                        })?;
-                        out.flush()?;
+                match (&args.policy, running.from_collector) {
+                    (_, true) => tracing::info!("SIGHUP: the policy comes from the collector; nothing to re-read"),
+                    (None, false) => tracing::info!("SIGHUP: no --policy file to re-read"),
+                    (Some(path), false) => {
+                        let source = path.display().to_string();
+                        let loaded = std::fs::read_to_string(path)
+                            .map_err(|e| format!("{source}: cannot read policy: {e}"))
+                            .and_then(|text| {
+                                Policy::parse(&source, &text)
+                                    .map(|p| (p, policy_version(&text)))
+                                    .map_err(|e| e.to_string())
+                            });
+                        match loaded {
+                            Ok((p, version)) => {
+                                let next = Running { policy: Arc::new(p), version, source, from_collector: false };
+                                apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?;
+                            }
+                            Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
+                        }
                     }
-                    Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
                 }
+            }
+            Some(d) = downlink.recv() => match d {
+                Downlink::Policy(p) => {
+                    if p.version == running.version && running.from_collector {
+                        continue;
+                    }
+                    let source = if p.source.is_empty() { "collector".to_owned() } else { format!("collector:{}", p.source) };
+                    match Policy::parse(&source, &p.yaml) {
+                        Ok(policy) => {
+                            let saved = saved_policy_path(&args.spool_dir);
+                            if let Err(e) = std::fs::write(&saved, &p.yaml) {
+                                tracing::warn!(file = %saved.display(), "cannot keep the collector's policy for the next start: {e}");
+                            }
+                            let next = Running { policy: Arc::new(policy), version: policy_version(&p.yaml), source, from_collector: true };
+                            apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?;
+                        }
+                        Err(e) => {
+                            tracing::error!("policy from the collector refused, the running policy stays in force: {e}");
+                            out.emit(&Event::PolicyRefused {
+                                time: Clock::now_rfc3339(),
+                                node: out.node.clone(),
+                                version: p.version,
+                                source,
+                                error: e.to_string(),
+                            })?;
+                            out.flush()?;
+                        }
+                    }
+                }
+                Downlink::Scan(req) => {
+                    tracing::info!(scan = %req.scan_id, path = %req.path, "baseline scan requested by the collector");
+                    let policy = running.policy.clone();
+                    digester.scan(req.path, Reason::Scan, Some(req.scan_id), move |path| {
+                        policy.resource_for_path(path).map(|r| r.name.clone())
+                    });
+                }
+            },
+            Some(report) = reports.recv() => {
+                let time = Clock::now_rfc3339();
+                let e = match report {
+                    Report::Digest(state) => Event::Digest { time, node: out.node.clone(), state },
+                    Report::ScanDone { scan_id, path, files, errors, error } => {
+                        Event::ScanDone { time, node: out.node.clone(), scan_id, path, files, errors, error }
+                    }
+                };
+                out.emit(&e)?;
+                out.flush()?;
             }
             _ = sigusr1.recv() => {
                 let s = stats(&sensors, &user, &out.node)?;
@@ -412,7 +646,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Whatever the kernel wrote before the signal is still ours to report.
     while let Some(item) = ring.get_mut().next() {
-        handle(&item, &mut decoder, &sensors, &mut user, &mut out)?;
+        handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
     }
     let final_stats = stats(&sensors, &user, &node)?;
     out.emit(&final_stats)?;

@@ -12,3 +12,5 @@ pub mod time;
 pub mod v1 {
     tonic::include_proto!("driftwatch.v1");
 }
+
+pub mod policy;

@@ -37,6 +37,9 @@ fn process(p: &Identity) -> v1::Process {
         container: p.info.placement.container.as_ref().map(|c| v1::Container {
             id: c.id.clone(),
             runtime: c.runtime.to_owned(),
+            // Names and images need the runtime's API, which the agent
+            // does not query yet.
+            ..Default::default()
         }),
         pod_uid: p.info.placement.pod_uid.clone().unwrap_or_default(),
         ancestors: p
@@ -48,6 +51,9 @@ fn process(p: &Identity) -> v1::Process {
                 exe: a.exe.clone(),
             })
             .collect(),
+        // Pod metadata needs the Kubernetes API, which the agent does not
+        // query yet: selectors on it fail closed.
+        ..Default::default()
     }
 }
 
@@ -152,9 +158,84 @@ pub fn to_proto(e: &Event) -> Option<v1::Event> {
             node,
             None,
         ),
-        Event::AgentStart { .. } | Event::PolicyApplied { .. } | Event::Stats { .. } => {
-            return None
-        }
+        Event::Digest { time, node, state } => (
+            K::Digest(v1::Digest {
+                path: state.path.clone(),
+                resource: state.resource.clone().unwrap_or_default(),
+                exists: state.exists,
+                sha256: state.sha256.clone().unwrap_or_default(),
+                size: state.size,
+                mode: state.mode,
+                uid: state.uid,
+                gid: state.gid,
+                mtime_unix_nanos: state.mtime_unix_nanos,
+                reason: state.reason.as_str().to_owned(),
+                scan_id: state.scan_id.clone().unwrap_or_default(),
+                trigger_seq: state.trigger_seq.unwrap_or(0),
+                error: state.error.clone().unwrap_or_default(),
+            }),
+            time,
+            node,
+            None,
+        ),
+        Event::ScanDone {
+            time,
+            node,
+            scan_id,
+            path,
+            files,
+            errors,
+            error,
+        } => (
+            K::ScanDone(v1::ScanDone {
+                scan_id: scan_id.clone().unwrap_or_default(),
+                path: path.clone(),
+                files: *files,
+                errors: *errors,
+                error: error.clone().unwrap_or_default(),
+            }),
+            time,
+            node,
+            None,
+        ),
+        Event::PolicyApplied {
+            time,
+            node,
+            version,
+            watched_paths,
+            watched_ports,
+            ..
+        } => (
+            K::Policy(v1::PolicyStatus {
+                version: version.clone(),
+                applied: true,
+                error: String::new(),
+                watched_paths: watched_paths.clone(),
+                watched_ports: watched_ports.iter().map(|p| u32::from(*p)).collect(),
+            }),
+            time,
+            node,
+            None,
+        ),
+        Event::PolicyRefused {
+            time,
+            node,
+            version,
+            error,
+            ..
+        } => (
+            K::Policy(v1::PolicyStatus {
+                version: version.clone(),
+                applied: false,
+                error: error.clone(),
+                watched_paths: Vec::new(),
+                watched_ports: Vec::new(),
+            }),
+            time,
+            node,
+            None,
+        ),
+        Event::AgentStart { .. } | Event::Stats { .. } => return None,
     };
     Some(v1::Event {
         event: Some(kind),

@@ -71,6 +71,17 @@ pub struct Sender {
     pub started: i64,
     /// Heartbeat period.
     pub heartbeat: Duration,
+    /// Where policies and scan requests from the collector go.
+    pub downlink: mpsc::UnboundedSender<Downlink>,
+}
+
+/// What the collector asks of the agent.
+#[derive(Debug)]
+pub enum Downlink {
+    /// Apply this policy.
+    Policy(driftwatch_proto::v1::PolicyUpdate),
+    /// Digest a path for a baseline.
+    Scan(driftwatch_proto::v1::ScanRequest),
 }
 
 fn jitter(max: Duration) -> Duration {
@@ -99,6 +110,15 @@ impl Sender {
         }
     }
 
+    fn down(&self, m: collector_message::Msg) {
+        let d = match m {
+            collector_message::Msg::Policy(p) => Downlink::Policy(p),
+            collector_message::Msg::Scan(s) => Downlink::Scan(s),
+            collector_message::Msg::Ack(_) => return,
+        };
+        let _ = self.downlink.send(d);
+    }
+
     async fn stream_once(&self) -> Result<(), StreamError> {
         let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
             .map_err(|e| StreamError::Url {
@@ -125,9 +145,14 @@ impl Sender {
         };
         let _ = tx.send(hello).await;
         let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        // The collector answers the hello with where to resume.
         let mut acked = match inbound.message().await? {
             Some(m) => match m.msg {
                 Some(collector_message::Msg::Ack(a)) => a.through,
+                Some(other) => {
+                    self.down(other);
+                    0
+                }
                 None => 0,
             },
             None => return Ok(()),
@@ -180,12 +205,14 @@ impl Sender {
             }
             tokio::select! {
                 m = inbound.message() => match m? {
-                    Some(m) => {
-                        if let Some(collector_message::Msg::Ack(a)) = m.msg {
+                    Some(m) => match m.msg {
+                        Some(collector_message::Msg::Ack(a)) => {
                             acked = acked.max(a.through);
                             self.spool.ack(acked)?;
                         }
-                    }
+                        Some(other) => self.down(other),
+                        None => {}
+                    },
                     None => return Ok(()),
                 },
                 _ = self.notify.notified() => {}

@@ -149,6 +149,44 @@ fn event_json(e: &Event) -> Value {
             v["result"] = json!(outcome(&c.result));
         }
         Some(event::Event::Loss(l)) => v["dropped"] = json!(l.dropped),
+        Some(event::Event::Digest(d)) => {
+            v["path"] = json!(d.path);
+            v["resource"] = json!(d.resource);
+            v["exists"] = json!(d.exists);
+            v["sha256"] = json!(d.sha256);
+            v["size"] = json!(d.size);
+            v["mode"] = json!(format!("{:04o}", d.mode));
+            v["uid"] = json!(d.uid);
+            v["gid"] = json!(d.gid);
+            v["reason"] = json!(d.reason);
+            if !d.scan_id.is_empty() {
+                v["scan_id"] = json!(d.scan_id);
+            }
+            if d.trigger_seq != 0 {
+                v["trigger_seq"] = json!(d.trigger_seq);
+            }
+            if !d.error.is_empty() {
+                v["error"] = json!(d.error);
+            }
+        }
+        Some(event::Event::ScanDone(d)) => {
+            v["scan_id"] = json!(d.scan_id);
+            v["path"] = json!(d.path);
+            v["files"] = json!(d.files);
+            v["errors"] = json!(d.errors);
+            if !d.error.is_empty() {
+                v["error"] = json!(d.error);
+            }
+        }
+        Some(event::Event::Policy(p)) => {
+            v["version"] = json!(p.version);
+            v["applied"] = json!(p.applied);
+            if !p.error.is_empty() {
+                v["error"] = json!(p.error);
+            }
+            v["watched_paths"] = json!(p.watched_paths);
+            v["watched_ports"] = json!(p.watched_ports);
+        }
         None => {}
     }
     v
@@ -203,6 +241,28 @@ fn detail(e: &Event) -> String {
             format!("connect {}:{} {res}", c.address, c.port)
         }
         Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
+        Some(event::Event::Digest(d)) if !d.exists => format!("state {} gone ({})", d.path, d.reason),
+        Some(event::Event::Digest(d)) => format!(
+            "state {} sha256:{} {}B mode {:04o} owner {}:{} ({}){}",
+            d.path,
+            d.sha256.get(..12).unwrap_or(&d.sha256),
+            d.size,
+            d.mode,
+            d.uid,
+            d.gid,
+            d.reason,
+            if d.error.is_empty() { String::new() } else { format!(" [{}]", d.error) }
+        ),
+        Some(event::Event::ScanDone(d)) => format!(
+            "scan {} of {}: {} files, {} errors{}",
+            if d.scan_id.is_empty() { "(watched)" } else { &d.scan_id },
+            d.path,
+            d.files,
+            d.errors,
+            if d.error.is_empty() { String::new() } else { format!(" [{}]", d.error) }
+        ),
+        Some(event::Event::Policy(p)) if p.applied => format!("policy {} applied", p.version),
+        Some(event::Event::Policy(p)) => format!("policy {} refused: {}", p.version, p.error),
         None => String::new(),
     }
 }

@@ -24,6 +24,9 @@ pub fn kind_of(e: &Event) -> &'static str {
         Some(event::Event::File(_)) => "file",
         Some(event::Event::Connect(_)) => "connect",
         Some(event::Event::Loss(_)) => "loss",
+        Some(event::Event::Digest(_)) => "digest",
+        Some(event::Event::ScanDone(_)) => "scan_done",
+        Some(event::Event::Policy(_)) => "policy",
         None => "unknown",
     }
 }
@@ -52,10 +55,14 @@ pub fn matches(r: &TimelineRequest, e: &Event) -> bool {
         return false;
     }
     if !r.path_prefix.is_empty() {
-        let Some(event::Event::File(f)) = &e.event else {
-            return false;
+        let hit = match &e.event {
+            Some(event::Event::File(f)) => {
+                f.path.starts_with(&r.path_prefix) || f.new_path.starts_with(&r.path_prefix)
+            }
+            Some(event::Event::Digest(d)) => d.path.starts_with(&r.path_prefix),
+            _ => false,
         };
-        if !f.path.starts_with(&r.path_prefix) && !f.new_path.starts_with(&r.path_prefix) {
+        if !hit {
             return false;
         }
     }

@@ -139,6 +139,7 @@ fn paths_of(e: &Event) -> Vec<&str> {
             }
             v
         }
+        Some(event::Event::Digest(d)) => vec![d.path.as_str()],
         _ => Vec::new(),
     }
 }

@@ -1,9 +1,9 @@
 //! The policy file (`apiVersion: driftwatch.dev/v1`, `kind: Policy`).
 //!
-//! The agent uses the `paths` and `ports` of each resource to fill the
-//! kernel's watch maps. Selectors (`writers`, `clients`) and `mode` are
-//! parsed and validated here so that a bad policy is refused as a whole;
-//! judging them is the collector's work.
+//! One parser for both sides: the collector loads the file, judges actions
+//! with the resources' selectors, and pushes the text to its agents; the
+//! agent parses it again (a policy it cannot apply is refused as a whole)
+//! and fills the kernel's watch maps from the `paths` and `ports`.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -140,10 +140,103 @@ pub struct Policy {
     pub resources: Vec<Resource>,
 }
 
-/// The API version this agent reads.
+/// The API version this parser reads.
 pub const API_VERSION: &str = "driftwatch.dev/v1";
 
+/// A policy text's version: the first 16 hex digits of its SHA-256.
+pub fn version(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Longest watched path, in bytes: the kernel's path buffer less the
+/// trailing `/` of a tree and the NUL.
+pub const MAX_PATH_LEN: usize = 254;
+
+impl Resource {
+    /// True when `path` is one of the resource's files or inside one of its
+    /// trees (a path ending in `/`).
+    pub fn covers(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| covers(p, path))
+    }
+}
+
+/// True when the policy path `p` names `path` or a tree holding it.
+pub fn covers(p: &str, path: &str) -> bool {
+    match p.strip_suffix('/') {
+        Some(dir) => path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/',
+        None => p == path || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/')),
+    }
+}
+
+impl Selector {
+    /// True when every field the selector names matches the process.
+    /// Fields the agent could not learn (pod labels without an API server,
+    /// a container's image) never match: a selector fails closed.
+    pub fn matches(&self, p: &crate::v1::Process) -> bool {
+        fn eq(want: &Option<String>, have: &str) -> bool {
+            want.as_deref().is_none_or(|w| !have.is_empty() && w == have)
+        }
+        let container = p.container.as_ref();
+        let container_ok = self.container.as_deref().is_none_or(|w| {
+            container.is_some_and(|c| {
+                (!c.name.is_empty() && c.name == w)
+                    || (w.len() >= 12 && c.id.starts_with(w))
+            })
+        });
+        let image_ok = self
+            .image
+            .as_deref()
+            .is_none_or(|w| container.is_some_and(|c| !c.image.is_empty() && c.image == w));
+        eq(&self.exe, &p.exe)
+            && eq(&self.user, &p.user)
+            && self.uid.is_none_or(|u| u == p.uid)
+            && eq(&self.login_user, &p.login_user)
+            && self.loginuid.is_none_or(|u| p.loginuid == Some(u))
+            && eq(&self.comm, &p.comm)
+            && container_ok
+            && image_ok
+            && eq(&self.namespace, &p.pod_namespace)
+            && eq(&self.service_account, &p.service_account)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| p.pod_labels.get(k) == Some(v))
+    }
+}
+
 impl Policy {
+    /// The resource that watches `path`: the one with the longest matching
+    /// path, so a file named on its own wins over a tree holding it.
+    pub fn resource_for_path(&self, path: &str) -> Option<&Resource> {
+        self.resources
+            .iter()
+            .filter_map(|r| {
+                r.paths
+                    .iter()
+                    .filter(|p| covers(p, path))
+                    .map(|p| p.len())
+                    .max()
+                    .map(|len| (len, r))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, r)| r)
+    }
+
+    /// The resource by name.
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// The database resource that watches `port`.
+    pub fn resource_for_port(&self, port: u16) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.ports.contains(&port))
+    }
+
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let file = path.display().to_string();
@@ -214,10 +307,10 @@ impl Policy {
                 if !p.starts_with('/') {
                     return Err(bad(field, format!("must be an absolute path, got {p:?}")));
                 }
-                if p.len() >= agent_common::PATH_LEN - 1 {
+                if p.len() > MAX_PATH_LEN {
                     return Err(bad(
                         field,
-                        format!("is longer than {} bytes", agent_common::PATH_LEN - 2),
+                        format!("is longer than {MAX_PATH_LEN} bytes"),
                     ));
                 }
                 if p.split('/').any(|c| c == ".." || c == ".") {
@@ -285,6 +378,29 @@ resources:
             Ok(_) => panic!("policy should be refused:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn paths_and_selectors() {
+        let p = Policy::parse("p.yaml", GOOD).expect("valid");
+        assert_eq!(p.resource_for_path("/etc/myapp/a.conf").map(|r| r.name.as_str()), Some("app-config"));
+        assert!(p.resource_for_path("/etc/myapp").is_none());
+        assert!(p.resource_for_path("/etc/myappx/a").is_none());
+        assert!(p.resource_for_path("/srv/app/settings.yaml").is_some());
+        assert!(p.resource_for_path("/srv/app/settings.yaml.bak").is_none());
+        let mut proc_ = crate::v1::Process {
+            exe: "/usr/bin/psql".into(),
+            user: "app".into(),
+            ..Default::default()
+        };
+        let db = p.resource("postgres").expect("postgres");
+        assert!(db.clients[0].matches(&proc_));
+        proc_.user = "root".into();
+        assert!(!db.clients[0].matches(&proc_));
+        // No pod namespace known: the namespace selector does not match.
+        assert!(!db.clients[1].matches(&proc_));
+        proc_.pod_namespace = "payments".into();
+        assert!(db.clients[1].matches(&proc_));
     }
 
     #[test]

@@ -1,0 +1,559 @@
+//! File state: content digests (sha256), mode and owner of watched files.
+//!
+//! A change event only says that a file was touched; what it looks like
+//! afterwards is read here, off the event path. Change digests run on at
+//! most [`WORKERS`] blocking threads, one per path at a time; triggers for a
+//! path already queued fold into one job, and a trigger for a path being
+//! read queues one more read after it. A multi-gigabyte model file then
+//! costs one background read per burst of changes and never delays events.
+//!
+//! Scans (the state of everything watched, when a policy is applied, and
+//! the baseline scans the collector asks for) walk their tree on one
+//! blocking thread each and report per file, then a [`Report::ScanDone`].
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fs::Metadata,
+    io::Read,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tokio::{sync::mpsc, task::JoinSet};
+
+/// Change digests read at once.
+pub const WORKERS: usize = 2;
+/// Most files one scan reports.
+pub const SCAN_MAX_FILES: u64 = 200_000;
+/// Deepest directory a scan enters.
+const SCAN_MAX_DEPTH: usize = 32;
+/// Reads of one file while it keeps changing under the reader.
+const ATTEMPTS: usize = 3;
+/// Cached digests kept before the cache starts over.
+const CACHE_MAX: usize = 65_536;
+
+/// Why a digest was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// After a change event.
+    Change,
+    /// The path became watched (agent start, new policy).
+    Watch,
+    /// A baseline scan the collector asked for.
+    Scan,
+}
+
+impl Reason {
+    /// The API's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Change => "change",
+            Reason::Watch => "watch",
+            Reason::Scan => "scan",
+        }
+    }
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
+}
+
+/// The state of one file.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileDigest {
+    /// Absolute path.
+    pub path: String,
+    /// The policy resource it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// False when the file is gone.
+    pub exists: bool,
+    /// SHA-256 of the content, hex (regular files; for a symlink, of its target text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    #[serde(serialize_with = "octal")]
+    pub mode: u32,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Modification time, Unix nanoseconds.
+    pub mtime_unix_nanos: i64,
+    /// Why it was taken.
+    pub reason: Reason,
+    /// The baseline scan it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scan_id: Option<String>,
+    /// The event that triggered it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger_seq: Option<u64>,
+    /// Why it could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the digester reports to the event loop.
+#[derive(Debug)]
+pub enum Report {
+    /// One file's state.
+    Digest(FileDigest),
+    /// A scan finished.
+    ScanDone {
+        /// The scan (empty for a watch scan).
+        scan_id: Option<String>,
+        /// What was scanned.
+        path: String,
+        /// Files reported.
+        files: u64,
+        /// Files that could not be read.
+        errors: u64,
+        /// Why the scan failed as a whole.
+        error: Option<String>,
+    },
+}
+
+/// A request to read one file's state after a change.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Absolute path.
+    pub path: String,
+    /// Its resource.
+    pub resource: Option<String>,
+    /// The event that asked (the latest one when folded).
+    pub trigger_seq: Option<u64>,
+    /// False for chmod/chown: the content is known not to have changed, so
+    /// a cached digest of the same inode, size and mtime may be reused.
+    pub content_may_change: bool,
+}
+
+/// Cached digests by file version. The strict key includes ctime, which
+/// no caller can set, so a write that restores size and mtime still misses.
+#[derive(Default)]
+struct Cache {
+    strict: HashMap<(u64, u64, u64, i64, i64), String>,
+    loose: HashMap<(u64, u64, u64, i64), String>,
+}
+
+impl Cache {
+    fn get(&self, m: &Metadata, loose: bool) -> Option<String> {
+        if loose {
+            self.loose.get(&loose_key(m)).cloned()
+        } else {
+            self.strict.get(&strict_key(m)).cloned()
+        }
+    }
+
+    fn put(&mut self, m: &Metadata, sha: &str) {
+        if self.strict.len() >= CACHE_MAX {
+            self.strict.clear();
+            self.loose.clear();
+        }
+        self.strict.insert(strict_key(m), sha.to_owned());
+        self.loose.insert(loose_key(m), sha.to_owned());
+    }
+}
+
+fn mtime(m: &Metadata) -> i64 {
+    m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec()
+}
+
+fn loose_key(m: &Metadata) -> (u64, u64, u64, i64) {
+    (m.dev(), m.ino(), m.size(), mtime(m))
+}
+
+fn strict_key(m: &Metadata) -> (u64, u64, u64, i64, i64) {
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        mtime(m),
+        m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
+    )
+}
+
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Reads one file's state. `None` for what has no content state to
+/// compare (directories, devices, sockets).
+fn read_state(
+    path: &str,
+    resource: Option<String>,
+    reason: Reason,
+    loose: bool,
+    cache: &Mutex<Cache>,
+) -> Option<FileDigest> {
+    let mut d = FileDigest {
+        path: path.to_owned(),
+        resource,
+        exists: false,
+        sha256: None,
+        size: 0,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime_unix_nanos: 0,
+        reason,
+        scan_id: None,
+        trigger_seq: None,
+        error: None,
+    };
+    let p = Path::new(path);
+    for _ in 0..ATTEMPTS {
+        let before = match std::fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                d.exists = false;
+                return Some(d);
+            }
+            Err(e) => {
+                d.exists = true;
+                d.error = Some(e.to_string());
+                return Some(d);
+            }
+        };
+        d.exists = true;
+        d.size = before.size();
+        d.mode = before.permissions().mode() & 0o7777;
+        d.uid = before.uid();
+        d.gid = before.gid();
+        d.mtime_unix_nanos = mtime(&before);
+        let ft = before.file_type();
+        if ft.is_symlink() {
+            d.sha256 = std::fs::read_link(p).ok().map(|t| {
+                hex(&Sha256::digest(t.as_os_str().as_encoded_bytes()))
+            });
+            return Some(d);
+        }
+        if !ft.is_file() {
+            return None;
+        }
+        let cached = cache.lock().ok().and_then(|c| c.get(&before, loose));
+        if let Some(sha) = cached {
+            d.sha256 = Some(sha);
+            return Some(d);
+        }
+        match hash_file(p) {
+            Ok(sha) => {
+                // Changed while being read: read again.
+                match std::fs::symlink_metadata(p) {
+                    Ok(after) if strict_key(&after) == strict_key(&before) => {
+                        if let Ok(mut c) = cache.lock() {
+                            c.put(&before, &sha);
+                        }
+                        d.sha256 = Some(sha);
+                        d.error = None;
+                        return Some(d);
+                    }
+                    _ => d.error = Some("the file kept changing while it was read".into()),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Gone between the stat and the open: report it gone.
+                continue;
+            }
+            Err(e) => {
+                d.error = Some(e.to_string());
+                return Some(d);
+            }
+        }
+    }
+    Some(d)
+}
+
+/// The change digester and the scans.
+#[derive(Clone)]
+pub struct Digester {
+    jobs: mpsc::UnboundedSender<Job>,
+    out: mpsc::UnboundedSender<Report>,
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl Digester {
+    /// Starts the worker task; reports arrive on the returned receiver.
+    pub fn start() -> (Self, mpsc::UnboundedReceiver<Report>) {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let (out, reports) = mpsc::unbounded_channel();
+        let cache = Arc::new(Mutex::new(Cache::default()));
+        tokio::spawn(run(rx, out.clone(), cache.clone()));
+        (Self { jobs, out, cache }, reports)
+    }
+
+    /// Reads `job.path` once the changes to it settle.
+    pub fn submit(&self, job: Job) {
+        let _ = self.jobs.send(job);
+    }
+
+    /// Reports every regular file under `root` (a file or a tree), then a
+    /// [`Report::ScanDone`]. `resource_of` names each file's resource.
+    pub fn scan(
+        &self,
+        root: String,
+        reason: Reason,
+        scan_id: Option<String>,
+        resource_of: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) {
+        let out = self.out.clone();
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let (files, errors, error) = walk(&root, &mut |path| {
+                let Some(mut d) = read_state(path, resource_of(path), reason, false, &cache)
+                else {
+                    return true;
+                };
+                d.scan_id.clone_from(&scan_id);
+                let failed = d.error.is_some();
+                if out.send(Report::Digest(d)).is_err() {
+                    return false;
+                }
+                !failed
+            });
+            let _ = out.send(Report::ScanDone {
+                scan_id,
+                path: root,
+                files,
+                errors,
+                error,
+            });
+        });
+    }
+}
+
+/// Walks `root` without following symlinks, calling `visit` for each
+/// non-directory (false from `visit` counts an error). Returns files,
+/// errors, and why the walk failed as a whole.
+fn walk(root: &str, visit: &mut dyn FnMut(&str) -> bool) -> (u64, u64, Option<String>) {
+    let meta = match std::fs::symlink_metadata(root) {
+        Ok(m) => m,
+        Err(e) => return (0, 0, Some(format!("{root}: {e}"))),
+    };
+    let (mut files, mut errors) = (0u64, 0u64);
+    if !meta.is_dir() {
+        if visit(root) {
+            files += 1;
+        } else {
+            errors += 1;
+        }
+        return (files, errors, None);
+    }
+    let mut dirs = vec![(root.trim_end_matches('/').to_owned(), 0usize)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let entries = match std::fs::read_dir(if dir.is_empty() { "/" } else { &dir }) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(%dir, "scan: cannot list: {e}");
+                errors += 1;
+                continue;
+            }
+        };
+        let mut names: Vec<_> = entries.filter_map(Result::ok).collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                errors += 1;
+                continue;
+            };
+            let path = format!("{dir}/{name}");
+            let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir {
+                if depth + 1 < SCAN_MAX_DEPTH {
+                    dirs.push((path, depth + 1));
+                }
+                continue;
+            }
+            if files + errors >= SCAN_MAX_FILES {
+                return (
+                    files,
+                    errors,
+                    Some(format!("stopped after {SCAN_MAX_FILES} files")),
+                );
+            }
+            if visit(&path) {
+                files += 1;
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    (files, errors, None)
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    out: mpsc::UnboundedSender<Report>,
+    cache: Arc<Mutex<Cache>>,
+) {
+    let mut queue: VecDeque<String> = VecDeque::new();
+    let mut queued: HashMap<String, Job> = HashMap::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut again: HashMap<String, Job> = HashMap::new();
+    let mut tasks: JoinSet<(String, Option<FileDigest>)> = JoinSet::new();
+    let mut open = true;
+    loop {
+        while tasks.len() < WORKERS {
+            let Some(path) = queue.pop_front() else { break };
+            let Some(job) = queued.remove(&path) else { continue };
+            busy.insert(path.clone());
+            let cache = cache.clone();
+            tasks.spawn_blocking(move || {
+                let d = read_state(
+                    &job.path,
+                    job.resource,
+                    Reason::Change,
+                    !job.content_may_change,
+                    &cache,
+                )
+                .map(|mut d| {
+                    d.trigger_seq = job.trigger_seq;
+                    d
+                });
+                (job.path, d)
+            });
+        }
+        if !open && tasks.is_empty() && queue.is_empty() {
+            return;
+        }
+        tokio::select! {
+            job = rx.recv(), if open => match job {
+                Some(job) => {
+                    let folded = |q: &mut Job, job: Job| {
+                        q.trigger_seq = job.trigger_seq.or(q.trigger_seq);
+                        q.content_may_change |= job.content_may_change;
+                        q.resource = job.resource.or(q.resource.take());
+                    };
+                    if busy.contains(&job.path) {
+                        match again.get_mut(&job.path) {
+                            Some(q) => folded(q, job),
+                            None => { again.insert(job.path.clone(), job); }
+                        }
+                    } else if let Some(q) = queued.get_mut(&job.path) {
+                        folded(q, job);
+                    } else {
+                        queue.push_back(job.path.clone());
+                        queued.insert(job.path.clone(), job);
+                    }
+                }
+                None => open = false,
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok((path, d)) = done else {
+                    tracing::error!("a digest worker failed");
+                    continue;
+                };
+                busy.remove(&path);
+                if let Some(job) = again.remove(&path) {
+                    queue.push_back(path.clone());
+                    queued.insert(path, job);
+                }
+                if let Some(d) = d {
+                    if out.send(Report::Digest(d)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(path: &str, loose: bool, cache: &Mutex<Cache>) -> FileDigest {
+        read_state(path, None, Reason::Change, loose, cache).expect("a file")
+    }
+
+    #[test]
+    fn digests_content_mode_and_absence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("a.conf");
+        std::fs::write(&f, b"abc").expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let cache = Mutex::new(Cache::default());
+        let p = f.to_str().expect("utf-8");
+        let d = state(p, false, &cache);
+        assert!(d.exists);
+        assert_eq!(
+            d.sha256.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!((d.size, d.mode), (3, 0o640));
+        std::fs::remove_file(&f).expect("rm");
+        let d = state(p, false, &cache);
+        assert!(!d.exists && d.sha256.is_none());
+        assert!(read_state(
+            dir.path().to_str().expect("utf-8"),
+            None,
+            Reason::Change,
+            false,
+            &cache
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn same_size_and_mtime_rewrite_is_read_again() {
+        // A content change that restores size and mtime must not be
+        // answered from the cache: ctime gives it away.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("m.bin");
+        std::fs::write(&f, b"one").expect("write");
+        let cache = Mutex::new(Cache::default());
+        let p = f.to_str().expect("utf-8");
+        let first = state(p, false, &cache).sha256;
+        let mtime = std::fs::metadata(&f).and_then(|m| m.modified()).expect("mtime");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"two").expect("write");
+        let file = std::fs::File::options().write(true).open(&f).expect("open");
+        file.set_modified(mtime).expect("set mtime");
+        let second = state(p, false, &cache).sha256;
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn walk_reports_files_in_a_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("a/b")).expect("mkdir");
+        for f in ["x", "a/y", "a/b/z"] {
+            std::fs::write(dir.path().join(f), f).expect("write");
+        }
+        let mut seen = Vec::new();
+        let (files, errors, error) = walk(dir.path().to_str().expect("utf-8"), &mut |p| {
+            seen.push(p.to_owned());
+            true
+        });
+        assert_eq!((files, errors, error), (3, 0, None));
+        assert!(seen.iter().any(|p| p.ends_with("/a/b/z")));
+        let (_, _, error) = walk("/nonexistent/driftwatch", &mut |_| true);
+        assert!(error.is_some());
+    }
+}
