@@ -417,6 +417,9 @@ async fn run(
     let mut busy: HashSet<String> = HashSet::new();
     let mut again: HashMap<String, Job> = HashMap::new();
     let mut tasks: JoinSet<(String, Option<FileDigest>)> = JoinSet::new();
+    // What was last reported per path: a read that finds the same state
+    // again (a burst of changes folded into two reads) is not reported twice.
+    let mut last: HashMap<String, (bool, Option<String>, u32, u32, u32)> = HashMap::new();
     let mut open = true;
     loop {
         while tasks.len() < WORKERS {
@@ -472,9 +475,17 @@ async fn run(
                 busy.remove(&path);
                 if let Some(job) = again.remove(&path) {
                     queue.push_back(path.clone());
-                    queued.insert(path, job);
+                    queued.insert(path.clone(), job);
                 }
                 if let Some(d) = d {
+                    let seen = (d.exists, d.sha256.clone(), d.mode, d.uid, d.gid);
+                    if d.error.is_none() && last.get(&path) == Some(&seen) {
+                        continue;
+                    }
+                    if last.len() >= CACHE_MAX {
+                        last.clear();
+                    }
+                    last.insert(path, seen);
                     if out.send(Report::Digest(d)).is_err() {
                         return;
                     }

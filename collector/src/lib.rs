@@ -4,9 +4,15 @@
 //! - [`store`]: keys, indexes, idempotent appends, retention;
 //! - [`ingest`]: the agent stream service (hello, batches, acks, heartbeats);
 //! - [`query`]: the timeline and agents services;
+//! - [`correlate`]: findings from events, policy, desired state and approvals;
+//! - [`control`]: the findings, approvals and baselines services, and principals;
+//! - [`policy`]: the policy file the collector judges with and pushes;
 //! - [`units`]: durations and sizes on command lines.
 
+pub mod control;
+pub mod correlate;
 pub mod ingest;
+pub mod policy;
 pub mod query;
 pub mod store;
 pub mod units;

@@ -4,15 +4,31 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use driftwatch_collector::{ingest::Ingest, query::Query, store::Store, units};
+use driftwatch_collector::{
+    control::{Control, Principals},
+    correlate::{self, Correlator, Settings},
+    ingest::Ingest,
+    policy::Policies,
+    query::Query,
+    store::Store,
+    units,
+};
 use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
-    agent_service_server::AgentServiceServer, query_service_server::QueryServiceServer,
+    agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
+    baseline_service_server::BaselineServiceServer, finding_service_server::FindingServiceServer,
+    query_service_server::QueryServiceServer,
 };
 
 /// Driftwatch collector: one bidirectional gRPC stream per agent, events
 /// acknowledged only once they are on disk, stored in sled (one directory,
-/// nothing else to set up), replayed by `driftwatch timeline`.
+/// nothing else to set up), replayed by `driftwatch timeline`, and judged
+/// into findings (`driftwatch findings`) against the policy, the desired
+/// state (`driftwatch baseline`) and approved change requests
+/// (`driftwatch approvals`).
+///
+/// SIGHUP re-reads the policy file and pushes it to every agent; a bad
+/// policy is refused (file, field, reason) and the running one stays.
 #[derive(Debug, Parser)]
 #[command(name = "driftwatch-collector", version)]
 struct Args {
@@ -37,6 +53,21 @@ struct Args {
     /// with RESOURCE_EXHAUSTED.
     #[arg(long, default_value = "4MiB", value_parser = units::parse_bytes)]
     max_message_size: u64,
+    /// Policy file (YAML, `apiVersion: driftwatch.dev/v1`): judged here and
+    /// sent to every agent, which applies it to its kernel maps.
+    #[arg(long, env = "DRIFTWATCH_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Tokens file: one `TOKEN PRINCIPAL` per line. Callers that change
+    /// findings, approvals or baselines must present one of the tokens.
+    #[arg(long, env = "DRIFTWATCH_TOKENS", value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// An agent without contact for this long is reported `agent_silent`.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    silent_after: Duration,
+    /// Do not take a file's first observed state as its desired state when
+    /// no baseline names it (by default it is learned, marked `learned`).
+    #[arg(long)]
+    no_learn: bool,
     /// Log filter for standard error.
     #[arg(long, env = "DRIFTWATCH_LOG", default_value = "info")]
     log: String,
@@ -83,7 +114,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(blocks = store.block_count(), dir = %args.data_dir.display(), "store opened");
-    let ingest = Ingest::new(store.clone());
+    let policies = Policies::open(args.policy.clone())?;
+    match policies.current() {
+        Some(p) => tracing::info!(file = %p.source, version = %p.version, resources = p.policy.resources.len(), "policy loaded"),
+        None => tracing::warn!("no --policy: agents keep their own, and writes and connects are not judged"),
+    }
+    let principals = match &args.tokens {
+        Some(path) => Principals::load(path)?,
+        None => {
+            tracing::warn!("no --tokens: findings, approvals and baselines cannot be changed");
+            Principals::none()
+        }
+    };
+    let correlator = std::sync::Arc::new(Correlator::open(
+        store.clone(),
+        policies.clone(),
+        Settings {
+            learn: !args.no_learn,
+            silent_after: args.silent_after,
+        },
+    )?);
+    let judged = correlator.recover()?;
+    if judged > 0 {
+        tracing::info!(events = judged, "judged events stored before the last stop");
+    }
+    correlate::spawn_silence_check(correlator.clone());
+    tokio::spawn(reload_on_hangup(policies.clone()));
+    let ingest = Ingest::new(store.clone(), correlator.clone());
+    let control = Control::new(correlator.clone(), ingest.clone(), principals);
     let query = Query::new(store.clone(), ingest.stored.clone());
 
     let retention_store = store.clone();
@@ -111,6 +169,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(AgentServiceServer::new(ingest).max_decoding_message_size(max))
         .add_service(QueryServiceServer::new(query))
+        .add_service(FindingServiceServer::new(control.clone()))
+        .add_service(ApprovalServiceServer::new(control.clone()))
+        .add_service(BaselineServiceServer::new(control))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),
@@ -120,6 +181,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     store.flush().await?;
     tracing::info!("store flushed; exiting");
     Ok(())
+}
+
+async fn reload_on_hangup(policies: Policies) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match policies.reload() {
+            Ok(Some(version)) => tracing::info!(%version, "policy reloaded; agents are sent the new version"),
+            Ok(None) => tracing::info!("SIGHUP: no --policy file to re-read"),
+            Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
+        }
+    }
 }
 
 async fn shutdown() {

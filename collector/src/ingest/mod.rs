@@ -1,25 +1,31 @@
 //! The agent stream service: `Hello`, then batches, heartbeats and dropped
-//! ranges up; acks down. An ack names the highest sequence number that is on
-//! disk (fsync'd), never more.
+//! ranges up; acks, the policy and scan requests down. An ack names the
+//! highest sequence number that is on disk (fsync'd), never more; the
+//! events it covers are then judged by the correlator, in order.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
 use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_server::AgentService, collector_message, Ack, AgentMessage,
-    CollectorMessage, Event, Gap,
+    CollectorMessage, Event, Gap, PolicyUpdate, ScanRequest,
 };
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::correlate::Correlator;
+use crate::policy::Loaded;
 use crate::store::{Store, StoreError};
+
+type Outbound = mpsc::Sender<Result<CollectorMessage, Status>>;
 
 /// The gRPC status for a store error.
 pub fn status_of(e: &StoreError) -> Status {
@@ -117,20 +123,65 @@ impl Durability {
 pub struct Ingest {
     store: Store,
     durability: Arc<Durability>,
+    correlator: Arc<Correlator>,
+    /// The open stream of each connected agent, for requests down.
+    links: Arc<Mutex<HashMap<String, Outbound>>>,
     /// Newly stored events, for `timeline --follow`.
     pub stored: broadcast::Sender<Event>,
 }
 
+fn policy_message(p: &Loaded) -> CollectorMessage {
+    CollectorMessage {
+        msg: Some(collector_message::Msg::Policy(PolicyUpdate {
+            version: p.version.clone(),
+            yaml: p.text.clone(),
+            source: p.source.clone(),
+        })),
+    }
+}
+
 impl Ingest {
-    /// A service writing to `store` (starts its flusher: call within a runtime).
-    pub fn new(store: Store) -> Self {
+    /// A service writing to `store` and judging with `correlator` (starts
+    /// its flusher: call within a runtime).
+    pub fn new(store: Store, correlator: Arc<Correlator>) -> Self {
         let (stored, _) = broadcast::channel(65536);
         Self {
             durability: Durability::start(store.clone()),
             store,
+            correlator,
+            links: Arc::default(),
             stored,
         }
     }
+
+    /// Asks the agent of `node` to digest `path` for a baseline scan.
+    pub async fn request_scan(&self, node: &str, scan_id: &str, path: &str) -> Result<(), Status> {
+        let link = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .cloned();
+        let Some(link) = link else {
+            return Err(Status::failed_precondition(format!(
+                "the agent of {node:?} is not connected; a scan needs it online"
+            )));
+        };
+        let m = CollectorMessage {
+            msg: Some(collector_message::Msg::Scan(ScanRequest {
+                scan_id: scan_id.to_owned(),
+                path: path.to_owned(),
+            })),
+        };
+        link.send(Ok(m))
+            .await
+            .map_err(|_| Status::unavailable(format!("the stream of {node:?} just closed")))
+    }
+}
+
+fn record_gap(store: &Store, correlator: &Correlator, gap: &Gap) -> Result<(), Status> {
+    store.add_gap(gap).map_err(|e| status_of(&e))?;
+    correlator.gap(gap).map_err(|e| status_of(&e))
 }
 
 /// What the acking side of a stream does once a write is durable.
@@ -191,9 +242,10 @@ impl AgentService for Ingest {
                     to_time_unix_nanos: hello.agent_started_unix_nanos.max(p.last_seen_unix_nanos),
                     reason: "agent_offline".into(),
                 };
-                store.add_gap(&gap).map_err(|e| status_of(&e))?;
+                record_gap(&store, &self.correlator, &gap)?;
             }
         }
+        self.correlator.seen(&name).map_err(|e| status_of(&e))?;
         tracing::info!(node = %name, acked = status.acked_seq, "agent connected");
 
         let (tx, rx) = mpsc::channel(64);
@@ -201,7 +253,30 @@ impl AgentService for Ingest {
         // may cover a write not yet on disk, so make it durable first.
         store.flush().await.map_err(|e| status_of(&e))?;
         let _ = tx.send(Ok(ack(status.acked_seq))).await;
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), tx.clone());
+        // The policy follows the first ack, and every change after it.
+        let mut policies = self.correlator.policies.subscribe();
+        let policy_tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = policies.borrow_and_update().clone();
+                if let Some(p) = current {
+                    if policy_tx.send(Ok(policy_message(&p))).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = policies.changed() => if r.is_err() { return },
+                    _ = policy_tx.closed() => return,
+                }
+            }
+        });
         let stored = self.stored.clone();
+        let correlator = self.correlator.clone();
+        let acker_node = name.clone();
         let durability = self.durability.clone();
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(64);
         // Acks go out in order, each once its write is on disk.
@@ -209,6 +284,9 @@ impl AgentService for Ingest {
         let acker = tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
                 durability.wait(p.generation).await;
+                if let Err(e) = correlator.process(&acker_node, &p.events) {
+                    tracing::error!(node = %acker_node, "judging stored events failed (judged again at the next start): {e}");
+                }
                 for e in p.events {
                     let _ = stored.send(e);
                 }
@@ -222,8 +300,16 @@ impl AgentService for Ingest {
             }
         });
         let durability = self.durability.clone();
+        let correlator = self.correlator.clone();
+        let links = self.links.clone();
         tokio::spawn(async move {
-            let result = serve(&store, &durability, &name, &mut inbound, &pending_tx).await;
+            let result = serve(&store, &correlator, &durability, &name, &mut inbound, &pending_tx).await;
+            {
+                let mut links = links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if links.get(&name).is_some_and(|l| l.same_channel(&tx)) {
+                    links.remove(&name);
+                }
+            }
             drop(pending_tx);
             let _ = acker.await;
             if let Err(s) = &result {
@@ -244,6 +330,7 @@ impl AgentService for Ingest {
 
 async fn serve(
     store: &Store,
+    correlator: &Correlator,
     durability: &Durability,
     name: &str,
     inbound: &mut Streaming<AgentMessage>,
@@ -289,6 +376,7 @@ async fn serve(
                     a.last_seq = a.last_seq.max(h.last_seq);
                     store.put_agent(&a).map_err(status_err)?;
                 }
+                correlator.seen(name).map_err(status_err)?;
             }
             Some(Msg::Dropped(d)) => {
                 if d.from_seq == 0 || d.to_seq < d.from_seq {
@@ -298,16 +386,15 @@ async fn serve(
                     )));
                 }
                 let now = now_unix_nanos();
-                store
-                    .add_gap(&Gap {
-                        node: name.to_owned(),
-                        from_seq: d.from_seq,
-                        to_seq: d.to_seq,
-                        from_time_unix_nanos: now,
-                        to_time_unix_nanos: now,
-                        reason: "agent_dropped".into(),
-                    })
-                    .map_err(status_err)?;
+                let gap = Gap {
+                    node: name.to_owned(),
+                    from_seq: d.from_seq,
+                    to_seq: d.to_seq,
+                    from_time_unix_nanos: now,
+                    to_time_unix_nanos: now,
+                    reason: "agent_dropped".into(),
+                };
+                record_gap(store, correlator, &gap)?;
                 let through = store
                     .agent(name)
                     .map_err(status_err)?

@@ -196,6 +196,29 @@ impl Store {
         })
     }
 
+    /// A named tree of the same database (findings, approvals, baselines),
+    /// made durable by the same [`Store::flush`].
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// The event `seq` of `node`, stored at `time`.
+    pub fn event_at(&self, node: &str, seq: u64, time: i64) -> Result<Option<Event>, StoreError> {
+        for block in self.node_blocks(node, time, time.saturating_add(1)) {
+            let (_, events) = block?;
+            if let Some(e) = events.into_iter().find(|e| e.seq == seq) {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`Store::flush`] for callers outside the runtime's async code.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Makes everything written so far durable (fsync).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;

@@ -1,5 +1,7 @@
 //! `driftwatch`: the command line for security teams and responders.
 
+mod changes;
+
 use std::{io::Write as _, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,10 +15,18 @@ use driftwatch_proto::{
 };
 use serde_json::{json, Value};
 
-/// Query Driftwatch: replay what happened on a host, to a file, or by a process.
+/// Query Driftwatch: findings (drift, unauthorized writes and connects,
+/// silent agents, blind spots), change approvals, desired state, and the
+/// event timeline of a host, a file or a process.
+///
+/// Commands that change something (ack/resolve, approvals, baselines) act
+/// as the principal named by your token: DRIFTWATCH_TOKEN, or --token-file.
 #[derive(Parser)]
 #[command(name = "driftwatch", version)]
 struct Cli {
+    /// File holding your token (the collector maps it to your principal).
+    #[arg(long, global = true, env = "DRIFTWATCH_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// Collector URL.
     #[arg(
         long,
@@ -30,7 +40,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// A readable table.
     Table,
     /// One JSON object per line.
@@ -72,6 +82,15 @@ enum Cmd {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Findings: list, show with evidence, acknowledge, resolve.
+    #[command(subcommand)]
+    Findings(changes::Findings),
+    /// Change requests: request, approve or deny (a different principal), list.
+    #[command(subcommand)]
+    Approvals(changes::Approvals),
+    /// Desired state: import a manifest, scan a reference host, list.
+    #[command(subcommand)]
+    Baseline(changes::Baselines),
     /// Agents, their last heartbeat, sensor set and lag.
     Agents {
         /// Output format.
@@ -80,7 +99,7 @@ enum Cmd {
     },
 }
 
-fn when(s: &str) -> Result<i64, String> {
+pub(crate) fn when(s: &str) -> Result<i64, String> {
     if let Ok(d) = units::parse_duration(s) {
         let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         return Ok(now_unix_nanos().saturating_sub(back));
@@ -88,11 +107,11 @@ fn when(s: &str) -> Result<i64, String> {
     parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
 }
 
-fn time(t: i64) -> String {
+pub(crate) fn time(t: i64) -> String {
     rfc3339(t.into())
 }
 
-fn event_json(e: &Event) -> Value {
+pub(crate) fn event_json(e: &Event) -> Value {
     let p = e.process.as_ref();
     let mut v = json!({
         "type": "event",
@@ -200,7 +219,7 @@ fn gap_json(g: &Gap) -> Value {
     })
 }
 
-fn detail(e: &Event) -> String {
+pub(crate) fn detail(e: &Event) -> String {
     match &e.event {
         Some(event::Event::Exec(_)) => e
             .process
@@ -267,12 +286,35 @@ fn detail(e: &Event) -> String {
     }
 }
 
+fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    if let Some(f) = file {
+        let t = std::fs::read_to_string(f)
+            .map_err(|e| format!("{}: cannot read the token: {e}", f.display()))?;
+        let t = t.trim().to_owned();
+        if t.is_empty() {
+            return Err(format!("{}: the token file is empty", f.display()));
+        }
+        return Ok(Some(t));
+    }
+    Ok(std::env::var("DRIFTWATCH_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
-    let mut client = QueryServiceClient::connect(cli.collector.clone())
+    let channel = tonic::transport::Endpoint::from_shared(cli.collector.clone())
+        .map_err(|e| format!("collector URL {:?}: {e}", cli.collector))?
+        .connect()
         .await
         .map_err(|e| format!("cannot reach the collector at {}: {e}", cli.collector))?;
+    let token = token(cli.token_file.as_deref())?;
+    let mut client = QueryServiceClient::new(channel.clone());
     let mut out = std::io::stdout().lock();
     match cli.cmd {
+        Cmd::Findings(c) => changes::findings(channel, token.as_deref(), c, &mut out).await?,
+        Cmd::Approvals(c) => changes::approvals(channel, token.as_deref(), c, &mut out).await?,
+        Cmd::Baseline(c) => changes::baselines(channel, token.as_deref(), c, &mut out).await?,
         Cmd::Timeline {
             host,
             since,

@@ -1,0 +1,768 @@
+//! `driftwatch findings`, `approvals` and `baseline`.
+
+use std::io::Write;
+
+use clap::Subcommand;
+use driftwatch_collector::{correlate::baselines::parse_manifest, units};
+use driftwatch_proto::v1::{
+    approval_service_client::ApprovalServiceClient, baseline_service_client::BaselineServiceClient,
+    finding_service_client::FindingServiceClient, Approval, ApprovedChange, Baseline,
+    DecideApprovalRequest, FileState, Finding, GetFindingRequest, ImportBaselineRequest,
+    ListApprovalsRequest, ListBaselinesRequest, ListFindingsRequest, Process,
+    RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest,
+};
+use serde_json::{json, Value};
+use tonic::{transport::Channel, Request};
+
+use crate::{event_json, time, when, Output};
+
+/// Entries sent per import call, well under the message size limit.
+const IMPORT_CHUNK: usize = 5_000;
+
+#[derive(Subcommand)]
+pub enum Findings {
+    /// Findings, newest first.
+    List {
+        /// Only these kinds (drift, deleted, unauthorized_write,
+        /// unauthorized_connect, agent_silent, blind_spot); repeatable.
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this resource name, or paths under this absolute path.
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only these statuses (open, acknowledged, resolved); repeatable.
+        /// Default: open and acknowledged.
+        #[arg(long = "status")]
+        statuses: Vec<String>,
+        /// Also resolved ones (same as --status open --status acknowledged --status resolved).
+        #[arg(long, short)]
+        all: bool,
+        /// Only findings seen since: a duration back (`1h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One finding with its evidence events.
+    Show {
+        /// Finding id.
+        id: u64,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Acknowledge: someone is looking at it.
+    Ack {
+        /// Finding id.
+        id: u64,
+        /// Note.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Resolve, optionally attaching an approved change request.
+    Resolve {
+        /// Finding id.
+        id: u64,
+        /// Note.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Approved request that covers it.
+        #[arg(long)]
+        approval: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Approvals {
+    /// File a change request (you are the requester).
+    Request {
+        /// Policy resource name, or an absolute path (a tree ends in `/`).
+        #[arg(long)]
+        resource: String,
+        /// Expected SHA-256 of the new content (any content when absent).
+        #[arg(long)]
+        digest: Option<String>,
+        /// How long the change may take once approved (`30m`, `2h`).
+        #[arg(long, default_value = "2h")]
+        window: String,
+        /// Hosts it applies to: a name or a glob.
+        #[arg(long, default_value = "*")]
+        host: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Approve a request (not your own).
+    Approve {
+        /// Request id.
+        id: u64,
+        /// Note.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Deny a request.
+    Deny {
+        /// Request id.
+        id: u64,
+        /// Note.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Requests and the changes recorded under them.
+    List {
+        /// Only these statuses (pending, approved, denied); repeatable.
+        #[arg(long = "status")]
+        statuses: Vec<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One request with its changes and the findings it resolved.
+    Show {
+        /// Request id.
+        id: u64,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Baselines {
+    /// Store a manifest (`sha256sum` format: `HEX  PATH`) as desired state.
+    Import {
+        /// The manifest file.
+        file: String,
+        /// Directory the manifest's relative paths live under on the hosts.
+        #[arg(long)]
+        root: Option<String>,
+        /// Hosts it applies to: a name or a glob.
+        #[arg(long, default_value = "*")]
+        hosts: String,
+    },
+    /// Take a host's current state of PATH as desired (its agent digests it).
+    Scan {
+        /// The reference host.
+        #[arg(long)]
+        host: String,
+        /// Absolute path of a file or directory on it.
+        path: String,
+        /// Hosts the result applies to [default: the reference host].
+        #[arg(long)]
+        apply_to: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+    },
+    /// Desired state.
+    List {
+        /// Only this host selector.
+        #[arg(long)]
+        hosts: Option<String>,
+        /// Only paths under this prefix.
+        #[arg(long)]
+        path: Option<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// Adds the caller's token to a request.
+fn authed<T>(msg: T, token: Option<&str>) -> Result<Request<T>, String> {
+    let mut r = Request::new(msg);
+    let Some(token) = token else {
+        return Err("this needs credentials: set DRIFTWATCH_TOKEN or pass --token-file FILE".into());
+    };
+    let v = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token contains characters a header cannot carry".to_owned())?;
+    r.metadata_mut().insert("authorization", v);
+    Ok(r)
+}
+
+fn status_err(what: &str, s: tonic::Status) -> String {
+    format!("{what}: {}", s.message())
+}
+
+fn who(p: &Option<Process>) -> String {
+    let Some(p) = p else {
+        return "-".into();
+    };
+    let user = if p.user.is_empty() {
+        p.uid.to_string()
+    } else {
+        p.user.clone()
+    };
+    if !p.login_user.is_empty() && p.login_user != user {
+        format!("{user}({}) {}", p.login_user, p.exe)
+    } else {
+        format!("{user} {}", p.exe)
+    }
+}
+
+fn state_json(s: &Option<FileState>) -> Value {
+    match s {
+        None => Value::Null,
+        Some(s) => json!({
+            "exists": s.exists, "sha256": s.sha256, "size": s.size,
+            "mode": s.mode.map(|m| format!("{m:04o}")), "uid": s.uid, "gid": s.gid,
+        }),
+    }
+}
+
+fn process_json(p: &Option<Process>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => json!({
+            "pid": p.pid, "exec_id": p.exec_id, "uid": p.uid, "user": p.user,
+            "loginuid": p.loginuid, "login_user": p.login_user, "comm": p.comm, "exe": p.exe,
+            "args": p.args, "container": p.container.as_ref().map(|c| &c.id), "pod_uid": p.pod_uid,
+        }),
+    }
+}
+
+fn finding_json(f: &Finding) -> Value {
+    json!({
+        "id": f.id, "kind": f.kind, "status": f.status, "host": f.node, "resource": f.resource,
+        "path": f.path, "actor": process_json(&f.actor), "desired": state_json(&f.desired),
+        "actual": state_json(&f.actual), "differences": f.differences, "summary": f.summary,
+        "first_seen": time(f.first_seen_unix_nanos), "last_seen": time(f.last_seen_unix_nanos),
+        "count": f.count, "failed": f.failed,
+        "address": (!f.address.is_empty()).then_some(&f.address),
+        "port": (f.port != 0).then_some(f.port),
+        "evidence": f.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq, "time": time(e.time_unix_nanos)})).collect::<Vec<_>>(),
+        "approval_id": (f.approval_id != 0).then_some(f.approval_id),
+        "history": f.history.iter().map(|h| json!({"status": h.status, "by": h.principal, "time": time(h.time_unix_nanos), "note": h.note})).collect::<Vec<_>>(),
+    })
+}
+
+fn change_json(c: &ApprovedChange) -> Value {
+    json!({
+        "id": c.id, "approval_id": c.approval_id, "host": c.node, "resource": c.resource,
+        "path": c.path, "before": state_json(&c.before), "after": state_json(&c.after),
+        "actors": c.actors.iter().map(|p| process_json(&Some(p.clone()))).collect::<Vec<_>>(),
+        "time": time(c.time_unix_nanos),
+        "evidence": c.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq})).collect::<Vec<_>>(),
+    })
+}
+
+fn approval_json(a: &Approval) -> Value {
+    json!({
+        "id": a.id, "resource": a.resource, "host": a.host,
+        "digest": (!a.sha256.is_empty()).then_some(&a.sha256),
+        "window_seconds": a.window_seconds, "reason": a.reason, "requester": a.requester,
+        "requested": time(a.requested_unix_nanos), "status": a.status,
+        "approver": (!a.approver.is_empty()).then_some(&a.approver),
+        "decided": (a.decided_unix_nanos != 0).then(|| time(a.decided_unix_nanos)),
+        "valid_until": (a.valid_until_unix_nanos != 0).then(|| time(a.valid_until_unix_nanos)),
+        "note": a.note, "resolved_findings": a.resolved_findings,
+        "changes": a.changes.iter().map(change_json).collect::<Vec<_>>(),
+    })
+}
+
+fn short(s: &str) -> &str {
+    s.get(..12).unwrap_or(s)
+}
+
+fn state_line(s: &Option<FileState>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if !s.exists => "(absent)".into(),
+        Some(s) => {
+            let mut v = vec![format!("sha256:{}", short(&s.sha256))];
+            if let Some(m) = s.mode {
+                v.push(format!("mode {m:04o}"));
+            }
+            if let (Some(u), Some(g)) = (s.uid, s.gid) {
+                v.push(format!("owner {u}:{g}"));
+            }
+            v.join(" ")
+        }
+    }
+}
+
+/// `driftwatch findings ...`
+pub async fn findings(
+    channel: Channel,
+    token: Option<&str>,
+    cmd: Findings,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let mut client = FindingServiceClient::new(channel);
+    match cmd {
+        Findings::List {
+            kinds,
+            host,
+            resource,
+            mut statuses,
+            all,
+            since,
+            limit,
+            output,
+        } => {
+            if statuses.is_empty() && !all {
+                statuses = vec!["open".into(), "acknowledged".into()];
+            }
+            let r = ListFindingsRequest {
+                kinds,
+                node: host.unwrap_or_default(),
+                resource: resource.unwrap_or_default(),
+                statuses,
+                since_unix_nanos: since.as_deref().map(when).transpose()?.unwrap_or(0),
+                limit,
+            };
+            let list = client
+                .list(r)
+                .await
+                .map_err(|s| status_err("findings", s))?
+                .into_inner()
+                .findings;
+            if matches!(output, Output::Table) {
+                let _ = writeln!(
+                    out,
+                    "{:>5} {:<21} {:<13} {:<12} {:<14} {:>5} {:<30} SUMMARY",
+                    "ID", "KIND", "STATUS", "HOST", "RESOURCE", "COUNT", "LAST SEEN"
+                );
+            }
+            for f in &list {
+                let line = match output {
+                    Output::Json => finding_json(f).to_string(),
+                    Output::Table => format!(
+                        "{:>5} {:<21} {:<13} {:<12} {:<14} {:>5} {:<30} {}",
+                        f.id,
+                        f.kind,
+                        f.status,
+                        f.node,
+                        f.resource,
+                        f.count,
+                        time(f.last_seen_unix_nanos),
+                        f.summary
+                    ),
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        Findings::Show { id, output } => {
+            let d = client
+                .get(GetFindingRequest { id })
+                .await
+                .map_err(|s| status_err("findings show", s))?
+                .into_inner();
+            let Some(f) = d.finding else {
+                return Err(format!("finding {id}: empty answer"));
+            };
+            match output {
+                Output::Json => {
+                    let mut v = finding_json(&f);
+                    v["events"] = Value::Array(d.events.iter().map(event_json).collect());
+                    v["approval"] = d.approval.as_ref().map_or(Value::Null, approval_json);
+                    let _ = writeln!(out, "{v}");
+                }
+                Output::Table => {
+                    let _ = writeln!(out, "finding {} ({}), {}", f.id, f.kind, f.status);
+                    let _ = writeln!(out, "  what:      {}", f.summary);
+                    let _ = writeln!(out, "  host:      {}", f.node);
+                    let _ = writeln!(out, "  resource:  {} {}", f.resource, f.path);
+                    let _ = writeln!(out, "  who:       {}", who(&f.actor));
+                    if f.desired.is_some() || f.actual.is_some() {
+                        let _ = writeln!(out, "  desired:   {}", state_line(&f.desired));
+                        let _ = writeln!(out, "  actual:    {}", state_line(&f.actual));
+                        let _ = writeln!(out, "  differs:   {}", f.differences.join(", "));
+                    }
+                    let _ = writeln!(
+                        out,
+                        "  when:      {} .. {} ({} times, {} failed)",
+                        time(f.first_seen_unix_nanos),
+                        time(f.last_seen_unix_nanos),
+                        f.count,
+                        f.failed
+                    );
+                    if let Some(a) = &d.approval {
+                        let _ = writeln!(
+                            out,
+                            "  approval:  {} requested by {}, approved by {}: {}",
+                            a.id, a.requester, a.approver, a.reason
+                        );
+                    }
+                    for h in &f.history {
+                        let _ = writeln!(
+                            out,
+                            "  history:   {} {} by {} {}",
+                            time(h.time_unix_nanos),
+                            h.status,
+                            h.principal,
+                            h.note
+                        );
+                    }
+                    let _ = writeln!(out, "  evidence:");
+                    for e in &d.events {
+                        let _ = writeln!(
+                            out,
+                            "    {} {} seq {} {} {} {}",
+                            time(e.time_unix_nanos),
+                            e.node,
+                            e.seq,
+                            driftwatch_collector::query::kind_of(e),
+                            e.process.as_ref().map(|p| p.exe.as_str()).unwrap_or(""),
+                            crate::detail(e)
+                        );
+                    }
+                }
+            }
+        }
+        Findings::Ack { id, note } => {
+            let f = client
+                .update(authed(
+                    UpdateFindingRequest {
+                        id,
+                        status: "acknowledged".into(),
+                        note,
+                        approval_id: 0,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("findings ack", s))?
+                .into_inner();
+            let _ = writeln!(out, "finding {} acknowledged", f.id);
+        }
+        Findings::Resolve { id, note, approval } => {
+            let f = client
+                .update(authed(
+                    UpdateFindingRequest {
+                        id,
+                        status: "resolved".into(),
+                        note,
+                        approval_id: approval.unwrap_or(0),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("findings resolve", s))?
+                .into_inner();
+            let _ = writeln!(out, "finding {} resolved", f.id);
+        }
+    }
+    Ok(())
+}
+
+fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool) {
+    match output {
+        Output::Json => {
+            let _ = writeln!(out, "{}", approval_json(a));
+        }
+        Output::Table if !full => {
+            let _ = writeln!(
+                out,
+                "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} {}",
+                a.id,
+                a.status,
+                a.resource,
+                a.host,
+                a.requester,
+                if a.approver.is_empty() { "-" } else { &a.approver },
+                a.changes.len(),
+                a.reason
+            );
+        }
+        Output::Table => {
+            let _ = writeln!(out, "approval {} ({})", a.id, a.status);
+            let _ = writeln!(out, "  resource:  {} on {}", a.resource, a.host);
+            if !a.sha256.is_empty() {
+                let _ = writeln!(out, "  digest:    {}", a.sha256);
+            }
+            let _ = writeln!(out, "  reason:    {}", a.reason);
+            let _ = writeln!(
+                out,
+                "  requested: {} by {}",
+                time(a.requested_unix_nanos),
+                a.requester
+            );
+            if !a.approver.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  decided:   {} by {} {}",
+                    time(a.decided_unix_nanos),
+                    a.approver,
+                    a.note
+                );
+            }
+            if a.valid_until_unix_nanos != 0 {
+                let _ = writeln!(out, "  valid to:  {}", time(a.valid_until_unix_nanos));
+            }
+            if !a.resolved_findings.is_empty() {
+                let _ = writeln!(out, "  resolved:  findings {:?}", a.resolved_findings);
+            }
+            for c in &a.changes {
+                let actors: Vec<String> = c.actors.iter().map(|p| who(&Some(p.clone()))).collect();
+                let _ = writeln!(
+                    out,
+                    "  change:    {} {} {}: {} -> {} by {}",
+                    time(c.time_unix_nanos),
+                    c.node,
+                    c.path,
+                    state_line(&c.before),
+                    state_line(&c.after),
+                    actors.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// `driftwatch approvals ...`
+pub async fn approvals(
+    channel: Channel,
+    token: Option<&str>,
+    cmd: Approvals,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let mut client = ApprovalServiceClient::new(channel);
+    match cmd {
+        Approvals::Request {
+            resource,
+            digest,
+            window,
+            host,
+            reason,
+            output,
+        } => {
+            let window = units::parse_duration(&window).map_err(|e| format!("--window: {e}"))?;
+            let a = client
+                .request(authed(
+                    RequestApprovalRequest {
+                        resource,
+                        host,
+                        sha256: digest.unwrap_or_default(),
+                        window_seconds: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
+                        reason,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("approvals request", s))?
+                .into_inner();
+            match output {
+                Output::Json => {
+                    let _ = writeln!(out, "{}", approval_json(&a));
+                }
+                Output::Table => {
+                    let _ = writeln!(
+                        out,
+                        "approval {} requested by {}; another principal must approve it",
+                        a.id, a.requester
+                    );
+                }
+            }
+        }
+        Approvals::Approve { id, note } => {
+            let a = client
+                .decide(authed(
+                    DecideApprovalRequest {
+                        id,
+                        approve: true,
+                        note,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("approvals approve", s))?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "approval {} approved by {}; changes until {} are recorded, not flagged{}",
+                a.id,
+                a.approver,
+                time(a.valid_until_unix_nanos),
+                if a.resolved_findings.is_empty() {
+                    String::new()
+                } else {
+                    format!("; resolved findings {:?}", a.resolved_findings)
+                }
+            );
+        }
+        Approvals::Deny { id, note } => {
+            let a = client
+                .decide(authed(
+                    DecideApprovalRequest {
+                        id,
+                        approve: false,
+                        note,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("approvals deny", s))?
+                .into_inner();
+            let _ = writeln!(out, "approval {} denied by {}", a.id, a.approver);
+        }
+        Approvals::List { statuses, output } => {
+            let list = client
+                .list(ListApprovalsRequest { statuses, id: 0 })
+                .await
+                .map_err(|s| status_err("approvals", s))?
+                .into_inner()
+                .approvals;
+            if matches!(output, Output::Table) {
+                let _ = writeln!(
+                    out,
+                    "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} REASON",
+                    "ID", "STATUS", "RESOURCE", "HOSTS", "REQUESTER", "APPROVER", "CHANGES"
+                );
+            }
+            for a in &list {
+                print_approval(out, a, output, false);
+            }
+        }
+        Approvals::Show { id, output } => {
+            let list = client
+                .list(ListApprovalsRequest {
+                    statuses: Vec::new(),
+                    id,
+                })
+                .await
+                .map_err(|s| status_err("approvals show", s))?
+                .into_inner()
+                .approvals;
+            for a in &list {
+                print_approval(out, a, output, true);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `driftwatch baseline ...`
+pub async fn baselines(
+    channel: Channel,
+    token: Option<&str>,
+    cmd: Baselines,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let mut client = BaselineServiceClient::new(channel);
+    match cmd {
+        Baselines::Import { file, root, hosts } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("{file}: cannot read the manifest: {e}"))?;
+            let entries = parse_manifest(&file, &text, root.as_deref()).map_err(|e| e.to_string())?;
+            if entries.is_empty() {
+                return Err(format!("{file}: no entries"));
+            }
+            let total = entries.len();
+            let mut stored = 0;
+            for chunk in entries.chunks(IMPORT_CHUNK) {
+                let r = ImportBaselineRequest {
+                    host: hosts.clone(),
+                    entries: chunk
+                        .iter()
+                        .map(|(path, sha)| Baseline {
+                            path: path.clone(),
+                            state: Some(FileState {
+                                exists: true,
+                                sha256: sha.clone(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                stored += client
+                    .import(authed(r, token)?)
+                    .await
+                    .map_err(|s| status_err("baseline import", s))?
+                    .into_inner()
+                    .stored;
+                if total > IMPORT_CHUNK {
+                    eprintln!("driftwatch: imported {stored}/{total}");
+                }
+            }
+            let _ = writeln!(out, "imported {stored} entries from {file} for hosts {hosts}");
+        }
+        Baselines::Scan {
+            host,
+            path,
+            apply_to,
+            timeout,
+        } => {
+            let timeout =
+                units::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}"))?;
+            eprintln!("driftwatch: asking the agent on {host} to digest {path} ...");
+            let r = client
+                .scan(authed(
+                    ScanBaselineRequest {
+                        node: host.clone(),
+                        path: path.clone(),
+                        apply_to: apply_to.clone().unwrap_or_default(),
+                        timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(|s| status_err("baseline scan", s))?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "baseline from {host}:{path}: {} files stored as desired for hosts {}{}",
+                r.files,
+                apply_to.as_deref().unwrap_or(&host),
+                if r.errors > 0 {
+                    format!(" ({} could not be read)", r.errors)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Baselines::List {
+            hosts,
+            path,
+            output,
+        } => {
+            let list = client
+                .list(ListBaselinesRequest {
+                    host: hosts.unwrap_or_default(),
+                    path_prefix: path.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_err("baseline list", s))?
+                .into_inner()
+                .baselines;
+            if matches!(output, Output::Table) {
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:<16} {:<30} {:<44} PATH",
+                    "HOSTS", "SOURCE", "SET", "STATE"
+                );
+            }
+            for b in &list {
+                let line = match output {
+                    Output::Json => json!({
+                        "hosts": b.host, "path": b.path, "state": state_json(&b.state),
+                        "source": b.source, "set": time(b.set_unix_nanos), "set_by": b.set_by,
+                    })
+                    .to_string(),
+                    Output::Table => format!(
+                        "{:<12} {:<16} {:<30} {:<44} {}",
+                        b.host,
+                        b.source,
+                        time(b.set_unix_nanos),
+                        state_line(&b.state),
+                        b.path
+                    ),
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The findings, approvals and baselines services, and who is calling.
+//!
+//! A caller that changes something (acknowledges or resolves a finding,
+//! files or decides a change request, sets desired state) is a principal,
+//! named by the bearer token it sends (`authorization: Bearer TOKEN`) and
+//! looked up in the collector's `--tokens` file. Reads need no principal.
+
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use driftwatch_proto::{
+    time::now_unix_nanos,
+    v1::{
+        approval_service_server::ApprovalService, baseline_service_server::BaselineService,
+        finding_service_server::FindingService, Approval, Baseline, DecideApprovalRequest,
+        FindingDetail, GetFindingRequest, ImportBaselineRequest, ImportBaselineResponse,
+        ListApprovalsRequest, ListApprovalsResponse, ListBaselinesRequest, ListBaselinesResponse,
+        ListFindingsRequest, ListFindingsResponse, RequestApprovalRequest, ScanBaselineRequest,
+        ScanBaselineResponse, UpdateFindingRequest,
+    },
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    correlate::{approvals::ApprovalError, baselines, findings, Correlator},
+    ingest::{status_of, Ingest},
+};
+
+/// Tokens and the principals they name.
+#[derive(Clone, Default)]
+pub struct Principals {
+    tokens: Option<Arc<HashMap<String, String>>>,
+}
+
+impl Principals {
+    /// No tokens: changes are refused.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Reads `TOKEN PRINCIPAL` lines (`#` comments, blank lines skipped).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the tokens file", path.display()))?;
+        let mut tokens = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(token), Some(principal), None) = (parts.next(), parts.next(), parts.next())
+            else {
+                anyhow::bail!(
+                    "{}:{}: expected \"TOKEN PRINCIPAL\"",
+                    path.display(),
+                    i + 1
+                );
+            };
+            if tokens.insert(token.to_owned(), principal.to_owned()).is_some() {
+                anyhow::bail!("{}:{}: token listed twice", path.display(), i + 1);
+            }
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            if let Ok(m) = std::fs::metadata(path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(file = %path.display(), "the tokens file is readable by group or others; chmod 600 it");
+                }
+            }
+        }
+        Ok(Self {
+            tokens: Some(Arc::new(tokens)),
+        })
+    }
+
+    /// The principal behind a request.
+    pub fn of<T>(&self, r: &Request<T>) -> Result<String, Status> {
+        let Some(tokens) = &self.tokens else {
+            return Err(Status::unauthenticated(
+                "this collector was started without --tokens; changes need a principal",
+            ));
+        };
+        let Some(h) = r.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "no credentials: set DRIFTWATCH_TOKEN or pass --token-file",
+            ));
+        };
+        let token = h
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer TOKEN\""))?;
+        // Compare with every token so the time taken does not tell which
+        // prefix matched.
+        let mut found = None;
+        for (t, p) in tokens.iter() {
+            if t.len() == token.len()
+                && t.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            {
+                found = Some(p.clone());
+            }
+        }
+        found.ok_or_else(|| Status::unauthenticated("the token is not recognised"))
+    }
+}
+
+/// The control services.
+#[derive(Clone)]
+pub struct Control {
+    correlator: Arc<Correlator>,
+    ingest: Ingest,
+    principals: Principals,
+}
+
+impl Control {
+    /// Services over `correlator`; scans go through `ingest`'s streams.
+    pub fn new(correlator: Arc<Correlator>, ingest: Ingest, principals: Principals) -> Self {
+        Self {
+            correlator,
+            ingest,
+            principals,
+        }
+    }
+}
+
+fn approval_status(e: ApprovalError) -> Status {
+    match e {
+        ApprovalError::NotFound(_) => Status::not_found(e.to_string()),
+        ApprovalError::SelfApproval { .. } => Status::permission_denied(e.to_string()),
+        ApprovalError::Decided { .. } => Status::failed_precondition(e.to_string()),
+        ApprovalError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        ApprovalError::Store(s) => status_of(&s),
+    }
+}
+
+fn valid_sha(field: &str, s: &str) -> Result<(), Status> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {s:?} is not a SHA-256 (64 hex digits)"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl FindingService for Control {
+    async fn list(
+        &self,
+        request: Request<ListFindingsRequest>,
+    ) -> Result<Response<ListFindingsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let findings = self
+            .correlator
+            .lock()
+            .findings
+            .list(limit, |f| {
+                (r.kinds.is_empty() || r.kinds.contains(&f.kind))
+                    && (r.node.is_empty() || f.node == r.node)
+                    && (r.resource.is_empty()
+                        || f.resource == r.resource
+                        || (r.resource.starts_with('/') && f.path.starts_with(&r.resource)))
+                    && (r.statuses.is_empty() || r.statuses.contains(&f.status))
+                    && f.last_seen_unix_nanos >= r.since_unix_nanos
+            })
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(ListFindingsResponse { findings }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetFindingRequest>,
+    ) -> Result<Response<FindingDetail>, Status> {
+        let id = request.into_inner().id;
+        let engine = self.correlator.lock();
+        let finding = engine
+            .findings
+            .get(id)
+            .map_err(|e| status_of(&e))?
+            .ok_or_else(|| Status::not_found(format!("no finding {id}")))?;
+        let mut events = Vec::new();
+        for r in &finding.evidence {
+            if let Some(e) = engine
+                .store()
+                .event_at(&r.node, r.seq, r.time_unix_nanos)
+                .map_err(|e| status_of(&e))?
+            {
+                events.push(e);
+            }
+        }
+        let approval = engine.approvals.get(finding.approval_id).cloned();
+        Ok(Response::new(FindingDetail {
+            finding: Some(finding),
+            events,
+            approval,
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateFindingRequest>,
+    ) -> Result<Response<driftwatch_proto::v1::Finding>, Status> {
+        let principal = self.principals.of(&request)?;
+        let r = request.into_inner();
+        if r.status != findings::ACKNOWLEDGED && r.status != findings::RESOLVED {
+            return Err(Status::invalid_argument(format!(
+                "status: must be \"acknowledged\" or \"resolved\", got {:?}",
+                r.status
+            )));
+        }
+        let mut engine = self.correlator.lock();
+        let current = engine
+            .findings
+            .get(r.id)
+            .map_err(|e| status_of(&e))?
+            .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
+        if current.status == findings::RESOLVED {
+            return Err(Status::failed_precondition(format!(
+                "finding {} is already resolved",
+                r.id
+            )));
+        }
+        if r.approval_id != 0 {
+            if r.status != findings::RESOLVED {
+                return Err(Status::invalid_argument(
+                    "an approval can only be attached when resolving",
+                ));
+            }
+            let a = engine
+                .approvals
+                .get(r.approval_id)
+                .ok_or_else(|| Status::not_found(format!("no approval {}", r.approval_id)))?;
+            if a.status != crate::correlate::approvals::APPROVED {
+                return Err(Status::failed_precondition(format!(
+                    "approval {} is {}, not approved",
+                    a.id, a.status
+                )));
+            }
+        }
+        let f = engine
+            .findings
+            .set_status(r.id, &r.status, &principal, &r.note, r.approval_id)
+            .map_err(|e| status_of(&e))?
+            .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
+        if r.approval_id != 0 {
+            engine
+                .approvals
+                .add_resolved(r.approval_id, &[f.id])
+                .map_err(|e| status_of(&e))?;
+        }
+        tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
+        Ok(Response::new(f))
+    }
+}
+
+#[tonic::async_trait]
+impl ApprovalService for Control {
+    async fn request(
+        &self,
+        request: Request<RequestApprovalRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        let principal = self.principals.of(&request)?;
+        let r = request.into_inner();
+        if r.resource.is_empty() {
+            return Err(Status::invalid_argument(
+                "resource: name a policy resource or an absolute path",
+            ));
+        }
+        if !r.resource.starts_with('/') {
+            if let Some(p) = self.correlator.policies.current() {
+                if p.policy.resource(&r.resource).is_none() {
+                    let known: Vec<&str> =
+                        p.policy.resources.iter().map(|r| r.name.as_str()).collect();
+                    return Err(Status::invalid_argument(format!(
+                        "resource: no resource named {:?} in the policy (known: {})",
+                        r.resource,
+                        known.join(", ")
+                    )));
+                }
+            }
+        }
+        if !r.sha256.is_empty() {
+            valid_sha("digest", &r.sha256)?;
+        }
+        if r.window_seconds <= 0 || r.window_seconds > 30 * 86_400 {
+            return Err(Status::invalid_argument(
+                "window: must be between 1 second and 30 days",
+            ));
+        }
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument("reason: say why the change is needed"));
+        }
+        let a = Approval {
+            resource: r.resource,
+            host: if r.host.is_empty() { "*".into() } else { r.host },
+            sha256: r.sha256.to_ascii_lowercase(),
+            window_seconds: r.window_seconds,
+            reason: r.reason,
+            requester: principal,
+            requested_unix_nanos: now_unix_nanos(),
+            ..Default::default()
+        };
+        let a = self
+            .correlator
+            .lock()
+            .approvals
+            .request(a)
+            .map_err(approval_status)?;
+        tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
+        Ok(Response::new(a))
+    }
+
+    async fn decide(
+        &self,
+        request: Request<DecideApprovalRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        let principal = self.principals.of(&request)?;
+        let r = request.into_inner();
+        let mut engine = self.correlator.lock();
+        let a = engine
+            .approvals
+            .decide(r.id, r.approve, &principal, &r.note, now_unix_nanos())
+            .map_err(approval_status)?;
+        tracing::info!(id = a.id, status = %a.status, approver = %principal, "change request decided");
+        if r.approve {
+            let resolved = engine.apply_approval(a.id).map_err(|e| status_of(&e))?;
+            if !resolved.is_empty() {
+                tracing::info!(id = a.id, ?resolved, "open findings resolved by the approval");
+            }
+        }
+        let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
+        Ok(Response::new(a))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        let r = request.into_inner();
+        let engine = self.correlator.lock();
+        let approvals = if r.id != 0 {
+            let a = engine
+                .approvals
+                .get(r.id)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no approval {}", r.id)))?;
+            vec![a]
+        } else {
+            engine.approvals.list(&r.statuses)
+        };
+        Ok(Response::new(ListApprovalsResponse { approvals }))
+    }
+}
+
+#[tonic::async_trait]
+impl BaselineService for Control {
+    async fn import(
+        &self,
+        request: Request<ImportBaselineRequest>,
+    ) -> Result<Response<ImportBaselineResponse>, Status> {
+        let principal = self.principals.of(&request)?;
+        let r = request.into_inner();
+        let host = if r.host.is_empty() { "*".to_owned() } else { r.host };
+        // Check everything before storing anything.
+        for (i, b) in r.entries.iter().enumerate() {
+            if !b.path.starts_with('/') {
+                return Err(Status::invalid_argument(format!(
+                    "entries[{i}].path: {:?} is not absolute",
+                    b.path
+                )));
+            }
+            let sha = b.state.as_ref().map(|s| s.sha256.as_str()).unwrap_or("");
+            valid_sha(&format!("entries[{i}].state.sha256"), sha)?;
+        }
+        let now = now_unix_nanos();
+        let mut engine = self.correlator.lock();
+        let n = r.entries.len() as u64;
+        for b in r.entries {
+            let state = b.state.map(|s| driftwatch_proto::v1::FileState {
+                exists: true,
+                sha256: s.sha256.to_ascii_lowercase(),
+                ..s
+            });
+            engine
+                .baselines
+                .put(Baseline {
+                    host: if b.host.is_empty() { host.clone() } else { b.host },
+                    path: b.path,
+                    state,
+                    source: baselines::MANIFEST.into(),
+                    set_unix_nanos: now,
+                    set_by: principal.clone(),
+                })
+                .map_err(|e| status_of(&e))?;
+        }
+        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+        tracing::info!(entries = n, %host, %principal, "baseline imported");
+        Ok(Response::new(ImportBaselineResponse { stored: n }))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<ScanBaselineRequest>,
+    ) -> Result<Response<ScanBaselineResponse>, Status> {
+        let principal = self.principals.of(&request)?;
+        let r = request.into_inner();
+        if !r.path.starts_with('/') {
+            return Err(Status::invalid_argument(format!(
+                "path: {:?} is not absolute",
+                r.path
+            )));
+        }
+        if r.node.is_empty() {
+            return Err(Status::invalid_argument("node: name the reference host"));
+        }
+        let apply_to = if r.apply_to.is_empty() {
+            r.node.clone()
+        } else {
+            r.apply_to
+        };
+        let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
+        let done = self.correlator.start_scan(&scan_id, &apply_to, &principal);
+        if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
+            self.correlator.end_scan(&scan_id);
+            return Err(e);
+        }
+        tracing::info!(%scan_id, node = %r.node, path = %r.path, %apply_to, "baseline scan requested");
+        let timeout = Duration::from_secs(if r.timeout_seconds == 0 {
+            300
+        } else {
+            u64::from(r.timeout_seconds)
+        });
+        match tokio::time::timeout(timeout, done).await {
+            Ok(Ok((files, errors, error))) => {
+                if !error.is_empty() && files == 0 {
+                    return Err(Status::failed_precondition(format!(
+                        "the scan on {} failed: {error}",
+                        r.node
+                    )));
+                }
+                Ok(Response::new(ScanBaselineResponse { files, errors }))
+            }
+            Ok(Err(_)) => Err(Status::unavailable("the scan was abandoned")),
+            Err(_) => {
+                self.correlator.end_scan(&scan_id);
+                Err(Status::deadline_exceeded(format!(
+                    "the agent of {} did not finish the scan within {}s",
+                    r.node,
+                    timeout.as_secs()
+                )))
+            }
+        }
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListBaselinesRequest>,
+    ) -> Result<Response<ListBaselinesResponse>, Status> {
+        let r = request.into_inner();
+        let baselines = self
+            .correlator
+            .lock()
+            .baselines
+            .list(&r.host, &r.path_prefix);
+        Ok(Response::new(ListBaselinesResponse { baselines }))
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::process::id() ^ (now_unix_nanos() as u32).rotate_left(7)
+}

@@ -1,0 +1,249 @@
+//! Desired state: per path and host selector, from a manifest, a scan of a
+//! reference host, an approved change, or learned on first sight.
+//!
+//! Tree `baselines`: `path \0 host` → `Baseline`, all of it also in memory
+//! (one entry per watched file and selector).
+
+use std::collections::BTreeMap;
+
+use driftwatch_proto::v1::{Baseline, FileState};
+use prost::Message as _;
+
+use crate::store::{Store, StoreError};
+
+/// Manifest entries: read by the collector from a manifest file.
+pub const MANIFEST: &str = "manifest";
+/// A reference host's state.
+pub const SCAN: &str = "scan";
+/// The state when the path was first watched.
+pub const LEARNED: &str = "learned";
+/// The first state of a file created while watched.
+pub const LEARNED_CREATED: &str = "learned_created";
+/// The result of an approved change.
+pub const APPROVED: &str = "approved";
+
+/// True when `name` matches the host `pattern` (`*` any run, `?` one byte).
+pub fn host_matches(pattern: &str, name: &str) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], s) || (!s.is_empty() && m(p, &s[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), name.as_bytes())
+}
+
+/// How well a selector fits a host: exact name beats a glob, a longer glob
+/// beats a shorter one, `*` comes last.
+fn specificity(pattern: &str, node: &str) -> Option<usize> {
+    if pattern == node {
+        Some(usize::MAX)
+    } else if host_matches(pattern, node) {
+        Some(pattern.len())
+    } else {
+        None
+    }
+}
+
+fn key(path: &str, host: &str) -> Vec<u8> {
+    let mut k = path.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(host.as_bytes());
+    k
+}
+
+/// The baselines.
+pub struct Baselines {
+    tree: sled::Tree,
+    map: BTreeMap<(String, String), Baseline>,
+}
+
+impl Baselines {
+    /// Opens the tree and loads it.
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        let tree = store.tree("baselines")?;
+        let mut map = BTreeMap::new();
+        for kv in tree.iter() {
+            let (_, v) = kv?;
+            let b = Baseline::decode(&*v).map_err(|source| StoreError::Corrupt {
+                tree: "baselines",
+                source,
+            })?;
+            map.insert((b.path.clone(), b.host.clone()), b);
+        }
+        Ok(Self { tree, map })
+    }
+
+    /// The desired state of `path` on `node`, from the best-fitting selector.
+    pub fn lookup(&self, node: &str, path: &str) -> Option<&Baseline> {
+        self.map
+            .range((path.to_owned(), String::new())..)
+            .take_while(|((p, _), _)| p == path)
+            .filter_map(|((_, host), b)| specificity(host, node).map(|s| (s, b)))
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, b)| b)
+    }
+
+    /// Stores (or replaces) a baseline.
+    pub fn put(&mut self, b: Baseline) -> Result<(), StoreError> {
+        self.tree.insert(key(&b.path, &b.host), b.encode_to_vec())?;
+        self.map.insert((b.path.clone(), b.host.clone()), b);
+        Ok(())
+    }
+
+    /// Forgets a baseline.
+    pub fn remove(&mut self, host: &str, path: &str) -> Result<(), StoreError> {
+        self.tree.remove(key(path, host))?;
+        self.map.remove(&(path.to_owned(), host.to_owned()));
+        Ok(())
+    }
+
+    /// Baselines for a selector (all when empty) under a path prefix,
+    /// ordered by host selector then path.
+    pub fn list(&self, host: &str, prefix: &str) -> Vec<Baseline> {
+        let mut v: Vec<Baseline> = self
+            .map
+            .values()
+            .filter(|b| (host.is_empty() || b.host == host) && b.path.starts_with(prefix))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        v
+    }
+}
+
+/// What differs between a desired and an observed state; fields the desired
+/// state leaves unknown are not compared, nor is content that could not be read.
+pub fn differences(desired: &FileState, actual: &FileState) -> Vec<String> {
+    let mut d = Vec::new();
+    if desired.exists && !actual.exists {
+        d.push("missing".to_owned());
+        return d;
+    }
+    if !desired.sha256.is_empty() && !actual.sha256.is_empty() && desired.sha256 != actual.sha256
+    {
+        d.push("content".to_owned());
+    }
+    if desired.mode.is_some() && actual.mode.is_some() && desired.mode != actual.mode {
+        d.push("mode".to_owned());
+    }
+    if (desired.uid.is_some() && actual.uid.is_some() && desired.uid != actual.uid)
+        || (desired.gid.is_some() && actual.gid.is_some() && desired.gid != actual.gid)
+    {
+        d.push("owner".to_owned());
+    }
+    d
+}
+
+/// Why a manifest line was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct ManifestError {
+    /// The manifest.
+    pub file: String,
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Parses a manifest: `sha256sum` output (`HEX  PATH`, `HEX *PATH`), as a
+/// Git checkout or a model registry export produces, one file per line;
+/// `#` comments and blank lines are skipped. Relative paths are joined to
+/// `root`, which must then be given.
+pub fn parse_manifest(
+    file: &str,
+    text: &str,
+    root: Option<&str>,
+) -> Result<Vec<(String, String)>, ManifestError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let err = |reason: String| ManifestError {
+            file: file.to_owned(),
+            line: i + 1,
+            reason,
+        };
+        let line = raw.trim_end();
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((hex, rest)) = line.split_once(char::is_whitespace) else {
+            return Err(err("expected \"SHA256  PATH\"".into()));
+        };
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(err(format!(
+                "{hex:?} is not a SHA-256 (64 hex digits)"
+            )));
+        }
+        let path = rest.trim_start().trim_start_matches('*');
+        if path.is_empty() {
+            return Err(err("no path after the digest".into()));
+        }
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            match root {
+                Some(r) => format!("{}/{}", r.trim_end_matches('/'), path.trim_start_matches("./")),
+                None => {
+                    return Err(err(format!(
+                        "{path:?} is relative; pass --root DIR to say where the manifest's files live"
+                    )))
+                }
+            }
+        };
+        if path.split('/').any(|c| c == "..") {
+            return Err(err(format!("{path:?} must not contain .. components")));
+        }
+        out.push((path, hex.to_ascii_lowercase()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_globs() {
+        assert!(host_matches("*", "node-1"));
+        assert!(host_matches("web-*", "web-12"));
+        assert!(!host_matches("web-*", "db-1"));
+        assert!(host_matches("n?de", "node"));
+        assert!(specificity("node-1", "node-1") > specificity("node-*", "node-1"));
+        assert!(specificity("node-*", "node-1") > specificity("*", "node-1"));
+    }
+
+    #[test]
+    fn manifest_lines() {
+        let sha = "a".repeat(64);
+        let text = format!("# models\n{sha}  /srv/m/a.bin\n{sha} *rel/b.bin\n\n");
+        let v = parse_manifest("m.txt", &text, Some("/srv")).expect("valid");
+        assert_eq!(v[0].0, "/srv/m/a.bin");
+        assert_eq!(v[1].0, "/srv/rel/b.bin");
+        let e = parse_manifest("m.txt", &text, None).expect_err("relative without root");
+        assert!(e.to_string().starts_with("m.txt:3: "), "{e}");
+        let e = parse_manifest("m.txt", "abc  /x\n", None).expect_err("short digest");
+        assert!(e.to_string().contains("m.txt:1: \"abc\" is not a SHA-256"), "{e}");
+    }
+
+    #[test]
+    fn differences_compare_what_is_known() {
+        let want = FileState {
+            exists: true,
+            sha256: "aa".into(),
+            mode: Some(0o644),
+            ..Default::default()
+        };
+        let mut got = want.clone();
+        got.uid = Some(1000);
+        assert!(differences(&want, &got).is_empty());
+        got.mode = Some(0o666);
+        got.sha256 = "bb".into();
+        assert_eq!(differences(&want, &got), ["content", "mode"]);
+        got.exists = false;
+        assert_eq!(differences(&want, &got), ["missing"]);
+    }
+}

@@ -1,0 +1,284 @@
+//! Findings on disk: one record per finding, deduplicated by a key while
+//! open or acknowledged, moving open → acknowledged → resolved.
+//!
+//! Trees: `findings`: id (u64, big-endian) → `Finding`; `finding_keys`:
+//! dedupe key → id, for findings not yet resolved.
+
+use std::collections::HashMap;
+
+use driftwatch_proto::v1::{EvidenceRef, FileState, Finding, Process, StatusChange};
+use prost::Message as _;
+
+use crate::store::{Store, StoreError};
+
+/// Evidence kept per finding: the first events and the latest ones.
+const EVIDENCE_HEAD: usize = 10;
+const EVIDENCE_TAIL: usize = 10;
+
+/// Finding statuses.
+pub const OPEN: &str = "open";
+/// Someone has seen it.
+pub const ACKNOWLEDGED: &str = "acknowledged";
+/// Closed.
+pub const RESOLVED: &str = "resolved";
+
+/// One occurrence of something a finding reports.
+#[derive(Debug, Default)]
+pub struct Occurrence {
+    /// Finding kind.
+    pub kind: &'static str,
+    /// Node.
+    pub node: String,
+    /// Policy resource.
+    pub resource: String,
+    /// File path.
+    pub path: String,
+    /// Who acted.
+    pub actor: Option<Process>,
+    /// Desired state.
+    pub desired: Option<FileState>,
+    /// Observed state.
+    pub actual: Option<FileState>,
+    /// What differs.
+    pub differences: Vec<String>,
+    /// One line.
+    pub summary: String,
+    /// When.
+    pub time: i64,
+    /// Its events.
+    pub evidence: Vec<EvidenceRef>,
+    /// Occurrences this stands for (at least 1).
+    pub count: u64,
+    /// Failed attempts among them.
+    pub failed: u64,
+    /// Connect destination.
+    pub address: String,
+    /// Connect port.
+    pub port: u32,
+}
+
+/// The findings trees, with the open keys in memory.
+pub struct Findings {
+    tree: sled::Tree,
+    keys: sled::Tree,
+    open: HashMap<String, u64>,
+}
+
+fn corrupt(source: prost::DecodeError) -> StoreError {
+    StoreError::Corrupt {
+        tree: "findings",
+        source,
+    }
+}
+
+fn push_evidence(list: &mut Vec<EvidenceRef>, more: Vec<EvidenceRef>) {
+    for e in more {
+        if list.iter().any(|x| x.node == e.node && x.seq == e.seq) {
+            continue;
+        }
+        list.push(e);
+        if list.len() > EVIDENCE_HEAD + EVIDENCE_TAIL {
+            list.remove(EVIDENCE_HEAD);
+        }
+    }
+}
+
+impl Findings {
+    /// Opens the trees.
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        let tree = store.tree("findings")?;
+        let keys = store.tree("finding_keys")?;
+        let mut open = HashMap::new();
+        for kv in keys.iter() {
+            let (k, v) = kv?;
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&v[..8.min(v.len())]);
+            open.insert(String::from_utf8_lossy(&k).into_owned(), u64::from_be_bytes(id));
+        }
+        Ok(Self { tree, keys, open })
+    }
+
+    /// One finding.
+    pub fn get(&self, id: u64) -> Result<Option<Finding>, StoreError> {
+        self.tree
+            .get(id.to_be_bytes())?
+            .map(|v| Finding::decode(&*v).map_err(corrupt))
+            .transpose()
+    }
+
+    fn put(&self, f: &Finding) -> Result<(), StoreError> {
+        self.tree.insert(f.id.to_be_bytes(), f.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// The unresolved finding with this key, if any.
+    pub fn open_with_key(&self, key: &str) -> Result<Option<Finding>, StoreError> {
+        match self.open.get(key) {
+            Some(id) => self.get(*id),
+            None => Ok(None),
+        }
+    }
+
+    /// Folds an occurrence into the unresolved finding with `key`, or opens
+    /// a new one. Returns the finding's id.
+    pub fn record(&mut self, key: &str, o: Occurrence) -> Result<u64, StoreError> {
+        let count = o.count.max(1);
+        if let Some(mut f) = self.open_with_key(key)? {
+            f.count += count;
+            f.failed += o.failed;
+            f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(o.time);
+            if o.actor.is_some() {
+                f.actor = o.actor;
+            }
+            if !o.path.is_empty() {
+                f.path = o.path;
+            }
+            if o.desired.is_some() {
+                f.desired = o.desired;
+            }
+            if o.actual.is_some() {
+                f.actual = o.actual;
+            }
+            if !o.differences.is_empty() {
+                f.differences = o.differences;
+            }
+            if !o.summary.is_empty() {
+                f.summary = o.summary;
+            }
+            if !o.address.is_empty() {
+                f.address = o.address;
+                f.port = o.port;
+            }
+            push_evidence(&mut f.evidence, o.evidence);
+            self.put(&f)?;
+            return Ok(f.id);
+        }
+        let id = match self.tree.last()? {
+            Some((k, _)) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&k[..8]);
+                u64::from_be_bytes(b) + 1
+            }
+            None => 1,
+        };
+        let mut evidence = Vec::new();
+        push_evidence(&mut evidence, o.evidence);
+        let f = Finding {
+            id,
+            kind: o.kind.to_owned(),
+            status: OPEN.into(),
+            node: o.node,
+            resource: o.resource,
+            path: o.path,
+            actor: o.actor,
+            desired: o.desired,
+            actual: o.actual,
+            differences: o.differences,
+            summary: o.summary,
+            first_seen_unix_nanos: o.time,
+            last_seen_unix_nanos: o.time,
+            count,
+            evidence,
+            approval_id: 0,
+            history: vec![StatusChange {
+                status: OPEN.into(),
+                principal: "collector".into(),
+                time_unix_nanos: driftwatch_proto::time::now_unix_nanos(),
+                note: String::new(),
+            }],
+            address: o.address,
+            port: o.port,
+            failed: o.failed,
+        };
+        self.put(&f)?;
+        self.keys.insert(key.as_bytes(), &id.to_be_bytes())?;
+        self.open.insert(key.to_owned(), id);
+        tracing::info!(id, kind = %f.kind, node = %f.node, summary = %f.summary, "finding opened");
+        Ok(id)
+    }
+
+    /// Moves a finding to `status` (`acknowledged` or `resolved`).
+    pub fn set_status(
+        &mut self,
+        id: u64,
+        status: &str,
+        principal: &str,
+        note: &str,
+        approval_id: u64,
+    ) -> Result<Option<Finding>, StoreError> {
+        let Some(mut f) = self.get(id)? else {
+            return Ok(None);
+        };
+        f.status = status.to_owned();
+        if approval_id != 0 {
+            f.approval_id = approval_id;
+        }
+        f.history.push(StatusChange {
+            status: status.to_owned(),
+            principal: principal.to_owned(),
+            time_unix_nanos: driftwatch_proto::time::now_unix_nanos(),
+            note: note.to_owned(),
+        });
+        self.put(&f)?;
+        if status == RESOLVED {
+            let keys: Vec<String> = self
+                .open
+                .iter()
+                .filter(|(_, v)| **v == id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                self.open.remove(&k);
+                self.keys.remove(k.as_bytes())?;
+            }
+        }
+        Ok(Some(f))
+    }
+
+    /// Resolves the unresolved finding with `key`, if there is one.
+    pub fn resolve_key(
+        &mut self,
+        key: &str,
+        note: &str,
+        approval_id: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(id) = self.open.get(key).copied() else {
+            return Ok(None);
+        };
+        self.set_status(id, RESOLVED, "collector", note, approval_id)?;
+        tracing::info!(id, key = %key.replace('\0', " "), note, "finding resolved");
+        Ok(Some(id))
+    }
+
+    /// Unresolved findings.
+    pub fn unresolved(&self) -> Result<Vec<Finding>, StoreError> {
+        let mut out = Vec::new();
+        for id in self.open.values() {
+            if let Some(f) = self.get(*id)? {
+                out.push(f);
+            }
+        }
+        out.sort_by_key(|f| f.id);
+        Ok(out)
+    }
+
+    /// Findings newest first, passing `keep`, at most `limit`.
+    pub fn list(
+        &self,
+        limit: usize,
+        keep: impl Fn(&Finding) -> bool,
+    ) -> Result<Vec<Finding>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.iter().rev() {
+            let (_, v) = kv?;
+            let f = Finding::decode(&*v).map_err(corrupt)?;
+            if keep(&f) {
+                out.push(f);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
