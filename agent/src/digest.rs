@@ -249,9 +249,9 @@ fn read_state(
         d.mtime_unix_nanos = mtime(&before);
         let ft = before.file_type();
         if ft.is_symlink() {
-            d.sha256 = std::fs::read_link(p).ok().map(|t| {
-                hex(&Sha256::digest(t.as_os_str().as_encoded_bytes()))
-            });
+            d.sha256 = std::fs::read_link(p)
+                .ok()
+                .map(|t| hex(&Sha256::digest(t.as_os_str().as_encoded_bytes())));
             return Some(d);
         }
         if !ft.is_file() {
@@ -326,8 +326,7 @@ impl Digester {
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || {
             let (files, errors, error) = walk(&root, &mut |path| {
-                let Some(mut d) = read_state(path, resource_of(path), reason, false, &cache)
-                else {
+                let Some(mut d) = read_state(path, resource_of(path), reason, false, &cache) else {
                     return true;
                 };
                 d.scan_id.clone_from(&scan_id);
@@ -424,7 +423,9 @@ async fn run(
     loop {
         while tasks.len() < WORKERS {
             let Some(path) = queue.pop_front() else { break };
-            let Some(job) = queued.remove(&path) else { continue };
+            let Some(job) = queued.remove(&path) else {
+                continue;
+            };
             busy.insert(path.clone());
             let cache = cache.clone();
             tasks.spawn_blocking(move || {
@@ -541,7 +542,9 @@ mod tests {
         let cache = Mutex::new(Cache::default());
         let p = f.to_str().expect("utf-8");
         let first = state(p, false, &cache).sha256;
-        let mtime = std::fs::metadata(&f).and_then(|m| m.modified()).expect("mtime");
+        let mtime = std::fs::metadata(&f)
+            .and_then(|m| m.modified())
+            .expect("mtime");
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&f, b"two").expect("write");
         let file = std::fs::File::options().write(true).open(&f).expect("open");

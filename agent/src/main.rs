@@ -4,8 +4,8 @@ use std::{
     collections::BTreeMap,
     io::{BufWriter, Write},
     path::{Path, PathBuf},
-    sync::Arc,
     process::ExitCode,
+    sync::Arc,
     time::Duration,
 };
 
@@ -314,7 +314,10 @@ fn apply_policy(
 ) -> anyhow::Result<()> {
     let time = Clock::now_rfc3339();
     if let Err(e) = sensors.apply(WatchSet::from_policy(&next.policy)) {
-        tracing::error!("policy {} could not be applied, the running policy stays in force: {e:#}", next.version);
+        tracing::error!(
+            "policy {} could not be applied, the running policy stays in force: {e:#}",
+            next.version
+        );
         out.emit(&Event::PolicyRefused {
             time,
             node: out.node.clone(),
@@ -342,7 +345,11 @@ fn apply_policy(
 /// Asks for the state of the files a change event touched.
 fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Policy) {
     let Event::File {
-        op, path, new_path, result, ..
+        op,
+        path,
+        new_path,
+        result,
+        ..
     } = e
     else {
         return;
@@ -353,12 +360,17 @@ fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Polic
     let paths: Vec<&str> = match *op {
         "close_write" | "truncate" | "unlink" => vec![path],
         "chmod" | "chown" => vec![path],
-        "rename" => [Some(path.as_str()), new_path.as_deref()].into_iter().flatten().collect(),
+        "rename" => [Some(path.as_str()), new_path.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect(),
         "link" | "symlink" => new_path.as_deref().into_iter().collect(),
         _ => return,
     };
     for p in paths {
-        let Some(r) = policy.resource_for_path(p) else { continue };
+        let Some(r) = policy.resource_for_path(p) else {
+            continue;
+        };
         digester.submit(Job {
             path: p.to_owned(),
             resource: Some(r.name.clone()),
@@ -646,7 +658,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Whatever the kernel wrote before the signal is still ours to report.
     while let Some(item) = ring.get_mut().next() {
-        handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
+        handle(
+            &item,
+            &mut decoder,
+            &sensors,
+            &mut user,
+            &mut out,
+            &digester,
+            &running.policy,
+        )?;
     }
     let final_stats = stats(&sensors, &user, &node)?;
     out.emit(&final_stats)?;

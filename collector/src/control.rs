@@ -51,13 +51,12 @@ impl Principals {
             let mut parts = line.split_whitespace();
             let (Some(token), Some(principal), None) = (parts.next(), parts.next(), parts.next())
             else {
-                anyhow::bail!(
-                    "{}:{}: expected \"TOKEN PRINCIPAL\"",
-                    path.display(),
-                    i + 1
-                );
+                anyhow::bail!("{}:{}: expected \"TOKEN PRINCIPAL\"", path.display(), i + 1);
             };
-            if tokens.insert(token.to_owned(), principal.to_owned()).is_some() {
+            if tokens
+                .insert(token.to_owned(), principal.to_owned())
+                .is_some()
+            {
                 anyhow::bail!("{}:{}: token listed twice", path.display(), i + 1);
             }
         }
@@ -97,7 +96,10 @@ impl Principals {
         let mut found = None;
         for (t, p) in tokens.iter() {
             if t.len() == token.len()
-                && t.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+                && t.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
             {
                 found = Some(p.clone());
             }
@@ -290,11 +292,17 @@ impl ApprovalService for Control {
             ));
         }
         if r.reason.trim().is_empty() {
-            return Err(Status::invalid_argument("reason: say why the change is needed"));
+            return Err(Status::invalid_argument(
+                "reason: say why the change is needed",
+            ));
         }
         let a = Approval {
             resource: r.resource,
-            host: if r.host.is_empty() { "*".into() } else { r.host },
+            host: if r.host.is_empty() {
+                "*".into()
+            } else {
+                r.host
+            },
             sha256: r.sha256.to_ascii_lowercase(),
             window_seconds: r.window_seconds,
             reason: r.reason,
@@ -327,7 +335,11 @@ impl ApprovalService for Control {
         if r.approve {
             let resolved = engine.apply_approval(a.id).map_err(|e| status_of(&e))?;
             if !resolved.is_empty() {
-                tracing::info!(id = a.id, ?resolved, "open findings resolved by the approval");
+                tracing::info!(
+                    id = a.id,
+                    ?resolved,
+                    "open findings resolved by the approval"
+                );
             }
         }
         let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
@@ -362,7 +374,11 @@ impl BaselineService for Control {
     ) -> Result<Response<ImportBaselineResponse>, Status> {
         let principal = self.principals.of(&request)?;
         let r = request.into_inner();
-        let host = if r.host.is_empty() { "*".to_owned() } else { r.host };
+        let host = if r.host.is_empty() {
+            "*".to_owned()
+        } else {
+            r.host
+        };
         // Check everything before storing anything.
         for (i, b) in r.entries.iter().enumerate() {
             if !b.path.starts_with('/') {
@@ -386,7 +402,11 @@ impl BaselineService for Control {
             engine
                 .baselines
                 .put(Baseline {
-                    host: if b.host.is_empty() { host.clone() } else { b.host },
+                    host: if b.host.is_empty() {
+                        host.clone()
+                    } else {
+                        b.host
+                    },
                     path: b.path,
                     state,
                     source: baselines::MANIFEST.into(),

@@ -116,8 +116,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(blocks = store.block_count(), dir = %args.data_dir.display(), "store opened");
     let policies = Policies::open(args.policy.clone())?;
     match policies.current() {
-        Some(p) => tracing::info!(file = %p.source, version = %p.version, resources = p.policy.resources.len(), "policy loaded"),
-        None => tracing::warn!("no --policy: agents keep their own, and writes and connects are not judged"),
+        Some(p) => {
+            tracing::info!(file = %p.source, version = %p.version, resources = p.policy.resources.len(), "policy loaded")
+        }
+        None => tracing::warn!(
+            "no --policy: agents keep their own, and writes and connects are not judged"
+        ),
     }
     let principals = match &args.tokens {
         Some(path) => Principals::load(path)?,
@@ -190,7 +194,9 @@ async fn reload_on_hangup(policies: Policies) {
     };
     while hup.recv().await.is_some() {
         match policies.reload() {
-            Ok(Some(version)) => tracing::info!(%version, "policy reloaded; agents are sent the new version"),
+            Ok(Some(version)) => {
+                tracing::info!(%version, "policy reloaded; agents are sent the new version")
+            }
             Ok(None) => tracing::info!("SIGHUP: no --policy file to re-read"),
             Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
         }

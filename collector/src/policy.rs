@@ -72,9 +72,7 @@ impl Policies {
         };
         let next = load(file)?;
         let version = next.version.clone();
-        let same = self
-            .current()
-            .is_some_and(|c| c.version == next.version);
+        let same = self.current().is_some_and(|c| c.version == next.version);
         if !same {
             self.tx.send_replace(Some(Arc::new(next)));
         }

@@ -168,7 +168,9 @@ impl Resource {
 /// True when the policy path `p` names `path` or a tree holding it.
 pub fn covers(p: &str, path: &str) -> bool {
     match p.strip_suffix('/') {
-        Some(dir) => path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/',
+        Some(dir) => {
+            path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+        }
         None => p == path || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/')),
     }
 }
@@ -179,13 +181,13 @@ impl Selector {
     /// a container's image) never match: a selector fails closed.
     pub fn matches(&self, p: &crate::v1::Process) -> bool {
         fn eq(want: &Option<String>, have: &str) -> bool {
-            want.as_deref().is_none_or(|w| !have.is_empty() && w == have)
+            want.as_deref()
+                .is_none_or(|w| !have.is_empty() && w == have)
         }
         let container = p.container.as_ref();
         let container_ok = self.container.as_deref().is_none_or(|w| {
             container.is_some_and(|c| {
-                (!c.name.is_empty() && c.name == w)
-                    || (w.len() >= 12 && c.id.starts_with(w))
+                (!c.name.is_empty() && c.name == w) || (w.len() >= 12 && c.id.starts_with(w))
             })
         });
         let image_ok = self
@@ -308,10 +310,7 @@ impl Policy {
                     return Err(bad(field, format!("must be an absolute path, got {p:?}")));
                 }
                 if p.len() > MAX_PATH_LEN {
-                    return Err(bad(
-                        field,
-                        format!("is longer than {MAX_PATH_LEN} bytes"),
-                    ));
+                    return Err(bad(field, format!("is longer than {MAX_PATH_LEN} bytes")));
                 }
                 if p.split('/').any(|c| c == ".." || c == ".") {
                     return Err(bad(
@@ -383,7 +382,11 @@ resources:
     #[test]
     fn paths_and_selectors() {
         let p = Policy::parse("p.yaml", GOOD).expect("valid");
-        assert_eq!(p.resource_for_path("/etc/myapp/a.conf").map(|r| r.name.as_str()), Some("app-config"));
+        assert_eq!(
+            p.resource_for_path("/etc/myapp/a.conf")
+                .map(|r| r.name.as_str()),
+            Some("app-config")
+        );
         assert!(p.resource_for_path("/etc/myapp").is_none());
         assert!(p.resource_for_path("/etc/myappx/a").is_none());
         assert!(p.resource_for_path("/srv/app/settings.yaml").is_some());

@@ -274,12 +274,22 @@ pub struct Collector {
     port: u16,
     /// Its data directory.
     pub data: PathBuf,
+    /// Extra command-line arguments, kept across restarts.
+    pub extra: Vec<String>,
+    /// The policy file it judges with ([`Collector::judging`]).
+    pub policy: Option<PathBuf>,
     _dir: Dir,
+    _files: Option<Dir>,
 }
 
 impl Collector {
     /// Starts a collector on a fresh store and waits until it listens.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// As [`Collector::start`], with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = Dir::new();
         let port = free_port();
         let mut c = Self {
@@ -287,10 +297,84 @@ impl Collector {
             url: format!("http://127.0.0.1:{port}"),
             port,
             data: dir.path.join("store"),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            policy: None,
             _dir: dir,
+            _files: None,
         };
         c.restart();
         c
+    }
+
+    /// Starts a collector judging with `policy_yaml`, with principals
+    /// `alice` and `bob` (tokens `alice-token`, `bob-token`), and `extra`.
+    pub fn judging(policy_yaml: &str, extra: &[&str]) -> Self {
+        let dir = Dir::new();
+        let policy = dir.path.join("policy.yaml");
+        std::fs::write(&policy, policy_yaml).expect("write policy");
+        let tokens = dir.path.join("tokens");
+        std::fs::write(&tokens, "alice-token alice\nbob-token bob\n").expect("write tokens");
+        let (policy_arg, tokens) = (policy.display().to_string(), tokens.display().to_string());
+        let mut args = vec!["--policy", &policy_arg, "--tokens", &tokens];
+        args.extend_from_slice(extra);
+        let mut c = Self::start_with(&args);
+        c.policy = Some(policy);
+        c._files = Some(dir);
+        c
+    }
+
+    /// The collector's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `driftwatch ARGS…` as principal `who` (a token name: `alice`, `bob`;
+    /// none when empty).
+    pub fn cli(&self, who: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin("driftwatch"));
+        cmd.args(["--collector", &self.url]).args(args);
+        cmd.env_remove("DRIFTWATCH_TOKEN");
+        if !who.is_empty() {
+            cmd.env("DRIFTWATCH_TOKEN", format!("{who}-token"));
+        }
+        cmd.output().expect("run driftwatch")
+    }
+
+    /// `driftwatch ARGS… -o json` as `who`, which must succeed, parsed per line.
+    pub fn json(&self, who: &str, args: &[&str]) -> Vec<Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(who, &all);
+        assert!(
+            out.status.success(),
+            "driftwatch {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("non-JSON line ({e}): {l}")))
+            .collect()
+    }
+
+    /// Waits (up to `secs`) until the findings (all statuses) satisfy `pred`.
+    pub fn wait_findings(
+        &self,
+        secs: u64,
+        pred: impl Fn(&[Value]) -> bool,
+        what: &str,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let f = self.json("", &["findings", "list", "--all"]);
+            if pred(&f) {
+                return f;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "findings never showed {what}; last: {f:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// (Re)starts the process on the same port and store.
@@ -302,6 +386,7 @@ impl Collector {
                 "--data-dir",
                 &self.data.display().to_string(),
             ])
+            .args(&self.extra)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the collector");
@@ -387,6 +472,56 @@ impl Agent {
                 "1",
             ],
         )
+    }
+
+    /// Starts an agent with no policy of its own: it applies the
+    /// collector's. Waits until it has.
+    pub fn managed(collector: &str, node: &str, spool: &Path) -> Self {
+        require_root();
+        let dir = Dir::new();
+        let out = dir.path.join("events.jsonl");
+        let child = Command::new(agent_bin())
+            .args([
+                "--stdout",
+                "--loss-interval",
+                "1",
+                "--collector",
+                collector,
+                "--node-name",
+                node,
+                "--spool-dir",
+                &spool.display().to_string(),
+                "--heartbeat-interval",
+                "1",
+            ])
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the agent");
+        let mut agent = Self {
+            child,
+            out,
+            policy: dir.path.join("unused.yaml"),
+            _dir: dir,
+        };
+        agent.wait_for(|e| e["kind"] == "agent_start", "agent_start");
+        let applied = agent.wait_for(
+            |e| {
+                e["kind"] == "policy_applied"
+                    && e["source"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("collector"))
+            },
+            "the collector's policy applied",
+        );
+        // The state of what the policy watches is read once, at apply.
+        if applied["watched_paths"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+        {
+            agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+        }
+        agent
     }
 
     /// SIGKILL: no drain, no goodbye.

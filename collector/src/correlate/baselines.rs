@@ -123,8 +123,7 @@ pub fn differences(desired: &FileState, actual: &FileState) -> Vec<String> {
         d.push("missing".to_owned());
         return d;
     }
-    if !desired.sha256.is_empty() && !actual.sha256.is_empty() && desired.sha256 != actual.sha256
-    {
+    if !desired.sha256.is_empty() && !actual.sha256.is_empty() && desired.sha256 != actual.sha256 {
         d.push("content".to_owned());
     }
     if desired.mode.is_some() && actual.mode.is_some() && desired.mode != actual.mode {
@@ -174,9 +173,7 @@ pub fn parse_manifest(
             return Err(err("expected \"SHA256  PATH\"".into()));
         };
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err(format!(
-                "{hex:?} is not a SHA-256 (64 hex digits)"
-            )));
+            return Err(err(format!("{hex:?} is not a SHA-256 (64 hex digits)")));
         }
         let path = rest.trim_start().trim_start_matches('*');
         if path.is_empty() {
@@ -186,12 +183,14 @@ pub fn parse_manifest(
             path.to_owned()
         } else {
             match root {
-                Some(r) => format!("{}/{}", r.trim_end_matches('/'), path.trim_start_matches("./")),
-                None => {
-                    return Err(err(format!(
-                        "{path:?} is relative; pass --root DIR to say where the manifest's files live"
-                    )))
-                }
+                Some(r) => format!(
+                    "{}/{}",
+                    r.trim_end_matches('/'),
+                    path.trim_start_matches("./")
+                ),
+                None => return Err(err(format!(
+                    "{path:?} is relative; pass --root DIR to say where the manifest's files live"
+                ))),
             }
         };
         if path.split('/').any(|c| c == "..") {
@@ -226,7 +225,10 @@ mod tests {
         let e = parse_manifest("m.txt", &text, None).expect_err("relative without root");
         assert!(e.to_string().starts_with("m.txt:3: "), "{e}");
         let e = parse_manifest("m.txt", "abc  /x\n", None).expect_err("short digest");
-        assert!(e.to_string().contains("m.txt:1: \"abc\" is not a SHA-256"), "{e}");
+        assert!(
+            e.to_string().contains("m.txt:1: \"abc\" is not a SHA-256"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -93,7 +93,10 @@ impl Findings {
             let (k, v) = kv?;
             let mut id = [0u8; 8];
             id.copy_from_slice(&v[..8.min(v.len())]);
-            open.insert(String::from_utf8_lossy(&k).into_owned(), u64::from_be_bytes(id));
+            open.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                u64::from_be_bytes(id),
+            );
         }
         Ok(Self { tree, keys, open })
     }

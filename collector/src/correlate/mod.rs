@@ -400,7 +400,8 @@ impl Engine {
                     self.state_tree.remove(state_key(&n, &p))?;
                     self.states.remove(&(n, p));
                 } else {
-                    self.state_tree.insert(state_key(&n, &p), s.encode_to_vec())?;
+                    self.state_tree
+                        .insert(state_key(&n, &p), s.encode_to_vec())?;
                 }
             }
         }
@@ -412,7 +413,12 @@ impl Engine {
         Ok(())
     }
 
-    fn file(&mut self, e: &Event, f: &FileChange, policy: Option<&Policy>) -> Result<(), StoreError> {
+    fn file(
+        &mut self,
+        e: &Event,
+        f: &FileChange,
+        policy: Option<&Policy>,
+    ) -> Result<(), StoreError> {
         let Some(actor) = e.process.as_ref() else {
             return Ok(());
         };
@@ -584,7 +590,13 @@ impl Engine {
         let sha = d.exists.then_some(d.sha256.as_str());
         if let Some(a) = self
             .approvals
-            .matching(&node, &resource, &d.path, e.time_unix_nanos, sha.or(Some("")))
+            .matching(
+                &node,
+                &resource,
+                &d.path,
+                e.time_unix_nanos,
+                sha.or(Some("")),
+            )
             .filter(|a| d.exists || a.sha256.is_empty())
             .cloned()
         {
@@ -650,16 +662,27 @@ impl Engine {
         let by = match (&actor, d.reason.as_str()) {
             (Some(_), _) => format!(
                 "by {}",
-                pending.writers.iter().map(who).collect::<Vec<_>>().join(", ")
+                pending
+                    .writers
+                    .iter()
+                    .map(who)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-            (None, "watch") => "while nothing watched it (found when the agent started watching)".into(),
+            (None, "watch") => {
+                "while nothing watched it (found when the agent started watching)".into()
+            }
             (None, _) => "by an unknown process".into(),
         };
         let summary = if d.exists {
             let mut parts = Vec::new();
             for x in &diffs {
                 parts.push(match x.as_str() {
-                    "content" => format!("content {} -> {}", short(&want.sha256), short(&actual.sha256)),
+                    "content" => format!(
+                        "content {} -> {}",
+                        short(&want.sha256),
+                        short(&actual.sha256)
+                    ),
                     "mode" => format!(
                         "mode {:04o} -> {:04o}",
                         want.mode.unwrap_or(0),
@@ -675,7 +698,11 @@ impl Engine {
                     other => other.to_owned(),
                 });
             }
-            format!("{} on {node} drifted from its desired state ({}) {by}", d.path, parts.join(", "))
+            format!(
+                "{} on {node} drifted from its desired state ({}) {by}",
+                d.path,
+                parts.join(", ")
+            )
         } else {
             format!("{} on {node} was deleted {by}", d.path)
         };
@@ -737,7 +764,12 @@ impl Engine {
         Ok(())
     }
 
-    fn connect(&mut self, e: &Event, c: &Connect, policy: Option<&Policy>) -> Result<(), StoreError> {
+    fn connect(
+        &mut self,
+        e: &Event,
+        c: &Connect,
+        policy: Option<&Policy>,
+    ) -> Result<(), StoreError> {
         let (Some(policy), Some(actor)) = (policy, e.process.as_ref()) else {
             return Ok(());
         };

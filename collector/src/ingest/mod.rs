@@ -303,9 +303,19 @@ impl AgentService for Ingest {
         let correlator = self.correlator.clone();
         let links = self.links.clone();
         tokio::spawn(async move {
-            let result = serve(&store, &correlator, &durability, &name, &mut inbound, &pending_tx).await;
+            let result = serve(
+                &store,
+                &correlator,
+                &durability,
+                &name,
+                &mut inbound,
+                &pending_tx,
+            )
+            .await;
             {
-                let mut links = links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut links = links
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if links.get(&name).is_some_and(|l| l.same_channel(&tx)) {
                     links.remove(&name);
                 }

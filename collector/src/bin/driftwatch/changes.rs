@@ -182,7 +182,9 @@ pub enum Baselines {
 fn authed<T>(msg: T, token: Option<&str>) -> Result<Request<T>, String> {
     let mut r = Request::new(msg);
     let Some(token) = token else {
-        return Err("this needs credentials: set DRIFTWATCH_TOKEN or pass --token-file FILE".into());
+        return Err(
+            "this needs credentials: set DRIFTWATCH_TOKEN or pass --token-file FILE".into(),
+        );
     };
     let v = format!("Bearer {token}")
         .parse()
@@ -471,7 +473,11 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
                 a.resource,
                 a.host,
                 a.requester,
-                if a.approver.is_empty() { "-" } else { &a.approver },
+                if a.approver.is_empty() {
+                    "-"
+                } else {
+                    &a.approver
+                },
                 a.changes.len(),
                 a.reason
             );
@@ -655,7 +661,8 @@ pub async fn baselines(
         Baselines::Import { file, root, hosts } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| format!("{file}: cannot read the manifest: {e}"))?;
-            let entries = parse_manifest(&file, &text, root.as_deref()).map_err(|e| e.to_string())?;
+            let entries =
+                parse_manifest(&file, &text, root.as_deref()).map_err(|e| e.to_string())?;
             if entries.is_empty() {
                 return Err(format!("{file}: no entries"));
             }
@@ -687,7 +694,10 @@ pub async fn baselines(
                     eprintln!("driftwatch: imported {stored}/{total}");
                 }
             }
-            let _ = writeln!(out, "imported {stored} entries from {file} for hosts {hosts}");
+            let _ = writeln!(
+                out,
+                "imported {stored} entries from {file} for hosts {hosts}"
+            );
         }
         Baselines::Scan {
             host,
@@ -695,8 +705,7 @@ pub async fn baselines(
             apply_to,
             timeout,
         } => {
-            let timeout =
-                units::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}"))?;
+            let timeout = units::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}"))?;
             eprintln!("driftwatch: asking the agent on {host} to digest {path} ...");
             let r = client
                 .scan(authed(

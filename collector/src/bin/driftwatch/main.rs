@@ -25,7 +25,12 @@ use serde_json::{json, Value};
 #[command(name = "driftwatch", version)]
 struct Cli {
     /// File holding your token (the collector maps it to your principal).
-    #[arg(long, global = true, env = "DRIFTWATCH_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "DRIFTWATCH_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     token_file: Option<std::path::PathBuf>,
     /// Collector URL.
     #[arg(
@@ -260,7 +265,9 @@ pub(crate) fn detail(e: &Event) -> String {
             format!("connect {}:{} {res}", c.address, c.port)
         }
         Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
-        Some(event::Event::Digest(d)) if !d.exists => format!("state {} gone ({})", d.path, d.reason),
+        Some(event::Event::Digest(d)) if !d.exists => {
+            format!("state {} gone ({})", d.path, d.reason)
+        }
         Some(event::Event::Digest(d)) => format!(
             "state {} sha256:{} {}B mode {:04o} owner {}:{} ({}){}",
             d.path,
@@ -270,15 +277,27 @@ pub(crate) fn detail(e: &Event) -> String {
             d.uid,
             d.gid,
             d.reason,
-            if d.error.is_empty() { String::new() } else { format!(" [{}]", d.error) }
+            if d.error.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", d.error)
+            }
         ),
         Some(event::Event::ScanDone(d)) => format!(
             "scan {} of {}: {} files, {} errors{}",
-            if d.scan_id.is_empty() { "(watched)" } else { &d.scan_id },
+            if d.scan_id.is_empty() {
+                "(watched)"
+            } else {
+                &d.scan_id
+            },
             d.path,
             d.files,
             d.errors,
-            if d.error.is_empty() { String::new() } else { format!(" [{}]", d.error) }
+            if d.error.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", d.error)
+            }
         ),
         Some(event::Event::Policy(p)) if p.applied => format!("policy {} applied", p.version),
         Some(event::Event::Policy(p)) => format!("policy {} refused: {}", p.version, p.error),
@@ -432,6 +451,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                         "host": n.name, "connected": a.connected, "last_seen": time(a.last_seen_unix_nanos),
                         "sensor_set": n.sensor_set, "kernel": n.kernel, "agent_version": n.agent_version,
                         "acked_seq": a.acked_seq, "last_seq": a.last_seq, "lag": lag,
+                        "policy_version": a.policy_version,
+                        "policy_error": (!a.policy_error.is_empty()).then_some(&a.policy_error),
                     })
                     .to_string(),
                     Output::Table => format!(
