@@ -370,7 +370,16 @@ fn the_watched_set_changes_at_run_time_without_reloading_programs() {
 
     std::fs::write(&agent.policy, policy(std::slice::from_ref(&b), &[])).unwrap();
     agent.reload();
-    agent.wait_for(|e| e["kind"] == "policy_applied", "policy_applied");
+    // The start applied the first policy too: wait for the one naming b.
+    agent.wait_for(
+        |e| {
+            e["kind"] == "policy_applied"
+                && e["watched_paths"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(b.as_str())))
+        },
+        "policy_applied with b",
+    );
     let after = dir.join("b/after.conf");
     std::fs::write(&after, "y").unwrap();
     let no_longer = dir.join("a/no-longer.conf");

@@ -19,11 +19,23 @@ pub struct Agent {
 impl Agent {
     /// Starts `bin` on `policy` and waits until its sensors are attached.
     pub fn start(bin: &Path, policy: &Path, out: &Path, extra: &[&str]) -> Result<Self> {
+        Self::spawn(bin, Some(policy), out, extra)
+    }
+
+    /// Starts `bin` without a policy of its own (`extra` names the
+    /// collector, which sends one) and waits until its sensors are attached.
+    pub fn start_managed(bin: &Path, out: &Path, extra: &[&str]) -> Result<Self> {
+        Self::spawn(bin, None, out, extra)
+    }
+
+    fn spawn(bin: &Path, policy: Option<&Path>, out: &Path, extra: &[&str]) -> Result<Self> {
         let stdout =
             std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let child = Command::new(bin)
-            .arg("--policy")
-            .arg(policy)
+        let mut cmd = Command::new(bin);
+        if let Some(p) = policy {
+            cmd.arg("--policy").arg(p);
+        }
+        let child = cmd
             .arg("--stdout")
             .args(extra)
             .stdout(stdout)

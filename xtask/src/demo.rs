@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: the agent on a sample policy, real changes and
-//! connects, and the timeline it recorded.
+//! `cargo xtask demo`: a collector judging with a sample policy, an agent
+//! that receives it, real changes and connects, and what came of them:
+//! findings, an approved change, and the timeline.
 
 use std::{net::TcpListener, path::Path, process::Command, time::Duration};
 
@@ -23,14 +24,6 @@ fn sh(script: &str) -> Command {
     c
 }
 
-fn s<'a>(v: &'a Value, path: &[&str]) -> &'a str {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_str().unwrap_or("")
-}
-
 /// Runs the demo.
 pub fn run() -> Result<()> {
     setup::require_root("cargo xtask demo")?;
@@ -48,6 +41,14 @@ pub fn run() -> Result<()> {
     )?;
     std::fs::write(dir.join("models/model.bin"), vec![1u8; 4096])?;
     std::fs::write(dir.join("scratch/candidate.bin"), vec![2u8; 4096])?;
+    std::fs::write(
+        dir.join("tokens"),
+        "alice-demo-token alice\nbob-demo-token bob\n",
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.join("tokens"), std::fs::Permissions::from_mode(0o600))?;
+    }
 
     // A stand-in database: a real listener on a loopback port the policy watches.
     let db = TcpListener::bind("127.0.0.1:0")?;
@@ -92,16 +93,18 @@ resources:
     let release = bin.parent().map(Path::to_path_buf).unwrap_or_default();
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("http://127.0.0.1:{port}");
-    eprintln!(
-        "demo: starting driftwatch-collector on {url} (sled store in {}/store)",
-        dir.display()
-    );
+    let d = dir.display();
+    eprintln!("demo: starting driftwatch-collector on {url} (sled store in {d}/store, policy {d}/policy.yaml, principals alice and bob)");
     let mut collector = Command::new(release.join("driftwatch-collector"))
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",
-            &format!("{}/store", dir.display()),
+            &format!("{d}/store"),
+            "--policy",
+            &policy.display().to_string(),
+            "--tokens",
+            &format!("{d}/tokens"),
             "--log",
             "warn",
         ])
@@ -114,14 +117,13 @@ resources:
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!(
-        "demo: starting driftwatch-agent on {}, streaming to the collector",
-        policy.display()
+        "demo: starting driftwatch-agent with no policy of its own: it applies the collector's"
     );
-    let spool = format!("{}/spool", dir.display());
-    let agent = Agent::start(
+    let spool = format!("{d}/spool");
+    let out = dir.join("events.jsonl");
+    let agent = Agent::start_managed(
         &bin,
-        &policy,
-        &dir.join("events.jsonl"),
+        &out,
         &[
             "--collector",
             &url,
@@ -133,32 +135,36 @@ resources:
             "warn",
         ],
     )?;
-    let d = dir.display();
+    // The agent reads the state of everything watched once the policy is
+    // applied; the collector learns it as the desired state.
+    wait_for(
+        &out,
+        |text| text.matches("\"kind\":\"scan_done\"").count() >= 2,
+        "the first look at the watched files",
+    )?;
+    let cli = release.join("driftwatch");
+    let as_user = |who: &str, args: &[&str]| -> Result<std::process::Output> {
+        let o = Command::new(&cli)
+            .args(["--collector", &url])
+            .args(args)
+            .env("DRIFTWATCH_TOKEN", format!("{who}-demo-token"))
+            .output()
+            .context("running driftwatch")?;
+        Ok(o)
+    };
+
     step(
-        "edit the config in place with sed -i",
+        "1. drift: root edits the config with sed -i (writers are ansible-playbook and deploy)",
         &mut sh(&format!(
             "sed -i 's/debug=false/debug=true/' {d}/etc/myapp/app.conf"
         )),
     )?;
     step(
-        "chmod the config to 0600",
+        "   and makes it 0600 with chmod",
         &mut sh(&format!("chmod 0600 {d}/etc/myapp/app.conf")),
     )?;
     step(
-        "swap the model: Python writes a temp file and os.replace()s it into place",
-        Command::new("python3").args([
-            "-c",
-            &format!("import os; open('{d}/models/.model.tmp','wb').write(b'\\x03'*4096); os.replace('{d}/models/.model.tmp','{d}/models/model.bin')"),
-        ]),
-    )?;
-    step(
-        "copy another model over it with cp",
-        &mut sh(&format!(
-            "cp {d}/scratch/candidate.bin {d}/models/model.bin"
-        )),
-    )?;
-    step(
-        "as user nobody, try to overwrite the config (refused by the kernel: EACCES)",
+        "   as user nobody, tries to overwrite it (refused by the kernel: EACCES; the attempt counts)",
         Command::new("python3").args([
             "-c",
             &format!(
@@ -167,99 +173,135 @@ resources:
         ]),
     )?;
     step(
-        &format!("connect to the watched database port {db_port}, and to the unwatched port {other_port}"),
+        &format!("2. unauthorized connect: python connects to the watched database port {db_port} (clients: psql as app), and to the unwatched {other_port}"),
         Command::new("python3").args([
             "-c",
             &format!("import socket\nfor p in ({db_port}, {other_port}):\n  socket.create_connection(('127.0.0.1', p)).close()"),
         ]),
     )?;
+    let candidate = sha256_file(&dir.join("scratch/candidate.bin"))?;
+    eprintln!(
+        "demo: 3. approved change: alice asks to ship the candidate model (sha256 {}...)",
+        &candidate[..12]
+    );
+    let req = as_user(
+        "alice",
+        &[
+            "approvals",
+            "request",
+            "--resource",
+            "models",
+            "--digest",
+            &candidate,
+            "--window",
+            "1h",
+            "--reason",
+            "ship ranker v2",
+            "-o",
+            "json",
+        ],
+    )?;
+    let req: Value = serde_json::from_slice(&req.stdout).with_context(|| {
+        format!(
+            "approvals request: {}",
+            String::from_utf8_lossy(&req.stderr)
+        )
+    })?;
+    let id = req["id"].as_u64().unwrap_or(0).to_string();
+    let own = as_user("alice", &["approvals", "approve", &id])?;
+    eprintln!(
+        "demo:    alice approves her own request: {}",
+        String::from_utf8_lossy(&own.stderr).trim()
+    );
+    let ok = as_user("bob", &["approvals", "approve", &id])?;
+    eprintln!(
+        "demo:    bob approves it: {}",
+        String::from_utf8_lossy(&ok.stdout).trim()
+    );
     step(
-        "write a file outside every watched path",
+        "   the model is swapped: Python writes a temp file and os.replace()s it into place",
+        Command::new("python3").args([
+            "-c",
+            &format!("import os, shutil; shutil.copy('{d}/scratch/candidate.bin', '{d}/models/.model.tmp'); os.replace('{d}/models/.model.tmp','{d}/models/model.bin')"),
+        ]),
+    )?;
+    step(
+        "write a file outside every watched path (filtered in the kernel)",
         &mut sh(&format!("echo x > {d}/scratch/notes.txt")),
     )?;
-    // Delivery takes milliseconds; what is not acknowledged yet stays in
-    // the agent's spool for its next run.
-    std::thread::sleep(Duration::from_millis(1500));
-    let events = agent.stop()?;
+    // Digests are read in the background and judged once stored.
+    std::thread::sleep(Duration::from_secs(2));
 
-    println!();
-    println!(
-        "Timeline of watched activity ({} events recorded, full JSON in {d}/events.jsonl):",
-        events.len()
-    );
-    println!(
-        "{:<12} {:<8} {:<12} {:<44} {:<18} {:<16} {:<28} RESOURCE",
-        "TIME", "KIND", "OP", "TARGET", "RESULT", "USER(LOGIN)", "EXE"
-    );
-    for e in &events {
-        let kind = s(e, &["kind"]);
-        if kind != "file" && kind != "connect" {
-            continue;
-        }
-        let time = s(e, &["time"]).get(11..23).unwrap_or("");
-        let (op, target) = if kind == "file" {
-            let mut t = s(e, &["path"]).replace(&format!("{d}/"), "");
-            if let Some(n) = e["new_path"].as_str() {
-                t = format!("{t} -> {}", n.replace(&format!("{d}/"), ""));
-            }
-            (s(e, &["op"]).to_owned(), t)
-        } else {
-            (
-                "connect".to_owned(),
-                format!("{}:{}", s(e, &["address"]), e["port"]),
-            )
-        };
-        let result = if e["result"]["ok"].as_bool() == Some(true) {
-            "ok".to_owned()
-        } else {
-            s(e, &["result", "error"]).to_owned()
-        };
-        let p = &e["process"];
-        let user = format!(
-            "{}({})",
-            s(p, &["user"]),
-            p["login_user"].as_str().unwrap_or("-")
-        );
-        println!(
-            "{time:<12} {kind:<8} {op:<12} {target:<44} {result:<18} {user:<16} {:<28} {}",
-            s(p, &["exe"]),
-            s(e, &["resource"])
-        );
+    let show = |args: &[&str]| -> Result<()> {
+        println!();
+        println!("$ driftwatch {}", args.join(" "));
+        let o = as_user("bob", args)?;
+        print!("{}", String::from_utf8_lossy(&o.stdout));
+        eprint!("{}", String::from_utf8_lossy(&o.stderr));
+        Ok(())
+    };
+    show(&["findings", "list"])?;
+    let list = as_user(
+        "bob",
+        &["findings", "list", "--kind", "drift", "-o", "json"],
+    )?;
+    if let Some(first) = String::from_utf8_lossy(&list.stdout).lines().next() {
+        let f: Value = serde_json::from_str(first)?;
+        show(&[
+            "findings",
+            "show",
+            &f["id"].as_u64().unwrap_or(0).to_string(),
+        ])?;
     }
+    show(&["approvals", "show", &id])?;
+    show(&[
+        "timeline",
+        "--host",
+        "demo-node",
+        "--kind",
+        "file",
+        "--kind",
+        "connect",
+        "--kind",
+        "digest",
+    ])?;
+    show(&["agents"])?;
+
+    let events = agent.stop()?;
     if let Some(stats) = events.iter().rev().find(|e| e["kind"] == "stats") {
         let f = &stats["counters"]["file"];
         let c = &stats["counters"]["connect"];
         println!();
         println!(
-            "Kernel filter: {} file calls examined, {} dropped in the kernel as unwatched, {} reported; {} connects examined, {} dropped in the kernel, {} reported; {} records lost.",
+            "Kernel filter: {} file calls examined, {} dropped in the kernel as unwatched, {} reported; {} connects examined, {} dropped in the kernel, {} reported; {} records lost. Agent output: {d}/events.jsonl",
             f["seen"], f["filtered_kernel"], f["emitted"], c["seen"], c["filtered_kernel"], c["emitted"],
             f["dropped"].as_u64().unwrap_or(0) + c["dropped"].as_u64().unwrap_or(0)
         );
     }
-    println!();
-    println!("What the collector stored (driftwatch timeline --host demo-node --kind file --kind connect):");
-    let cli = release.join("driftwatch");
-    let _ = Command::new(&cli)
-        .args([
-            "--collector",
-            &url,
-            "timeline",
-            "--host",
-            "demo-node",
-            "--kind",
-            "file",
-            "--kind",
-            "connect",
-        ])
-        .status();
-    println!();
-    println!("driftwatch agents:");
-    let _ = Command::new(&cli)
-        .args(["--collector", &url, "agents"])
-        .status();
     let _ = collector.kill();
     let _ = collector.wait();
-    println!();
-    println!("Findings (drift, unauthorized access) are the next step: the correlation issue judges these events against the policy.");
     Ok(())
+}
+
+fn wait_for(out: &Path, done: impl Fn(&str) -> bool, what: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(out).is_ok_and(|t| done(&t)) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the agent did not report {what} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("running sha256sum")?;
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("sha256sum printed nothing")
 }

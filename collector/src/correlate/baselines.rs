@@ -188,9 +188,10 @@ pub fn parse_manifest(
                     r.trim_end_matches('/'),
                     path.trim_start_matches("./")
                 ),
-                None => return Err(err(format!(
-                    "{path:?} is relative; pass --root DIR to say where the manifest's files live"
-                ))),
+                None => {
+                    let why = "is relative; pass --root DIR to say where the manifest's files live";
+                    return Err(err(format!("{path:?} {why}")));
+                }
             }
         };
         if path.split('/').any(|c| c == "..") {

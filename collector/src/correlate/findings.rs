@@ -57,11 +57,13 @@ pub struct Occurrence {
     pub port: u32,
 }
 
-/// The findings trees, with the open keys in memory.
+/// The findings trees, with the open keys in memory. Updates within a
+/// batch of events are kept in memory and written once by [`Findings::write_back`].
 pub struct Findings {
     tree: sled::Tree,
     keys: sled::Tree,
     open: HashMap<String, u64>,
+    pending: HashMap<u64, Finding>,
 }
 
 fn corrupt(source: prost::DecodeError) -> StoreError {
@@ -98,19 +100,35 @@ impl Findings {
                 u64::from_be_bytes(id),
             );
         }
-        Ok(Self { tree, keys, open })
+        Ok(Self {
+            tree,
+            keys,
+            open,
+            pending: HashMap::new(),
+        })
     }
 
     /// One finding.
     pub fn get(&self, id: u64) -> Result<Option<Finding>, StoreError> {
+        if let Some(f) = self.pending.get(&id) {
+            return Ok(Some(f.clone()));
+        }
         self.tree
             .get(id.to_be_bytes())?
             .map(|v| Finding::decode(&*v).map_err(corrupt))
             .transpose()
     }
 
-    fn put(&self, f: &Finding) -> Result<(), StoreError> {
-        self.tree.insert(f.id.to_be_bytes(), f.encode_to_vec())?;
+    fn put(&mut self, f: &Finding) -> Result<(), StoreError> {
+        self.pending.insert(f.id, f.clone());
+        Ok(())
+    }
+
+    /// Writes the findings changed since the last call.
+    pub fn write_back(&mut self) -> Result<(), StoreError> {
+        for (id, f) in self.pending.drain() {
+            self.tree.insert(id.to_be_bytes(), f.encode_to_vec())?;
+        }
         Ok(())
     }
 
@@ -156,14 +174,15 @@ impl Findings {
             self.put(&f)?;
             return Ok(f.id);
         }
-        let id = match self.tree.last()? {
+        let stored = match self.tree.last()? {
             Some((k, _)) => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&k[..8]);
-                u64::from_be_bytes(b) + 1
+                u64::from_be_bytes(b)
             }
-            None => 1,
+            None => 0,
         };
+        let id = stored.max(self.pending.keys().copied().max().unwrap_or(0)) + 1;
         let mut evidence = Vec::new();
         push_evidence(&mut evidence, o.evidence);
         let f = Finding {
@@ -194,6 +213,8 @@ impl Findings {
             failed: o.failed,
         };
         self.put(&f)?;
+        // A new finding is written at once: it is what a reader waits for.
+        self.write_back()?;
         self.keys.insert(key.as_bytes(), &id.to_be_bytes())?;
         self.open.insert(key.to_owned(), id);
         tracing::info!(id, kind = %f.kind, node = %f.node, summary = %f.summary, "finding opened");
@@ -223,6 +244,7 @@ impl Findings {
             note: note.to_owned(),
         });
         self.put(&f)?;
+        self.write_back()?;
         if status == RESOLVED {
             let keys: Vec<String> = self
                 .open

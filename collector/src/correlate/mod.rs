@@ -394,6 +394,7 @@ impl Engine {
             }
             last = Some(e);
         }
+        self.findings.write_back()?;
         for (n, p) in self.dirty.drain() {
             if let Some(s) = self.states.get(&(n.clone(), p.clone())) {
                 if *s == PathState::default() {
@@ -428,7 +429,20 @@ impl Engine {
         } else {
             f.new_path.as_str()
         };
-        if ok {
+        // Who completed a change is remembered until the file's digest
+        // names what it became (an open is followed by its close).
+        let completes = matches!(
+            f.op.as_str(),
+            "close_write"
+                | "rename"
+                | "unlink"
+                | "chmod"
+                | "chown"
+                | "truncate"
+                | "link"
+                | "symlink"
+        );
+        if ok && completes {
             for p in [f.path.as_str(), f.new_path.as_str()] {
                 if p.is_empty() {
                     continue;
@@ -860,7 +874,7 @@ impl Engine {
                 ..Default::default()
             },
         )?;
-        Ok(())
+        self.findings.write_back()
     }
 
     /// Resolves open findings an approval covers; drift takes the observed
