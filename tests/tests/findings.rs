@@ -300,6 +300,50 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
     // The approved content is now the desired state.
     let base = c.json("", &["baseline", "list", "--path", &model]);
     assert_eq!(base[0]["state"]["sha256"], new.as_str());
+
+    // Approved first, then swapped by a non-writer through a temporary file
+    // and os.replace: an approved change, and no finding.
+    let v3 = dir.join("v3.bin");
+    std::fs::write(&v3, vec![3u8; 1 << 20]).unwrap();
+    let req = c.json(
+        "alice",
+        &[
+            "approvals",
+            "request",
+            "--resource",
+            &format!("{models}/"),
+            "--digest",
+            &sha(&v3),
+            "--reason",
+            "ranker v3",
+        ],
+    );
+    let a3 = id(&req[0]);
+    assert!(c
+        .cli("bob", &["approvals", "approve", &a3])
+        .status
+        .success());
+    run(&mut python(&format!(
+        "import os, shutil\nshutil.copy('{v3}', '{models}/.ranker.tmp')\nos.replace('{models}/.ranker.tmp', '{model}')"
+    )));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.json("", &["approvals", "show", &a3])[0]["changes"]
+        .as_array()
+        .is_none_or(|v| v.is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the swap was not recorded as approved"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let f = c.json("", &["findings", "list", "--all"]);
+    assert!(
+        !f.iter().any(|x| x["actor"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.contains("python"))),
+        "an approved swap was flagged: {f:#?}"
+    );
 }
 
 #[test]

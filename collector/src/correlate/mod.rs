@@ -460,6 +460,12 @@ impl Engine {
                 }
             }
         }
+        if ok && f.op == "rename" && !f.new_path.is_empty() {
+            // The content moves with the name: writes held back for the
+            // old name (a temporary file) are judged with the new one.
+            let held = std::mem::take(&mut self.state(&e.node, &f.path)?.deferred);
+            self.state(&e.node, &f.new_path)?.deferred.extend(held);
+        }
         let Some(policy) = policy else {
             return Ok(());
         };
@@ -937,3 +943,6 @@ pub fn spawn_silence_check(c: Arc<Correlator>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests;

@@ -439,7 +439,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             if matches!(output, Output::Table) {
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}",
+                    "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  POLICY",
                     "HOST", "STATE", "LAST SEEN", "SENSOR SET", "ACKED", "LAG"
                 );
             }
@@ -456,13 +456,19 @@ async fn run(cli: Cli) -> Result<(), String> {
                     })
                     .to_string(),
                     Output::Table => format!(
-                        "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}",
+                        "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  {}{}",
                         n.name,
                         if a.connected { "connected" } else { "offline" },
                         time(a.last_seen_unix_nanos),
                         n.sensor_set,
                         a.acked_seq,
-                        lag
+                        lag,
+                        if a.policy_version.is_empty() { "-" } else { &a.policy_version },
+                        if a.policy_error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (refused {})", a.policy_error)
+                        }
                     ),
                 };
                 let _ = writeln!(out, "{line}");

@@ -1,0 +1,206 @@
+//! The rules on synthetic event sequences, in orders the agent can produce
+//! but a live test cannot force.
+
+use driftwatch_proto::v1::{Approval, Digest, Event, FileChange, Outcome, Process};
+
+use super::*;
+
+const SHA_OLD: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const SHA_NEW: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    c: Correlator,
+    seq: u64,
+}
+
+fn who(exe: &str) -> Process {
+    Process {
+        exe: exe.into(),
+        exec_id: format!("id-{exe}"),
+        user: "root".into(),
+        ..Default::default()
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(
+            &policy,
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
+        )
+        .expect("policy");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let policies = Policies::open(Some(policy)).expect("valid policy");
+        let c = Correlator::open(
+            store,
+            policies,
+            Settings {
+                learn: true,
+                silent_after: Duration::from_secs(30),
+            },
+        )
+        .expect("correlator");
+        Self {
+            _dir: dir,
+            c,
+            seq: 0,
+        }
+    }
+
+    fn feed(&mut self, kind: event::Event, process: Option<Process>) {
+        self.seq += 1;
+        let e = Event {
+            event: Some(kind),
+            process,
+            seq: self.seq,
+            time_unix_nanos: now_unix_nanos(),
+            node: "n".into(),
+        };
+        self.c.process("n", &[e]).expect("judged");
+    }
+
+    fn file(&mut self, op: &str, path: &str, new_path: &str, exe: &str) {
+        self.feed(
+            event::Event::File(FileChange {
+                op: op.into(),
+                path: path.into(),
+                new_path: new_path.into(),
+                resource: "models".into(),
+                result: Some(Outcome {
+                    ok: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            Some(who(exe)),
+        );
+    }
+
+    fn digest(&mut self, path: &str, sha: Option<&str>, reason: &str) {
+        self.feed(
+            event::Event::Digest(Digest {
+                path: path.into(),
+                resource: "models".into(),
+                exists: sha.is_some(),
+                sha256: sha.unwrap_or_default().into(),
+                size: 1,
+                mode: 0o644,
+                reason: reason.into(),
+                ..Default::default()
+            }),
+            None,
+        );
+    }
+
+    fn approve(&mut self, sha: &str) -> u64 {
+        let mut e = self.c.lock();
+        let a = e
+            .approvals
+            .request(Approval {
+                resource: "models".into(),
+                host: "*".into(),
+                sha256: sha.into(),
+                window_seconds: 3600,
+                reason: "test".into(),
+                requester: "alice".into(),
+                requested_unix_nanos: now_unix_nanos(),
+                ..Default::default()
+            })
+            .expect("request");
+        assert!(matches!(
+            e.approvals
+                .decide(a.id, true, "alice", "", now_unix_nanos()),
+            Err(ApprovalError::SelfApproval { .. })
+        ));
+        e.approvals
+            .decide(a.id, true, "bob", "", now_unix_nanos())
+            .expect("approve");
+        a.id
+    }
+
+    fn findings(&self) -> Vec<driftwatch_proto::v1::Finding> {
+        self.c.lock().findings.list(100, |_| true).expect("list")
+    }
+}
+
+use approvals::ApprovalError;
+
+#[test]
+fn an_approved_swap_through_a_temporary_file_is_not_flagged_whatever_the_digest_order() {
+    let mut f = Fixture::new();
+    f.digest("/m/w.bin", Some(SHA_OLD), "watch");
+    let id = f.approve(SHA_NEW);
+    // A non-writer writes a temporary file and renames it into place; the
+    // temporary file's digest arrives only after it is gone.
+    f.file("close_write", "/m/.w.tmp", "", "/usr/bin/python3");
+    f.file("rename", "/m/.w.tmp", "/m/w.bin", "/usr/bin/python3");
+    f.digest("/m/.w.tmp", None, "change");
+    f.digest("/m/w.bin", Some(SHA_NEW), "change");
+    assert!(f.findings().is_empty(), "{:#?}", f.findings());
+    let e = f.c.lock();
+    let a = e.approvals.get(id).expect("approval");
+    assert_eq!(a.changes.len(), 1);
+    assert_eq!(a.changes[0].actors[0].exe, "/usr/bin/python3");
+}
+
+#[test]
+fn a_swap_to_other_content_under_an_approval_is_drift_and_unauthorized() {
+    let mut f = Fixture::new();
+    f.digest("/m/w.bin", Some(SHA_OLD), "watch");
+    f.approve(SHA_NEW);
+    f.file("close_write", "/m/.w.tmp", "", "/usr/bin/python3");
+    f.file("rename", "/m/.w.tmp", "/m/w.bin", "/usr/bin/python3");
+    f.digest("/m/.w.tmp", None, "change");
+    let other = "3".repeat(64);
+    f.digest("/m/w.bin", Some(&other), "change");
+    let kinds: Vec<String> = f.findings().into_iter().map(|x| x.kind).collect();
+    assert!(kinds.contains(&"drift".to_owned()), "{kinds:?}");
+    assert!(
+        kinds.contains(&"unauthorized_write".to_owned()),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_temporary_file_that_comes_and_goes_is_not_reported_deleted() {
+    let mut f = Fixture::new();
+    f.file("close_write", "/m/.x.tmp", "", "/opt/trainer");
+    f.digest("/m/.x.tmp", Some(SHA_NEW), "change");
+    f.digest("/m/.x.tmp", None, "change");
+    assert!(f.findings().is_empty(), "{:#?}", f.findings());
+    // A file that was there when watching began is.
+    f.digest("/m/w.bin", Some(SHA_OLD), "watch");
+    f.digest("/m/w.bin", None, "change");
+    assert_eq!(f.findings()[0].kind, "deleted");
+}
+
+#[test]
+fn judged_events_are_not_judged_again() {
+    let mut f = Fixture::new();
+    f.digest("/m/w.bin", Some(SHA_OLD), "watch");
+    f.file("chmod", "/m/w.bin", "", "/usr/bin/chmod");
+    let e = Event {
+        event: Some(event::Event::File(FileChange {
+            op: "chmod".into(),
+            path: "/m/w.bin".into(),
+            resource: "models".into(),
+            result: Some(Outcome {
+                ok: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        process: Some(who("/usr/bin/chmod")),
+        seq: f.seq,
+        time_unix_nanos: now_unix_nanos(),
+        node: "n".into(),
+    };
+    // Redelivered after a restart: the cursor skips it.
+    f.c.process("n", &[e]).expect("judged");
+    let list = f.findings();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].count, 1);
+}
