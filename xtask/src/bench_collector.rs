@@ -179,13 +179,25 @@ async fn first_page(url: &str, since: i64) -> Result<(Duration, usize)> {
     Ok((start.elapsed(), n))
 }
 
+/// The policy the collector judges the load with: every generated write is
+/// outside `writers`, the costliest case (each is an unauthorized write
+/// folded into its finding).
+const POLICY: &str = "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"/etc/myapp/\"]\n    writers: [ { exe: /usr/bin/ansible-playbook } ]\n";
+
 fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
+    let policy = data.with_extension("policy.yaml");
+    if let Some(parent) = policy.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&policy, POLICY).context("writing the bench policy")?;
     let child = Command::new(bin)
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",
             &data.display().to_string(),
+            "--policy",
+            &policy.display().to_string(),
             "--log",
             &std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         ])

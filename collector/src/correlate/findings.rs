@@ -144,7 +144,15 @@ impl Findings {
     /// a new one. Returns the finding's id.
     pub fn record(&mut self, key: &str, o: Occurrence) -> Result<u64, StoreError> {
         let count = o.count.max(1);
-        if let Some(mut f) = self.open_with_key(key)? {
+        if let Some(id) = self.open.get(key).copied() {
+            // Updated in place: a storm of repeats costs no copies.
+            if !self.pending.contains_key(&id) {
+                if let Some(f) = self.get(id)? {
+                    self.pending.insert(id, f);
+                }
+            }
+        }
+        if let Some(f) = self.open.get(key).and_then(|id| self.pending.get_mut(id)) {
             f.count += count;
             f.failed += o.failed;
             f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(o.time);
@@ -171,7 +179,6 @@ impl Findings {
                 f.port = o.port;
             }
             push_evidence(&mut f.evidence, o.evidence);
-            self.put(&f)?;
             return Ok(f.id);
         }
         let stored = match self.tree.last()? {
