@@ -370,6 +370,85 @@ fn chmod_of_a_config_is_drift_on_mode_until_it_is_put_back() {
         |f| find(f, "drift", &file).is_some_and(|d| d["status"] == "resolved"),
         "drift resolved once the mode is back",
     );
+
+    // Deleting it is a finding a responder acknowledges, then resolves.
+    std::fs::remove_file(&file).unwrap();
+    let f = c.wait_findings(30, |f| has(f, "deleted", &file), "deleted");
+    let deleted = id(find(&f, "deleted", &file).unwrap());
+    let anon = c.cli("", &["findings", "ack", &deleted]);
+    assert!(!anon.status.success(), "an anonymous ack was accepted");
+    // A token file works as well as the environment.
+    let token = dir.join("bob.token");
+    std::fs::write(&token, "bob-token\n").unwrap();
+    let ack = c.cli(
+        "",
+        &[
+            "--token-file",
+            &token,
+            "findings",
+            "ack",
+            &deleted,
+            "--note",
+            "on it",
+        ],
+    );
+    assert!(
+        ack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ack.stderr)
+    );
+    let listed = c.json("", &["findings", "list", "--status", "acknowledged"]);
+    assert!(listed.iter().any(|x| x["id"].to_string() == deleted));
+    let done = c.cli(
+        "alice",
+        &[
+            "findings",
+            "resolve",
+            &deleted,
+            "--note",
+            "restored from backup",
+        ],
+    );
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let shown = c.json("", &["findings", "show", &deleted]);
+    let history: Vec<(String, String)> = shown[0]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["status"].as_str().unwrap().to_owned(),
+                h["by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("open".to_owned(), "collector".to_owned()),
+            ("acknowledged".to_owned(), "bob".to_owned()),
+            ("resolved".to_owned(), "alice".to_owned())
+        ]
+    );
+    // The default listing shows what still needs attention only.
+    let open = c.json(
+        "",
+        &[
+            "findings",
+            "list",
+            "--host",
+            "node-mode",
+            "--kind",
+            "drift",
+            "--kind",
+            "deleted",
+        ],
+    );
+    assert!(open.is_empty(), "{open:#?}");
 }
 
 #[test]
