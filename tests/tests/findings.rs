@@ -398,7 +398,9 @@ fn chmod_of_a_config_is_drift_on_mode_until_it_is_put_back() {
         String::from_utf8_lossy(&ack.stderr)
     );
     let listed = c.json("", &["findings", "list", "--status", "acknowledged"]);
-    assert!(listed.iter().any(|x| x["id"].to_string() == deleted));
+    assert!(listed
+        .iter()
+        .any(|x| x["id"].as_u64().map(|i| i.to_string()) == Some(deleted.clone())));
     let done = c.cli(
         "alice",
         &[
