@@ -252,6 +252,8 @@ impl FindingService for Control {
                 .add_resolved(r.approval_id, &[f.id])
                 .map_err(|e| status_of(&e))?;
         }
+        // A change a person made is on disk before they are told it is done.
+        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
         tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
         Ok(Response::new(f))
     }
@@ -310,12 +312,12 @@ impl ApprovalService for Control {
             requested_unix_nanos: now_unix_nanos(),
             ..Default::default()
         };
-        let a = self
-            .correlator
-            .lock()
-            .approvals
-            .request(a)
-            .map_err(approval_status)?;
+        let a = {
+            let mut engine = self.correlator.lock();
+            let a = engine.approvals.request(a).map_err(approval_status)?;
+            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+            a
+        };
         tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
         Ok(Response::new(a))
     }
@@ -343,6 +345,7 @@ impl ApprovalService for Control {
             }
         }
         let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
+        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
         Ok(Response::new(a))
     }
 
@@ -454,6 +457,11 @@ impl BaselineService for Control {
         });
         match tokio::time::timeout(timeout, done).await {
             Ok(Ok((files, errors, error))) => {
+                self.correlator
+                    .lock()
+                    .store()
+                    .flush_blocking()
+                    .map_err(|e| status_of(&e))?;
                 if !error.is_empty() && files == 0 {
                     return Err(Status::failed_precondition(format!(
                         "the scan on {} failed: {error}",

@@ -240,7 +240,7 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
     let policy = format!(
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"{models}/\"]\n    writers: [ {{ exe: /opt/trainer/bin/trainer }} ]\n"
     );
-    let c = Collector::judging(&policy, &[]);
+    let mut c = Collector::judging(&policy, &[]);
     let _agent = Agent::managed(&c.url, "node-model", &dir.path.join("spool"));
 
     run(Command::new("cp").args([&candidate, &model]));
@@ -300,6 +300,14 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
     // The approved content is now the desired state.
     let base = c.json("", &["baseline", "list", "--path", &model]);
     assert_eq!(base[0]["state"]["sha256"], new.as_str());
+
+    // What people decided survives a collector killed without warning.
+    c.kill();
+    c.restart();
+    let shown = c.json("", &["approvals", "show", &a]);
+    assert_eq!(shown[0]["status"], "approved");
+    let f = c.json("", &["findings", "list", "--all", "--kind", "drift"]);
+    assert_eq!(find(&f, "drift", &model).unwrap()["status"], "resolved");
 
     // Approved first, then swapped by a non-writer through a temporary file
     // and os.replace: an approved change, and no finding.
