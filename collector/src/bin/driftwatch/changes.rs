@@ -25,7 +25,7 @@ pub enum Findings {
     List {
         /// Only these kinds (drift, deleted, unauthorized_write,
         /// unauthorized_connect, agent_silent, blind_spot); repeatable.
-        #[arg(long = "kind")]
+        #[arg(long = "kind", value_parser = ["drift", "deleted", "unauthorized_write", "unauthorized_connect", "agent_silent", "blind_spot"])]
         kinds: Vec<String>,
         /// Only this host.
         #[arg(long)]
@@ -35,7 +35,7 @@ pub enum Findings {
         resource: Option<String>,
         /// Only these statuses (open, acknowledged, resolved); repeatable.
         /// Default: open and acknowledged.
-        #[arg(long = "status")]
+        #[arg(long = "status", value_parser = ["open", "acknowledged", "resolved"])]
         statuses: Vec<String>,
         /// Also resolved ones (same as --status open --status acknowledged --status resolved).
         #[arg(long, short)]
@@ -121,7 +121,7 @@ pub enum Approvals {
     /// Requests and the changes recorded under them.
     List {
         /// Only these statuses (pending, approved, denied); repeatable.
-        #[arg(long = "status")]
+        #[arg(long = "status", value_parser = ["pending", "approved", "denied"])]
         statuses: Vec<String>,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "table")]
