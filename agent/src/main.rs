@@ -17,7 +17,7 @@ use driftwatch_agent::{
     clock::Clock,
     event::{Event, KindCounters},
     identity::ProcessTable,
-    policy::Policy,
+    policy::{self, Policy, PolicyError},
     sensors::{
         decode::{kind_name, Decoded, Decoder},
         preflight, Sensors, WatchSet, SENSOR_SET,
@@ -251,18 +251,21 @@ fn saved_policy_path(spool_dir: &Path) -> PathBuf {
     spool_dir.join("policy.yaml")
 }
 
+/// A local policy file, read and validated.
+fn from_file(path: &Path) -> Result<Running, PolicyError> {
+    let (policy, text) = Policy::read(path)?;
+    Ok(Running {
+        policy: Arc::new(policy),
+        version: policy::version(&text),
+        source: path.display().to_string(),
+        from_collector: false,
+    })
+}
+
 /// The policy to start with: the local file, else the collector's last one.
 fn initial_policy(args: &Args) -> anyhow::Result<Running> {
     if let Some(path) = &args.policy {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read policy", path.display()))?;
-        let source = path.display().to_string();
-        return Ok(Running {
-            policy: Arc::new(Policy::parse(&source, &text)?),
-            version: policy_version(&text),
-            source,
-            from_collector: false,
-        });
+        return Ok(from_file(path)?);
     }
     let saved = saved_policy_path(&args.spool_dir);
     if let Ok(text) = std::fs::read_to_string(&saved) {
@@ -271,7 +274,7 @@ fn initial_policy(args: &Args) -> anyhow::Result<Running> {
                 tracing::info!(file = %saved.display(), "starting with the collector's last policy");
                 return Ok(Running {
                     policy: Arc::new(p),
-                    version: policy_version(&text),
+                    version: policy::version(&text),
                     source: "collector".into(),
                     from_collector: true,
                 });
@@ -282,7 +285,7 @@ fn initial_policy(args: &Args) -> anyhow::Result<Running> {
     tracing::info!("no policy yet; watching nothing until the collector sends one");
     Ok(Running {
         policy: Arc::new(Policy {
-            api_version: driftwatch_agent::policy::API_VERSION.into(),
+            api_version: policy::API_VERSION.into(),
             kind: "Policy".into(),
             resources: Vec::new(),
         }),
@@ -301,6 +304,18 @@ fn scan_watched(digester: &Digester, policy: &Arc<Policy>) {
                 policy.resource_for_path(path).map(|r| r.name.clone())
             });
         }
+    }
+}
+
+/// The report of `running` now in the kernel's maps.
+fn policy_applied(sensors: &Sensors, node: &str, running: &Running) -> Event {
+    Event::PolicyApplied {
+        time: Clock::now_rfc3339(),
+        node: node.to_owned(),
+        version: running.version.clone(),
+        source: running.source.clone(),
+        watched_paths: sensors.watch().display_paths(),
+        watched_ports: sensors.watch().ports.keys().copied().collect(),
     }
 }
 
@@ -328,14 +343,7 @@ fn apply_policy(
         return out.flush();
     }
     tracing::info!(version = %next.version, source = %next.source, "policy applied; watch maps updated in place");
-    out.emit(&Event::PolicyApplied {
-        time,
-        node: out.node.clone(),
-        version: next.version.clone(),
-        source: next.source.clone(),
-        watched_paths: sensors.watch().display_paths(),
-        watched_ports: sensors.watch().ports.keys().copied().collect(),
-    })?;
+    out.emit(&policy_applied(sensors, &out.node, &next))?;
     out.flush()?;
     scan_watched(digester, &next.policy);
     *running = next;
@@ -354,18 +362,16 @@ fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Polic
     else {
         return;
     };
-    if !result.ok {
+    if !result.ok || !driftwatch_proto::completes_change(op) {
         return;
     }
     let paths: Vec<&str> = match *op {
-        "close_write" | "truncate" | "unlink" => vec![path],
-        "chmod" | "chown" => vec![path],
         "rename" => [Some(path.as_str()), new_path.as_deref()]
             .into_iter()
             .flatten()
             .collect(),
         "link" | "symlink" => new_path.as_deref().into_iter().collect(),
-        _ => return,
+        _ => vec![path],
     };
     for p in paths {
         let Some(r) = policy.resource_for_path(p) else {
@@ -380,16 +386,11 @@ fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Polic
     }
 }
 
-fn policy_version(text: &str) -> String {
-    driftwatch_agent::policy::version(text)
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(url) = &args.collector {
         check_collector_url(url)?;
     }
     let mut running = initial_policy(&args)?;
-    let policy = running.policy.clone();
     let cgroup_root = preflight::prepare()?;
     let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;
     let node = node_name(args.node_name.clone());
@@ -399,8 +400,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         probes = ?sensors.probes,
         "sensors attached; selected sensor set {SENSOR_SET}"
     );
-    sensors.apply(WatchSet::from_policy(&policy))?;
-    drop(policy);
+    sensors.apply(WatchSet::from_policy(&running.policy))?;
 
     let clock = Clock::new();
     let mut table = ProcessTable::new(Some(cgroup_root), clock);
@@ -469,14 +469,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watched_ports: sensors.watch().ports.keys().copied().collect(),
     })?;
     if !running.version.is_empty() {
-        out.emit(&Event::PolicyApplied {
-            time: Clock::now_rfc3339(),
-            node: node.clone(),
-            version: running.version.clone(),
-            source: running.source.clone(),
-            watched_paths: sensors.watch().display_paths(),
-            watched_ports: sensors.watch().ports.keys().copied().collect(),
-        })?;
+        out.emit(&policy_applied(&sensors, &node, &running))?;
     }
     out.flush()?;
     let (digester, mut reports) = Digester::start();
@@ -563,23 +556,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 match (&args.policy, running.from_collector) {
                     (_, true) => tracing::info!("SIGHUP: the policy comes from the collector; nothing to re-read"),
                     (None, false) => tracing::info!("SIGHUP: no --policy file to re-read"),
-                    (Some(path), false) => {
-                        let source = path.display().to_string();
-                        let loaded = std::fs::read_to_string(path)
-                            .map_err(|e| format!("{source}: cannot read policy: {e}"))
-                            .and_then(|text| {
-                                Policy::parse(&source, &text)
-                                    .map(|p| (p, policy_version(&text)))
-                                    .map_err(|e| e.to_string())
-                            });
-                        match loaded {
-                            Ok((p, version)) => {
-                                let next = Running { policy: Arc::new(p), version, source, from_collector: false };
-                                apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?;
-                            }
-                            Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
-                        }
-                    }
+                    (Some(path), false) => match from_file(path) {
+                        Ok(next) => apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?,
+                        Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
+                    },
                 }
             }
             Some(d) = downlink.recv() => match d {
@@ -594,7 +574,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             if let Err(e) = std::fs::write(&saved, &p.yaml) {
                                 tracing::warn!(file = %saved.display(), "cannot keep the collector's policy for the next start: {e}");
                             }
-                            let next = Running { policy: Arc::new(policy), version: policy_version(&p.yaml), source, from_collector: true };
+                            let next = Running { policy: Arc::new(policy), version: policy::version(&p.yaml), source, from_collector: true };
                             apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?;
                         }
                         Err(e) => {

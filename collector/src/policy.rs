@@ -30,17 +30,12 @@ pub struct Policies {
 }
 
 fn load(path: &std::path::Path) -> Result<Loaded, PolicyError> {
-    let source = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
-        file: source.clone(),
-        source: e,
-    })?;
-    let policy = Policy::parse(&source, &text)?;
+    let (policy, text) = Policy::read(path)?;
     Ok(Loaded {
         policy,
         version: policy::version(&text),
         text,
-        source,
+        source: path.display().to_string(),
     })
 }
 

@@ -8,6 +8,16 @@
 
 pub mod time;
 
+/// True for the file operations after which a file's content, mode or owner
+/// may differ (`open` is not one: its `close_write` is). The agent reads a
+/// file's state after them; the collector remembers who did them until it has.
+pub fn completes_change(op: &str) -> bool {
+    matches!(
+        op,
+        "close_write" | "rename" | "unlink" | "chmod" | "chown" | "truncate" | "link" | "symlink"
+    )
+}
+
 /// Generated from `proto/driftwatch/v1/driftwatch.proto`.
 pub mod v1 {
     tonic::include_proto!("driftwatch.v1");

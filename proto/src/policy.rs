@@ -240,13 +240,14 @@ impl Policy {
     }
 
     /// Reads and validates a policy file.
-    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+    /// Returns the text too, for [`version`] and for sending it on.
+    pub fn read(path: &Path) -> Result<(Self, String), PolicyError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             file: file.clone(),
             source,
         })?;
-        Self::parse(&file, &text)
+        Ok((Self::parse(&file, &text)?, text))
     }
 
     /// Parses and validates policy text; `file` names it in errors.

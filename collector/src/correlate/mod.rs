@@ -430,19 +430,8 @@ impl Engine {
             f.new_path.as_str()
         };
         // Who completed a change is remembered until the file's digest
-        // names what it became (an open is followed by its close).
-        let completes = matches!(
-            f.op.as_str(),
-            "close_write"
-                | "rename"
-                | "unlink"
-                | "chmod"
-                | "chown"
-                | "truncate"
-                | "link"
-                | "symlink"
-        );
-        if ok && completes {
+        // names what it became.
+        if ok && driftwatch_proto::completes_change(&f.op) {
             for p in [f.path.as_str(), f.new_path.as_str()] {
                 if p.is_empty() {
                     continue;
@@ -607,7 +596,7 @@ impl Engine {
             self.baselines.remove(&desired.host, &d.path)?;
             return self.settle_deferred(e, &pending, &resource, &d.path, d, false);
         }
-        let sha = d.exists.then_some(d.sha256.as_str());
+        // A gone file has no digest: only a request naming none covers it.
         if let Some(a) = self
             .approvals
             .matching(
@@ -615,9 +604,8 @@ impl Engine {
                 &resource,
                 &d.path,
                 e.time_unix_nanos,
-                sha.or(Some("")),
+                Some(&actual.sha256),
             )
-            .filter(|a| d.exists || a.sha256.is_empty())
             .cloned()
         {
             let mut actors = pending.writers.clone();
@@ -761,10 +749,15 @@ impl Engine {
         if pending.deferred.is_empty() {
             return Ok(());
         }
-        let sha = if d.exists { d.sha256.as_str() } else { "" };
         let covered = self
             .approvals
-            .matching(&e.node, resource, path, e.time_unix_nanos, Some(sha))
+            .matching(
+                &e.node,
+                resource,
+                path,
+                e.time_unix_nanos,
+                Some(&state_of(d).sha256),
+            )
             .is_some();
         if covered && (unchanged || d.exists) {
             return Ok(());

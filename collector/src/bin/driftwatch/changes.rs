@@ -527,6 +527,26 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
     }
 }
 
+/// Approves (`approve`) or denies request `id`.
+async fn decide(
+    client: &mut ApprovalServiceClient<Channel>,
+    token: Option<&str>,
+    id: u64,
+    approve: bool,
+    note: String,
+) -> Result<Approval, String> {
+    let what = if approve {
+        "approvals approve"
+    } else {
+        "approvals deny"
+    };
+    Ok(client
+        .decide(authed(DecideApprovalRequest { id, approve, note }, token)?)
+        .await
+        .map_err(|s| status_err(what, s))?
+        .into_inner())
+}
+
 /// `driftwatch approvals ...`
 pub async fn approvals(
     channel: Channel,
@@ -573,18 +593,7 @@ pub async fn approvals(
             }
         }
         Approvals::Approve { id, note } => {
-            let a = client
-                .decide(authed(
-                    DecideApprovalRequest {
-                        id,
-                        approve: true,
-                        note,
-                    },
-                    token,
-                )?)
-                .await
-                .map_err(|s| status_err("approvals approve", s))?
-                .into_inner();
+            let a = decide(&mut client, token, id, true, note).await?;
             let _ = writeln!(
                 out,
                 "approval {} approved by {}; changes until {} are recorded, not flagged{}",
@@ -599,18 +608,7 @@ pub async fn approvals(
             );
         }
         Approvals::Deny { id, note } => {
-            let a = client
-                .decide(authed(
-                    DecideApprovalRequest {
-                        id,
-                        approve: false,
-                        note,
-                    },
-                    token,
-                )?)
-                .await
-                .map_err(|s| status_err("approvals deny", s))?
-                .into_inner();
+            let a = decide(&mut client, token, id, false, note).await?;
             let _ = writeln!(out, "approval {} denied by {}", a.id, a.approver);
         }
         Approvals::List { statuses, output } => {
