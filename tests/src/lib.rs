@@ -106,19 +106,23 @@ impl Agent {
 
     /// As [`Agent::start`], with extra command-line arguments.
     pub fn start_with(policy_yaml: &str, extra: &[&str]) -> Self {
+        Self::spawn(Some(policy_yaml), extra)
+    }
+
+    /// Starts the agent, on `policy_yaml` if given, and waits until its
+    /// sensors are attached.
+    fn spawn(policy_yaml: Option<&str>, extra: &[&str]) -> Self {
         require_root();
         let dir = Dir::new();
         let policy = dir.path.join("policy.yaml");
-        std::fs::write(&policy, policy_yaml).expect("write policy");
+        let mut cmd = Command::new(agent_bin());
+        if let Some(yaml) = policy_yaml {
+            std::fs::write(&policy, yaml).expect("write policy");
+            cmd.arg("--policy").arg(&policy);
+        }
         let out = dir.path.join("events.jsonl");
-        let child = Command::new(agent_bin())
-            .args([
-                "--policy",
-                &policy.display().to_string(),
-                "--stdout",
-                "--loss-interval",
-                "1",
-            ])
+        let child = cmd
+            .args(["--stdout", "--loss-interval", "1"])
             .args(extra)
             .stdout(std::fs::File::create(&out).expect("output file"))
             .stderr(Stdio::inherit())
@@ -363,15 +367,26 @@ impl Collector {
         pred: impl Fn(&[Value]) -> bool,
         what: &str,
     ) -> Vec<Value> {
+        self.wait_json(&["findings", "list", "--all"], secs, pred, what)
+    }
+
+    /// Waits (up to `secs`) until `driftwatch ARGS… -o json` satisfies `pred`.
+    pub fn wait_json(
+        &self,
+        args: &[&str],
+        secs: u64,
+        pred: impl Fn(&[Value]) -> bool,
+        what: &str,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            let f = self.json("", &["findings", "list", "--all"]);
-            if pred(&f) {
-                return f;
+            let v = self.json("", args);
+            if pred(&v) {
+                return v;
             }
             assert!(
                 Instant::now() < deadline,
-                "findings never showed {what}; last: {f:#?}"
+                "driftwatch {args:?} never showed {what}; last: {v:#?}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -434,18 +449,9 @@ impl Collector {
         pred: impl Fn(&[Value]) -> bool,
         what: &str,
     ) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let t = self.timeline(args);
-            if pred(&t) {
-                return t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timeline never showed {what}; last: {t:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut all = vec!["timeline"];
+        all.extend_from_slice(args);
+        self.wait_json(&all, 60, pred, what)
     }
 }
 
@@ -458,53 +464,29 @@ impl Drop for Collector {
 impl Agent {
     /// Starts an agent streaming to `collector` as `node`, spooling in `spool`.
     pub fn streaming(policy_yaml: &str, collector: &str, node: &str, spool: &Path) -> Self {
-        let spool = spool.display().to_string();
-        Self::start_with(
-            policy_yaml,
-            &[
-                "--collector",
-                collector,
-                "--node-name",
-                node,
-                "--spool-dir",
-                &spool,
-                "--heartbeat-interval",
-                "1",
-            ],
+        Self::spawn(
+            Some(policy_yaml),
+            &Self::streaming_args(collector, node, spool),
         )
+    }
+
+    fn streaming_args<'a>(collector: &'a str, node: &'a str, spool: &'a Path) -> [&'a str; 8] {
+        [
+            "--collector",
+            collector,
+            "--node-name",
+            node,
+            "--spool-dir",
+            spool.to_str().expect("a UTF-8 spool path"),
+            "--heartbeat-interval",
+            "1",
+        ]
     }
 
     /// Starts an agent with no policy of its own: it applies the
     /// collector's. Waits until it has.
     pub fn managed(collector: &str, node: &str, spool: &Path) -> Self {
-        require_root();
-        let dir = Dir::new();
-        let out = dir.path.join("events.jsonl");
-        let child = Command::new(agent_bin())
-            .args([
-                "--stdout",
-                "--loss-interval",
-                "1",
-                "--collector",
-                collector,
-                "--node-name",
-                node,
-                "--spool-dir",
-                &spool.display().to_string(),
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stdout(std::fs::File::create(&out).expect("output file"))
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the agent");
-        let mut agent = Self {
-            child,
-            out,
-            policy: dir.path.join("unused.yaml"),
-            _dir: dir,
-        };
-        agent.wait_for(|e| e["kind"] == "agent_start", "agent_start");
+        let mut agent = Self::spawn(None, &Self::streaming_args(collector, node, spool));
         let applied = agent.wait_for(
             |e| {
                 e["kind"] == "policy_applied"

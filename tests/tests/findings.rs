@@ -176,21 +176,19 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
 
     run(Command::new("sed").args(["-i", "s/replicas: 2/replicas: 6/", &file]));
     let after = sha(&file);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let change = loop {
-        let shown = c.json("", &["approvals", "show", &a]);
-        if let Some(ch) = shown[0]["changes"]
+    let change_of = |shown: &[Value]| {
+        shown[0]["changes"]
             .as_array()
             .and_then(|v| v.iter().find(|ch| ch["path"] == file.as_str()))
-        {
-            break ch.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no approved change recorded: {shown:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+            .cloned()
     };
+    let shown = c.wait_json(
+        &["approvals", "show", &a],
+        30,
+        |s| change_of(s).is_some(),
+        "an approved change",
+    );
+    let change = change_of(&shown).unwrap();
     assert_eq!(change["after"]["sha256"], after.as_str());
     assert_eq!(change["actors"][0]["exe"], "/usr/bin/sed");
     assert_eq!(change["host"], "node-appr");
@@ -334,17 +332,12 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
     run(&mut python(&format!(
         "import os, shutil\nshutil.copy('{v3}', '{models}/.ranker.tmp')\nos.replace('{models}/.ranker.tmp', '{model}')"
     )));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.json("", &["approvals", "show", &a3])[0]["changes"]
-        .as_array()
-        .is_none_or(|v| v.is_empty())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the swap was not recorded as approved"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_json(
+        &["approvals", "show", &a3],
+        30,
+        |s| s[0]["changes"].as_array().is_some_and(|v| !v.is_empty()),
+        "the swap recorded as approved",
+    );
     let f = c.json("", &["findings", "list", "--all"]);
     assert!(
         !f.iter().any(|x| x["actor"]["exe"]
