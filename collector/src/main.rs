@@ -177,7 +177,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(ApprovalServiceServer::new(control.clone()))
         .add_service(BaselineServiceServer::new(control))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY a short answer (an ack, a one-page
+            // timeline) can wait ~40 ms for the peer's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown(),
         )
         .await
