@@ -35,7 +35,9 @@ pub fn status_of(e: &StoreError) -> Status {
             Status::permission_denied(e.to_string())
         }
         StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        StoreError::Sled(_) | StoreError::Corrupt { .. } => Status::unavailable(e.to_string()),
+        StoreError::Sled(_) | StoreError::Corrupt { .. } | StoreError::CorruptBlock(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 

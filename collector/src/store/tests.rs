@@ -202,7 +202,8 @@ fn retention_by_age() {
 #[test]
 fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
     let (_d, s) = open();
-    // 1,000 events over 25 ms: three buckets, three blocks.
+    // 1,000 events over 25 ms: three buckets (1..=399, 400..=799,
+    // 800..=1000), cut at 256, 512 and 768: six blocks.
     let batch: Vec<Event> = (1..=1000)
         .map(|i| {
             ev(
@@ -215,7 +216,7 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
         })
         .collect();
     assert_eq!(s.append("n1", &batch, 1).unwrap().through, 1000);
-    assert_eq!(s.block_count(), 3);
+    assert_eq!(s.block_count(), 6);
     // Simulate a crash after the write but before the ack: roll the ack back
     // and redeliver the same events cut differently.
     let mut a = s.agent("n1").unwrap().unwrap();
@@ -235,4 +236,50 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
         s.indexed(true, "/etc/app/3.conf").unwrap().len(),
         1000 / 7 + 1
     );
+}
+
+#[test]
+fn blocks_written_before_compression_still_read_and_corrupt_ones_are_errors() {
+    use prost::Message as _;
+    let (_d, s) = open();
+    let blocks = s.tree("blocks").unwrap();
+    let old = EventBatch {
+        events: vec![ev("n1", 1, 5, "/a", "x"), ev("n1", 2, 6, "/a", "x")],
+    };
+    blocks
+        .insert(block_key("n1", bucket(5), 1), old.encode_to_vec())
+        .unwrap();
+    s.put_agent(&driftwatch_proto::v1::AgentStatus {
+        node: Some(driftwatch_proto::v1::NodeInfo {
+            name: "n1".into(),
+            ..Default::default()
+        }),
+        acked_seq: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    s.append("n1", &[ev("n1", 3, 7, "/a", "x")], 1).unwrap();
+    let seqs: Vec<u64> = s
+        .node_range("n1", i64::MIN, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+
+    // A compressed block whose header claims more than the bound, and one
+    // whose data is cut: errors naming the block, no panic, no huge alloc.
+    blocks
+        .insert(
+            block_key("n2", 0, 1),
+            [0u8, 0xff, 0xff, 0xff, 0xff].to_vec(),
+        )
+        .unwrap();
+    blocks
+        .insert(block_key("n3", 0, 1), [0u8, 100, 0, 0, 0, 0x40].to_vec())
+        .unwrap();
+    for node in ["n2", "n3"] {
+        let err = s.node_range(node, i64::MIN, i64::MAX).unwrap_err();
+        assert!(matches!(err, StoreError::CorruptBlock(_)), "{node}: {err}");
+    }
 }
