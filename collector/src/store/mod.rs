@@ -385,7 +385,7 @@ impl Store {
             let mut end = start + 1;
             while end < accepted.len()
                 && bucket(accepted[end].time_unix_nanos) == b
-                && accepted[end].seq % BLOCK_EVENTS != 0
+                && !accepted[end].seq.is_multiple_of(BLOCK_EVENTS)
             {
                 end += 1;
             }
