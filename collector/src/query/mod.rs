@@ -81,10 +81,18 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
     } else {
         usize::MAX
     };
+    let keep = |e: &Event| matches(r, e);
     let mut events: Vec<Event> = if !r.exec_id.is_empty() {
-        store.indexed(false, &r.exec_id)?
+        store.indexed(false, &r.exec_id, r.since_unix_nanos, until, limit, &keep)?
     } else if !r.path_prefix.is_empty() {
-        store.indexed(true, &r.path_prefix)?
+        store.indexed(
+            true,
+            &r.path_prefix,
+            r.since_unix_nanos,
+            until,
+            limit,
+            &keep,
+        )?
     } else {
         let nodes = if r.node.is_empty() {
             store.nodes()?

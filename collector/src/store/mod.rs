@@ -512,44 +512,113 @@ impl Store {
     }
 
     /// Events of a process instance (`by_path == false`, `value` an exec_id)
-    /// or under a path prefix (`by_path == true`), found through the block
-    /// indexes and filtered exactly.
-    pub fn indexed(&self, by_path: bool, value: &str) -> Result<Vec<Event>, StoreError> {
-        let (tree, scan) = if by_path {
-            // Directory entries are keyed by the directory: scan every
-            // directory the prefix could cover, then keep exact matches.
+    /// or under a path prefix (`by_path == true`) in `[since, until)` that
+    /// `keep` accepts, found through the block indexes, in order (time,
+    /// node, seq). At least the first `limit` of them: the index is walked
+    /// in time order and left once a bucket past the limit is complete.
+    pub fn indexed(
+        &self,
+        by_path: bool,
+        value: &str,
+        since: i64,
+        until: i64,
+        limit: usize,
+        keep: &dyn Fn(&Event) -> bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        if by_path {
+            let exact = |e: &Event| paths_of(e).iter().any(|p| p.starts_with(value)) && keep(e);
+            // Entries are keyed by directory: every directory the prefix
+            // could cover has its own time-ordered run of entries. Walk each
+            // from `since`, then seek past it to the next directory.
             let dir = if value.ends_with('/') {
                 value.trim_end_matches('/')
             } else {
                 dir_of(value)
             };
-            (&self.by_dir, dir.as_bytes().to_vec())
-        } else {
-            (&self.by_exec, node_prefix(value))
-        };
-        let mut keys = BTreeSet::new();
-        for kv in tree.scan_prefix(scan) {
-            let (_, key) = kv?;
-            keys.insert(key.to_vec());
-        }
-        let mut out = Vec::new();
-        for key in keys {
-            // An index entry can outlive its block (retention): skip it.
-            let Some(events) = self.block(&key)? else {
-                continue;
-            };
-            out.extend(events.into_iter().filter(|e| {
-                if by_path {
-                    paths_of(e).iter().any(|p| p.starts_with(value))
-                } else {
-                    e.process.as_ref().is_some_and(|p| p.exec_id == value)
+            let mut next = dir.as_bytes().to_vec();
+            while let Some(kv) = self.by_dir.range(next.as_slice()..).next() {
+                let (k, _) = kv?;
+                if !k.starts_with(dir.as_bytes()) {
+                    break;
                 }
-            }));
+                let Some(end) = k.iter().position(|b| *b == 0) else {
+                    return Err(StoreError::CorruptBlock(
+                        "by_dir key without a separator".into(),
+                    ));
+                };
+                let d = &k[..end];
+                self.index_window(&self.by_dir, d, since, until, limit, &exact, &mut out)?;
+                // The first key after every `d \0 ...` entry.
+                next = d.to_vec();
+                next.push(1);
+            }
+        } else {
+            let exact =
+                |e: &Event| e.process.as_ref().is_some_and(|p| p.exec_id == value) && keep(e);
+            self.index_window(
+                &self.by_exec,
+                value.as_bytes(),
+                since,
+                until,
+                limit,
+                &exact,
+                &mut out,
+            )?;
         }
         out.sort_by(|a, b| {
             (a.time_unix_nanos, &a.node, a.seq).cmp(&(b.time_unix_nanos, &b.node, b.seq))
         });
+        // A rename is indexed under both of its paths.
+        out.dedup_by(|a, b| a.node == b.node && a.seq == b.seq);
         Ok(out)
+    }
+
+    /// The entries of `value` in an index, from the bucket of `since` on:
+    /// adds the events of their blocks in `[since, until)` that `keep`
+    /// accepts, stopping once `limit` are added and their bucket is done.
+    #[allow(clippy::too_many_arguments)]
+    fn index_window(
+        &self,
+        tree: &sled::Tree,
+        value: &[u8],
+        since: i64,
+        until: i64,
+        limit: usize,
+        keep: &dyn Fn(&Event) -> bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), StoreError> {
+        let key = |t: i64| {
+            let mut k = value.to_vec();
+            k.push(0);
+            k.extend_from_slice(&time_key(t));
+            k
+        };
+        let start = key(bucket(since));
+        let end = key(bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS));
+        let mut taken = 0;
+        let mut full_at: Option<i64> = None;
+        for kv in tree.range(start..end) {
+            let (k, block) = kv?;
+            let b = time_from_key(&k[value.len() + 1..]);
+            if full_at.is_some_and(|f| b > f) {
+                break;
+            }
+            // An index entry can outlive its block (retention): skip it.
+            let Some(events) = self.block(&block)? else {
+                continue;
+            };
+            for e in events {
+                if e.time_unix_nanos >= since && e.time_unix_nanos < until && keep(&e) {
+                    out.push(e);
+                    taken += 1;
+                }
+            }
+            if taken >= limit && full_at.is_none() {
+                full_at = Some(b);
+            }
+        }
+        Ok(())
     }
 
     /// Number of stored blocks (cheap).

@@ -143,14 +143,14 @@ fn exec_id_and_path_indexes() {
     )
     .unwrap();
     let by_exec: Vec<u64> = s
-        .indexed(false, "e1")
+        .indexed(false, "e1", i64::MIN, i64::MAX, usize::MAX, &|_| true)
         .unwrap()
         .iter()
         .map(|e| e.seq)
         .collect();
     assert_eq!(by_exec, [1, 3]);
     let by_path: Vec<u64> = s
-        .indexed(true, "/etc/app/")
+        .indexed(true, "/etc/app/", i64::MIN, i64::MAX, usize::MAX, &|_| true)
         .unwrap()
         .iter()
         .map(|e| e.seq)
@@ -196,7 +196,12 @@ fn retention_by_age() {
         .collect();
     assert_eq!(left, [5, 6, 7, 8, 9, 10]);
     // Index entries of removed blocks are skipped, not returned.
-    assert_eq!(s.indexed(false, "x").unwrap().len(), 6);
+    assert_eq!(
+        s.indexed(false, "x", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+            .unwrap()
+            .len(),
+        6
+    );
 }
 
 #[test]
@@ -233,7 +238,16 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
         "every event exactly once"
     );
     assert_eq!(
-        s.indexed(true, "/etc/app/3.conf").unwrap().len(),
+        s.indexed(
+            true,
+            "/etc/app/3.conf",
+            i64::MIN,
+            i64::MAX,
+            usize::MAX,
+            &|_| true
+        )
+        .unwrap()
+        .len(),
         1000 / 7 + 1
     );
 }
@@ -282,4 +296,56 @@ fn blocks_written_before_compression_still_read_and_corrupt_ones_are_errors() {
         let err = s.node_range(node, i64::MIN, i64::MAX).unwrap_err();
         assert!(matches!(err, StoreError::CorruptBlock(_)), "{node}: {err}");
     }
+}
+
+#[test]
+fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
+    let (_d, s) = open();
+    // Two nodes, three directories under /srv/ (one nested, one a sibling
+    // name that only shares the prefix's bytes), one event a millisecond
+    // for two seconds: 200 buckets.
+    let dirs = ["/srv/a", "/srv/a/sub", "/srv/b", "/srvx"];
+    for node in ["n1", "n2"] {
+        let batch: Vec<Event> = (1..=2000)
+            .map(|i| {
+                let dir = dirs[i as usize % dirs.len()];
+                ev(
+                    node,
+                    i,
+                    i as i64 * 1_000_000,
+                    &format!("{dir}/f{}", i % 3),
+                    "x",
+                )
+            })
+            .collect();
+        assert_eq!(s.append(node, &batch, 1).unwrap().through, 2000);
+    }
+    let since = 700 * 1_000_000;
+    let key = |e: &Event| (e.time_unix_nanos, e.node.clone(), e.seq);
+    let everything: Vec<_> = s
+        .indexed(true, "/srv/", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+        .unwrap();
+    assert_eq!(everything.len(), 2 * 1500, "/srvx is not under /srv/");
+    let want: Vec<_> = everything
+        .iter()
+        .filter(|e| e.time_unix_nanos >= since && e.node == "n2")
+        .take(50)
+        .map(key)
+        .collect();
+    let page = s
+        .indexed(true, "/srv/", since, i64::MAX, 50, &|e| e.node == "n2")
+        .unwrap();
+    let got: Vec<_> = page.iter().take(50).map(key).collect();
+    assert_eq!(got, want);
+    assert!(
+        page.len() < 200,
+        "read {} events for a page of 50: the walk did not stop",
+        page.len()
+    );
+    // By exec_id, bounded the same way.
+    let page = s
+        .indexed(false, "x", since, i64::MAX, 10, &|_| true)
+        .unwrap();
+    assert_eq!(page[0].time_unix_nanos, since);
+    assert!(page.len() < 100, "{}", page.len());
 }
