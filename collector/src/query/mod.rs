@@ -69,30 +69,39 @@ pub fn matches(r: &TimelineRequest, e: &Event) -> bool {
     true
 }
 
-/// The stored part of a timeline, in order (time, node, seq), gaps by their start.
-pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, StoreError> {
-    let until = if r.until_unix_nanos == 0 {
-        i64::MAX
-    } else {
-        r.until_unix_nanos
-    };
-    let limit = if r.limit > 0 {
-        r.limit as usize
-    } else {
-        usize::MAX
-    };
-    let keep = |e: &Event| matches(r, e);
+/// Most events a walk reads from the store at a time: the first ones of a
+/// replay go out before the rest is read, and memory stays bounded however
+/// long the history is. Pages start at [`FIRST_PAGE`] and double: a
+/// responder sees the start of a replay after one small read.
+const PAGE: usize = 4096;
+
+/// The first page of a walk.
+const FIRST_PAGE: usize = 128;
+
+/// The order of a timeline: time, then node, then sequence.
+fn order(e: &Event) -> (i64, &str, u64) {
+    (e.time_unix_nanos, e.node.as_str(), e.seq)
+}
+
+/// The last event a walk sent.
+type Cursor = (i64, String, u64);
+
+/// Up to `limit` events that pass `r` and come after `after`, in order,
+/// reading from `since` on.
+fn page(
+    store: &Store,
+    r: &TimelineRequest,
+    since: i64,
+    until: i64,
+    after: Option<&Cursor>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let keep =
+        |e: &Event| matches(r, e) && after.is_none_or(|(t, n, s)| order(e) > (*t, n.as_str(), *s));
     let mut events: Vec<Event> = if !r.exec_id.is_empty() {
-        store.indexed(false, &r.exec_id, r.since_unix_nanos, until, limit, &keep)?
+        store.indexed(false, &r.exec_id, since, until, limit, &keep)?
     } else if !r.path_prefix.is_empty() {
-        store.indexed(
-            true,
-            &r.path_prefix,
-            r.since_unix_nanos,
-            until,
-            limit,
-            &keep,
-        )?
+        store.indexed(true, &r.path_prefix, since, until, limit, &keep)?
     } else {
         let nodes = if r.node.is_empty() {
             store.nodes()?
@@ -105,12 +114,12 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
             // only once the bucket in which the limit was reached is complete.
             let mut taken = 0;
             let mut full_at: Option<i64> = None;
-            for block in store.node_blocks(&n, r.since_unix_nanos, until) {
+            for block in store.node_blocks(&n, since, until) {
                 let (b, block) = block?;
                 if full_at.is_some_and(|f| b > f) {
                     break;
                 }
-                for e in block.into_iter().filter(|e| matches(r, e)) {
+                for e in block.into_iter().filter(|e| keep(e)) {
                     v.push(e);
                     taken += 1;
                 }
@@ -121,39 +130,82 @@ pub fn collect(store: &Store, r: &TimelineRequest) -> Result<Vec<TimelineItem>, 
         }
         v
     };
-    events.retain(|e| matches(r, e));
-    events.sort_by(|a, b| {
-        (a.time_unix_nanos, &a.node, a.seq).cmp(&(b.time_unix_nanos, &b.node, b.seq))
-    });
-    // A rename is indexed under both of its paths.
+    events.sort_by(|a, b| order(a).cmp(&order(b)));
     events.dedup_by(|a, b| a.node == b.node && a.seq == b.seq);
+    // Every node (or index run) contributed its first `limit`: the first
+    // `limit` of them all are complete and in order; the rest may not be.
     events.truncate(limit);
-    let gaps: Vec<Gap> = store
+    Ok(events)
+}
+
+/// Sends the stored part of a timeline to `emit` in order (time, node,
+/// seq), gaps inline by their start, reading a page at a time. Stops early,
+/// without an error, when `emit` returns false (the reader went away).
+pub fn walk(
+    store: &Store,
+    r: &TimelineRequest,
+    emit: &mut dyn FnMut(TimelineItem) -> bool,
+) -> Result<(), StoreError> {
+    let until = if r.until_unix_nanos == 0 {
+        i64::MAX
+    } else {
+        r.until_unix_nanos
+    };
+    let mut left = if r.limit > 0 {
+        r.limit as usize
+    } else {
+        usize::MAX
+    };
+    let mut gaps: Vec<Gap> = store
         .gaps(&r.node)?
         .into_iter()
         .filter(|g| g.to_time_unix_nanos >= r.since_unix_nanos && g.from_time_unix_nanos < until)
         .collect();
-    let mut items: Vec<(i64, TimelineItem)> = events
-        .into_iter()
-        .map(|e| {
-            (
-                e.time_unix_nanos,
-                TimelineItem {
-                    item: Some(timeline_item::Item::Event(e)),
-                },
-            )
-        })
-        .collect();
-    items.extend(gaps.into_iter().map(|g| {
-        (
-            g.from_time_unix_nanos,
-            TimelineItem {
-                item: Some(timeline_item::Item::Gap(g)),
-            },
-        )
-    }));
-    items.sort_by_key(|(t, _)| *t);
-    Ok(items.into_iter().map(|(_, i)| i).collect())
+    gaps.sort_by_key(|g| g.from_time_unix_nanos);
+    let mut gaps = gaps.into_iter().peekable();
+    let gap = |g: Gap| TimelineItem {
+        item: Some(timeline_item::Item::Gap(g)),
+    };
+    let mut after: Option<Cursor> = None;
+    let mut size = FIRST_PAGE;
+    loop {
+        let since = after.as_ref().map_or(r.since_unix_nanos, |c| c.0);
+        let want = size.min(left);
+        size = (size * 2).min(PAGE);
+        let events = page(store, r, since, until, after.as_ref(), want)?;
+        let more = events.len() == want;
+        for e in events {
+            while let Some(g) = gaps.next_if(|g| g.from_time_unix_nanos < e.time_unix_nanos) {
+                if !emit(gap(g)) {
+                    return Ok(());
+                }
+            }
+            after = Some((e.time_unix_nanos, e.node.clone(), e.seq));
+            left -= 1;
+            let item = TimelineItem {
+                item: Some(timeline_item::Item::Event(e)),
+            };
+            if !emit(item) {
+                return Ok(());
+            }
+        }
+        if !more || left == 0 {
+            break;
+        }
+    }
+    // Gaps after the last event; when the limit cut the events short,
+    // only those that began before it ended.
+    let last = if left == 0 {
+        after.as_ref().map_or(i64::MAX, |c| c.0)
+    } else {
+        i64::MAX
+    };
+    for g in gaps.take_while(|g| g.from_time_unix_nanos <= last) {
+        if !emit(gap(g)) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The service.
@@ -179,27 +231,35 @@ impl QueryService for Query {
         let r = request.into_inner();
         // Subscribe before reading the store, so nothing falls between the two.
         let mut live = r.follow.then(|| self.stored.subscribe());
-        let t = std::time::Instant::now();
-        let items = collect(&self.store, &r).map_err(|e| status_of(&e))?;
-        tracing::debug!(items = items.len(), elapsed = ?t.elapsed(), "timeline collected");
-        if live.is_none() {
-            // Everything is known: one ready stream, no task or channel hops.
-            return Ok(Response::new(Box::pin(tokio_stream::iter(
-                items.into_iter().map(Ok),
-            ))));
-        }
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(async move {
+        let (tx, rx) = mpsc::channel(PAGE);
+        let store = self.store.clone();
+        let req = r.clone();
+        // The store is read on a blocking thread, a page at a time, while
+        // the answer streams; the bounded channel holds it back when the
+        // reader is slow.
+        let stored_part = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
             let mut last: HashMap<String, u64> = HashMap::new();
-            for item in items {
+            let mut sent = 0usize;
+            let result = walk(&store, &req, &mut |item| {
                 if let Some(timeline_item::Item::Event(e)) = &item.item {
                     let l = last.entry(e.node.clone()).or_default();
                     *l = (*l).max(e.seq);
                 }
-                if tx.send(Ok(item)).await.is_err() {
-                    return;
-                }
+                sent += 1;
+                tx.blocking_send(Ok(item)).is_ok()
+            });
+            tracing::debug!(items = sent, elapsed = ?t.elapsed(), "timeline read");
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(status_of(&e)));
+                return None;
             }
+            Some((tx, last))
+        });
+        tokio::spawn(async move {
+            let Ok(Some((tx, mut last))) = stored_part.await else {
+                return;
+            };
             let Some(live) = live.as_mut() else { return };
             loop {
                 match live.recv().await {
@@ -245,3 +305,6 @@ impl QueryService for Query {
         Ok(Response::new(AgentsResponse { agents }))
     }
 }
+
+#[cfg(test)]
+mod tests;
