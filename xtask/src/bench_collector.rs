@@ -234,6 +234,8 @@ enum Page {
     Path,
     /// Events of one process instance.
     Exec,
+    /// Everything from a time on, no limit: the first 100 of a replay.
+    Replay,
 }
 
 async fn first_page(url: &str, since: i64, page: Page) -> Result<(Duration, usize)> {
@@ -257,6 +259,10 @@ async fn first_page(url: &str, since: i64, page: Page) -> Result<(Duration, usiz
                 limit: 100,
                 ..Default::default()
             },
+            Page::Replay => TimelineRequest {
+                since_unix_nanos: since,
+                ..Default::default()
+            },
             Page::Exec => TimelineRequest {
                 // The process instance of the events at `since`.
                 exec_id: format!("{:016x}", ((since - t0()) / SPACING_NS) as u64 / 100),
@@ -268,7 +274,7 @@ async fn first_page(url: &str, since: i64, page: Page) -> Result<(Duration, usiz
         .into_inner();
     let mut n = 0;
     let mut first = None;
-    while s.message().await?.is_some() {
+    while n < 100 && s.message().await?.is_some() {
         first.get_or_insert(start.elapsed());
         n += 1;
     }
@@ -414,7 +420,7 @@ pub fn run() -> Result<()> {
     );
     // First pages at ten points across the stored history.
     let mut pages = Vec::new();
-    for page in [Page::Node, Page::Path, Page::Exec] {
+    for page in [Page::Node, Page::Path, Page::Exec, Page::Replay] {
         let mut lat = Vec::new();
         for i in 0..10 {
             let since = t0() + (done as i64 * SPACING_NS) * i / 10;
@@ -459,6 +465,7 @@ pub fn run() -> Result<()> {
         "one node from a time",
         "a path prefix (all nodes) from a time",
         "one exec_id",
+        "a replay of all nodes from a time, no limit (its first 100)",
     ]
     .iter()
     .zip(&pages)
