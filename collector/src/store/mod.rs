@@ -32,7 +32,8 @@
 
 use std::path::Path;
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashSet};
 
 use driftwatch_proto::v1::{event, AgentStatus, Event, EventBatch, Gap, NodeInfo};
 use prost::Message as _;
@@ -193,6 +194,19 @@ fn index_key(value: &str, node: &str, bucket: i64, first_seq: u64) -> Vec<u8> {
     k.extend_from_slice(&node_prefix(node));
     k.extend_from_slice(&first_seq.to_be_bytes());
     k
+}
+
+/// The next entry of an index run: its bucket (the key's time after the
+/// `skip` bytes of value and separator) and the `blocks` key it points to.
+fn next_entry(run: &mut sled::Iter, skip: usize) -> Result<Option<(i64, sled::IVec)>, StoreError> {
+    run.next()
+        .transpose()?
+        .map(|(k, block)| {
+            k.get(skip..skip + 8)
+                .map(|t| (time_from_key(t), block))
+                .ok_or_else(|| StoreError::CorruptBlock("short index key".into()))
+        })
+        .transpose()
 }
 
 /// The paths an event is about, if any (both names of a rename count).
@@ -514,8 +528,8 @@ impl Store {
     /// Events of a process instance (`by_path == false`, `value` an exec_id)
     /// or under a path prefix (`by_path == true`) in `[since, until)` that
     /// `keep` accepts, found through the block indexes, in order (time,
-    /// node, seq). At least the first `limit` of them: the index is walked
-    /// in time order and left once a bucket past the limit is complete.
+    /// node, seq). At least the first `limit` of them: the index is read in
+    /// time order and left once a bucket past the limit is complete.
     pub fn indexed(
         &self,
         by_path: bool,
@@ -525,100 +539,95 @@ impl Store {
         limit: usize,
         keep: &dyn Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut out = Vec::new();
-        if by_path {
-            let exact = |e: &Event| paths_of(e).iter().any(|p| p.starts_with(value)) && keep(e);
-            // Entries are keyed by directory: every directory the prefix
-            // could cover has its own time-ordered run of entries. Walk each
-            // from `since`, then seek past it to the next directory.
-            let dir = if value.ends_with('/') {
-                value.trim_end_matches('/')
-            } else {
-                dir_of(value)
-            };
-            let mut next = dir.as_bytes().to_vec();
-            while let Some(kv) = self.by_dir.range(next.as_slice()..).next() {
-                let (k, _) = kv?;
-                if !k.starts_with(dir.as_bytes()) {
-                    break;
-                }
-                let Some(end) = k.iter().position(|b| *b == 0) else {
-                    return Err(StoreError::CorruptBlock(
-                        "by_dir key without a separator".into(),
-                    ));
-                };
-                let d = &k[..end];
-                self.index_window(&self.by_dir, d, since, until, limit, &exact, &mut out)?;
-                // The first key after every `d \0 ...` entry.
-                next = d.to_vec();
-                next.push(1);
-            }
+        let (tree, values) = if by_path {
+            (&self.by_dir, self.dirs_under(value)?)
         } else {
-            let exact =
-                |e: &Event| e.process.as_ref().is_some_and(|p| p.exec_id == value) && keep(e);
-            self.index_window(
-                &self.by_exec,
-                value.as_bytes(),
-                since,
-                until,
-                limit,
-                &exact,
-                &mut out,
-            )?;
-        }
-        out.sort_by(|a, b| {
-            (a.time_unix_nanos, &a.node, a.seq).cmp(&(b.time_unix_nanos, &b.node, b.seq))
-        });
-        // A rename is indexed under both of its paths.
-        out.dedup_by(|a, b| a.node == b.node && a.seq == b.seq);
-        Ok(out)
-    }
-
-    /// The entries of `value` in an index, from the bucket of `since` on:
-    /// adds the events of their blocks in `[since, until)` that `keep`
-    /// accepts, stopping once `limit` are added and their bucket is done.
-    #[allow(clippy::too_many_arguments)]
-    fn index_window(
-        &self,
-        tree: &sled::Tree,
-        value: &[u8],
-        since: i64,
-        until: i64,
-        limit: usize,
-        keep: &dyn Fn(&Event) -> bool,
-        out: &mut Vec<Event>,
-    ) -> Result<(), StoreError> {
-        let key = |t: i64| {
-            let mut k = value.to_vec();
+            (&self.by_exec, vec![value.as_bytes().to_vec()])
+        };
+        let exact = |e: &Event| {
+            keep(e)
+                && if by_path {
+                    paths_of(e).iter().any(|p| p.starts_with(value))
+                } else {
+                    e.process.as_ref().is_some_and(|p| p.exec_id == value)
+                }
+        };
+        let key = |v: &[u8], t: i64| {
+            let mut k = v.to_vec();
             k.push(0);
             k.extend_from_slice(&time_key(t));
             k
         };
-        let start = key(bucket(since));
-        let end = key(bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS));
-        let mut taken = 0;
+        let last = bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS);
+        // Each value (directory) has its own time-ordered run of entries:
+        // merge them by bucket, so the blocks are read in time order across
+        // all of them and the walk stops after `limit` events in all, not
+        // per directory.
+        let mut runs: Vec<sled::Iter> = values
+            .iter()
+            .map(|v| tree.range(key(v, bucket(since))..key(v, last)))
+            .collect();
+        let mut heap = BinaryHeap::new();
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Some((b, block)) = next_entry(run, values[i].len() + 1)? {
+                heap.push(Reverse((b, i, block)));
+            }
+        }
+        let mut out = Vec::new();
+        // A block holding several directories is listed under each.
+        let mut read = HashSet::new();
         let mut full_at: Option<i64> = None;
-        for kv in tree.range(start..end) {
-            let (k, block) = kv?;
-            let b = time_from_key(&k[value.len() + 1..]);
+        while let Some(Reverse((b, i, block))) = heap.pop() {
             if full_at.is_some_and(|f| b > f) {
                 break;
             }
             // An index entry can outlive its block (retention): skip it.
-            let Some(events) = self.block(&block)? else {
-                continue;
-            };
-            for e in events {
-                if e.time_unix_nanos >= since && e.time_unix_nanos < until && keep(&e) {
-                    out.push(e);
-                    taken += 1;
+            if read.insert(block.clone()) {
+                if let Some(events) = self.block(&block)? {
+                    out.extend(events.into_iter().filter(|e| {
+                        e.time_unix_nanos >= since && e.time_unix_nanos < until && exact(e)
+                    }));
                 }
             }
-            if taken >= limit && full_at.is_none() {
+            if out.len() >= limit && full_at.is_none() {
                 full_at = Some(b);
             }
+            if let Some((b, block)) = next_entry(&mut runs[i], values[i].len() + 1)? {
+                heap.push(Reverse((b, i, block)));
+            }
         }
-        Ok(())
+        out.sort_by(|a, b| {
+            (a.time_unix_nanos, &a.node, a.seq).cmp(&(b.time_unix_nanos, &b.node, b.seq))
+        });
+        Ok(out)
+    }
+
+    /// The directories with `by_dir` entries that a path prefix could cover
+    /// (exact matches are checked on the events).
+    fn dirs_under(&self, prefix: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let dir = if prefix.ends_with('/') {
+            prefix.trim_end_matches('/')
+        } else {
+            dir_of(prefix)
+        };
+        let mut dirs = Vec::new();
+        let mut next = dir.as_bytes().to_vec();
+        while let Some(kv) = self.by_dir.range(next.as_slice()..).next() {
+            let (k, _) = kv?;
+            if !k.starts_with(dir.as_bytes()) {
+                break;
+            }
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                return Err(StoreError::CorruptBlock(
+                    "by_dir key without a separator".into(),
+                ));
+            };
+            // The first key after every `d \0 ...` entry.
+            next = k[..end].to_vec();
+            dirs.push(next.clone());
+            next.push(1);
+        }
+        Ok(dirs)
     }
 
     /// Number of stored blocks (cheap).
