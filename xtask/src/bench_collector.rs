@@ -132,13 +132,32 @@ impl Generator {
             // Node time advances SPACING_NS per event: 50k events/s from
             // each of the four nodes, 200k/s together (the target's load).
             e.time_unix_nanos = t0() + s as i64 * SPACING_NS;
+            // A new process every 100 events, each writing files of its
+            // own, so that blocks are not one identity repeated.
+            let proc_no = s / 100;
             if let Some(event::Event::File(f)) = &mut e.event {
                 f.path.clear();
-                let _ = write!(f.path, "/etc/myapp/conf.d/{}.yaml", s % 1000);
+                let _ = write!(
+                    f.path,
+                    "/etc/myapp/conf.d/{}/{}.yaml",
+                    proc_no % 20,
+                    s.wrapping_mul(2_654_435_761) % 100_000
+                );
             }
             if let Some(p) = &mut e.process {
                 p.exec_id.clear();
-                let _ = write!(p.exec_id, "{:016x}", s / 100);
+                let _ = write!(
+                    p.exec_id,
+                    "{:016x}",
+                    proc_no.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                );
+                p.pid = 10_000 + (proc_no % 50_000) as u32;
+                p.tid = p.pid;
+                p.start_time_unix_nanos = t0() + (proc_no * 100) as i64 * SPACING_NS;
+                if let Some(a) = p.args.last_mut() {
+                    a.clear();
+                    let _ = write!(a, "app-{}.yaml", s % 997);
+                }
             }
             // EventBatch.events is field 1.
             prost::encoding::message::encode(1, &*e, &mut self.events);
@@ -265,7 +284,11 @@ async fn first_page(url: &str, since: i64, page: Page) -> Result<(Duration, usiz
             },
             Page::Exec => TimelineRequest {
                 // The process instance of the events at `since`.
-                exec_id: format!("{:016x}", ((since - t0()) / SPACING_NS) as u64 / 100),
+                exec_id: format!(
+                    "{:016x}",
+                    (((since - t0()) / SPACING_NS) as u64 / 100)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ),
                 limit: 100,
                 ..Default::default()
             },
