@@ -415,6 +415,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let (downlink_tx, mut downlink) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let mut sending = None;
     let spool = match &args.collector {
         Some(url) => {
             std::fs::create_dir_all(&args.spool_dir).with_context(|| {
@@ -440,9 +442,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 started: driftwatch_proto::time::now_unix_nanos(),
                 heartbeat: Duration::from_secs(args.heartbeat_interval),
                 downlink: downlink_tx,
+                stop,
             };
             tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");
-            tokio::spawn(sender.run());
+            sending = Some(tokio::spawn(sender.run()));
             Some((spool, notify))
         }
         None => {
@@ -655,6 +658,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Event::Stats { counters, .. } = &final_stats {
             let text = serde_json::to_string_pretty::<BTreeMap<String, KindCounters>>(counters)?;
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if let Some(sending) = sending {
+        // Deliver what is spooled (the sender gives up after a few seconds)
+        // and end the stream rather than drop the connection.
+        let _ = stop_sender.send(true);
+        if tokio::time::timeout(Duration::from_secs(6), sending)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the collector did not answer in time; unsent events stay in the spool");
         }
     }
     if let Some((spool, _)) = &out.spool {

@@ -17,7 +17,7 @@ use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_client::AgentServiceClient, collector_message, AgentMessage,
     Dropped, EventBatch, Heartbeat, Hello, NodeInfo,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use spool::Spool;
@@ -28,6 +28,10 @@ const BATCH: usize = 512;
 const WINDOW: u64 = 8 * BATCH as u64;
 /// Largest message the agent sends.
 const MAX_MESSAGE: usize = 4 << 20;
+/// How long a stopping agent waits for the collector to acknowledge what
+/// it has spooled; what is still unacknowledged then is sent at the next
+/// start.
+const DRAIN: Duration = Duration::from_secs(3);
 
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,9 @@ pub struct Sender {
     pub heartbeat: Duration,
     /// Where policies and scan requests from the collector go.
     pub downlink: mpsc::UnboundedSender<Downlink>,
+    /// Becomes true when the agent stops: the sender delivers what is
+    /// spooled (for up to [`DRAIN`]), ends its stream and returns.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// What the collector asks of the agent.
@@ -91,8 +98,9 @@ fn jitter(max: Duration) -> Duration {
 }
 
 impl Sender {
-    /// Streams forever, reconnecting with exponential backoff and jitter.
-    pub async fn run(self) {
+    /// Streams until told to stop, reconnecting with exponential backoff
+    /// and jitter.
+    pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.stream_once().await {
@@ -105,7 +113,13 @@ impl Sender {
                     );
                 }
             }
-            tokio::time::sleep(backoff + jitter(backoff / 2)).await;
+            if *self.stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter(backoff / 2)) => {}
+                _ = self.stop.changed() => return,
+            }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
@@ -119,7 +133,10 @@ impl Sender {
         let _ = self.downlink.send(d);
     }
 
-    async fn stream_once(&self) -> Result<(), StreamError> {
+    /// One connection: resume from the collector's ack, send, take acks,
+    /// policies and scan requests. Returns when the stream ends, or once a
+    /// stop is drained.
+    async fn stream_once(&mut self) -> Result<(), StreamError> {
         let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
             .map_err(|e| StreamError::Url {
                 url: self.url.clone(),
@@ -161,9 +178,32 @@ impl Sender {
         self.spool.ack(acked)?;
         let mut sent = acked;
         let mut beat = tokio::time::interval(self.heartbeat);
+        // Set when the agent stops: the time by which the spool must be
+        // acknowledged.
+        let mut draining: Option<tokio::time::Instant> = None;
         loop {
             if sent < acked {
                 sent = acked;
+            }
+            if let Some(deadline) = draining {
+                let done = acked >= self.spool.last_seq();
+                if done || tokio::time::Instant::now() >= deadline {
+                    if !done {
+                        tracing::warn!(
+                            acked,
+                            last = self.spool.last_seq(),
+                            "stopping before the collector acknowledged everything; the rest is sent at the next start"
+                        );
+                    }
+                    // End our half of the stream; the collector then ends
+                    // its own, and neither side sees a reset.
+                    drop(tx);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    return Ok(());
+                }
             }
             if sent - acked < WINDOW {
                 let batch = self.spool.read_after(sent, BATCH)?;
@@ -216,6 +256,12 @@ impl Sender {
                     None => return Ok(()),
                 },
                 _ = self.notify.notified() => {}
+                r = self.stop.changed(), if draining.is_none() => {
+                    // A closed channel means the agent is going away too.
+                    let _ = r;
+                    draining = Some(tokio::time::Instant::now() + DRAIN);
+                }
+                _ = tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)), if draining.is_some() => {}
                 _ = beat.tick() => {
                     let hb = Heartbeat { time_unix_nanos: now_unix_nanos(), last_seq: self.spool.last_seq() };
                     if tx.send(AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {

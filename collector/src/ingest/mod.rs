@@ -259,9 +259,11 @@ impl AgentService for Ingest {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(name.clone(), tx.clone());
-        // The policy follows the first ack, and every change after it.
+        // The policy follows the first ack, and every change after it,
+        // until the agent's side of the stream ends.
         let mut policies = self.correlator.policies.subscribe();
         let policy_tx = tx.clone();
+        let (ended, mut ended_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             loop {
                 let current = policies.borrow_and_update().clone();
@@ -273,6 +275,7 @@ impl AgentService for Ingest {
                 tokio::select! {
                     r = policies.changed() => if r.is_err() { return },
                     _ = policy_tx.closed() => return,
+                    _ = &mut ended_rx => return,
                 }
             }
         });
@@ -335,6 +338,9 @@ impl AgentService for Ingest {
                 let _ = store.flush().await;
             }
             tracing::info!(node = %name, "agent disconnected");
+            // With the policy task gone this was the last sender: the
+            // answer stream ends with an OK status.
+            drop(ended);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
