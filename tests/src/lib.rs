@@ -282,6 +282,8 @@ pub struct Collector {
     pub extra: Vec<String>,
     /// The policy file it judges with ([`Collector::judging`]).
     pub policy: Option<PathBuf>,
+    /// Everything it has logged (also copied to the test's stderr).
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     _dir: Dir,
     _files: Option<Dir>,
 }
@@ -303,6 +305,7 @@ impl Collector {
             data: dir.path.join("store"),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             policy: None,
+            log: Default::default(),
             _dir: dir,
             _files: None,
         };
@@ -325,6 +328,14 @@ impl Collector {
         c.policy = Some(policy);
         c._files = Some(dir);
         c
+    }
+
+    /// What the collector has logged so far (every run of it).
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The collector's pid.
@@ -394,7 +405,7 @@ impl Collector {
 
     /// (Re)starts the process on the same port and store.
     pub fn restart(&mut self) {
-        let child = Command::new(bin("driftwatch-collector"))
+        let mut child = Command::new(bin("driftwatch-collector"))
             .args([
                 "--listen",
                 &format!("127.0.0.1:{}", self.port),
@@ -402,9 +413,24 @@ impl Collector {
                 &self.data.display().to_string(),
             ])
             .args(&self.extra)
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start the collector");
+        if let Some(stderr) = child.stderr.take() {
+            let log = self.log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    let mut log = log
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -375,3 +375,40 @@ fn a_full_spool_drops_the_oldest_and_the_collector_shows_exactly_which() {
     assert!(file_events(&t, "node-s", "evicted0.conf").is_empty());
     agent.stop();
 }
+
+#[test]
+fn an_agent_stopped_normally_delivers_what_it_saw_and_ends_its_stream() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let spool = dir.path.join("spool");
+    let collector = Collector::start();
+    let pol = policy(&[format!("{tree}/")], &[]);
+    let agent = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    write_files(&tree, "warmup", 1);
+    collector.wait_timeline(
+        &["--host", "node-s"],
+        |t| !file_events(t, "node-s", "warmup").is_empty(),
+        "the agent streaming",
+    );
+    // Changes, then at once a normal stop: the agent sends what it saw
+    // (some of it still in the kernel's ring buffer at the signal) and
+    // waits for the acks before it exits.
+    write_files(&tree, "last", 5);
+    agent.stop();
+    let t = collector.timeline(&["--host", "node-s"]);
+    assert_exactly_once(&t, "node-s", "last", 5);
+    let agents = collector.json("", &["agents"]);
+    let me = agents
+        .iter()
+        .find(|a| a["host"] == "node-s")
+        .unwrap_or_else(|| panic!("node-s not listed: {agents:?}"));
+    assert_eq!(me["connected"], false, "{me}");
+    // The agent ended its half of the stream: no reset, no error logged.
+    let log = collector.log();
+    assert!(log.contains("agent disconnected"), "{log}");
+    assert!(
+        !log.contains("closing the agent's stream"),
+        "the stream ended with an error:\n{log}"
+    );
+}
