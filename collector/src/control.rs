@@ -444,7 +444,10 @@ impl BaselineService for Control {
             r.apply_to
         };
         let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
-        let done = self.correlator.start_scan(&scan_id, &apply_to, &principal);
+        let done = self
+            .correlator
+            .start_scan(&scan_id, &apply_to, &principal)
+            .map_err(|e| status_of(&e))?;
         if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
             self.correlator.end_scan(&scan_id);
             return Err(e);

@@ -112,6 +112,9 @@ pub struct Engine {
     state_tree: sled::Tree,
     cursors: sled::Tree,
     scans: HashMap<String, Scan>,
+    /// Scans in flight (`scan_id` → `{apply_to, principal}`), so that a
+    /// restarted collector still takes the digests of a scan it requested.
+    scan_tree: sled::Tree,
     settings: Settings,
 }
 
@@ -173,7 +176,7 @@ fn short(sha: &str) -> &str {
 impl Correlator {
     /// Opens the engine's trees.
     pub fn open(store: Store, policies: Policies, settings: Settings) -> Result<Self, StoreError> {
-        let engine = Engine {
+        let mut engine = Engine {
             findings: Findings::open(&store)?,
             baselines: Baselines::open(&store)?,
             approvals: Approvals::open(&store)?,
@@ -182,9 +185,29 @@ impl Correlator {
             state_tree: store.tree("path_state")?,
             cursors: store.tree("correlated")?,
             scans: HashMap::new(),
+            scan_tree: store.tree("scans")?,
             settings,
             store,
         };
+        for kv in engine.scan_tree.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let Ok(saved) = serde_json::from_slice::<serde_json::Value>(&v) else {
+                tracing::warn!(scan_id = %id, "an unreadable scan record is ignored");
+                continue;
+            };
+            let field = |f: &str| saved[f].as_str().unwrap_or_default().to_owned();
+            engine.scans.insert(
+                id,
+                Scan {
+                    apply_to: field("apply_to"),
+                    principal: field("principal"),
+                    files: 0,
+                    errors: 0,
+                    done: None,
+                },
+            );
+        }
         Ok(Self {
             engine: Mutex::new(engine),
             policies,
@@ -284,15 +307,23 @@ impl Correlator {
         Ok(())
     }
 
-    /// Registers a baseline scan; the receiver gets (files, errors, error).
+    /// Registers a baseline scan (kept on disk until it is done, so its
+    /// digests count after a collector restart too); the receiver gets
+    /// (files, errors, error).
     pub fn start_scan(
         &self,
         scan_id: &str,
         apply_to: &str,
         principal: &str,
-    ) -> oneshot::Receiver<(u64, u64, String)> {
+    ) -> Result<oneshot::Receiver<(u64, u64, String)>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.lock().scans.insert(
+        let mut engine = self.lock();
+        let saved = serde_json::json!({ "apply_to": apply_to, "principal": principal });
+        engine
+            .scan_tree
+            .insert(scan_id.as_bytes(), saved.to_string().into_bytes())?;
+        engine.store.flush_blocking()?;
+        engine.scans.insert(
             scan_id.to_owned(),
             Scan {
                 apply_to: apply_to.to_owned(),
@@ -302,12 +333,16 @@ impl Correlator {
                 done: Some(tx),
             },
         );
-        rx
+        Ok(rx)
     }
 
-    /// Forgets a scan that timed out.
+    /// Forgets a scan that timed out or could not be requested.
     pub fn end_scan(&self, scan_id: &str) {
-        self.lock().scans.remove(scan_id);
+        let mut engine = self.lock();
+        engine.scans.remove(scan_id);
+        if let Err(e) = engine.scan_tree.remove(scan_id.as_bytes()) {
+            tracing::warn!(%scan_id, "forgetting the scan: {e}");
+        }
     }
 }
 
@@ -373,6 +408,7 @@ impl Engine {
                     )?;
                 }
                 Some(event::Event::ScanDone(s)) => {
+                    self.scan_tree.remove(s.scan_id.as_bytes())?;
                     if let Some(mut scan) = self.scans.remove(&s.scan_id) {
                         if let Some(tx) = scan.done.take() {
                             let _ = tx.send((scan.files, scan.errors + s.errors, s.error.clone()));

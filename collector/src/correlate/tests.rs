@@ -23,30 +23,45 @@ fn who(exe: &str) -> Process {
     }
 }
 
+/// A correlator over the store and policy in `dir`.
+fn correlator(dir: &std::path::Path) -> Correlator {
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
+    )
+    .expect("policy");
+    let store = Store::open(&dir.join("store")).expect("store");
+    let policies = Policies::open(Some(policy)).expect("valid policy");
+    Correlator::open(
+        store,
+        policies,
+        Settings {
+            learn: true,
+            silent_after: Duration::from_secs(30),
+        },
+    )
+    .expect("correlator")
+}
+
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let policy = dir.path().join("policy.yaml");
-        std::fs::write(
-            &policy,
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
-        )
-        .expect("policy");
-        let store = Store::open(&dir.path().join("store")).expect("store");
-        let policies = Policies::open(Some(policy)).expect("valid policy");
-        let c = Correlator::open(
-            store,
-            policies,
-            Settings {
-                learn: true,
-                silent_after: Duration::from_secs(30),
-            },
-        )
-        .expect("correlator");
         Self {
+            c: correlator(dir.path()),
             _dir: dir,
-            c,
             seq: 0,
+        }
+    }
+
+    /// The collector stopped and started again on the same store.
+    fn restart(self) -> Self {
+        let Self { _dir, c, seq } = self;
+        drop(c);
+        Self {
+            c: correlator(_dir.path()),
+            _dir,
+            seq,
         }
     }
 
@@ -203,4 +218,45 @@ fn judged_events_are_not_judged_again() {
     let list = f.findings();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].count, 1);
+}
+
+#[test]
+fn a_scan_requested_before_a_restart_still_sets_baselines() {
+    let f = Fixture::new();
+    let done = f.c.start_scan("scan-1", "prod-*", "alice").expect("scan");
+    drop(done);
+    let mut f = f.restart();
+    f.feed(
+        event::Event::Digest(Digest {
+            path: "/m/a.bin".into(),
+            resource: "models".into(),
+            exists: true,
+            sha256: SHA_NEW.into(),
+            size: 1,
+            mode: 0o644,
+            reason: "scan".into(),
+            scan_id: "scan-1".into(),
+            ..Default::default()
+        }),
+        None,
+    );
+    let b =
+        f.c.lock()
+            .baselines
+            .lookup("prod-1", "/m/a.bin")
+            .cloned()
+            .expect("a baseline from the scan");
+    assert_eq!(b.source, baselines::SCAN);
+    assert_eq!(b.set_by, "alice");
+    assert_eq!(b.host, "prod-*");
+    // Done: forgotten on disk too, so a third start does not keep it.
+    f.feed(
+        event::Event::ScanDone(driftwatch_proto::v1::ScanDone {
+            scan_id: "scan-1".into(),
+            ..Default::default()
+        }),
+        None,
+    );
+    let f = f.restart();
+    assert!(f.c.lock().scans.is_empty());
 }
