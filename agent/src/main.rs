@@ -46,7 +46,9 @@ use tokio::{
 /// With --collector, the collector's policy replaces the local file as soon
 /// as it arrives (and is kept in the spool directory for the next start).
 ///
-/// Signals: SIGINT/SIGTERM detach and exit; SIGHUP re-reads the local policy
+/// Signals: SIGINT/SIGTERM send what is spooled to the collector (waiting up
+/// to 3 s for its acks; the rest is sent at the next start), end the stream,
+/// detach and exit; SIGHUP re-reads the local policy
 /// file and updates the kernel's watch maps in place (a bad policy is
 /// refused and the running one stays); SIGUSR1 prints the counters.
 #[derive(Debug, Parser)]
