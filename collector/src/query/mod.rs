@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     ingest::status_of,
-    store::{Store, StoreError},
+    store::{order, Scope, Store, StoreError},
 };
 
 /// Kind name of an event, as the API's filters use it.
@@ -78,11 +78,6 @@ const PAGE: usize = 4096;
 /// The first page of a walk.
 const FIRST_PAGE: usize = 128;
 
-/// The order of a timeline: time, then node, then sequence.
-fn order(e: &Event) -> (i64, &str, u64) {
-    (e.time_unix_nanos, e.node.as_str(), e.seq)
-}
-
 /// The last event a walk sent.
 type Cursor = (i64, String, u64);
 
@@ -98,42 +93,18 @@ fn page(
 ) -> Result<Vec<Event>, StoreError> {
     let keep =
         |e: &Event| matches(r, e) && after.is_none_or(|(t, n, s)| order(e) > (*t, n.as_str(), *s));
-    let mut events: Vec<Event> = if !r.exec_id.is_empty() {
-        store.indexed(false, &r.exec_id, since, until, limit, &keep)?
+    let scope = if !r.exec_id.is_empty() {
+        Scope::Exec(&r.exec_id)
     } else if !r.path_prefix.is_empty() {
-        store.indexed(true, &r.path_prefix, since, until, limit, &keep)?
+        Scope::Path(&r.path_prefix)
+    } else if r.node.is_empty() {
+        Scope::Nodes(store.nodes()?)
     } else {
-        let nodes = if r.node.is_empty() {
-            store.nodes()?
-        } else {
-            vec![r.node.clone()]
-        };
-        let mut v = Vec::new();
-        for n in nodes {
-            // Buckets come in time order; events inside one are not, so stop
-            // only once the bucket in which the limit was reached is complete.
-            let mut taken = 0;
-            let mut full_at: Option<i64> = None;
-            for block in store.node_blocks(&n, since, until) {
-                let (b, block) = block?;
-                if full_at.is_some_and(|f| b > f) {
-                    break;
-                }
-                for e in block.into_iter().filter(|e| keep(e)) {
-                    v.push(e);
-                    taken += 1;
-                }
-                if taken >= limit && full_at.is_none() {
-                    full_at = Some(b);
-                }
-            }
-        }
-        v
+        Scope::Nodes(vec![r.node.clone()])
     };
-    events.sort_by(|a, b| order(a).cmp(&order(b)));
-    events.dedup_by(|a, b| a.node == b.node && a.seq == b.seq);
-    // Every node (or index run) contributed its first `limit`: the first
-    // `limit` of them all are complete and in order; the rest may not be.
+    // Each block is read once, however many index entries list it, so no
+    // event comes twice; the first `limit` are complete and in order.
+    let mut events = store.events(&scope, since, until, limit, &keep)?;
     events.truncate(limit);
     Ok(events)
 }

@@ -1,22 +1,6 @@
 use super::*;
-use driftwatch_proto::v1::{FileChange, NodeInfo, Process};
-
-fn ev(node: &str, seq: u64, t: i64, path: &str) -> Event {
-    Event {
-        event: Some(event::Event::File(FileChange {
-            op: "open".into(),
-            path: path.into(),
-            ..Default::default()
-        })),
-        process: Some(Process {
-            exec_id: format!("x{}", seq % 2),
-            ..Default::default()
-        }),
-        seq,
-        time_unix_nanos: t,
-        node: node.into(),
-    }
-}
+use crate::store::tests::ev;
+use driftwatch_proto::v1::NodeInfo;
 
 /// Three nodes, 2,500 events each over 25 ms, many sharing a timestamp
 /// (within a node and across nodes), so pages end inside a bucket and in
@@ -41,6 +25,7 @@ fn store() -> (tempfile::TempDir, Store) {
                     i,
                     1_000_000 + (i as i64 / 7) * 70_000,
                     &format!("/d{}/f", i % 3),
+                    &format!("x{}", i % 2),
                 )
             })
             .collect();

@@ -196,17 +196,32 @@ fn index_key(value: &str, node: &str, bucket: i64, first_seq: u64) -> Vec<u8> {
     k
 }
 
-/// The next entry of an index run: its bucket (the key's time after the
-/// `skip` bytes of value and separator) and the `blocks` key it points to.
+/// The next entry of a run: its bucket (the key's time after the `skip`
+/// bytes of value and separator) and its value.
 fn next_entry(run: &mut sled::Iter, skip: usize) -> Result<Option<(i64, sled::IVec)>, StoreError> {
     run.next()
         .transpose()?
-        .map(|(k, block)| {
+        .map(|(k, v)| {
             k.get(skip..skip + 8)
-                .map(|t| (time_from_key(t), block))
-                .ok_or_else(|| StoreError::CorruptBlock("short index key".into()))
+                .map(|t| (time_from_key(t), v))
+                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))
         })
         .transpose()
+}
+
+/// The order of a timeline: time, then node, then sequence.
+pub fn order(e: &Event) -> (i64, &str, u64) {
+    (e.time_unix_nanos, e.node.as_str(), e.seq)
+}
+
+/// What a timeline read covers.
+pub enum Scope<'a> {
+    /// Every event of these nodes.
+    Nodes(Vec<String>),
+    /// The events of one process instance (an exec_id), on any node.
+    Exec(&'a str),
+    /// The events about paths under a prefix, on any node.
+    Path(&'a str),
 }
 
 /// The paths an event is about, if any (both names of a rename count).
@@ -512,7 +527,7 @@ impl Store {
                     .filter(|e| e.time_unix_nanos >= since && e.time_unix_nanos < until),
             );
         }
-        out.sort_by_key(|e| (e.time_unix_nanos, e.seq));
+        out.sort_by(|a, b| order(a).cmp(&order(b)));
         Ok(out)
     }
 
@@ -525,33 +540,41 @@ impl Store {
             .collect())
     }
 
-    /// Events of a process instance (`by_path == false`, `value` an exec_id)
-    /// or under a path prefix (`by_path == true`) in `[since, until)` that
-    /// `keep` accepts, found through the block indexes, in order (time,
-    /// node, seq). At least the first `limit` of them: the index is read in
-    /// time order and left once a bucket past the limit is complete.
-    pub fn indexed(
+    /// The events of `scope` in `[since, until)` that `keep` accepts, in
+    /// [`order`]. At least the first `limit` of them: each node's blocks (or
+    /// each index value's entries) form a run in bucket order; the runs are
+    /// merged by bucket, so blocks are read in time order across all of
+    /// them, and the read stops once `limit` events are taken and their
+    /// bucket is complete (events inside a bucket are not in time order).
+    pub fn events(
         &self,
-        by_path: bool,
-        value: &str,
+        scope: &Scope<'_>,
         since: i64,
         until: i64,
         limit: usize,
         keep: &dyn Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, StoreError> {
-        let (tree, values) = if by_path {
-            (&self.by_dir, self.dirs_under(value)?)
-        } else {
-            (&self.by_exec, vec![value.as_bytes().to_vec()])
+        let (tree, values): (_, Vec<Vec<u8>>) = match scope {
+            Scope::Nodes(nodes) => (
+                &self.blocks,
+                nodes.iter().map(|n| n.as_bytes().to_vec()).collect(),
+            ),
+            Scope::Exec(id) => (&self.by_exec, vec![id.as_bytes().to_vec()]),
+            Scope::Path(prefix) => (&self.by_dir, self.dirs_under(prefix)?),
         };
+        // Runs of `blocks` hold the blocks; index runs hold `blocks` keys.
+        let indexed = !matches!(scope, Scope::Nodes(_));
         let exact = |e: &Event| {
-            keep(e)
-                && if by_path {
-                    paths_of(e).iter().any(|p| p.starts_with(value))
-                } else {
-                    e.process.as_ref().is_some_and(|p| p.exec_id == value)
+            e.time_unix_nanos >= since
+                && e.time_unix_nanos < until
+                && keep(e)
+                && match scope {
+                    Scope::Nodes(_) => true,
+                    Scope::Exec(id) => e.process.as_ref().is_some_and(|p| p.exec_id == *id),
+                    Scope::Path(prefix) => paths_of(e).iter().any(|p| p.starts_with(prefix)),
                 }
         };
+        // Keys of every run: `value \0 bucket ...`.
         let key = |v: &[u8], t: i64| {
             let mut k = v.to_vec();
             k.push(0);
@@ -559,46 +582,41 @@ impl Store {
             k
         };
         let last = bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS);
-        // Each value (directory) has its own time-ordered run of entries:
-        // merge them by bucket, so the blocks are read in time order across
-        // all of them and the walk stops after `limit` events in all, not
-        // per directory.
         let mut runs: Vec<sled::Iter> = values
             .iter()
             .map(|v| tree.range(key(v, bucket(since))..key(v, last)))
             .collect();
         let mut heap = BinaryHeap::new();
         for (i, run) in runs.iter_mut().enumerate() {
-            if let Some((b, block)) = next_entry(run, values[i].len() + 1)? {
-                heap.push(Reverse((b, i, block)));
+            if let Some((b, v)) = next_entry(run, values[i].len() + 1)? {
+                heap.push(Reverse((b, i, v)));
             }
         }
         let mut out = Vec::new();
         // A block holding several directories is listed under each.
         let mut read = HashSet::new();
         let mut full_at: Option<i64> = None;
-        while let Some(Reverse((b, i, block))) = heap.pop() {
+        while let Some(Reverse((b, i, v))) = heap.pop() {
             if full_at.is_some_and(|f| b > f) {
                 break;
             }
-            // An index entry can outlive its block (retention): skip it.
-            if read.insert(block.clone()) {
-                if let Some(events) = self.block(&block)? {
-                    out.extend(events.into_iter().filter(|e| {
-                        e.time_unix_nanos >= since && e.time_unix_nanos < until && exact(e)
-                    }));
-                }
-            }
+            let events = if !indexed {
+                Some(decode_block(&v)?)
+            } else if read.insert(v.clone()) {
+                // An index entry can outlive its block (retention): skip it.
+                self.block(&v)?
+            } else {
+                None
+            };
+            out.extend(events.into_iter().flatten().filter(|e| exact(e)));
             if out.len() >= limit && full_at.is_none() {
                 full_at = Some(b);
             }
-            if let Some((b, block)) = next_entry(&mut runs[i], values[i].len() + 1)? {
-                heap.push(Reverse((b, i, block)));
+            if let Some((b, v)) = next_entry(&mut runs[i], values[i].len() + 1)? {
+                heap.push(Reverse((b, i, v)));
             }
         }
-        out.sort_by(|a, b| {
-            (a.time_unix_nanos, &a.node, a.seq).cmp(&(b.time_unix_nanos, &b.node, b.seq))
-        });
+        out.sort_by(|a, b| order(a).cmp(&order(b)));
         Ok(out)
     }
 
@@ -698,4 +716,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,8 @@
 use super::*;
 use driftwatch_proto::v1::{FileChange, Process};
 
-fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Event {
+/// A file event (`open` of `path`) by process instance `exec_id`.
+pub(crate) fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Event {
     Event {
         event: Some(event::Event::File(FileChange {
             op: "open".into(),
@@ -143,14 +144,22 @@ fn exec_id_and_path_indexes() {
     )
     .unwrap();
     let by_exec: Vec<u64> = s
-        .indexed(false, "e1", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+        .events(&Scope::Exec("e1"), i64::MIN, i64::MAX, usize::MAX, &|_| {
+            true
+        })
         .unwrap()
         .iter()
         .map(|e| e.seq)
         .collect();
     assert_eq!(by_exec, [1, 3]);
     let by_path: Vec<u64> = s
-        .indexed(true, "/etc/app/", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+        .events(
+            &Scope::Path("/etc/app/"),
+            i64::MIN,
+            i64::MAX,
+            usize::MAX,
+            &|_| true,
+        )
         .unwrap()
         .iter()
         .map(|e| e.seq)
@@ -197,7 +206,7 @@ fn retention_by_age() {
     assert_eq!(left, [5, 6, 7, 8, 9, 10]);
     // Index entries of removed blocks are skipped, not returned.
     assert_eq!(
-        s.indexed(false, "x", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+        s.events(&Scope::Exec("x"), i64::MIN, i64::MAX, usize::MAX, &|_| true)
             .unwrap()
             .len(),
         6
@@ -238,9 +247,8 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
         "every event exactly once"
     );
     assert_eq!(
-        s.indexed(
-            true,
-            "/etc/app/3.conf",
+        s.events(
+            &Scope::Path("/etc/app/3.conf"),
             i64::MIN,
             i64::MAX,
             usize::MAX,
@@ -323,7 +331,13 @@ fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
     let since = 700 * 1_000_000;
     let key = |e: &Event| (e.time_unix_nanos, e.node.clone(), e.seq);
     let everything: Vec<_> = s
-        .indexed(true, "/srv/", i64::MIN, i64::MAX, usize::MAX, &|_| true)
+        .events(
+            &Scope::Path("/srv/"),
+            i64::MIN,
+            i64::MAX,
+            usize::MAX,
+            &|_| true,
+        )
         .unwrap();
     assert_eq!(everything.len(), 2 * 1500, "/srvx is not under /srv/");
     let want: Vec<_> = everything
@@ -333,7 +347,9 @@ fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
         .map(key)
         .collect();
     let page = s
-        .indexed(true, "/srv/", since, i64::MAX, 50, &|e| e.node == "n2")
+        .events(&Scope::Path("/srv/"), since, i64::MAX, 50, &|e| {
+            e.node == "n2"
+        })
         .unwrap();
     let got: Vec<_> = page.iter().take(50).map(key).collect();
     assert_eq!(got, want);
@@ -344,7 +360,7 @@ fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
     );
     // By exec_id, bounded the same way.
     let page = s
-        .indexed(false, "x", since, i64::MAX, 10, &|_| true)
+        .events(&Scope::Exec("x"), since, i64::MAX, 10, &|_| true)
         .unwrap();
     assert_eq!(page[0].time_unix_nanos, since);
     assert!(page.len() < 100, "{}", page.len());
