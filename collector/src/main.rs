@@ -14,17 +14,17 @@ use driftwatch_collector::{
     units,
 };
 use driftwatch_proto::time::now_unix_nanos;
+use driftwatch_proto::v1::{
+    agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
+    baseline_service_server::BaselineServiceServer, finding_service_server::FindingServiceServer,
+    query_service_server::QueryServiceServer,
+};
 
 /// Ingest decodes, stores and drops a tree of small strings per event;
 /// mimalloc's thread-local free lists cost a fraction of glibc's malloc for
 /// that pattern (the allocator was ~40% of the collector's CPU).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use driftwatch_proto::v1::{
-    agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
-    baseline_service_server::BaselineServiceServer, finding_service_server::FindingServiceServer,
-    query_service_server::QueryServiceServer,
-};
 
 /// Driftwatch collector: one bidirectional gRPC stream per agent, events
 /// acknowledged only once they are on disk, stored in sled (one directory,

@@ -256,9 +256,8 @@ impl Sender {
                     None => return Ok(()),
                 },
                 _ = self.notify.notified() => {}
-                r = self.stop.changed(), if draining.is_none() => {
-                    // A closed channel means the agent is going away too.
-                    let _ = r;
+                // A closed channel means the agent is going away too.
+                _ = self.stop.changed(), if draining.is_none() => {
                     draining = Some(tokio::time::Instant::now() + DRAIN);
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)), if draining.is_some() => {}
