@@ -100,7 +100,9 @@ struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     loss_interval: u64,
 
-    /// Also write the final counters, as JSON, to this file at exit.
+    /// Also write the counters, delivery figures (sent, acknowledged,
+    /// kernel-to-durable latency) and spool state, as JSON, to this file at
+    /// exit and on SIGUSR1.
     #[arg(long, value_name = "FILE")]
     stats_file: Option<PathBuf>,
 
@@ -163,6 +165,77 @@ fn main() -> ExitCode {
 /// Longest an event waits in the ring buffer when few are arriving.
 const DRAIN_MS: u64 = 10;
 
+/// How long after SIGINT/SIGTERM the sender may go on delivering.
+const STOP_DELIVERY: Duration = Duration::from_millis(3500);
+
+/// What `--stats-file` holds (at exit, and on SIGUSR1).
+#[derive(serde::Serialize)]
+struct StatsFile<'a> {
+    /// Counters by event kind.
+    counters: &'a BTreeMap<String, KindCounters>,
+    /// What the sender delivered (with --collector).
+    delivery: Option<stream::DeliveryReport>,
+    /// Events the spool evicted because it was full.
+    spool_evicted: u64,
+    /// Events in the spool not yet acknowledged (at exit: left for the
+    /// next start).
+    spool_waiting: u64,
+    /// The highest sequence number handed out.
+    spool_last_seq: u64,
+    /// From the stop signal to these figures, milliseconds (at exit).
+    stop_ms: Option<u64>,
+}
+
+fn write_stats_file(
+    path: &Path,
+    stats: &Event,
+    out: &Output,
+    delivery: &stream::Delivery,
+    stopping: Option<std::time::Instant>,
+) -> anyhow::Result<()> {
+    let Event::Stats { counters, .. } = stats else {
+        return Ok(());
+    };
+    let spool = out.spool.as_ref().map(|(s, _)| s);
+    let report = StatsFile {
+        counters,
+        delivery: spool.map(|_| delivery.report()),
+        spool_evicted: spool.map_or(0, Spool::evicted),
+        spool_waiting: spool.map_or(0, |s| s.len() as u64),
+        spool_last_seq: spool.map_or(0, Spool::last_seq),
+        stop_ms: stopping.map(|t| t.elapsed().as_millis() as u64),
+    };
+    let text = serde_json::to_string_pretty(&report)?;
+    // Whole or not at all, for whoever reads it meanwhile.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads every record waiting in the ring.
+fn drain_ring(
+    ring: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    mut f: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    while let Some(item) = ring.get_mut().next() {
+        f(&item)?;
+    }
+    Ok(())
+}
+
+/// Joins a thread, giving up after `limit`.
+fn wait_thread(t: std::thread::JoinHandle<()>, limit: Duration) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while !t.is_finished() {
+        if std::time::Instant::now() >= until {
+            tracing::warn!("the collector did not answer in time; unsent events stay in the spool");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().is_ok()
+}
+
 /// Counters kept in user space, by kind.
 #[derive(Default)]
 struct UserCounts {
@@ -199,7 +272,14 @@ impl Output {
         Ok(seq)
     }
 
+    /// Ends a run of events: stdout is flushed, spooled records are
+    /// written to the spool's file (and fsync'd every 100 ms).
     fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some((spool, _)) = &self.spool {
+            if let Err(err) = spool.commit() {
+                tracing::error!("writing the spool failed: {err}");
+            }
+        }
         match self.out.as_mut() {
             Some(out) => out.flush().context("flushing stdout"),
             None => Ok(()),
@@ -417,7 +497,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let (downlink_tx, mut downlink) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let (stop_sender, stop) = tokio::sync::watch::channel(None);
+    let delivery = Arc::new(stream::Delivery::default());
     let mut sending = None;
     let spool = match &args.collector {
         Some(url) => {
@@ -445,9 +526,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 heartbeat: Duration::from_secs(args.heartbeat_interval),
                 downlink: downlink_tx,
                 stop,
+                stats: delivery.clone(),
             };
             tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");
-            sending = Some(tokio::spawn(sender.run()));
+            // The sender has a thread and an event loop of its own, so that
+            // reading the kernel's ring never waits for the network, nor
+            // delivery for a burst of decoding.
+            let thread = std::thread::Builder::new()
+                .name("sender".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(sender.run()),
+                        Err(e) => tracing::error!("starting the sender's runtime: {e}"),
+                    }
+                })
+                .context("starting the sender thread")?;
+            sending = Some(thread);
             Some((spool, notify))
         }
         None => {
@@ -618,6 +715,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let s = stats(&sensors, &user, &out.node)?;
                 out.emit(&s)?;
                 out.flush()?;
+                if let Some(path) = &args.stats_file {
+                    write_stats_file(path, &s, &out, &delivery, None)?;
+                }
             }
             _ = tick.tick() => {
                 if let Some(logger) = sensors.logger() {
@@ -641,43 +741,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    // Whatever the kernel wrote before the signal is still ours to report.
-    while let Some(item) = ring.get_mut().next() {
+    // The stop budget runs from the signal: hooks detached, the ring read
+    // to its end, the spool delivered or left on disk for the next start.
+    let stopping = std::time::Instant::now();
+    drain_ring(&mut ring, |item| {
         handle(
-            &item,
+            item,
             &mut decoder,
             &sensors,
             &mut user,
             &mut out,
             &digester,
             &running.policy,
-        )?;
+        )
+    })?;
+    out.flush()?;
+    if sending.is_some() {
+        // Delivery goes on while the hooks detach.
+        let _ = stop_sender.send(Some(stopping + STOP_DELIVERY));
     }
+    sensors.detach();
+    // Whatever the kernel wrote before the hooks went is still ours to report.
+    drain_ring(&mut ring, |item| {
+        handle(
+            item,
+            &mut decoder,
+            &sensors,
+            &mut user,
+            &mut out,
+            &digester,
+            &running.policy,
+        )
+    })?;
     let final_stats = stats(&sensors, &user, &node)?;
     out.emit(&final_stats)?;
     out.flush()?;
-    if let Some(path) = &args.stats_file {
-        if let Event::Stats { counters, .. } = &final_stats {
-            let text = serde_json::to_string_pretty::<BTreeMap<String, KindCounters>>(counters)?;
-            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-    }
     if let Some(sending) = sending {
-        // Deliver what is spooled (the sender gives up after a few seconds)
-        // and end the stream rather than drop the connection.
-        let _ = stop_sender.send(true);
-        if tokio::time::timeout(Duration::from_secs(6), sending)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the collector did not answer in time; unsent events stay in the spool");
-        }
+        // The sender ends its stream by the deadline; what the collector
+        // has not acknowledged by then stays spooled.
+        let _ = wait_thread(sending, STOP_DELIVERY + Duration::from_secs(1));
     }
     if let Some((spool, _)) = &out.spool {
         // What was not acknowledged yet is sent by the next run.
         if let Err(e) = spool.flush() {
             tracing::error!("flushing the spool: {e}");
         }
+    }
+    if let Some(path) = &args.stats_file {
+        write_stats_file(path, &final_stats, &out, &delivery, Some(stopping))?;
     }
     if user.malformed > 0 {
         tracing::warn!(

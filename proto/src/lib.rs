@@ -6,6 +6,7 @@
     clippy::large_enum_variant
 )]
 
+pub mod raw;
 pub mod time;
 
 /// True for the file operations after which a file's content, mode or owner

@@ -27,6 +27,8 @@ pub enum Which {
     Sensors,
     /// Collector ingest and timeline queries.
     Collector,
+    /// The whole path: kernel, agent, spool, stream, durable collector.
+    Pipeline,
 }
 
 fn cpath(p: &Path) -> Result<CString> {
@@ -138,7 +140,7 @@ fn throughput(
     agent.stop_quiet()?;
     let text = std::fs::read_to_string(&stats).context("reading the agent's stats file")?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    let f = &v["file"];
+    let f = &v["counters"]["file"];
     let n = |k: &str| f[k].as_u64().unwrap_or(0);
     Ok(Throughput {
         offered_per_s: count as f64 / gen.as_secs_f64(),

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use driftwatch_proto::raw::Raw;
 use driftwatch_proto::v1::{
     agent_message::Msg, collector_message, event, query_service_client::QueryServiceClient,
     AgentMessage, Ancestor, CollectorMessage, Event, FileChange, Hello, NodeInfo, Outcome, Process,
@@ -78,36 +79,6 @@ fn template(node: &str) -> Event {
     }
 }
 
-/// An `AgentMessage` already encoded: the load generator builds each batch's
-/// bytes once, without a tree of owned strings per event, so that the
-/// cores it shares with the collector go to the collector.
-#[derive(Debug, Default, Clone)]
-struct Encoded(Vec<u8>);
-
-impl prost::Message for Encoded {
-    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl prost::bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
 /// Builds one stream's batches.
 struct Generator {
     event: Event,
@@ -123,7 +94,7 @@ impl Generator {
     }
 
     /// `AgentMessage { batch: EventBatch { events: seq..=last } }`, encoded.
-    fn batch(&mut self, seq: u64, last: u64) -> Encoded {
+    fn batch(&mut self, seq: u64, last: u64) -> Raw {
         use std::fmt::Write as _;
         self.events.clear();
         for s in seq..=last {
@@ -162,12 +133,7 @@ impl Generator {
             // EventBatch.events is field 1.
             prost::encoding::message::encode(1, &*e, &mut self.events);
         }
-        // AgentMessage.batch is field 2.
-        let mut out = Vec::with_capacity(self.events.len() + 16);
-        prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut out);
-        prost::encoding::encode_varint(self.events.len() as u64, &mut out);
-        out.extend_from_slice(&self.events);
-        Encoded(out)
+        driftwatch_proto::raw::batch_message(&self.events)
     }
 }
 
@@ -188,9 +154,9 @@ async fn stream(url: String, node: String, from: u64, count: u64) -> Result<()> 
             agent_started_unix_nanos: 1,
         })),
     };
-    tx.send(Encoded(hello.encode_to_vec())).await?;
+    tx.send(Raw(hello.encode_to_vec())).await?;
     grpc.ready().await?;
-    let codec = tonic_prost::ProstCodec::<Encoded, CollectorMessage>::default();
+    let codec = tonic_prost::ProstCodec::<Raw, CollectorMessage>::default();
     let path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/driftwatch.v1.AgentService/Stream");
     let mut inbound = grpc

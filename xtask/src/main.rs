@@ -6,6 +6,7 @@
 mod agent;
 mod bench;
 mod bench_collector;
+mod bench_pipeline;
 mod demo;
 mod setup;
 
@@ -153,6 +154,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: bench::Which::Collector,
         } => bench_collector::run(),
+        Cmd::Bench {
+            which: bench::Which::Pipeline,
+        } => bench_pipeline::run(),
         Cmd::Bench { which } => bench::run(which),
     };
     match result {

@@ -8,30 +8,42 @@
 //! reported as dropped ranges, which the collector shows as gaps.
 
 pub mod convert;
+pub mod delivery;
 pub mod spool;
 
-use std::time::Duration;
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
+use driftwatch_proto::raw::{batch_message, Raw};
 use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
-    agent_message::Msg, agent_service_client::AgentServiceClient, collector_message, AgentMessage,
-    Dropped, EventBatch, Heartbeat, Hello, NodeInfo,
+    agent_message::Msg, collector_message, AgentMessage, CollectorMessage, Dropped, Heartbeat,
+    Hello, NodeInfo,
 };
+use prost::Message as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
+pub use delivery::{Delivery, DeliveryReport};
 pub use spool::Spool;
 
-/// Events per batch.
-const BATCH: usize = 512;
+/// Most events per batch.
+const BATCH: usize = 1024;
+/// Most bytes of events per batch (a single larger event still goes alone).
+const BATCH_BYTES: usize = 1 << 20;
 /// Batches sent ahead of the last acknowledgement.
-const WINDOW: u64 = 8 * BATCH as u64;
-/// Largest message the agent sends.
+const WINDOW_BATCHES: usize = 32;
+/// Events sent ahead of the last acknowledgement.
+const WINDOW: u64 = (WINDOW_BATCHES * BATCH) as u64;
+/// Largest message the agent sends (the collector's default limit).
 const MAX_MESSAGE: usize = 4 << 20;
 /// How long a stopping agent waits for the collector to acknowledge what
-/// it has spooled; what is still unacknowledged then is sent at the next
-/// start.
+/// it has spooled when no deadline is given; what is still unacknowledged
+/// then is sent at the next start.
 const DRAIN: Duration = Duration::from_secs(3);
+
+fn raw(m: &AgentMessage) -> Raw {
+    Raw(m.encode_to_vec())
+}
 
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +89,11 @@ pub struct Sender {
     pub heartbeat: Duration,
     /// Where policies and scan requests from the collector go.
     pub downlink: mpsc::UnboundedSender<Downlink>,
-    /// Becomes true when the agent stops: the sender delivers what is
-    /// spooled (for up to [`DRAIN`]), ends its stream and returns.
-    pub stop: watch::Receiver<bool>,
+    /// Becomes `Some(deadline)` when the agent stops: the sender delivers
+    /// what is spooled until then, ends its stream and returns.
+    pub stop: watch::Receiver<Option<std::time::Instant>>,
+    /// What was delivered, and how fast.
+    pub stats: Arc<Delivery>,
 }
 
 /// What the collector asks of the agent.
@@ -113,7 +127,7 @@ impl Sender {
                     );
                 }
             }
-            if *self.stop.borrow() {
+            if self.stop.borrow().is_some() {
                 return;
             }
             tokio::select! {
@@ -143,6 +157,7 @@ impl Sender {
                 reason: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
         let channel = endpoint
@@ -152,16 +167,28 @@ impl Sender {
                 url: self.url.clone(),
                 source,
             })?;
-        let mut client = AgentServiceClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
-        let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+        // Events travel as the spool keeps them, encoded once: the batch
+        // is framed around their bytes, not decoded and encoded again.
+        let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_MESSAGE);
+        let (tx, rx) = mpsc::channel::<Raw>(WINDOW_BATCHES);
         let hello = AgentMessage {
             msg: Some(Msg::Hello(Hello {
                 node: Some(self.node.clone()),
                 agent_started_unix_nanos: self.started,
             })),
         };
-        let _ = tx.send(hello).await;
-        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let _ = tx.send(raw(&hello)).await;
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("collector not ready: {e}")))?;
+        let codec = tonic_prost::ProstCodec::<Raw, CollectorMessage>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/driftwatch.v1.AgentService/Stream",
+        );
+        let mut inbound = grpc
+            .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
+            .await?
+            .into_inner();
         // The collector answers the hello with where to resume.
         let mut acked = match inbound.message().await? {
             Some(m) => match m.msg {
@@ -176,7 +203,10 @@ impl Sender {
         };
         tracing::info!(url = %self.url, acked, spooled = self.spool.len(), "streaming to the collector");
         self.spool.ack(acked)?;
+        self.stats.acked(acked, &mut VecDeque::new());
         let mut sent = acked;
+        // Times of the events in flight, for their latency when acked.
+        let mut in_flight: VecDeque<(u64, i64)> = VecDeque::new();
         let mut beat = tokio::time::interval(self.heartbeat);
         // Set when the agent stops: the time by which the spool must be
         // acknowledged.
@@ -206,12 +236,12 @@ impl Sender {
                 }
             }
             if sent - acked < WINDOW {
-                let batch = self.spool.read_after(sent, BATCH)?;
-                if let Some(first) = batch.first() {
-                    if first.seq > sent + 1 {
+                let batch = self.spool.read_after(sent, BATCH, BATCH_BYTES)?;
+                if batch.count > 0 {
+                    if batch.first > sent + 1 {
                         let d = Dropped {
                             from_seq: sent + 1,
-                            to_seq: first.seq - 1,
+                            to_seq: batch.first - 1,
                             reason: "spool".into(),
                         };
                         tracing::warn!(
@@ -219,25 +249,17 @@ impl Sender {
                             to = d.to_seq,
                             "events were lost before delivery; reporting the range"
                         );
-                        if tx
-                            .send(AgentMessage {
-                                msg: Some(Msg::Dropped(d)),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        let m = AgentMessage {
+                            msg: Some(Msg::Dropped(d)),
+                        };
+                        if tx.send(raw(&m)).await.is_err() {
                             return Ok(());
                         }
-                        sent = first.seq - 1;
                     }
-                    sent = batch.last().map_or(sent, |e| e.seq);
-                    if tx
-                        .send(AgentMessage {
-                            msg: Some(Msg::Batch(EventBatch { events: batch })),
-                        })
-                        .await
-                        .is_err()
-                    {
+                    sent = batch.last;
+                    in_flight.extend((batch.first..).zip(batch.times.iter().copied()));
+                    self.stats.sent(batch.count);
+                    if tx.send(batch_message(&batch.body)).await.is_err() {
                         return Ok(());
                     }
                     continue;
@@ -249,6 +271,7 @@ impl Sender {
                         Some(collector_message::Msg::Ack(a)) => {
                             acked = acked.max(a.through);
                             self.spool.ack(acked)?;
+                            self.stats.acked(acked, &mut in_flight);
                         }
                         Some(other) => self.down(other),
                         None => {}
@@ -258,12 +281,13 @@ impl Sender {
                 _ = self.notify.notified() => {}
                 // A closed channel means the agent is going away too.
                 _ = self.stop.changed(), if draining.is_none() => {
-                    draining = Some(tokio::time::Instant::now() + DRAIN);
+                    let until = *self.stop.borrow();
+                    draining = Some(until.map_or_else(|| tokio::time::Instant::now() + DRAIN, tokio::time::Instant::from_std));
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)), if draining.is_some() => {}
                 _ = beat.tick() => {
                     let hb = Heartbeat { time_unix_nanos: now_unix_nanos(), last_seq: self.spool.last_seq() };
-                    if tx.send(AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
+                    if tx.send(raw(&AgentMessage { msg: Some(Msg::Heartbeat(hb)) })).await.is_err() {
                         return Ok(());
                     }
                 }

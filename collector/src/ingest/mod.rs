@@ -252,8 +252,11 @@ impl AgentService for Ingest {
 
         let (tx, rx) = mpsc::channel(64);
         // Tell the agent where to resume; with group commit the stored ack
-        // may cover a write not yet on disk, so make it durable first.
-        store.flush().await.map_err(|e| status_of(&e))?;
+        // may cover a write not yet on disk, so wait for the next group
+        // commit (never a flush of our own: one per connecting agent
+        // wedged the store when a cluster reconnected at once).
+        let generation = self.durability.wrote();
+        self.durability.wait(generation).await;
         let _ = tx.send(Ok(ack(status.acked_seq))).await;
         self.links
             .lock()
@@ -335,7 +338,8 @@ impl AgentService for Ingest {
                 a.connected = false;
                 a.last_seen_unix_nanos = now_unix_nanos();
                 let _ = store.put_agent(&a);
-                let _ = store.flush().await;
+                // Durable with the next group commit.
+                durability.wrote();
             }
             tracing::info!(node = %name, "agent disconnected");
             // With the policy task gone this was the last sender: the

@@ -314,9 +314,18 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything written so far durable (fsync).
+    /// Makes everything written so far durable (fsync), on a blocking
+    /// thread of the runtime.
+    ///
+    /// Not `sled::Db::flush_async`: it runs on sled's own I/O pool, and a
+    /// few of them at once (a flush per agent connecting) parked every
+    /// thread of that pool waiting for a log write queued behind them on
+    /// the same pool, which wedged ingest for good.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(format!("flush task: {e}"))))??;
         Ok(())
     }
 
