@@ -26,6 +26,10 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 /// Change digests read at once.
 pub const WORKERS: usize = 2;
+/// Most files one worker takes at a time.
+const BATCH: usize = 64;
+/// Files above this size are read after the others of their batch.
+const LARGE: u64 = 8 << 20;
 /// Most files one scan reports.
 pub const SCAN_MAX_FILES: u64 = 200_000;
 /// Deepest directory a scan enters.
@@ -179,17 +183,20 @@ fn strict_key(m: &Metadata) -> (u64, u64, u64, i64, i64) {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<String> {
+    thread_local! {
+        // One read buffer per worker thread, not a fresh megabyte per file.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
+    }
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
+    BUF.with_borrow_mut(|buf| loop {
+        match f.read(buf) {
+            Ok(0) => return Ok(()),
             Ok(n) => h.update(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-    }
+    })?;
     Ok(hex(&h.finalize()))
 }
 
@@ -415,32 +422,52 @@ async fn run(
     let mut queued: HashMap<String, Job> = HashMap::new();
     let mut busy: HashSet<String> = HashSet::new();
     let mut again: HashMap<String, Job> = HashMap::new();
-    let mut tasks: JoinSet<(String, Option<FileDigest>)> = JoinSet::new();
+    let mut tasks: JoinSet<Vec<(String, Option<FileDigest>)>> = JoinSet::new();
     // What was last reported per path: a read that finds the same state
     // again (a burst of changes folded into two reads) is not reported twice.
     let mut last: HashMap<String, (bool, Option<String>, u32, u32, u32)> = HashMap::new();
     let mut open = true;
     loop {
-        while tasks.len() < WORKERS {
-            let Some(path) = queue.pop_front() else { break };
-            let Some(job) = queued.remove(&path) else {
-                continue;
-            };
-            busy.insert(path.clone());
+        while tasks.len() < WORKERS && !queue.is_empty() {
+            // What is queued goes to a worker together: under a stream of
+            // changes the workers wake once per batch, not once per file
+            // (a blocking task per digest made thread switches most of
+            // the agent's CPU). Large files go last in their batch, so a
+            // model being read never holds up the small files beside it.
+            let mut batch = Vec::new();
+            while batch.len() < BATCH {
+                let Some(path) = queue.pop_front() else { break };
+                let Some(job) = queued.remove(&path) else {
+                    continue;
+                };
+                busy.insert(path);
+                batch.push(job);
+            }
+            if batch.is_empty() {
+                break;
+            }
             let cache = cache.clone();
             tasks.spawn_blocking(move || {
-                let d = read_state(
-                    &job.path,
-                    job.resource,
-                    Reason::Change,
-                    !job.content_may_change,
-                    &cache,
-                )
-                .map(|mut d| {
-                    d.trigger_seq = job.trigger_seq;
-                    d
+                batch.sort_by_cached_key(|job| {
+                    std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.len() > LARGE)
                 });
-                (job.path, d)
+                batch
+                    .into_iter()
+                    .map(|job| {
+                        let d = read_state(
+                            &job.path,
+                            job.resource,
+                            Reason::Change,
+                            !job.content_may_change,
+                            &cache,
+                        )
+                        .map(|mut d| {
+                            d.trigger_seq = job.trigger_seq;
+                            d
+                        });
+                        (job.path, d)
+                    })
+                    .collect()
             });
         }
         if !open && tasks.is_empty() && queue.is_empty() {
@@ -469,16 +496,17 @@ async fn run(
                 None => open = false,
             },
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok((path, d)) = done else {
+                let Ok(results) = done else {
                     tracing::error!("a digest worker failed");
                     continue;
                 };
-                busy.remove(&path);
-                if let Some(job) = again.remove(&path) {
-                    queue.push_back(path.clone());
-                    queued.insert(path.clone(), job);
-                }
-                if let Some(d) = d {
+                for (path, d) in results {
+                    busy.remove(&path);
+                    if let Some(job) = again.remove(&path) {
+                        queue.push_back(path.clone());
+                        queued.insert(path.clone(), job);
+                    }
+                    let Some(d) = d else { continue };
                     let seen = (d.exists, d.sha256.clone(), d.mode, d.uid, d.gid);
                     if d.error.is_none() && last.get(&path) == Some(&seen) {
                         continue;
