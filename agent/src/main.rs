@@ -165,8 +165,11 @@ fn main() -> ExitCode {
 /// Longest an event waits in the ring buffer when few are arriving.
 const DRAIN_MS: u64 = 10;
 
+/// Most ring records read in one turn of the event loop.
+const DRAIN_SLICE: usize = 1024;
+
 /// How long after SIGINT/SIGTERM the sender may go on delivering.
-const STOP_DELIVERY: Duration = Duration::from_millis(3500);
+const STOP_DELIVERY: Duration = Duration::from_secs(3);
 
 /// What `--stats-file` holds (at exit, and on SIGUSR1).
 #[derive(serde::Serialize)]
@@ -633,25 +636,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
-                }
-                guard.clear_ready();
-                out.flush()?;
-            }
-            _ = drain.tick() => {
-                let mut n = 0;
-                while let Some(item) = ring.get_mut().next() {
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
-                    n += 1;
-                }
-                if n > 0 {
-                    out.flush()?;
-                }
-            }
+            // In this order: signals first, then the rare work, and the
+            // ring last — under load it is always ready, and would leave
+            // signals, policies and digests waiting.
+            biased;
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
@@ -738,12 +726,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     out.flush()?;
                 }
             }
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let rb = guard.get_inner_mut();
+                // At most a slice per turn: under a load as fast as the
+                // reader the ring never runs dry, and signals must still be
+                // heard. Readiness stays set until the ring is empty.
+                let mut n = 0;
+                let mut empty = false;
+                while n < DRAIN_SLICE {
+                    let Some(item) = rb.next() else {
+                        empty = true;
+                        break;
+                    };
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
+                    n += 1;
+                }
+                if empty {
+                    guard.clear_ready();
+                }
+                out.flush()?;
+            }
+            _ = drain.tick() => {
+                let mut n = 0;
+                while n < DRAIN_SLICE {
+                    let Some(item) = ring.get_mut().next() else { break };
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
+                    n += 1;
+                }
+                if n > 0 {
+                    out.flush()?;
+                }
+            }
         }
     }
 
-    // The stop budget runs from the signal: hooks detached, the ring read
-    // to its end, the spool delivered or left on disk for the next start.
+    // The stop budget runs from the signal. The hooks go first: they then
+    // write nothing more, so the ring has an end however heavy the load
+    // was; then it is read to that end, and the sender delivers what is
+    // spooled or leaves it on disk for the next start.
     let stopping = std::time::Instant::now();
+    sensors.detach();
     drain_ring(&mut ring, |item| {
         handle(
             item,
@@ -757,22 +780,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })?;
     out.flush()?;
     if sending.is_some() {
-        // Delivery goes on while the hooks detach.
         let _ = stop_sender.send(Some(stopping + STOP_DELIVERY));
     }
-    sensors.detach();
-    // Whatever the kernel wrote before the hooks went is still ours to report.
-    drain_ring(&mut ring, |item| {
-        handle(
-            item,
-            &mut decoder,
-            &sensors,
-            &mut user,
-            &mut out,
-            &digester,
-            &running.policy,
-        )
-    })?;
     let final_stats = stats(&sensors, &user, &node)?;
     out.emit(&final_stats)?;
     out.flush()?;

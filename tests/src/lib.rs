@@ -200,12 +200,20 @@ impl Agent {
     }
 
     /// Stops the agent (SIGINT) and returns everything it printed; asserts a clean exit.
-    pub fn stop(mut self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_timed().1
+    }
+
+    /// As [`Agent::stop`], also returning the time from the signal to the
+    /// agent's exit.
+    pub fn stop_timed(mut self) -> (Duration, Vec<Value>) {
+        let signalled = Instant::now();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().expect("wait for the agent");
+        let took = signalled.elapsed();
         assert!(status.success(), "agent exited with {status}");
-        self.events()
+        (took, self.events())
     }
 }
 

@@ -228,7 +228,7 @@ impl Sender {
                     // End our half of the stream; the collector then ends
                     // its own, and neither side sees a reset.
                     drop(tx);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
                         while let Ok(Some(_)) = inbound.message().await {}
                     })
                     .await;
