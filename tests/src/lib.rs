@@ -154,8 +154,42 @@ impl Agent {
 
     /// Waits (up to 60 s) for an event matching `pred`.
     pub fn wait_for(&mut self, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_progress(pred, what, || 0)
+    }
+
+    /// A reader of the bytes the agent has read from files so far
+    /// (`rchar`): the progress of its digests.
+    pub fn bytes_read_fn(&self) -> impl Fn() -> u64 {
+        let io = format!("/proc/{}/io", self.child.id());
+        move || {
+            std::fs::read_to_string(&io)
+                .ok()
+                .and_then(|io| {
+                    io.lines()
+                        .find_map(|l| l.strip_prefix("rchar:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        }
+    }
+
+    /// Waits for an event matching `pred` for as long as `progress` keeps
+    /// growing, and 60 s past the last time it grew: a verdict that
+    /// depends on work being done, not on how busy the machine is.
+    pub fn wait_for_progress(
+        &mut self,
+        pred: impl Fn(&Value) -> bool,
+        what: &str,
+        progress: impl Fn() -> u64,
+    ) -> Value {
+        let mut deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = progress();
         loop {
+            let now = progress();
+            if now > last {
+                last = now;
+                deadline = Instant::now() + Duration::from_secs(60);
+            }
             if let Some(e) = self.events().into_iter().find(&pred) {
                 return e;
             }
@@ -169,7 +203,7 @@ impl Agent {
                         .entry(e["kind"].as_str().unwrap_or("?").to_owned())
                         .or_insert(0) += 1;
                 }
-                panic!("no {what} from the agent within 60 s; it printed {kinds:?}");
+                panic!("no {what} from the agent within 60 s of its last progress; it printed {kinds:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

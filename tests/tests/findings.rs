@@ -720,9 +720,12 @@ fn a_large_model_is_digested_off_the_event_path() {
     run(Command::new("truncate").args(["-s", "2G", &big]));
     run(Command::new("chmod").args(["0600", &small]));
     let events = {
-        agent.wait_for(
+        // However busy the machine, the digest comes while the agent reads.
+        let pid_reads = agent.bytes_read_fn();
+        agent.wait_for_progress(
             |e| e["kind"] == "digest" && e["path"] == big.as_str(),
             "the large file's digest",
+            pid_reads,
         );
         agent.events()
     };
