@@ -31,6 +31,51 @@ pub enum Which {
     Pipeline,
 }
 
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+/// Set for the release build a benchmark re-runs: the set-up is done.
+const SET_UP: &str = "DRIFTWATCH_BENCH_SET_UP";
+
+/// True in the release build a benchmark re-ran: the set-up is done.
+pub fn set_up_already() -> bool {
+    std::env::var_os(SET_UP).is_some()
+}
+
+/// From a debug build of xtask (what `cargo xtask` runs), builds and runs
+/// the release build of `bench <which>` instead: an unoptimised load
+/// generator would take the cores it shares with what it measures. True
+/// when it did so and the caller is done.
+pub fn rerun_in_release(which: &str) -> Result<bool> {
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    eprintln!("xtask: building the load generator (xtask, release)");
+    setup::run(crate::cargo().args(["build", "--release", "-p", "xtask"]))?;
+    let status = std::process::Command::new(crate::root().join("target/release/xtask"))
+        .args(["bench", which])
+        .env(SET_UP, "1")
+        .status()
+        .context("running the release build of xtask")?;
+    if !status.success() {
+        bail!("the {which} benchmark failed ({status})");
+    }
+    Ok(true)
+}
+
 fn cpath(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_encoded_bytes()).context("path with NUL")
 }

@@ -20,7 +20,7 @@ use driftwatch_proto::v1::{
     TimelineRequest,
 };
 
-use crate::{cargo, root, setup};
+use crate::{bench::cpu_seconds, cargo, root, setup};
 
 const STREAMS: u64 = 4;
 /// Node time between two events of one node.
@@ -312,42 +312,12 @@ fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
     Ok(child)
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
-}
-
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
-    // Set for the release build this re-runs: the set-up is already done.
-    const SET_UP: &str = "DRIFTWATCH_BENCH_SET_UP";
-    if std::env::var_os(SET_UP).is_none() {
+    if !crate::bench::set_up_already() {
         setup::ensure()?;
     }
-    if cfg!(debug_assertions) {
-        // `cargo xtask` is a debug build; an unoptimised load generator would
-        // take most of the two cores from the collector it measures.
-        eprintln!("xtask: building the load generator (xtask, release)");
-        setup::run(cargo().args(["build", "--release", "-p", "xtask"]))?;
-        let status = Command::new(root().join("target/release/xtask"))
-            .args(["bench", "collector"])
-            .env(SET_UP, "1")
-            .status()
-            .context("running the release build of xtask")?;
-        if !status.success() {
-            bail!("the collector benchmark failed ({status})");
-        }
+    if crate::bench::rerun_in_release("collector")? {
         return Ok(());
     }
     eprintln!("xtask: building driftwatch-collector (release)");

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, root, setup};
+use crate::{bench::cpu_seconds, root, setup};
 
 /// One load.
 #[derive(Clone, Copy)]
@@ -91,21 +91,6 @@ impl Figures {
             && self.durable >= self.spooled_last
             && self.kernel_emitted >= self.ops * self.mix.events_per_op()
     }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
 }
 
 /// Peak resident memory of a live process, MiB.
@@ -412,26 +397,12 @@ fn run_one(mix: Mix, rate: u64, dur: Duration) -> Result<Figures> {
 
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
-    // Set for the release build this re-runs: the set-up is already done.
-    const SET_UP: &str = "DRIFTWATCH_BENCH_SET_UP";
     setup::require_root("cargo xtask bench pipeline")?;
-    if std::env::var_os(SET_UP).is_none() {
+    if !crate::bench::set_up_already() {
         setup::ensure()?;
-    }
-    if cfg!(debug_assertions) {
-        // An unoptimised generator would spend the cores it shares with the
-        // agent and the collector on itself.
         crate::build_agent(true)?;
-        eprintln!("xtask: building the load generator (xtask, release)");
-        setup::run(cargo().args(["build", "--release", "-p", "xtask"]))?;
-        let status = Command::new(root().join("target/release/xtask"))
-            .args(["bench", "pipeline"])
-            .env(SET_UP, "1")
-            .status()
-            .context("running the release build of xtask")?;
-        if !status.success() {
-            bail!("the pipeline benchmark failed ({status})");
-        }
+    }
+    if crate::bench::rerun_in_release("pipeline")? {
         return Ok(());
     }
     let secs: u64 = std::env::var("DRIFTWATCH_BENCH_SECONDS")
@@ -497,16 +468,29 @@ pub fn run() -> Result<()> {
             f.stop_s,
         );
     }
-    let best = all
-        .iter()
-        .filter(|f| matches!(f.mix, Mix::File) && f.zero_loss())
+    // A load counts as sustained only if the generator really offered it
+    // (on two shared cores it may not keep up with its own target).
+    let offered = |f: &Figures| f.ops as f64 * f.mix.events_per_op() as f64 / f.seconds;
+    let clean = || {
+        all.iter()
+            .filter(|f| matches!(f.mix, Mix::File) && f.zero_loss())
+    };
+    match clean()
+        .filter(|f| offered(f) >= 0.95 * f.rate as f64)
         .map(|f| f.rate)
-        .max();
-    match best {
+        .max()
+    {
         Some(r) => println!(
-            "highest file-change rate sustained with zero loss, everything durable: {r} events/s"
+            "highest file-change rate offered and sustained with zero loss, everything durable: {r} events/s"
         ),
         None => println!("no file-change rate was sustained with zero loss"),
+    }
+    if let Some(f) = clean().max_by(|a, b| offered(a).total_cmp(&offered(b))) {
+        println!(
+            "highest rate the generator reached, with zero loss: {:.0} events/s (its target: {})",
+            offered(f),
+            f.rate
+        );
     }
     Ok(())
 }
