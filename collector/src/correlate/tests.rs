@@ -31,22 +31,7 @@ fn correlator(dir: &std::path::Path) -> Correlator {
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
     )
     .expect("policy");
-    // A restart in the same process: sled lets go of its directory lock
-    // only when its I/O pool drops its last reference, a moment after the
-    // previous store was dropped (seen under load in CI).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match Store::open(&dir.join("store")) {
-            Ok(s) => break s,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("store: {e:?}"),
-        }
-    };
+    let store = Store::reopen_for_test(&dir.join("store"));
     let policies = Policies::open(Some(policy)).expect("valid policy");
     Correlator::open(
         store,

@@ -308,6 +308,27 @@ impl Store {
         Ok(None)
     }
 
+    /// Opens a store that this process had open a moment ago. sled lets
+    /// go of its directory lock only when its I/O pool drops its last
+    /// reference, shortly after the store was dropped; under load a reopen
+    /// came first and failed with WouldBlock.
+    #[cfg(test)]
+    pub(crate) fn reopen_for_test(dir: &Path) -> Self {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::open(dir) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening the store in {}: {e:?}", dir.display()),
+            }
+        }
+    }
+
     /// [`Store::flush`] for callers outside the runtime's async code.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;

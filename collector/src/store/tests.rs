@@ -111,7 +111,7 @@ fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen() {
         s.append("n1", &batch, 1).unwrap();
         futures_flush(&s);
     }
-    let s = Store::open(dir.path()).unwrap();
+    let s = Store::reopen_for_test(dir.path());
     let got: Vec<u64> = s
         .node_range("n1", 1_200, 1_300)
         .unwrap()
