@@ -90,6 +90,29 @@ pub struct Batch {
     pub times: Vec<i64>,
 }
 
+impl Batch {
+    /// True if event `seq` of `len` bytes belongs in this batch: the first
+    /// always does; the others while the batch has room and follows on
+    /// without a hole (a hole is reported before the events above it, so
+    /// it must start a batch).
+    fn takes(&self, seq: u64, len: usize, max_events: usize, max_bytes: usize) -> bool {
+        self.count == 0
+            || (self.count < max_events
+                && seq == self.last + 1
+                && self.body.len() + driftwatch_proto::raw::framed_len(len) <= max_bytes)
+    }
+
+    fn add(&mut self, seq: u64, time: i64, payload: &[u8]) {
+        if self.count == 0 {
+            self.first = seq;
+        }
+        self.last = seq;
+        self.count += 1;
+        self.times.push(time);
+        driftwatch_proto::raw::push_event(&mut self.body, payload);
+    }
+}
+
 struct Segment {
     path: PathBuf,
     first: u64,
@@ -581,24 +604,15 @@ impl Inner {
         }
         if want >= self.memory_first {
             let start = (want - self.memory_first) as usize;
+            let before = batch.count;
             for (i, (time, payload)) in self.memory.iter().enumerate().skip(start) {
-                if batch.count >= max_events
-                    || (batch.count > 0
-                        && batch.body.len() + driftwatch_proto::raw::framed_len(payload.len())
-                            > max_bytes)
-                {
+                let seq = self.memory_first + i as u64;
+                if !batch.takes(seq, payload.len(), max_events, max_bytes) {
                     break;
                 }
-                let seq = self.memory_first + i as u64;
-                if batch.count == 0 {
-                    batch.first = seq;
-                }
-                batch.last = seq;
-                batch.count += 1;
-                batch.times.push(*time);
-                driftwatch_proto::raw::push_event(&mut batch.body, payload);
+                batch.add(seq, *time, payload);
             }
-            self.work += batch.count as u64;
+            self.work += (batch.count - before) as u64;
         }
         Ok(batch)
     }
@@ -642,11 +656,7 @@ impl Inner {
                 };
                 self.work += 1;
                 if seq >= *want {
-                    if batch.count >= max_events
-                        || (batch.count > 0
-                            && batch.body.len() + driftwatch_proto::raw::framed_len(payload.len())
-                                > max_bytes)
-                    {
+                    if !batch.takes(seq, payload.len(), max_events, max_bytes) {
                         // Not taken: the next read starts at this record.
                         self.cursor = Some(Cursor {
                             segment: first,
@@ -655,13 +665,8 @@ impl Inner {
                         });
                         return Ok(());
                     }
-                    if batch.count == 0 {
-                        batch.first = seq;
-                    }
-                    batch.last = seq;
-                    batch.count += 1;
-                    batch.times.push(0);
-                    driftwatch_proto::raw::push_event(&mut batch.body, &payload);
+                    // Read from disk: the event's time is not at hand.
+                    batch.add(seq, 0, &payload);
                     *want = seq + 1;
                 }
                 offset += (HEADER + payload.len()) as u64;
@@ -738,6 +743,22 @@ mod tests {
             next > RESERVE,
             "a reopened spool starts above the reserved block"
         );
+        assert_eq!(seqs(&s.read_after(2, 10, 1 << 20).unwrap()), [next]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_a_hole_so_the_hole_is_reported_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Spool::open(dir.path(), 100).unwrap();
+            s.push(ev()).unwrap();
+            s.push(ev()).unwrap();
+            s.commit().unwrap();
+        }
+        // A restart: the new run's numbers start above the reserved block.
+        let s = Spool::open(dir.path(), 100).unwrap();
+        let next = s.push(ev()).unwrap();
+        assert_eq!(seqs(&s.read_after(0, 10, 1 << 20).unwrap()), [1, 2]);
         assert_eq!(seqs(&s.read_after(2, 10, 1 << 20).unwrap()), [next]);
     }
 
