@@ -168,6 +168,9 @@ const DRAIN_MS: u64 = 10;
 /// Most ring records read in one turn of the event loop.
 const DRAIN_SLICE: usize = 1024;
 
+/// How long after SIGINT/SIGTERM the agent may go on reading the ring.
+const STOP_READING: Duration = Duration::from_millis(2500);
+
 /// How long after SIGINT/SIGTERM the sender may go on delivering.
 const STOP_DELIVERY: Duration = Duration::from_secs(3);
 
@@ -180,6 +183,8 @@ struct StatsFile<'a> {
     delivery: Option<stream::DeliveryReport>,
     /// Events the spool evicted because it was full.
     spool_evicted: u64,
+    /// Ring records a stopping agent had no time left to read (lost).
+    unread_at_stop: u64,
     /// Events in the spool not yet acknowledged (at exit: left for the
     /// next start).
     spool_waiting: u64,
@@ -195,6 +200,7 @@ fn write_stats_file(
     out: &Output,
     delivery: &stream::Delivery,
     stopping: Option<std::time::Instant>,
+    unread_at_stop: u64,
 ) -> anyhow::Result<()> {
     let Event::Stats { counters, .. } = stats else {
         return Ok(());
@@ -204,6 +210,7 @@ fn write_stats_file(
         counters,
         delivery: spool.map(|_| delivery.report()),
         spool_evicted: spool.map_or(0, Spool::evicted),
+        unread_at_stop,
         spool_waiting: spool.map_or(0, |s| s.len() as u64),
         spool_last_seq: spool.map_or(0, Spool::last_seq),
         stop_ms: stopping.map(|t| t.elapsed().as_millis() as u64),
@@ -215,15 +222,27 @@ fn write_stats_file(
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Reads every record waiting in the ring.
+/// Reads the records waiting in the ring until `until`; returns how many
+/// were left unread then (counted, not decoded: a stopping agent that fell
+/// far behind would otherwise take as long to stop as it is behind).
 fn drain_ring(
     ring: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    until: std::time::Instant,
     mut f: impl FnMut(&[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    let mut late = false;
+    let mut unread = 0;
     while let Some(item) = ring.get_mut().next() {
+        if late {
+            unread += 1;
+            continue;
+        }
         f(&item)?;
+        n += 1;
+        late = n.is_multiple_of(1024) && std::time::Instant::now() >= until;
     }
-    Ok(())
+    Ok(unread)
 }
 
 /// Joins a thread, giving up after `limit`.
@@ -245,6 +264,8 @@ struct UserCounts {
     received: BTreeMap<&'static str, u64>,
     filtered_user: BTreeMap<&'static str, u64>,
     malformed: u64,
+    /// Ring records a stopping agent had no time left to read.
+    unread_at_stop: u64,
 }
 
 struct Output {
@@ -704,7 +725,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 out.emit(&s)?;
                 out.flush()?;
                 if let Some(path) = &args.stats_file {
-                    write_stats_file(path, &s, &out, &delivery, None)?;
+                    write_stats_file(path, &s, &out, &delivery, None, 0)?;
                 }
             }
             _ = tick.tick() => {
@@ -767,7 +788,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // spooled or leaves it on disk for the next start.
     let stopping = std::time::Instant::now();
     sensors.detach();
-    drain_ring(&mut ring, |item| {
+    let unread = drain_ring(&mut ring, stopping + STOP_READING, |item| {
         handle(
             item,
             &mut decoder,
@@ -778,6 +799,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &running.policy,
         )
     })?;
+    if unread > 0 {
+        tracing::error!(
+            records = unread,
+            "the agent was too far behind to read the whole ring before stopping; these records are lost (counted in the stats)"
+        );
+        out.emit(&Event::Loss {
+            time: Clock::now_rfc3339(),
+            node: node.clone(),
+            dropped: BTreeMap::from([("unread_at_stop".to_owned(), unread)]),
+        })?;
+    }
+    user.unread_at_stop = unread;
     out.flush()?;
     if sending.is_some() {
         let _ = stop_sender.send(Some(stopping + STOP_DELIVERY));
@@ -797,7 +830,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.stats_file {
-        write_stats_file(path, &final_stats, &out, &delivery, Some(stopping))?;
+        write_stats_file(
+            path,
+            &final_stats,
+            &out,
+            &delivery,
+            Some(stopping),
+            user.unread_at_stop,
+        )?;
     }
     if user.malformed > 0 {
         tracing::warn!(

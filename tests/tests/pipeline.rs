@@ -20,6 +20,16 @@ use driftwatch_proto::v1::{
 };
 use driftwatch_tests::{bin, policy, Agent, Collector, Dir};
 
+/// The tests here each load the machine; run one at a time, so that each
+/// measures its own load, not its neighbours'.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// `fchmod`s a watched file `count` times (one `chmod` event each), as
 /// fast as the machine allows or paced to `per_s`, until `stop` is set.
 fn chmod_burst(path: &str, count: u64, per_s: Option<u64>, stop: &AtomicBool, done: &AtomicU64) {
@@ -97,6 +107,7 @@ fn assert_exactly_once(seqs: &[u64], want: usize) {
 
 #[test]
 fn a_burst_of_100k_changes_reaches_the_collector_exactly_once() {
+    let _heavy = one_at_a_time();
     const CHANGES: u64 = 100_000;
     let dir = Dir::new();
     let tree = dir.join("models");
@@ -131,6 +142,7 @@ fn a_burst_of_100k_changes_reaches_the_collector_exactly_once() {
 
 #[test]
 fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
+    let _heavy = one_at_a_time();
     let dir = Dir::new();
     let tree = dir.join("etc");
     std::fs::create_dir_all(&tree).unwrap();
@@ -159,9 +171,9 @@ fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
         let (file, stop, done) = (file.clone(), stop.clone(), done.clone());
         // A steady load the agent keeps up with (a test build, printing
         // JSON too), still going when the signal comes and after it.
-        std::thread::spawn(move || chmod_burst(&file, u64::MAX, Some(20_000), &stop, &done))
+        std::thread::spawn(move || chmod_burst(&file, u64::MAX, Some(10_000), &stop, &done))
     };
-    while done.load(Ordering::Relaxed) < 100_000 {
+    while done.load(Ordering::Relaxed) < 50_000 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (took, events) = agent.stop_timed();
@@ -174,10 +186,11 @@ fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
     let stats = driftwatch_tests::final_stats(&events);
     assert_eq!(stats["file"]["dropped"], 0, "{stats}");
     let received = stats["file"]["received"].as_u64().unwrap();
-    assert!(received >= 100_000, "{stats}");
+    assert!(received >= 50_000, "{stats}");
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats_file).unwrap()).unwrap();
     assert_eq!(s["spool_evicted"], 0, "{s}");
+    assert_eq!(s["unread_at_stop"], 0, "{s}");
     // What the collector had not acknowledged stayed spooled; the next
     // start delivers it. Every chmod the agent read is stored exactly once.
     let again = Agent::start_with(&pol, &args);
@@ -259,6 +272,7 @@ async fn one_agent(url: String, node: String, from: u64, count: u64, started: i6
 /// again. A flush per hello and per teardown wedged ingest for good at 40.
 #[test]
 fn two_hundred_agents_connect_stream_and_leave_at_once_repeatedly() {
+    let _heavy = one_at_a_time();
     const AGENTS: u64 = 200;
     const ROUNDS: u64 = 4;
     const EVENTS: u64 = 50;
