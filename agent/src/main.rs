@@ -168,6 +168,10 @@ const DRAIN_MS: u64 = 10;
 /// Most ring records read in one turn of the event loop.
 const DRAIN_SLICE: usize = 1024;
 
+/// Most ring records read before a digest is reported (what waits in a
+/// 16 MiB ring), to keep digests behind the events that caused them.
+const CAUSAL_DRAIN: usize = 1 << 17;
+
 /// How long after SIGINT/SIGTERM the agent may go on reading the ring.
 const STOP_READING: Duration = Duration::from_millis(2500);
 
@@ -710,6 +714,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             },
             Some(report) = reports.recv() => {
+                // A file's state was read after the kernel events that
+                // changed it: those still in the ring go first, so the
+                // collector never sees a state before the change behind it
+                // (a temporary file read as gone before its rename).
+                let mut n = 0;
+                while n < CAUSAL_DRAIN {
+                    let Some(item) = ring.get_mut().next() else { break };
+                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
+                    n += 1;
+                }
                 let time = Clock::now_rfc3339();
                 let e = match report {
                     Report::Digest(state) => Event::Digest { time, node: out.node.clone(), state },
