@@ -226,6 +226,22 @@ fn write_stats_file(
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Reads at most `max` records waiting in the ring; returns how many it
+/// read and whether the ring ran dry.
+fn read_ring(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    max: usize,
+    mut f: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<(usize, bool)> {
+    for n in 0..max {
+        let Some(item) = ring.next() else {
+            return Ok((n, true));
+        };
+        f(&item)?;
+    }
+    Ok((max, false))
+}
+
 /// Reads the records waiting in the ring until `until`; returns how many
 /// were left unread then (counted, not decoded: a stopping agent that fell
 /// far behind would otherwise take as long to stop as it is behind).
@@ -268,8 +284,6 @@ struct UserCounts {
     received: BTreeMap<&'static str, u64>,
     filtered_user: BTreeMap<&'static str, u64>,
     malformed: u64,
-    /// Ring records a stopping agent had no time left to read.
-    unread_at_stop: u64,
 }
 
 struct Output {
@@ -718,12 +732,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // changed it: those still in the ring go first, so the
                 // collector never sees a state before the change behind it
                 // (a temporary file read as gone before its rename).
-                let mut n = 0;
-                while n < CAUSAL_DRAIN {
-                    let Some(item) = ring.get_mut().next() else { break };
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
-                    n += 1;
-                }
+                read_ring(ring.get_mut(), CAUSAL_DRAIN, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
                 let time = Clock::now_rfc3339();
                 let e = match report {
                     Report::Digest(state) => Event::Digest { time, node: out.node.clone(), state },
@@ -763,32 +772,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                let rb = guard.get_inner_mut();
                 // At most a slice per turn: under a load as fast as the
                 // reader the ring never runs dry, and signals must still be
                 // heard. Readiness stays set until the ring is empty.
-                let mut n = 0;
-                let mut empty = false;
-                while n < DRAIN_SLICE {
-                    let Some(item) = rb.next() else {
-                        empty = true;
-                        break;
-                    };
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
-                    n += 1;
-                }
+                let (_, empty) = read_ring(guard.get_inner_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
                 if empty {
                     guard.clear_ready();
                 }
                 out.flush()?;
             }
             _ = drain.tick() => {
-                let mut n = 0;
-                while n < DRAIN_SLICE {
-                    let Some(item) = ring.get_mut().next() else { break };
-                    handle(&item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy)?;
-                    n += 1;
-                }
+                let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
                 if n > 0 {
                     out.flush()?;
                 }
@@ -824,7 +818,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             dropped: BTreeMap::from([("unread_at_stop".to_owned(), unread)]),
         })?;
     }
-    user.unread_at_stop = unread;
     out.flush()?;
     if sending.is_some() {
         let _ = stop_sender.send(Some(stopping + STOP_DELIVERY));
@@ -844,14 +837,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.stats_file {
-        write_stats_file(
-            path,
-            &final_stats,
-            &out,
-            &delivery,
-            Some(stopping),
-            user.unread_at_stop,
-        )?;
+        write_stats_file(path, &final_stats, &out, &delivery, Some(stopping), unread)?;
     }
     if user.malformed > 0 {
         tracing::warn!(
