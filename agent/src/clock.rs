@@ -1,4 +1,33 @@
-//! Kernel timestamps (boot clock) to wall-clock RFC 3339 text.
+//! Kernel timestamps (boot clock) to wall-clock time.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// A wall-clock instant, nanoseconds since the Unix epoch: what the wire
+/// carries. Shown (and serialized) as RFC 3339 text, rendered only when
+/// someone reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time(pub i64);
+
+impl Time {
+    /// Nanoseconds since the Unix epoch.
+    pub fn unix_nanos(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&driftwatch_proto::time::rfc3339(i128::from(self.0)))
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 /// Converts `CLOCK_BOOTTIME` nanoseconds to wall-clock time.
 #[derive(Clone, Copy, Debug)]
@@ -17,6 +46,10 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
+fn saturate(ns: i128) -> Time {
+    Time(ns.clamp(0, i128::from(i64::MAX)) as i64)
+}
+
 impl Clock {
     /// Measures the offset now.
     pub fn new() -> Self {
@@ -26,13 +59,13 @@ impl Clock {
     }
 
     /// Wall-clock time of a boot-clock instant.
-    pub fn boot_ns_to_rfc3339(&self, boot_ns: u64) -> String {
-        rfc3339(i128::from(boot_ns) + self.offset_ns)
+    pub fn at_boot_ns(&self, boot_ns: u64) -> Time {
+        saturate(i128::from(boot_ns) + self.offset_ns)
     }
 
     /// Wall-clock time now.
-    pub fn now_rfc3339() -> String {
-        rfc3339(now_ns(libc::CLOCK_REALTIME))
+    pub fn now() -> Time {
+        saturate(now_ns(libc::CLOCK_REALTIME))
     }
 }
 
@@ -42,4 +75,16 @@ impl Default for Clock {
     }
 }
 
-pub use driftwatch_proto::time::rfc3339;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_reads_as_rfc3339_and_round_trips() {
+        let t = Time(1_700_000_000_123_456_789);
+        let text = serde_json::to_string(&t).unwrap();
+        assert_eq!(text, "\"2023-11-14T22:13:20.123456789Z\"");
+        let back = driftwatch_proto::time::parse_rfc3339(text.trim_matches('"')).unwrap();
+        assert_eq!(back, t.0);
+    }
+}

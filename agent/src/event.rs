@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::identity::Identity;
+use crate::{clock::Time, identity::Identity};
 
 /// A syscall's outcome.
 #[derive(Clone, Debug, Serialize)]
@@ -62,7 +62,7 @@ pub enum Event {
     /// The agent started: what it loaded and what it watches.
     AgentStart {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Agent version.
@@ -83,7 +83,7 @@ pub enum Event {
     /// A policy was applied: the kernel's watch maps follow it now.
     PolicyApplied {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Policy version (sha256 of its text, first 16 hex digits).
@@ -98,7 +98,7 @@ pub enum Event {
     /// A policy was refused; the running one stays in force.
     PolicyRefused {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Policy version.
@@ -112,7 +112,7 @@ pub enum Event {
     /// a baseline scan.
     Digest {
         /// When it was read.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// The state.
@@ -122,7 +122,7 @@ pub enum Event {
     /// A scan finished.
     ScanDone {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// The baseline scan (absent for the scan of newly watched paths).
@@ -141,7 +141,7 @@ pub enum Event {
     /// A program was executed.
     Exec {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Who (after the exec).
@@ -153,7 +153,7 @@ pub enum Event {
     /// A process exited.
     Exit {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Who.
@@ -166,7 +166,7 @@ pub enum Event {
     /// A change, or an attempt, on a watched file.
     File {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// `open`, `rename`, `unlink`, `chmod`, `chown`, `truncate`, `link`,
@@ -209,7 +209,7 @@ pub enum Event {
     /// A connect to a watched port.
     Connect {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// `ipv4` or `ipv6`.
@@ -229,7 +229,7 @@ pub enum Event {
     /// Records were lost in the kernel since the last report.
     Loss {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Lost records by kind, since the previous loss report.
@@ -238,7 +238,7 @@ pub enum Event {
     /// Counters since start (on request and at shutdown).
     Stats {
         /// When.
-        time: String,
+        time: Time,
         /// Node name.
         node: String,
         /// Counters by event kind.

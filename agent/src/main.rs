@@ -290,6 +290,8 @@ struct Output {
     out: Option<BufWriter<std::io::Stdout>>,
     node: String,
     spool: Option<(Spool, std::sync::Arc<tokio::sync::Notify>)>,
+    /// Events were spooled since the sender was last woken.
+    pushed: bool,
 }
 
 impl Output {
@@ -300,7 +302,7 @@ impl Output {
             serde_json::to_writer(&mut *out, event).context("writing an event to stdout")?;
             out.write_all(b"\n").context("writing an event to stdout")?;
         }
-        if let Some((spool, notify)) = &self.spool {
+        if let Some((spool, _)) = &self.spool {
             if let Some(e) = stream::convert::to_proto(event) {
                 // A failing spool must not stop the sensors: the hole it
                 // leaves is reported to the collector as a dropped range.
@@ -308,7 +310,7 @@ impl Output {
                     Ok(s) => seq = Some(s),
                     Err(err) => tracing::error!("spooling an event failed: {err}"),
                 }
-                notify.notify_one();
+                self.pushed = true;
             }
         }
         Ok(seq)
@@ -317,9 +319,14 @@ impl Output {
     /// Ends a run of events: stdout is flushed, spooled records are
     /// written to the spool's file (and fsync'd every 100 ms).
     fn flush(&mut self) -> anyhow::Result<()> {
-        if let Some((spool, _)) = &self.spool {
+        if let Some((spool, notify)) = &self.spool {
             if let Err(err) = spool.commit() {
                 tracing::error!("writing the spool failed: {err}");
+            }
+            // One wake-up of the sender per run of events, not per event:
+            // it then reads them as one batch.
+            if std::mem::take(&mut self.pushed) {
+                notify.notify_one();
             }
         }
         match self.out.as_mut() {
@@ -336,7 +343,7 @@ fn stats(sensors: &Sensors, user: &UserCounts, node: &str) -> anyhow::Result<Eve
         c.filtered_user = user.filtered_user.get(kind.as_str()).copied().unwrap_or(0);
     }
     Ok(Event::Stats {
-        time: Clock::now_rfc3339(),
+        time: Clock::now(),
         node: node.to_owned(),
         counters,
     })
@@ -434,7 +441,7 @@ fn scan_watched(digester: &Digester, policy: &Arc<Policy>) {
 /// The report of `running` now in the kernel's maps.
 fn policy_applied(sensors: &Sensors, node: &str, running: &Running) -> Event {
     Event::PolicyApplied {
-        time: Clock::now_rfc3339(),
+        time: Clock::now(),
         node: node.to_owned(),
         version: running.version.clone(),
         source: running.source.clone(),
@@ -451,7 +458,7 @@ fn apply_policy(
     next: Running,
     running: &mut Running,
 ) -> anyhow::Result<()> {
-    let time = Clock::now_rfc3339();
+    let time = Clock::now();
     if let Err(e) = sensors.apply(WatchSet::from_policy(&next.policy)) {
         tracing::error!(
             "policy {} could not be applied, the running policy stays in force: {e:#}",
@@ -600,9 +607,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .then(|| BufWriter::with_capacity(1 << 16, std::io::stdout())),
         node: node.clone(),
         spool,
+        pushed: false,
     };
     out.emit(&Event::AgentStart {
-        time: Clock::now_rfc3339(),
+        time: Clock::now(),
         node: node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         kernel,
@@ -709,7 +717,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Err(e) => {
                             tracing::error!("policy from the collector refused, the running policy stays in force: {e}");
                             out.emit(&Event::PolicyRefused {
-                                time: Clock::now_rfc3339(),
+                                time: Clock::now(),
                                 node: out.node.clone(),
                                 version: p.version,
                                 source,
@@ -733,7 +741,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // collector never sees a state before the change behind it
                 // (a temporary file read as gone before its rename).
                 read_ring(ring.get_mut(), CAUSAL_DRAIN, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
-                let time = Clock::now_rfc3339();
+                let time = Clock::now();
                 let e = match report {
                     Report::Digest(state) => Event::Digest { time, node: out.node.clone(), state },
                     Report::ScanDone { scan_id, path, files, errors, error } => {
@@ -766,7 +774,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 if !dropped.is_empty() {
                     tracing::warn!(?dropped, "kernel ring buffer overflowed; records lost");
-                    out.emit(&Event::Loss { time: Clock::now_rfc3339(), node: out.node.clone(), dropped })?;
+                    out.emit(&Event::Loss { time: Clock::now(), node: out.node.clone(), dropped })?;
                     out.flush()?;
                 }
             }
@@ -813,7 +821,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "the agent was too far behind to read the whole ring before stopping; these records are lost (counted in the stats)"
         );
         out.emit(&Event::Loss {
-            time: Clock::now_rfc3339(),
+            time: Clock::now(),
             node: node.clone(),
             dropped: BTreeMap::from([("unread_at_stop".to_owned(), unread)]),
         })?;
@@ -831,8 +839,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = wait_thread(sending, STOP_DELIVERY + Duration::from_secs(1));
     }
     if let Some((spool, _)) = &out.spool {
-        // What was not acknowledged yet is sent by the next run.
-        if let Err(e) = spool.flush() {
+        // What was not acknowledged yet is sent by the next run, which
+        // numbers on from here.
+        if let Err(e) = spool.close() {
             tracing::error!("flushing the spool: {e}");
         }
     }

@@ -131,6 +131,40 @@ fn an_agent_killed_and_restarted_replays_its_spool_and_the_window_is_a_gap() {
 }
 
 #[test]
+fn an_agent_stopped_and_started_again_numbers_on_without_a_false_loss() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let spool = dir.path.join("spool");
+    let collector = Collector::start();
+    let pol = policy(&[format!("{tree}/")], &[]);
+    let agent = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    write_files(&tree, "before", 5);
+    collector.wait_timeline(
+        &["--host", "node-s"],
+        |t| file_events(t, "node-s", "before").len() >= 10,
+        "changes before the restart",
+    );
+    agent.stop();
+    let again = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    write_files(&tree, "after", 5);
+    let t = collector.wait_timeline(
+        &["--host", "node-s"],
+        |t| file_events(t, "node-s", "after").len() >= 10,
+        "changes after the restart",
+    );
+    assert_exactly_once(&t, "node-s", "after", 5);
+    // The stop was clean: no sequence numbers went unused, so nothing is
+    // reported as dropped by the agent.
+    let dropped: Vec<_> = t
+        .iter()
+        .filter(|e| e["type"] == "gap" && e["reason"] == "agent_dropped")
+        .collect();
+    assert!(dropped.is_empty(), "false loss reported: {dropped:#?}");
+    again.stop();
+}
+
+#[test]
 fn eight_agents_stream_at_once() {
     let dir = Dir::new();
     let tree = dir.join("shared");

@@ -32,7 +32,7 @@ pub struct ProcInfo {
     /// Stable id of the process instance (unique across pid reuse and hosts).
     pub exec_id: String,
     /// When the process started (RFC 3339).
-    pub start_time: String,
+    pub start_time: crate::clock::Time,
     /// Executable path.
     pub exe: String,
     /// Arguments, secrets masked.
@@ -215,9 +215,7 @@ impl ProcessTable {
             start_ticks,
             info: Arc::new(ProcInfo {
                 exec_id: self.exec_id(tgid, start_ticks),
-                start_time: self
-                    .clock
-                    .boot_ns_to_rfc3339(start_ticks * self.ns_per_tick),
+                start_time: self.clock.at_boot_ns(start_ticks * self.ns_per_tick),
                 exe: shape.exe,
                 args: shape.args,
                 cgroup: shape.cgroup,

@@ -9,7 +9,7 @@ use agent_common::{
 
 use super::watch::{normalise, WatchSet};
 use crate::{
-    clock::Clock,
+    clock::{Clock, Time},
     event::{Event, Outcome},
     identity::{cstr, ProcessTable},
 };
@@ -177,8 +177,8 @@ impl Decoder {
         })
     }
 
-    fn time(&self, h: &Header) -> String {
-        self.clock.boot_ns_to_rfc3339(h.ktime_ns)
+    fn time(&self, h: &Header) -> Time {
+        self.clock.at_boot_ns(h.ktime_ns)
     }
 
     fn file(&mut self, e: &FileEvent, watch: &WatchSet) -> Result<Decoded, DecodeError> {

@@ -1,13 +1,8 @@
 //! The agent's events as `driftwatch.v1` messages.
 
-use driftwatch_proto::{time::parse_rfc3339, v1};
+use driftwatch_proto::v1;
 
 use crate::{event::Event, event::Outcome, identity::Identity};
-
-fn nanos(t: &str) -> i64 {
-    // The agent wrote this text itself (`clock`); it always parses.
-    parse_rfc3339(t).unwrap_or(0)
-}
 
 fn outcome(o: &Outcome) -> v1::Outcome {
     v1::Outcome {
@@ -23,7 +18,7 @@ fn process(p: &Identity) -> v1::Process {
         tid: p.tid,
         ppid: p.ppid,
         exec_id: p.info.exec_id.clone(),
-        start_time_unix_nanos: nanos(&p.info.start_time),
+        start_time_unix_nanos: p.info.start_time.unix_nanos(),
         uid: p.uid,
         user: p.user.as_deref().unwrap_or_default().to_owned(),
         gid: p.gid,
@@ -241,7 +236,7 @@ pub fn to_proto(e: &Event) -> Option<v1::Event> {
         event: Some(kind),
         process: p.map(process),
         seq: 0,
-        time_unix_nanos: nanos(time),
+        time_unix_nanos: time.unix_nanos(),
         node: node.clone(),
     })
 }

@@ -357,6 +357,18 @@ impl Spool {
         s.sync()
     }
 
+    /// Writes everything to disk, fsyncs it, and gives back the sequence
+    /// numbers reserved beyond the last one handed out: the next run goes
+    /// on from there, and the collector sees no hole. (After a crash the
+    /// reservation stands, and what may have been lost in it is reported.)
+    pub fn close(&self) -> Result<(), SpoolError> {
+        let mut s = self.lock();
+        s.write_buffer()?;
+        s.sync()?;
+        let last = s.next - 1;
+        s.write_reserved(last)
+    }
+
     /// Events above `after`, in order: at most `max_events` of them and,
     /// beyond the first, at most `max_bytes` of batch body.
     pub fn read_after(
@@ -404,7 +416,11 @@ impl Spool {
 
 impl Inner {
     fn reserve(&mut self, from: u64) -> Result<(), SpoolError> {
-        let upto = from + RESERVE;
+        self.write_reserved(from + RESERVE)
+    }
+
+    /// Records durably that no run has handed out a number above `upto`.
+    fn write_reserved(&mut self, upto: u64) -> Result<(), SpoolError> {
         let meta = self.dir.join("reserved");
         let tmp = self.dir.join("reserved.tmp");
         let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
@@ -744,6 +760,29 @@ mod tests {
             "a reopened spool starts above the reserved block"
         );
         assert_eq!(seqs(&s.read_after(2, 10, 1 << 20).unwrap()), [next]);
+    }
+
+    #[test]
+    fn a_clean_close_gives_back_the_reservation_so_a_restart_leaves_no_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Spool::open(dir.path(), 100).unwrap();
+            for _ in 0..3 {
+                s.push(ev()).unwrap();
+            }
+            s.ack(3).unwrap();
+            s.push(ev()).unwrap();
+            s.close().unwrap();
+        }
+        let s = Spool::open(dir.path(), 100).unwrap();
+        assert_eq!(s.push(ev()).unwrap(), 5);
+        assert_eq!(seqs(&s.read_after(3, 10, 1 << 20).unwrap()), [4, 5]);
+        // Closed with everything acknowledged, too.
+        s.ack(5).unwrap();
+        s.close().unwrap();
+        drop(s);
+        let s = Spool::open(dir.path(), 100).unwrap();
+        assert_eq!(s.push(ev()).unwrap(), 6);
     }
 
     #[test]
