@@ -28,6 +28,11 @@ use tokio::{sync::mpsc, task::JoinSet};
 pub const WORKERS: usize = 2;
 /// Most files one worker takes at a time.
 const BATCH: usize = 64;
+/// Under a stream of changes, batches of reads start at most this often
+/// (a lone change is read at once): the changes that arrive meanwhile fold
+/// into one read per file, and the event loop is woken per batch, not per
+/// file.
+const CADENCE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Files above this size are read after the others of their batch.
 const LARGE: u64 = 8 << 20;
 /// Most files one scan reports.
@@ -427,8 +432,14 @@ async fn run(
     // again (a burst of changes folded into two reads) is not reported twice.
     let mut last: HashMap<String, (bool, Option<String>, u32, u32, u32)> = HashMap::new();
     let mut open = true;
+    let mut last_batch: Option<tokio::time::Instant> = None;
     loop {
-        while tasks.len() < WORKERS && !queue.is_empty() {
+        let next_batch = last_batch.map(|t| t + CADENCE);
+        let due = next_batch.is_none_or(|t| tokio::time::Instant::now() >= t)
+            || queue.len() >= BATCH
+            || !open;
+        while due && tasks.len() < WORKERS && !queue.is_empty() {
+            last_batch = Some(tokio::time::Instant::now());
             // What is queued goes to a worker together: under a stream of
             // changes the workers wake once per batch, not once per file
             // (a blocking task per digest made thread switches most of
@@ -473,7 +484,9 @@ async fn run(
         if !open && tasks.is_empty() && queue.is_empty() {
             return;
         }
+        let waiting = !queue.is_empty() && tasks.len() < WORKERS;
         tokio::select! {
+            () = tokio::time::sleep_until(next_batch.unwrap_or_else(tokio::time::Instant::now)), if waiting && next_batch.is_some() => {}
             job = rx.recv(), if open => match job {
                 Some(job) => {
                     let folded = |q: &mut Job, job: Job| {

@@ -12,7 +12,9 @@
 //!
 //! Sequence numbers are never reused, even after a crash: they are handed
 //! out from a block whose upper end is written to disk (fsync'd) before the
-//! block is used. Numbers a crash lost, and numbers evicted because the
+//! block is used. That record (`reserved`) is rewritten in place, in two
+//! alternating checksummed slots, so a torn write leaves the previous one
+//! standing and no file is created on the event path. Numbers a crash lost, and numbers evicted because the
 //! spool hit its bound, show up to the sender as a hole below the first
 //! spooled event, which it reports to the collector as a dropped range.
 //!
@@ -24,6 +26,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     fs::{File, OpenOptions},
     io::{Seek as _, SeekFrom, Write as _},
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -49,6 +52,44 @@ const BUFFER_BYTES: usize = 256 << 10;
 const HEADER: usize = 16;
 /// Largest record accepted on reading (a corrupt length must not allocate).
 const MAX_RECORD: usize = 64 << 20;
+
+/// One slot of the reservation record: generation, upper end, crc32 of
+/// both, little-endian.
+const SLOT: usize = 20;
+
+fn reserved_slot(generation: u64, upto: u64) -> [u8; SLOT] {
+    let mut b = [0u8; SLOT];
+    b[..8].copy_from_slice(&generation.to_le_bytes());
+    b[8..16].copy_from_slice(&upto.to_le_bytes());
+    let crc = crc32fast::hash(&b[..16]);
+    b[16..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The newest intact slot of the reservation record: (generation, upper
+/// end); (0, 0) for a new spool. An earlier version kept the number as
+/// text, which is still read.
+fn read_reserved(bytes: &[u8]) -> (u64, u64) {
+    if let Some(upto) = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    {
+        return (0, upto);
+    }
+    bytes
+        .chunks_exact(SLOT)
+        .take(2)
+        .filter_map(|b| {
+            let crc = u32::from_le_bytes(b[16..].try_into().ok()?);
+            (crc32fast::hash(&b[..16]) == crc).then(|| {
+                let generation = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+                let upto = u64::from_le_bytes(b[8..16].try_into().unwrap_or_default());
+                (generation, upto)
+            })
+        })
+        .max()
+        .unwrap_or((0, 0))
+}
 
 /// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +185,11 @@ struct Inner {
     /// The next sequence number to hand out.
     next: u64,
     reserved: u64,
+    /// The reservation record, kept open.
+    meta: File,
+    meta_path: PathBuf,
+    /// Writes of the reservation record so far (its slot is the parity).
+    generation: u64,
     /// Everything at or below is acknowledged.
     acked: u64,
     /// Events spooled and neither acknowledged nor evicted.
@@ -258,11 +304,23 @@ impl Spool {
     pub fn open(dir: &Path, max_events: usize) -> Result<Self, SpoolError> {
         let dir = dir.join("log");
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        let meta = dir.join("reserved");
-        let reserved = std::fs::read_to_string(&meta)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let meta_path = dir.join("reserved");
+        let meta = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&meta_path)
+            .map_err(io("opening", &meta_path))?;
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut &meta, &mut text).map_err(io("reading", &meta_path))?;
+        let (generation, reserved) = read_reserved(&text);
+        if text.is_empty() {
+            // A new record: its name must survive a crash too.
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("syncing", &dir))?;
+        }
         let mut firsts = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("reading", &dir))? {
             let entry = entry.map_err(io("reading", &dir))?;
@@ -299,6 +357,9 @@ impl Spool {
             buffer: Vec::with_capacity(BUFFER_BYTES),
             next,
             reserved: 0,
+            meta,
+            meta_path,
+            generation,
             acked: 0,
             waiting,
             evicted: 0,
@@ -383,7 +444,13 @@ impl Spool {
 
     /// Forgets everything the collector acknowledged.
     pub fn ack(&self, through: u64) -> Result<(), SpoolError> {
-        self.lock().ack(through)
+        let retired = self.lock().ack(through);
+        // Unlinking a large file takes a while; the event path must not
+        // wait for it behind the lock.
+        for path in retired {
+            std::fs::remove_file(&path).map_err(io("removing", &path))?;
+        }
+        Ok(())
     }
 
     /// The highest sequence number handed out so far.
@@ -421,16 +488,14 @@ impl Inner {
 
     /// Records durably that no run has handed out a number above `upto`.
     fn write_reserved(&mut self, upto: u64) -> Result<(), SpoolError> {
-        let meta = self.dir.join("reserved");
-        let tmp = self.dir.join("reserved.tmp");
-        let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
-        f.write_all(format!("{upto}\n").as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, &meta).map_err(io("renaming", &tmp))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing", &self.dir))?;
+        let generation = self.generation + 1;
+        let slot = reserved_slot(generation, upto);
+        let offset = (generation % 2) * SLOT as u64;
+        self.meta
+            .write_all_at(&slot, offset)
+            .and_then(|()| self.meta.sync_data())
+            .map_err(io("writing", &self.meta_path))?;
+        self.generation = generation;
         self.reserved = upto;
         Ok(())
     }
@@ -567,10 +632,12 @@ impl Inner {
         Ok(())
     }
 
-    fn ack(&mut self, through: u64) -> Result<(), SpoolError> {
+    /// Returns the files of the segments it retired, for the caller to
+    /// remove outside the lock.
+    fn ack(&mut self, through: u64) -> Vec<PathBuf> {
         let through = through.min(self.next - 1);
         if through <= self.acked {
-            return Ok(());
+            return Vec::new();
         }
         // Waiting events in the range being acknowledged, segment by segment.
         let mut done = 0;
@@ -583,27 +650,23 @@ impl Inner {
         }
         self.acked = through;
         self.waiting -= done.min(self.waiting);
+        let mut retired = Vec::new();
         while let Some((&first, s)) = self.segments.iter().next() {
-            if s.last > through {
+            // The segment being written stays, acknowledged or not: it
+            // goes when a newer one takes over. (Dropping it whenever the
+            // sender caught up made every next push create a file.)
+            if s.last > through || (self.segments.len() == 1 && self.active.is_some()) {
                 break;
             }
-            if self.segments.len() == 1 {
-                if !self.buffer.is_empty() {
-                    // Its records are acknowledged before they were even
-                    // written: nothing of it needs to reach the disk.
-                    self.buffer.clear();
-                }
-                self.active = None;
-            }
             if let Some(s) = self.segments.remove(&first) {
-                std::fs::remove_file(&s.path).map_err(io("removing", &s.path))?;
+                retired.push(s.path);
             }
         }
         while self.memory_first <= through && !self.memory.is_empty() {
             self.pop_memory();
         }
         self.memory_first = self.memory_first.max(through + 1);
-        Ok(())
+        retired
     }
 
     fn read_after(
@@ -783,6 +846,46 @@ mod tests {
         drop(s);
         let s = Spool::open(dir.path(), 100).unwrap();
         assert_eq!(s.push(ev()).unwrap(), 6);
+    }
+
+    #[test]
+    fn a_sender_that_keeps_up_does_not_make_every_push_start_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1_000).unwrap();
+        for _ in 0..50 {
+            let seq = s.push(ev()).unwrap();
+            s.commit().unwrap();
+            s.ack(seq).unwrap();
+        }
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("log"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        assert_eq!(files, [segment_name(1)], "one segment for all 50");
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_torn_reservation_write_leaves_the_previous_one_standing() {
+        let a = reserved_slot(7, 1000);
+        let mut b = reserved_slot(8, 2000);
+        let mut record = [0u8; 2 * SLOT];
+        // Generation 7 sits in slot 1, 8 in slot 0.
+        record[SLOT..].copy_from_slice(&a);
+        record[..SLOT].copy_from_slice(&b);
+        assert_eq!(read_reserved(&record), (8, 2000));
+        // A lower reservation (a clean close) wins by generation, not size.
+        record[SLOT..].copy_from_slice(&reserved_slot(9, 5));
+        assert_eq!(read_reserved(&record), (9, 5));
+        // Torn: slot 0's write of generation 10 never completed.
+        b = reserved_slot(10, 3000);
+        b[12] ^= 0xff;
+        record[..SLOT].copy_from_slice(&b);
+        assert_eq!(read_reserved(&record), (9, 5));
+        // The earlier text form, and nothing at all.
+        assert_eq!(read_reserved(b"65536\n"), (0, 65536));
+        assert_eq!(read_reserved(b""), (0, 0));
     }
 
     #[test]
