@@ -34,6 +34,8 @@ const BATCH_BYTES: usize = 1 << 20;
 const WINDOW_BATCHES: usize = 32;
 /// Events sent ahead of the last acknowledgement.
 const WINDOW: u64 = (WINDOW_BATCHES * BATCH) as u64;
+/// Longest a spooled event waits for its batch to fill.
+const LINGER: Duration = Duration::from_millis(20);
 /// Largest message the agent sends (the collector's default limit).
 const MAX_MESSAGE: usize = 4 << 20;
 /// How long a stopping agent waits for the collector to acknowledge what
@@ -211,6 +213,9 @@ impl Sender {
         // Set when the agent stops: the time by which the spool must be
         // acknowledged.
         let mut draining: Option<tokio::time::Instant> = None;
+        // When the events spooled but not sent are due to go.
+        let mut linger: Option<tokio::time::Instant> =
+            (self.spool.last_seq() > sent).then(tokio::time::Instant::now);
         loop {
             if sent < acked {
                 sent = acked;
@@ -235,8 +240,16 @@ impl Sender {
                     return Ok(());
                 }
             }
-            if sent - acked < WINDOW {
+            // A batch goes when it is full, or once the oldest event in
+            // it has waited LINGER: a trickle costs a send and an ack per
+            // LINGER, not per run of events the agent read.
+            let full = self.spool.last_seq().saturating_sub(sent) >= BATCH as u64;
+            let ripe = linger.is_some_and(|t| tokio::time::Instant::now() >= t);
+            if sent - acked < WINDOW && (full || ripe || draining.is_some()) {
                 let batch = self.spool.read_after(sent, BATCH, BATCH_BYTES)?;
+                if batch.count == 0 {
+                    linger = None;
+                }
                 if batch.count > 0 {
                     if batch.first > sent + 1 {
                         let d = Dropped {
@@ -278,7 +291,10 @@ impl Sender {
                     },
                     None => return Ok(()),
                 },
-                _ = self.notify.notified() => {}
+                _ = self.notify.notified() => {
+                    linger.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+                }
+                _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() && sent - acked < WINDOW => {}
                 // A closed channel means the agent is going away too.
                 _ = self.stop.changed(), if draining.is_none() => {
                     let until = *self.stop.borrow();
