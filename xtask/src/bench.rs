@@ -29,6 +29,8 @@ pub enum Which {
     Collector,
     /// The whole path: kernel, agent, spool, stream, durable collector.
     Pipeline,
+    /// Unwatched work with driftwatch, auditd, bpftrace and fatrace.
+    Peers,
 }
 
 /// CPU seconds (user + system) a process has used so far.

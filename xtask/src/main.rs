@@ -6,6 +6,7 @@
 mod agent;
 mod bench;
 mod bench_collector;
+mod bench_peers;
 mod bench_pipeline;
 mod demo;
 mod setup;
@@ -157,6 +158,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: bench::Which::Pipeline,
         } => bench_pipeline::run(),
+        Cmd::Bench {
+            which: bench::Which::Peers,
+        } => bench_peers::run(),
         Cmd::Bench { which } => bench::run(which),
     };
     match result {
