@@ -25,6 +25,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, cgroup_sock_addr, map, tracepoint},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
+    EbpfContext as _,
 };
 use core::ffi::c_void;
 use path::Scratch;
@@ -235,7 +236,18 @@ unsafe fn on_exit() {
 
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: syscall enter tracepoints carry six 8-byte argument slots from offset 16.
+    // SAFETY: syscall enter tracepoints carry six 8-byte argument slots
+    // from offset 16. A direct load from the context, which the verifier
+    // bounds, costs a fraction of a probe-read helper call.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16 + 8 * n) as *const u64) }
+}
+
+/// Argument `n`, which the call may not have: a direct load past the end
+/// of a tracepoint's record makes the kernel refuse to attach the program,
+/// so this one is read with a probe (and is garbage when absent).
+#[inline(always)]
+fn arg_probed(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: a probe read of the context; failure reads as 0.
     unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
 }
 
@@ -391,7 +403,7 @@ enter!(enter_fchmodat, |ctx| Some(PendingFile {
     dfd: arg(&ctx, 0) as i32,
     path: arg(&ctx, 1),
     mode: arg(&ctx, 2) as u32,
-    flags: arg(&ctx, 3) as u32, // fchmodat2 only; fchmodat's slot is unused
+    flags: arg_probed(&ctx, 3) as u32, // fchmodat2 only; fchmodat's slot is unused
     ..pending(FileOp::Chmod)
 }));
 enter!(enter_chmod, |ctx| Some(PendingFile {
@@ -455,7 +467,7 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
     };
     let _ = PENDING_FILE.remove(&key);
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
     // SAFETY: probe reads only.
     unsafe { on_file(&p, ret) };
     0
@@ -639,7 +651,7 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
     };
     let _ = PENDING_CONNECT.remove(&key);
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ConnectEvent>(EventKind::Connect, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Connect, task::current());
