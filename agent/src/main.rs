@@ -119,11 +119,6 @@ fn parse_ring_mib(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
-/// Decoding an event allocates a few small strings; glibc's allocator
-/// was a fifth of the event loop's time at 10k events/s.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
