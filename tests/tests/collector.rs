@@ -130,15 +130,44 @@ fn an_agent_killed_and_restarted_replays_its_spool_and_the_window_is_a_gap() {
     again.stop();
 }
 
-#[test]
-fn an_agent_stopped_and_started_again_numbers_on_without_a_false_loss() {
+/// A collector and one agent streaming to it, watching `tree`.
+struct OneNode {
+    dir: Dir,
+    tree: String,
+    spool: std::path::PathBuf,
+    collector: Collector,
+    pol: String,
+    agent: Agent,
+}
+
+fn one_node(node: &str) -> OneNode {
     let dir = Dir::new();
     let tree = dir.join("etc");
     std::fs::create_dir_all(&tree).unwrap();
     let spool = dir.path.join("spool");
     let collector = Collector::start();
     let pol = policy(&[format!("{tree}/")], &[]);
-    let agent = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    let agent = Agent::streaming(&pol, &collector.url, node, &spool);
+    OneNode {
+        dir,
+        tree,
+        spool,
+        collector,
+        pol,
+        agent,
+    }
+}
+
+#[test]
+fn an_agent_stopped_and_started_again_numbers_on_without_a_false_loss() {
+    let OneNode {
+        dir: _dir,
+        tree,
+        spool,
+        collector,
+        pol,
+        agent,
+    } = one_node("node-s");
     write_files(&tree, "before", 5);
     collector.wait_timeline(
         &["--host", "node-s"],
@@ -412,13 +441,13 @@ fn a_full_spool_drops_the_oldest_and_the_collector_shows_exactly_which() {
 
 #[test]
 fn an_agent_stopped_normally_delivers_what_it_saw_and_ends_its_stream() {
-    let dir = Dir::new();
-    let tree = dir.join("etc");
-    std::fs::create_dir_all(&tree).unwrap();
-    let spool = dir.path.join("spool");
-    let collector = Collector::start();
-    let pol = policy(&[format!("{tree}/")], &[]);
-    let agent = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    let OneNode {
+        dir: _dir,
+        tree,
+        collector,
+        agent,
+        ..
+    } = one_node("node-s");
     write_files(&tree, "warmup", 1);
     collector.wait_timeline(
         &["--host", "node-s"],
