@@ -292,6 +292,30 @@ pub struct WatchValue {
     pub resource: u32,
     /// 1 when the entry is a single file (matched with its trailing NUL).
     pub exact: u32,
+    /// 1 for a directory above something watched (`/etc/` for
+    /// `/etc/app.yaml`): not watched itself, but its presence says "look
+    /// deeper", and its absence lets the kernel cache a directory as clean.
+    pub ancestor: u32,
+    /// The entry's key length in bits.
+    pub bits: u32,
+}
+
+/// A directory as the kernel's verdict cache knows it: the mount it was
+/// reached through and its dentry, with its inode's number and generation
+/// so that a freed and reused dentry is never mistaken for it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct DirKey {
+    /// `struct vfsmount *` of the path.
+    pub mnt: u64,
+    /// `struct dentry *` of the directory.
+    pub dentry: u64,
+    /// `inode.i_ino`.
+    pub ino: u64,
+    /// `inode.i_generation`.
+    pub generation: u32,
+    /// Padding, zero.
+    pub _pad: u32,
 }
 
 /// Struct member offsets of the running kernel, read from its BTF at start.
@@ -363,6 +387,12 @@ pub struct KernelOffsets {
     pub mount_mnt_mountpoint: u32,
     /// `linux_binprm.file`
     pub bprm_file: u32,
+    /// `dentry.d_inode`
+    pub dentry_d_inode: u32,
+    /// `inode.i_ino`
+    pub inode_i_ino: u32,
+    /// `inode.i_generation`
+    pub inode_i_generation: u32,
     /// 1 once the agent has filled this struct; programs do nothing before.
     pub ready: u32,
 }
@@ -388,6 +418,7 @@ mod pod {
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for PendingFile {}
     unsafe impl aya::Pod for FdKey {}
+    unsafe impl aya::Pod for DirKey {}
     unsafe impl aya::Pod for WatchValue {}
     unsafe impl aya::Pod for KernelOffsets {}
 }

@@ -14,7 +14,7 @@ mod path;
 mod task;
 
 use agent_common::{
-    ConnectEvent, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
+    ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
     KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN, ARGV_TRUNCATED,
     COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED, COUNTER_SEEN,
     COUNTER_SLOTS, EXE_TRUNCATED, PATH2_SHIFT, PATH_LEN,
@@ -23,7 +23,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_current_pid_tgid, generated as gen},
     macros::{btf_tracepoint, cgroup_sock_addr, map, tracepoint},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
     EbpfContext as _,
 };
@@ -54,6 +54,35 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 #[map]
 pub(crate) static WATCH_PATHS: LpmTrie<[u8; PATH_LEN], WatchValue> =
     LpmTrie::with_max_entries(4096, 0);
+
+/// Directories with nothing watched in or below them, as far as the watch
+/// set of generation `value` goes: a write-open or fd call on a file in one
+/// is filtered without building its path.
+#[map]
+pub(crate) static DIR_CLEAN: LruHashMap<DirKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// The generation of everything `DIR_CLEAN` depends on: the agent steps it
+/// when the watch set changes, the programs when a rename or a mount may
+/// have given a directory another path.
+#[map]
+static WATCH_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn watch_gen() -> u64 {
+    WATCH_GEN.get(0).copied().unwrap_or(0)
+}
+
+/// Gives the generation a value it never had: the boot clock's now. (No
+/// atomic add on this target; a plain store of a fresh value does as well,
+/// since a verdict only ever matches the value it read before its lookup,
+/// and no later store brings that value back.)
+#[inline(always)]
+fn step_watch_gen() {
+    if let Some(p) = WATCH_GEN.get_ptr_mut(0) {
+        // SAFETY: the array's one slot.
+        unsafe { core::ptr::write_volatile(p, gen::bpf_ktime_get_boot_ns()) };
+    }
+}
 
 /// Watched destination ports (host byte order).
 #[map]
@@ -468,8 +497,25 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
     let _ = PENDING_FILE.remove(&key);
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
     let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    if p.op == FileOp::Rename as u32 && ret == 0 {
+        // A renamed directory has another path now, and so has everything
+        // below it: cached verdicts go.
+        step_watch_gen();
+    }
     // SAFETY: probe reads only.
     unsafe { on_file(&p, ret) };
+    0
+}
+
+/// Attached to the `sys_exit_*` of mount, move_mount, umount and
+/// pivot_root: a directory may show another path afterwards.
+#[tracepoint]
+pub fn exit_mount(ctx: TracePointContext) -> u32 {
+    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
+    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    if ret == 0 {
+        step_watch_gen();
+    }
     0
 }
 
@@ -501,8 +547,17 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
     } else if (op == FileOp::Open as u32 && ret >= 0) || p.by_fd == 1 {
         let fd = if p.by_fd == 1 { p.dfd } else { ret as i32 };
         let file = unsafe { task::fd_file(task, fd) };
+        // Read before the lookup: a change meanwhile leaves a verdict
+        // stored under a generation already gone.
+        if unsafe { path::dir_cached(s, file, watch_gen()) } {
+            count(EventKind::File, COUNTER_FILTERED);
+            return;
+        }
         let mut f = unsafe { path::resolve_file(s, file) };
         hit1 = path::matches(s, &mut f, false);
+        if !hit1 {
+            path::dir_remember(s, f);
+        }
         f
     } else if p.flags & AT_EMPTY_PATH != 0 && unsafe { path::user_empty(p.path) } {
         let file = unsafe { task::fd_file(task, p.dfd) };

@@ -803,7 +803,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // was; then it is read to that end, and the sender delivers what is
     // spooled or leaves it on disk for the next start.
     let stopping = std::time::Instant::now();
-    sensors.detach();
+    // While the hooks detach (RCU grace periods: seconds on a busy
+    // machine) what they wrote is read, spooled and sent, not left waiting
+    // behind the detach.
+    let detaching = sensors.detach_in_background();
+    while !detaching.is_finished() && stopping.elapsed() < STOP_READING {
+        let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| {
+            handle(
+                item,
+                &mut decoder,
+                &sensors,
+                &mut user,
+                &mut out,
+                &digester,
+                &running.policy,
+            )
+        })?;
+        out.flush()?;
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if detaching.join().is_err() {
+        tracing::error!("detaching the hooks failed");
+    }
     let unread = drain_ring(&mut ring, stopping + STOP_READING, |item| {
         handle(
             item,

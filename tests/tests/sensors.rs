@@ -357,6 +357,43 @@ fn writes_outside_watched_paths_are_filtered_in_the_kernel() {
     assert_eq!(file["dropped"], 0);
 }
 
+/// The kernel caches directories found to hold nothing watched; a rename
+/// or a mount that gives one a watched path must not leave it cached.
+#[test]
+fn a_directory_moved_or_mounted_into_a_watched_tree_is_watched_at_once() {
+    let dir = Dir::new();
+    let watched = dir.join("w");
+    std::fs::create_dir_all(&watched).unwrap();
+    std::fs::create_dir_all(dir.join("outside/sub")).unwrap();
+    std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
+    std::fs::create_dir_all(dir.join("w/m")).unwrap();
+    let agent = Agent::start(&policy(&[format!("{watched}/")], &[]));
+    // Writes where nothing is watched: the directories are cached clean.
+    for _ in 0..3 {
+        std::fs::write(dir.join("outside/sub/x.conf"), "before").unwrap();
+        std::fs::write(dir.join("elsewhere/y.conf"), "before").unwrap();
+    }
+    // The same directory, renamed into the tree: its dentry and inode are
+    // the same ones the cache knows.
+    std::fs::rename(dir.join("outside/sub"), dir.join("w/sub")).unwrap();
+    let moved = dir.join("w/sub/x.conf");
+    std::fs::write(&moved, "after").unwrap();
+    // Another, bind-mounted over a directory of the tree.
+    let (from, onto) = (dir.join("elsewhere"), dir.join("w/m"));
+    run(Command::new("mount").args(["--bind", from.as_str(), onto.as_str()]));
+    let mounted = dir.join("w/m/y.conf");
+    std::fs::write(&mounted, "after").unwrap();
+    run(Command::new("umount").arg(dir.join("w/m")));
+    let events = agent.stop();
+
+    assert!(file_events(&events, &dir.join("outside/sub/x.conf")).is_empty());
+    assert_eq!(ops(&file_events(&events, &moved)), ["open", "close_write"]);
+    assert_eq!(
+        ops(&file_events(&events, &mounted)),
+        ["open", "close_write"]
+    );
+}
+
 #[test]
 fn the_watched_set_changes_at_run_time_without_reloading_programs() {
     let dir = Dir::new();

@@ -8,8 +8,8 @@
 //! root); if it contains `.`, `..` or `//` components it is passed on flagged
 //! so user space can normalise it rather than being dropped by a prefix test.
 
-use super::{off, task, WATCH_PATHS};
-use agent_common::{PATH_FROM_FILE, PATH_LEN, PATH_TRUNCATED, PATH_UNNORMALISED};
+use super::{off, task, DIR_CLEAN, WATCH_PATHS};
+use agent_common::{DirKey, PATH_FROM_FILE, PATH_LEN, PATH_TRUNCATED, PATH_UNNORMALISED};
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated as gen},
     maps::lpm_trie::Key,
@@ -43,6 +43,18 @@ pub struct Scratch {
     mnt_root: u64,
     truncated: u64,
     odd: u64,
+    /// Length of the path in `key` (without the NUL), from `resolve_file`.
+    key_len: u64,
+    /// Bits of the ancestor marker the last miss ended on (0: none).
+    miss_bits: u64,
+    /// The verdict cache's key for the file being resolved (see `dir_of`),
+    /// its name's length, whether there is one, and the generation read
+    /// before: kept here, not in registers, so that the verifier sees one
+    /// state whichever way the cache went.
+    dir: DirKey,
+    dir_name_len: u64,
+    dir_ok: u64,
+    dir_gen: u64,
 }
 
 /// Writes the absolute path of `(dentry, vfsmount)` into `walk`, ending at
@@ -137,6 +149,82 @@ unsafe fn walk_to_key(s: &mut Scratch, pos: usize) -> usize {
     WALK_END - pos
 }
 
+/// The directory holding an open file, as the verdict cache keys it, and
+/// the length of the file's own name; `None` where the path has no such
+/// directory to speak for it (a mount's root, a bind-mounted file).
+#[inline(always)]
+pub unsafe fn dir_of(file: u64) -> Option<(DirKey, u64)> {
+    if file == 0 {
+        return None;
+    }
+    unsafe {
+        let fpath = file + off!(file_f_path) as u64;
+        let dentry: u64 = task::read(fpath, off!(path_dentry));
+        let mnt: u64 = task::read(fpath, off!(path_mnt));
+        let parent: u64 = task::read(dentry, off!(dentry_d_parent));
+        let mnt_root: u64 = task::read(mnt, off!(vfsmount_mnt_root));
+        if dentry == 0 || parent == 0 || dentry == parent || dentry == mnt_root {
+            return None;
+        }
+        let inode: u64 = task::read(parent, off!(dentry_d_inode));
+        if inode == 0 {
+            return None;
+        }
+        let name_len: u32 = task::read(dentry + off!(dentry_d_name) as u64, off!(qstr_len));
+        Some((
+            DirKey {
+                mnt,
+                dentry: parent,
+                ino: task::read(inode, off!(inode_i_ino)),
+                generation: task::read(inode, off!(inode_i_generation)),
+                _pad: 0,
+            },
+            u64::from(name_len),
+        ))
+    }
+}
+
+/// Looks up the directory of `file` in the verdict cache: true when it is
+/// known to hold nothing watched under generation `gen`. Leaves the key in
+/// the scratch area for [`dir_remember`].
+#[inline(always)]
+pub unsafe fn dir_cached(s: &mut Scratch, file: u64, gen: u64) -> bool {
+    unsafe {
+        core::ptr::write_volatile(&mut s.dir_ok, 0);
+        core::ptr::write_volatile(&mut s.dir_gen, gen);
+        let Some((k, name_len)) = dir_of(file) else {
+            return false;
+        };
+        s.dir = k;
+        core::ptr::write_volatile(&mut s.dir_name_len, name_len);
+        core::ptr::write_volatile(&mut s.dir_ok, 1);
+        DIR_CLEAN.get(&s.dir).copied() == Some(gen)
+    }
+}
+
+/// After a miss on the path `resolve_file` built (with `flags`): caches the
+/// file's directory as clean when nothing is watched in or below it. Every
+/// directory above a watched entry has a marker in the trie, so a miss that
+/// ended on a marker shorter than `dir/` (or on none) proves it.
+#[inline(always)]
+pub fn dir_remember(s: &Scratch, flags: u32) {
+    // SAFETY: reads of our own scratch fields.
+    let (ok, name_len, gen) = unsafe {
+        (
+            core::ptr::read_volatile(&s.dir_ok),
+            core::ptr::read_volatile(&s.dir_name_len),
+            core::ptr::read_volatile(&s.dir_gen),
+        )
+    };
+    if ok != 1 || flags & PATH_TRUNCATED != 0 {
+        return;
+    }
+    let dir_len = s.key_len.saturating_sub(name_len);
+    if dir_len > 0 && s.miss_bits < dir_len * 8 {
+        let _ = DIR_CLEAN.insert(&s.dir, &gen, 0);
+    }
+}
+
 /// Resolves an open `struct file *` into the key. Returns `PATH_*` flags.
 #[inline(always)]
 pub unsafe fn resolve_file(s: &mut Scratch, file: u64) -> u32 {
@@ -151,6 +239,7 @@ pub unsafe fn resolve_file(s: &mut Scratch, file: u64) -> u32 {
         let mnt: u64 = task::read(fpath, off!(path_mnt));
         let (pos, truncated) = d_path(s, dentry, mnt);
         let len = walk_to_key(s, pos);
+        s.key_len = len as u64;
         let mut flags = PATH_FROM_FILE;
         if truncated || len >= PATH_LEN {
             flags |= PATH_TRUNCATED;
@@ -258,8 +347,10 @@ pub fn matches(s: &mut Scratch, flags: &mut u32, odd: bool) -> bool {
     s.prefix_len = (PATH_LEN * 8) as u32;
     // SAFETY: `prefix_len` is immediately followed by the key bytes (repr(C)).
     let key = unsafe { &*(&s.prefix_len as *const u32 as *const Key<[u8; PATH_LEN]>) };
-    if WATCH_PATHS.get(key).is_some() {
-        return true;
+    match WATCH_PATHS.get(key) {
+        Some(v) if v.ancestor == 0 => return true,
+        Some(v) => s.miss_bits = u64::from(v.bits),
+        None => s.miss_bits = 0,
     }
     if odd && *flags & PATH_FROM_FILE == 0 {
         *flags |= PATH_UNNORMALISED;

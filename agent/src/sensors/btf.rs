@@ -275,6 +275,9 @@ impl Btf {
             mount_mnt_parent: self.offset("mount", "mnt_parent")?,
             mount_mnt_mountpoint: self.offset("mount", "mnt_mountpoint")?,
             bprm_file: self.offset("linux_binprm", "file")?,
+            dentry_d_inode: self.offset("dentry", "d_inode")?,
+            inode_i_ino: self.offset("inode", "i_ino")?,
+            inode_i_generation: self.offset("inode", "i_generation")?,
             ready: 1,
         })
     }

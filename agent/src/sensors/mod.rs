@@ -244,6 +244,36 @@ impl Sensors {
             }
         }
 
+        // Calls that change which path a directory has: the kernel's cache
+        // of directories with nothing watched below is dropped after each.
+        // (Renames do the same in exit_file.)
+        for tp in [
+            "sys_exit_mount",
+            "sys_exit_move_mount",
+            "sys_exit_umount",
+            "sys_exit_pivot_root",
+        ] {
+            if !Path::new(&format!("{}/events/syscalls/{tp}", preflight::TRACEFS)).exists() {
+                tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
+                continue;
+            }
+            let prog: &mut TracePoint = ebpf
+                .program_mut("exit_mount")
+                .ok_or_else(|| SensorError::MissingHook("program exit_mount in the object".into()))?
+                .try_into()
+                .map_err(program_err("exit_mount"))?;
+            if loaded.insert("exit_mount") {
+                prog.load().map_err(program_err("exit_mount"))?;
+            }
+            let id = prog
+                .attach("syscalls", tp)
+                .map_err(program_err("exit_mount"))?;
+            links.push(Box::new(
+                prog.take_link(id).map_err(program_err("exit_mount"))?,
+            ));
+            hooks.push(format!("syscalls/{tp}"));
+        }
+
         let cgroup = File::open(cgroup_root).map_err(|source| SensorError::Cgroup {
             path: cgroup_root.display().to_string(),
             source,
@@ -293,7 +323,32 @@ impl Sensors {
     /// the other, 55 hooks took 3.5 s of a stopping agent. Detached from
     /// several threads at once, the waits overlap.
     pub fn detach(&mut self) {
+        drop_links(std::mem::take(&mut self.links));
+    }
+
+    /// Starts detaching every hook on a thread of its own (detaching waits
+    /// for RCU grace periods: seconds on a busy machine), so that the
+    /// caller can go on reading what the hooks wrote meanwhile.
+    pub fn detach_in_background(&mut self) -> std::thread::JoinHandle<()> {
         let links = std::mem::take(&mut self.links);
+        match std::thread::Builder::new()
+            .name("detach".into())
+            .spawn(move || drop_links(links))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!("detaching on the calling thread: {e}");
+                // The links went with the closure that failed to start:
+                // they are detached by now; an empty handle stands in.
+                std::thread::spawn(|| {})
+            }
+        }
+    }
+}
+
+/// Drops `links` (detaching their programs) on up to 16 threads at once.
+fn drop_links(links: Vec<Box<dyn std::any::Any + Send>>) {
+    {
         let started = std::time::Instant::now();
         let count = links.len();
         let per_thread = count.div_ceil(16).max(1);
@@ -316,7 +371,9 @@ impl Sensors {
         });
         tracing::info!(hooks = count, took = ?started.elapsed(), "hooks detached");
     }
+}
 
+impl Sensors {
     /// The ring buffer to read events from (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(SensorError::Map {
@@ -357,21 +414,47 @@ impl Sensors {
                 },
             })?)
             .map_err(map_err("WATCH_PATHS"))?;
-            for e in next.paths.iter() {
-                let (key, value) = e.to_key();
+            let wanted = next.kernel_entries();
+            for (key, value) in &wanted {
                 paths
-                    .insert(&key, value, 0)
+                    .insert(key, value, 0)
                     .map_err(map_err("WATCH_PATHS"))?;
             }
-            for old in self
+            type PathKey = aya::maps::lpm_trie::Key<[u8; agent_common::PATH_LEN]>;
+            let same =
+                |a: &PathKey, b: &PathKey| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+            for (key, _) in self
                 .watch
-                .paths
+                .kernel_entries()
                 .iter()
-                .filter(|o| !next.paths.iter().any(|n| n.same_key(o)))
+                .filter(|(o, _)| !wanted.iter().any(|(n, _)| same(n, o)))
             {
-                let (key, _) = old.to_key();
-                paths.remove(&key).map_err(map_err("WATCH_PATHS"))?;
+                paths.remove(key).map_err(map_err("WATCH_PATHS"))?;
             }
+        }
+        {
+            // Every directory verdict the kernel cached was taken against
+            // the old set: the generation gets a value it never had, the
+            // boot clock's now (as the programs do on renames and mounts).
+            let mut gen: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(
+                self.ebpf.map_mut("WATCH_GEN").ok_or(SensorError::Map {
+                    name: "WATCH_GEN",
+                    source: MapError::InvalidName {
+                        name: "WATCH_GEN".into(),
+                    },
+                })?,
+            )
+            .map_err(map_err("WATCH_GEN"))?;
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid out-pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+            let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            let before = gen.get(&0, 0).map_err(map_err("WATCH_GEN"))?;
+            gen.set(0, now.max(before + 1), 0)
+                .map_err(map_err("WATCH_GEN"))?;
         }
         {
             let mut ports: BpfHashMap<&mut MapData, u16, u32> =

@@ -34,6 +34,8 @@ impl WatchPath {
             WatchValue {
                 resource: self.resource as u32,
                 exact: u32::from(self.exact),
+                ancestor: 0,
+                bits: self.key_bits(),
             },
         )
     }
@@ -66,6 +68,48 @@ pub struct WatchSet {
     pub ports: BTreeMap<u16, usize>,
     /// Resource names, by index.
     pub names: Vec<String>,
+}
+
+impl WatchSet {
+    /// What the kernel's trie holds: every entry, and a marker for each
+    /// directory above one (`/`, `/etc/` for `/etc/app.yaml`) that is not
+    /// itself a watched tree. A lookup that ends on a marker shorter than
+    /// the looked-up file's directory proves nothing is watched in or below
+    /// that directory, which the kernel then caches.
+    pub fn kernel_entries(&self) -> Vec<(Key<[u8; PATH_LEN]>, WatchValue)> {
+        let mut out: Vec<_> = self.paths.iter().map(WatchPath::to_key).collect();
+        let trees: std::collections::BTreeSet<&str> = self
+            .paths
+            .iter()
+            .filter(|w| !w.exact)
+            .map(|w| w.prefix.as_str())
+            .collect();
+        let mut markers = std::collections::BTreeSet::new();
+        for w in &self.paths {
+            let body = w.prefix.trim_end_matches('/');
+            for (i, _) in body.match_indices('/') {
+                markers.insert(&w.prefix[..=i]);
+            }
+        }
+        for m in markers.into_iter().filter(|m| !trees.contains(m)) {
+            if m.len() >= PATH_LEN {
+                continue;
+            }
+            let mut data = [0u8; PATH_LEN];
+            data[..m.len()].copy_from_slice(m.as_bytes());
+            let bits = (m.len() * 8) as u32;
+            out.push((
+                Key::new(bits, data),
+                WatchValue {
+                    resource: u32::MAX,
+                    exact: 0,
+                    ancestor: 1,
+                    bits,
+                },
+            ));
+        }
+        out
+    }
 }
 
 /// Resolves symlinks in the part of `path` that exists, so that the prefix
@@ -175,6 +219,41 @@ mod tests {
         assert_eq!(normalise("/etc//myapp/x"), "/etc/myapp/x");
         assert_eq!(normalise("/tmp/a/../../etc/myapp/x"), "/etc/myapp/x");
         assert_eq!(normalise("/../.."), "/");
+    }
+
+    #[test]
+    fn markers_stand_above_every_entry_but_never_on_a_watched_tree() {
+        let set = WatchSet {
+            paths: vec![
+                WatchPath {
+                    prefix: "/srv/models/".into(),
+                    exact: false,
+                    resource: 0,
+                },
+                WatchPath {
+                    prefix: "/srv/models/a/b.bin".into(),
+                    exact: true,
+                    resource: 0,
+                },
+                WatchPath {
+                    prefix: "/etc/app.yaml".into(),
+                    exact: true,
+                    resource: 1,
+                },
+            ],
+            ..Default::default()
+        };
+        let markers: Vec<String> = set
+            .kernel_entries()
+            .iter()
+            .filter(|(_, v)| v.ancestor == 1)
+            .map(|(k, v)| {
+                let data = k.data();
+                String::from_utf8_lossy(&data[..(v.bits / 8) as usize]).into_owned()
+            })
+            .collect();
+        // `/srv/models/` is watched, so it is an entry, not a marker.
+        assert_eq!(markers, ["/", "/etc/", "/srv/", "/srv/models/a/"]);
     }
 
     #[test]
