@@ -73,6 +73,13 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
     }
 
+    /// Asks for its counters now (SIGUSR1: a stats event, and the
+    /// `--stats-file` rewritten).
+    pub fn ask_stats(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+    }
+
     /// Stops the agent with SIGINT, without reading its output.
     pub fn stop_quiet(mut self) -> Result<()> {
         self.interrupt();

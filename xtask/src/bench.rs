@@ -176,14 +176,34 @@ fn throughput(
     let gen = generate(fd, count, rate);
     // SAFETY: closing our fd.
     unsafe { libc::close(fd) };
-    // The agent drains the ring, counts, and writes its stats file before it
-    // detaches (detaching ~55 hooks takes seconds of RCU grace periods, which
-    // is shutdown cost, not throughput): stop the clock at the stats file.
-    agent.interrupt();
-    while !stats.exists() && t0.elapsed() < Duration::from_secs(300) {
-        std::thread::sleep(Duration::from_millis(5));
+    // The clock stops when the agent has read every record the kernel
+    // wrote (asked for with SIGUSR1), not at its exit: stopping (detaching
+    // ~55 hooks, RCU grace periods) is shutdown cost, not throughput.
+    let read_all = |v: &serde_json::Value| {
+        let f = &v["counters"]["file"];
+        let n = |k: &str| f[k].as_u64().unwrap_or(0);
+        n("emitted") + n("dropped") >= count && n("received") >= n("emitted")
+    };
+    let mut total = None;
+    while t0.elapsed() < Duration::from_secs(300) {
+        let _ = std::fs::remove_file(&stats);
+        agent.ask_stats();
+        let asked = Instant::now();
+        while !stats.exists() && asked.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let now = t0.elapsed();
+        let v: Option<serde_json::Value> = std::fs::read_to_string(&stats)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if v.as_ref().is_some_and(read_all) {
+            total = Some(now);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let total = t0.elapsed();
+    let total = total.context("the agent did not read every record within 300 s")?;
+    let _ = std::fs::remove_file(&stats);
     agent.stop_quiet()?;
     let text = std::fs::read_to_string(&stats).context("reading the agent's stats file")?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
