@@ -245,3 +245,22 @@ pub enum Event {
         counters: BTreeMap<String, KindCounters>,
     },
 }
+
+impl Event {
+    /// When it happened.
+    pub fn time(&self) -> Time {
+        match self {
+            Event::AgentStart { time, .. }
+            | Event::PolicyApplied { time, .. }
+            | Event::PolicyRefused { time, .. }
+            | Event::Digest { time, .. }
+            | Event::ScanDone { time, .. }
+            | Event::Exec { time, .. }
+            | Event::Exit { time, .. }
+            | Event::File { time, .. }
+            | Event::Connect { time, .. }
+            | Event::Loss { time, .. }
+            | Event::Stats { time, .. } => *time,
+        }
+    }
+}

@@ -303,10 +303,11 @@ impl Output {
             out.write_all(b"\n").context("writing an event to stdout")?;
         }
         if let Some((spool, _)) = &self.spool {
-            if let Some(e) = stream::convert::to_proto(event) {
+            let mut body = Vec::with_capacity(512);
+            if stream::convert::encode(event, 0, &mut body) {
                 // A failing spool must not stop the sensors: the hole it
                 // leaves is reported to the collector as a dropped range.
-                match spool.push(e) {
+                match spool.push_encoded(event.time().unix_nanos(), body) {
                     Ok(s) => seq = Some(s),
                     Err(err) => tracing::error!("spooling an event failed: {err}"),
                 }

@@ -42,6 +42,10 @@ pub struct ProcInfo {
     /// Container and pod.
     #[serde(flatten)]
     pub placement: Placement,
+    /// These fields as a `driftwatch.v1.Process` message, encoded once
+    /// (see `stream::convert::encode`).
+    #[serde(skip)]
+    pub wire: std::sync::OnceLock<Vec<u8>>,
 }
 
 /// One process in the table.
@@ -220,6 +224,7 @@ impl ProcessTable {
                 args: shape.args,
                 cgroup: shape.cgroup,
                 placement: shape.placement,
+                wire: std::sync::OnceLock::new(),
             }),
             ancestors: None,
         }

@@ -1,8 +1,13 @@
 //! The agent's events as `driftwatch.v1` messages.
 
 use driftwatch_proto::v1;
+use prost::{encoding, Message as _};
 
-use crate::{event::Event, event::Outcome, identity::Identity};
+use crate::{
+    event::Event,
+    event::Outcome,
+    identity::{Identity, ProcInfo},
+};
 
 fn outcome(o: &Outcome) -> v1::Outcome {
     v1::Outcome {
@@ -12,13 +17,34 @@ fn outcome(o: &Outcome) -> v1::Outcome {
     }
 }
 
-fn process(p: &Identity) -> v1::Process {
+/// What a process shares with all its events, as a message.
+fn process_static(info: &ProcInfo) -> v1::Process {
+    v1::Process {
+        exec_id: info.exec_id.clone(),
+        start_time_unix_nanos: info.start_time.unix_nanos(),
+        exe: info.exe.clone(),
+        args: info.args.clone(),
+        cgroup: info.cgroup.clone(),
+        container: info.placement.container.as_ref().map(|c| v1::Container {
+            id: c.id.clone(),
+            runtime: c.runtime.to_owned(),
+            // Names and images need the runtime's API, which the agent
+            // does not query yet.
+            ..Default::default()
+        }),
+        pod_uid: info.placement.pod_uid.clone().unwrap_or_default(),
+        // Pod metadata needs the Kubernetes API, which the agent does not
+        // query yet: selectors on it fail closed.
+        ..Default::default()
+    }
+}
+
+/// What differs from one event of a process to the next.
+fn process_dynamic(p: &Identity) -> v1::Process {
     v1::Process {
         pid: p.pid,
         tid: p.tid,
         ppid: p.ppid,
-        exec_id: p.info.exec_id.clone(),
-        start_time_unix_nanos: p.info.start_time.unix_nanos(),
         uid: p.uid,
         user: p.user.as_deref().unwrap_or_default().to_owned(),
         gid: p.gid,
@@ -26,17 +52,6 @@ fn process(p: &Identity) -> v1::Process {
         loginuid: p.loginuid,
         login_user: p.login_user.as_deref().unwrap_or_default().to_owned(),
         comm: p.comm.clone(),
-        exe: p.info.exe.clone(),
-        args: p.info.args.clone(),
-        cgroup: p.info.cgroup.clone(),
-        container: p.info.placement.container.as_ref().map(|c| v1::Container {
-            id: c.id.clone(),
-            runtime: c.runtime.to_owned(),
-            // Names and images need the runtime's API, which the agent
-            // does not query yet.
-            ..Default::default()
-        }),
-        pod_uid: p.info.placement.pod_uid.clone().unwrap_or_default(),
         ancestors: p
             .ancestors
             .iter()
@@ -46,15 +61,54 @@ fn process(p: &Identity) -> v1::Process {
                 exe: a.exe.clone(),
             })
             .collect(),
-        // Pod metadata needs the Kubernetes API, which the agent does not
-        // query yet: selectors on it fail closed.
         ..Default::default()
     }
+}
+
+fn process(p: &Identity) -> v1::Process {
+    let mut m = process_static(&p.info);
+    m.merge(&*process_dynamic(p).encode_to_vec())
+        .unwrap_or_default();
+    m
+}
+
+/// Field number of `Event.process`.
+const PROCESS_FIELD: u32 = 100;
+
+/// Encodes `e` as a `driftwatch.v1.Event` numbered `seq`, as
+/// [`to_proto`] would, without copying what its process shares with every
+/// other event of that process: that part is encoded once per process and
+/// appended (protobuf merges a message's fields in any order).
+pub fn encode(e: &Event, seq: u64, buf: &mut Vec<u8>) -> bool {
+    let Some((mut m, p)) = parts(e) else {
+        return false;
+    };
+    m.seq = seq;
+    m.encode_raw(buf);
+    if let Some(p) = p {
+        let statics = p
+            .info
+            .wire
+            .get_or_init(|| process_static(&p.info).encode_to_vec());
+        let dynamic = process_dynamic(p);
+        encoding::encode_key(PROCESS_FIELD, encoding::WireType::LengthDelimited, buf);
+        encoding::encode_varint((dynamic.encoded_len() + statics.len()) as u64, buf);
+        dynamic.encode_raw(buf);
+        buf.extend_from_slice(statics);
+    }
+    true
 }
 
 /// The API form of an event bound for the collector; `None` for the
 /// agent's own notices (start, policy, stats), which travel otherwise.
 pub fn to_proto(e: &Event) -> Option<v1::Event> {
+    let (mut m, p) = parts(e)?;
+    m.process = p.map(process);
+    Some(m)
+}
+
+/// The event without its process, and the process.
+fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
     use v1::event::Event as K;
     let (kind, time, node, p) = match e {
         Event::Exec {
@@ -232,11 +286,101 @@ pub fn to_proto(e: &Event) -> Option<v1::Event> {
         ),
         Event::AgentStart { .. } | Event::Stats { .. } => return None,
     };
-    Some(v1::Event {
-        event: Some(kind),
-        process: p.map(process),
-        seq: 0,
-        time_unix_nanos: time.unix_nanos(),
-        node: node.clone(),
-    })
+    Some((
+        v1::Event {
+            event: Some(kind),
+            process: None,
+            seq: 0,
+            time_unix_nanos: time.unix_nanos(),
+            node: node.clone(),
+        },
+        p,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        clock::Time,
+        identity::{cgroup::Container, cgroup::Placement, Ancestor},
+    };
+
+    fn identity() -> Identity {
+        Identity {
+            pid: 42,
+            tid: 43,
+            ppid: 1,
+            uid: 1000,
+            user: Some("ada".into()),
+            gid: 1000,
+            euid: 0,
+            loginuid: Some(1000),
+            login_user: Some("ada".into()),
+            comm: "vim".into(),
+            info: Arc::new(ProcInfo {
+                exec_id: "e1".into(),
+                start_time: Time(1_700_000_000_000_000_000),
+                exe: "/usr/bin/vim".into(),
+                args: vec!["vim".into(), "/etc/app.yaml".into()],
+                cgroup: "/kubepods/pod1/abc".into(),
+                placement: Placement {
+                    container: Some(Container {
+                        id: "c".repeat(64),
+                        runtime: "containerd",
+                    }),
+                    pod_uid: Some("pod1".into()),
+                },
+                wire: Default::default(),
+            }),
+            ancestors: Arc::new(vec![Ancestor {
+                pid: 1,
+                exec_id: "e0".into(),
+                exe: "/sbin/init".into(),
+            }]),
+        }
+    }
+
+    #[test]
+    fn the_spooled_encoding_is_the_api_message() {
+        let file = Event::File {
+            time: Time(1_700_000_000_123_456_789),
+            node: "n1".into(),
+            op: "open",
+            path: "/etc/app.yaml".into(),
+            new_path: None,
+            target: None,
+            resource: Some("app".into()),
+            flags: vec!["O_WRONLY", "O_TRUNC"],
+            mode: None,
+            owner_uid: None,
+            owner_gid: None,
+            resolved_from: "file",
+            path_truncated: false,
+            result: Outcome::from_ret(-13),
+            process: identity(),
+        };
+        let loss = Event::Loss {
+            time: Time(5),
+            node: "n1".into(),
+            dropped: [("file".to_owned(), 3)].into(),
+        };
+        for (e, seq) in [(&file, 7), (&file, 8), (&loss, 9)] {
+            let mut want = to_proto(e).unwrap();
+            want.seq = seq;
+            let mut buf = Vec::new();
+            assert!(encode(e, seq, &mut buf));
+            assert_eq!(v1::Event::decode(&*buf).unwrap(), want);
+        }
+        // Spooled with seq 0 and the number appended: the same message.
+        let mut buf = Vec::new();
+        assert!(encode(&file, 0, &mut buf));
+        encoding::uint64::encode(101, &11, &mut buf);
+        let mut want = to_proto(&file).unwrap();
+        want.seq = 11;
+        assert_eq!(v1::Event::decode(&*buf).unwrap(), want);
+        assert_eq!(want.process.as_ref().unwrap().exe, "/usr/bin/vim");
+    }
 }

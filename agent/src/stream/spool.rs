@@ -35,6 +35,9 @@ use std::{
 use driftwatch_proto::v1::Event;
 use prost::Message as _;
 
+/// Field number of `Event.seq`.
+const SEQ_FIELD: u32 = 101;
+
 /// Sequence numbers reserved on disk at a time.
 const RESERVE: u64 = 1 << 16;
 /// Longest a record written to the file waits for its fsync.
@@ -390,13 +393,21 @@ impl Spool {
     /// Spools `e` under the next sequence number and returns the number;
     /// the record reaches the file at the next [`Spool::commit`].
     pub fn push(&self, mut e: Event) -> Result<u64, SpoolError> {
+        e.seq = 0;
+        self.push_encoded(e.time_unix_nanos, e.encode_to_vec())
+    }
+
+    /// Spools an event already encoded without its sequence number (`seq`
+    /// 0, which protobuf leaves out): the number is appended as a field of
+    /// its own, so the encoding happens outside the lock.
+    pub fn push_encoded(&self, time: i64, mut payload: Vec<u8>) -> Result<u64, SpoolError> {
         let mut s = self.lock();
         let seq = s.next;
         if seq >= s.reserved {
             s.reserve(seq)?;
         }
-        e.seq = seq;
-        s.append(seq, e.time_unix_nanos, e.encode_to_vec())?;
+        prost::encoding::uint64::encode(SEQ_FIELD, &seq, &mut payload);
+        s.append(seq, time, payload)?;
         Ok(seq)
     }
 
