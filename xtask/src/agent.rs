@@ -73,6 +73,11 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Asks for its counters now (SIGUSR1: a stats event, and the
     /// `--stats-file` rewritten).
     pub fn ask_stats(&self) {

@@ -395,6 +395,52 @@ fn run_one(mix: Mix, rate: u64, dur: Duration) -> Result<Figures> {
     })
 }
 
+/// The same file changes with the agent alone writing JSON lines to a file
+/// (`--stdout`, no collector): agent CPU, and records emitted / read.
+fn run_stdout(rate: u64, dur: Duration) -> Result<(f64, u64, u64, u64)> {
+    let dir = PathBuf::from(format!("/tmp/driftwatch-bench-pipeline/stdout-{rate}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let watched = dir.join("watched");
+    std::fs::create_dir_all(&watched)?;
+    for i in 0..100 {
+        std::fs::write(watched.join(format!("f{i}.conf")), format!("key: {i}\n"))?;
+    }
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  \
+             - {{ name: bench, kind: config, paths: [\"{}/\"], writers: [ {{ user: nobody-else }} ] }}\n",
+            watched.display()
+        ),
+    )?;
+    let stats = dir.join("agent-stats.json");
+    let stats_arg = stats.display().to_string();
+    let agent = crate::agent::Agent::start(
+        &root().join("target/release/driftwatch-agent"),
+        &policy,
+        &dir.join("events.jsonl"),
+        &["--stats-file", &stats_arg, "--log", "warn"],
+    )?;
+    // The first look at the watched files is digested; let it settle.
+    std::thread::sleep(Duration::from_secs(1));
+    let a0 = cpu_seconds(agent.pid());
+    let t0 = Instant::now();
+    generate(Mix::File, &watched, 0, rate, dur)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let a1 = cpu_seconds(agent.pid());
+    agent.stop_quiet()?;
+    let last = read_json(&stats)?;
+    let f = &last["counters"]["file"];
+    let n = |k: &str| f[k].as_u64().unwrap_or(0);
+    Ok((
+        (a1 - a0) / seconds * 100.0,
+        n("emitted"),
+        n("received"),
+        n("dropped"),
+    ))
+}
+
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
     setup::require_root("cargo xtask bench pipeline")?;
@@ -437,6 +483,11 @@ pub fn run() -> Result<()> {
         );
         all.push(f);
     }
+    let stdout_rate = 10_000;
+    eprintln!(
+        "bench: file changes at {stdout_rate} events/s for {secs} s, agent alone with --stdout"
+    );
+    let (stdout_cpu, emitted, received, dropped) = run_stdout(stdout_rate, dur)?;
     println!();
     println!(
         "Driftwatch pipeline benchmark: kernel -> agent -> spool -> gRPC -> durable collector ({} CPUs, generator, agent and collector together; {secs} s per load)",
@@ -468,6 +519,9 @@ pub fn run() -> Result<()> {
             f.stop_s,
         );
     }
+    println!(
+        "file changes at {stdout_rate}, agent alone with --stdout to a file (no collector): agent CPU {stdout_cpu:.1} %, {received} of {emitted} records read, {dropped} lost in the ring"
+    );
     // A load counts as sustained only if the generator really offered it
     // (on two shared cores it may not keep up with its own target).
     let offered = |f: &Figures| f.ops as f64 * f.mix.events_per_op() as f64 / f.seconds;
