@@ -12,7 +12,8 @@
 //! blocking thread each and report per file, then a [`Report::ScanDone`].
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     fs::Metadata,
     io::Read,
     os::unix::fs::{MetadataExt, PermissionsExt},
@@ -28,11 +29,10 @@ use tokio::{sync::mpsc, task::JoinSet};
 pub const WORKERS: usize = 2;
 /// Most files one worker takes at a time.
 const BATCH: usize = 64;
-/// Under a stream of changes, batches of reads start at most this often
-/// (a lone change is read at once): the changes that arrive meanwhile fold
-/// into one read per file, and the event loop is woken per batch, not per
-/// file.
-const CADENCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Least time between the starts of two reads of one file: a file changed
+/// without pause is read at most this often, the changes between folded
+/// into the next read (a lone change is read at once).
+const CADENCE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Files above this size are read after the others of their batch.
 const LARGE: u64 = 8 << 20;
 /// Most files one scan reports.
@@ -432,14 +432,21 @@ async fn run(
     // again (a burst of changes folded into two reads) is not reported twice.
     let mut last: HashMap<String, (bool, Option<String>, u32, u32, u32)> = HashMap::new();
     let mut open = true;
-    let mut last_batch: Option<tokio::time::Instant> = None;
+    // When each path's last read started, and the paths whose next read
+    // waits for CADENCE to pass since then (their jobs are in `queued`).
+    let mut started: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut later: BinaryHeap<Reverse<(tokio::time::Instant, String)>> = BinaryHeap::new();
     loop {
-        let next_batch = last_batch.map(|t| t + CADENCE);
-        let due = next_batch.is_none_or(|t| tokio::time::Instant::now() >= t)
-            || queue.len() >= BATCH
-            || !open;
-        while due && tasks.len() < WORKERS && !queue.is_empty() {
-            last_batch = Some(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        while let Some(Reverse((due, _))) = later.peek() {
+            if *due > now && open {
+                break;
+            }
+            if let Some(Reverse((_, path))) = later.pop() {
+                queue.push_back(path);
+            }
+        }
+        while tasks.len() < WORKERS && !queue.is_empty() {
             // What is queued goes to a worker together: under a stream of
             // changes the workers wake once per batch, not once per file
             // (a blocking task per digest made thread switches most of
@@ -451,6 +458,10 @@ async fn run(
                 let Some(job) = queued.remove(&path) else {
                     continue;
                 };
+                if started.len() >= CACHE_MAX {
+                    started.clear();
+                }
+                started.insert(path.clone(), now);
                 busy.insert(path);
                 batch.push(job);
             }
@@ -481,12 +492,22 @@ async fn run(
                     .collect()
             });
         }
-        if !open && tasks.is_empty() && queue.is_empty() {
+        if !open && tasks.is_empty() && queue.is_empty() && later.is_empty() {
             return;
         }
-        let waiting = !queue.is_empty() && tasks.len() < WORKERS;
+        // A path read less than CADENCE ago waits for it: the changes that
+        // arrive meanwhile fold into one read, and a file written without
+        // pause is read at most 1 / CADENCE times a second (after the last
+        // change it is always read once more).
+        let next_due = later.peek().map(|Reverse((due, _))| *due);
+        let mut enqueue = |path: String, queue: &mut VecDeque<String>| match started.get(&path) {
+            Some(t) if *t + CADENCE > tokio::time::Instant::now() => {
+                later.push(Reverse((*t + CADENCE, path)));
+            }
+            _ => queue.push_back(path),
+        };
         tokio::select! {
-            () = tokio::time::sleep_until(next_batch.unwrap_or_else(tokio::time::Instant::now)), if waiting && next_batch.is_some() => {}
+            () = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)), if next_due.is_some() => {}
             job = rx.recv(), if open => match job {
                 Some(job) => {
                     let folded = |q: &mut Job, job: Job| {
@@ -502,8 +523,9 @@ async fn run(
                     } else if let Some(q) = queued.get_mut(&job.path) {
                         folded(q, job);
                     } else {
-                        queue.push_back(job.path.clone());
-                        queued.insert(job.path.clone(), job);
+                        let path = job.path.clone();
+                        queued.insert(path.clone(), job);
+                        enqueue(path, &mut queue);
                     }
                 }
                 None => open = false,
@@ -516,8 +538,8 @@ async fn run(
                 for (path, d) in results {
                     busy.remove(&path);
                     if let Some(job) = again.remove(&path) {
-                        queue.push_back(path.clone());
                         queued.insert(path.clone(), job);
+                        enqueue(path.clone(), &mut queue);
                     }
                     let Some(d) = d else { continue };
                     let seen = (d.exists, d.sha256.clone(), d.mode, d.uid, d.gid);
@@ -540,6 +562,62 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_file_written_without_pause_is_read_once_per_cadence_and_after_its_last_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("busy.conf");
+        let path = f.to_str().expect("utf-8").to_owned();
+        let (digester, mut reports) = Digester::start();
+        let job = |seq| Job {
+            path: path.clone(),
+            resource: None,
+            trigger_seq: Some(seq),
+            content_may_change: true,
+        };
+        let writing = std::time::Duration::from_millis(600);
+        let start = std::time::Instant::now();
+        let mut seq = 0;
+        // Long enough in time and in changes, however busy the machine.
+        while start.elapsed() < writing || seq < 200 {
+            std::fs::write(&f, format!("v{seq}")).expect("write");
+            digester.submit(job(seq));
+            seq += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let wrote_for = start.elapsed();
+        std::fs::write(&f, "final").expect("write");
+        digester.submit(job(seq));
+        let want = "sha256 of final";
+        let final_sha = {
+            use sha2::Digest as _;
+            hex(&sha2::Sha256::digest(b"final"))
+        };
+        let mut reads = 0;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = tokio::time::timeout_at(deadline, reports.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no digest with the {want} after {reads} reads"));
+            let Some(Report::Digest(d)) = r else { continue };
+            reads += 1;
+            if d.sha256.as_deref() == Some(final_sha.as_str()) {
+                assert_eq!(d.trigger_seq, Some(seq), "the last change's read names it");
+                break;
+            }
+        }
+        // Hundreds of changes, one read per CADENCE (100 ms) at most, and
+        // the one after the last change.
+        let most = (wrote_for.as_millis() / CADENCE.as_millis()) as usize + 3;
+        assert!(
+            reads <= most,
+            "{reads} reads of {seq} changes (at most {most})"
+        );
+        assert!(
+            reads as u64 * 10 <= seq,
+            "{reads} reads of {seq} changes: not folded"
+        );
+    }
 
     fn state(path: &str, loose: bool, cache: &Mutex<Cache>) -> FileDigest {
         read_state(path, None, Reason::Change, loose, cache).expect("a file")
