@@ -292,6 +292,8 @@ struct Output {
     spool: Option<(Spool, std::sync::Arc<tokio::sync::Notify>)>,
     /// Events were spooled since the sender was last woken.
     pushed: bool,
+    /// The sender has nothing waiting (see `stream::Sender::idle`).
+    sender_idle: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Output {
@@ -326,7 +328,9 @@ impl Output {
             }
             // One wake-up of the sender per run of events, not per event:
             // it then reads them as one batch.
-            if std::mem::take(&mut self.pushed) {
+            if std::mem::take(&mut self.pushed)
+                && self.sender_idle.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 notify.notify_one();
             }
         }
@@ -549,6 +553,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (downlink_tx, mut downlink) = tokio::sync::mpsc::unbounded_channel();
     let (stop_sender, stop) = tokio::sync::watch::channel(None);
     let delivery = Arc::new(stream::Delivery::default());
+    let sender_idle = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut sending = None;
     let spool = match &args.collector {
         Some(url) => {
@@ -577,6 +582,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 downlink: downlink_tx,
                 stop,
                 stats: delivery.clone(),
+                idle: sender_idle.clone(),
             };
             tracing::info!(%url, spooled = spool.len(), dir = %args.spool_dir.display(), "streaming to the collector");
             // The sender has a thread and an event loop of its own, so that
@@ -609,6 +615,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node: node.clone(),
         spool,
         pushed: false,
+        sender_idle,
     };
     out.emit(&Event::AgentStart {
         time: Clock::now(),

@@ -83,6 +83,10 @@ pub struct Sender {
     pub spool: Spool,
     /// Woken when events are spooled.
     pub notify: std::sync::Arc<Notify>,
+    /// Set while the sender has nothing waiting to go: only then does a
+    /// new event need to wake it (it reads whatever else came meanwhile
+    /// when its batch is due).
+    pub idle: Arc<std::sync::atomic::AtomicBool>,
     /// What this node is.
     pub node: NodeInfo,
     /// When this agent started, Unix nanoseconds.
@@ -243,6 +247,10 @@ impl Sender {
             // A batch goes when it is full, or once the oldest event in
             // it has waited LINGER: a trickle costs a send and an ack per
             // LINGER, not per run of events the agent read.
+            // Idle is said before the spool is looked at: an event pushed
+            // after this look sees it and wakes us.
+            self.idle
+                .store(linger.is_none(), std::sync::atomic::Ordering::SeqCst);
             let full = self.spool.last_seq().saturating_sub(sent) >= BATCH as u64;
             let ripe = linger.is_some_and(|t| tokio::time::Instant::now() >= t);
             if sent - acked < WINDOW && (full || ripe || draining.is_some()) {
