@@ -815,18 +815,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // machine) what they wrote is read, spooled and sent, not left waiting
     // behind the detach.
     let detaching = sensors.detach_in_background();
+    let mut record = |item: &[u8], out: &mut Output| {
+        handle(
+            item,
+            &mut decoder,
+            &sensors,
+            &mut user,
+            out,
+            &digester,
+            &running.policy,
+        )
+    };
     while !detaching.is_finished() && stopping.elapsed() < STOP_READING {
-        let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| {
-            handle(
-                item,
-                &mut decoder,
-                &sensors,
-                &mut user,
-                &mut out,
-                &digester,
-                &running.policy,
-            )
-        })?;
+        let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| record(item, &mut out))?;
         out.flush()?;
         if n == 0 {
             std::thread::sleep(Duration::from_millis(2));
@@ -836,15 +837,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::error!("detaching the hooks failed");
     }
     let unread = drain_ring(&mut ring, stopping + STOP_READING, |item| {
-        handle(
-            item,
-            &mut decoder,
-            &sensors,
-            &mut user,
-            &mut out,
-            &digester,
-            &running.policy,
-        )
+        record(item, &mut out)
     })?;
     if unread > 0 {
         tracing::error!(
