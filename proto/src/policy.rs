@@ -252,7 +252,7 @@ impl Policy {
 
     /// Parses and validates policy text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, PolicyError> {
-        let policy: Policy = serde_yaml::from_str(text).map_err(|e| PolicyError::Syntax {
+        let policy: Policy = serde_norway::from_str(text).map_err(|e| PolicyError::Syntax {
             file: file.to_owned(),
             reason: e.to_string(),
         })?;
