@@ -50,10 +50,13 @@ pub(crate) use off;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
-/// Watched path prefixes (directories end in `/`, single files in NUL).
+/// Watched path prefixes (directories end in `/`, single files in NUL),
+/// and a marker for each directory above one. Room for a few thousand
+/// policy paths with their markers (an LPM trie allocates per entry, so
+/// the bound costs nothing until used).
 #[map]
 pub(crate) static WATCH_PATHS: LpmTrie<[u8; PATH_LEN], WatchValue> =
-    LpmTrie::with_max_entries(4096, 0);
+    LpmTrie::with_max_entries(16384, 0);
 
 /// Directories with nothing watched in or below them, as far as the watch
 /// set of generation `value` goes: a write-open or fd call on a file in one
