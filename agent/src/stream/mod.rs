@@ -247,18 +247,24 @@ impl Sender {
             // A batch goes when it is full, or once the oldest event in
             // it has waited LINGER: a trickle costs a send and an ack per
             // LINGER, not per run of events the agent read.
+            //
             // Idle is said before the spool is looked at: an event pushed
-            // after this look sees it and wakes us.
+            // after the look sees it and wakes us; one pushed before it is
+            // seen here and given its linger.
             self.idle
                 .store(linger.is_none(), std::sync::atomic::Ordering::SeqCst);
-            let full = self.spool.last_seq().saturating_sub(sent) >= BATCH as u64;
+            let unsent = self.spool.last_seq().saturating_sub(sent);
+            if unsent > 0 && linger.is_none() {
+                linger = Some(tokio::time::Instant::now() + LINGER);
+                self.idle.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+            let full = unsent >= BATCH as u64;
             let ripe = linger.is_some_and(|t| tokio::time::Instant::now() >= t);
             if sent - acked < WINDOW && (full || ripe || draining.is_some()) {
                 let batch = self.spool.read_after(sent, BATCH, BATCH_BYTES)?;
                 if batch.count == 0 {
                     linger = None;
-                }
-                if batch.count > 0 {
+                } else {
                     if batch.first > sent + 1 {
                         let d = Dropped {
                             from_seq: sent + 1,
@@ -299,9 +305,8 @@ impl Sender {
                     },
                     None => return Ok(()),
                 },
-                _ = self.notify.notified() => {
-                    linger.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
-                }
+                // What was spooled is seen at the top of the loop.
+                _ = self.notify.notified() => {}
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() && sent - acked < WINDOW => {}
                 // A closed channel means the agent is going away too.
                 _ = self.stop.changed(), if draining.is_none() => {
