@@ -63,6 +63,12 @@ impl Clock {
         saturate(i128::from(boot_ns) + self.offset_ns)
     }
 
+    /// `CLOCK_BOOTTIME` now, nanoseconds (the clock of kernel event times
+    /// and of `bpf_ktime_get_boot_ns`).
+    pub fn boot_ns() -> u64 {
+        now_ns(libc::CLOCK_BOOTTIME).clamp(0, i128::from(u64::MAX)) as u64
+    }
+
     /// Wall-clock time now.
     pub fn now() -> Time {
         saturate(now_ns(libc::CLOCK_REALTIME))

@@ -826,14 +826,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &running.policy,
         )
     };
-    while !detaching.is_finished() && stopping.elapsed() < STOP_READING {
+    while detaching.as_ref().is_some_and(|d| !d.is_finished()) && stopping.elapsed() < STOP_READING
+    {
         let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| record(item, &mut out))?;
         out.flush()?;
         if n == 0 {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    if detaching.join().is_err() {
+    if detaching.is_some_and(|d| d.join().is_err()) {
         tracing::error!("detaching the hooks failed");
     }
     let unread = drain_ring(&mut ring, stopping + STOP_READING, |item| {

@@ -119,6 +119,63 @@ pub struct Sensors {
     links: Vec<Box<dyn std::any::Any + Send>>,
 }
 
+/// Drops `links` (detaching their programs) on up to 16 threads at once.
+fn drop_links(links: Vec<Box<dyn std::any::Any + Send>>) {
+    let started = std::time::Instant::now();
+    let count = links.len();
+    let per_thread = count.div_ceil(16).max(1);
+    let mut chunks: Vec<Vec<Box<dyn std::any::Any + Send>>> = Vec::new();
+    let mut links = links.into_iter().peekable();
+    while links.peek().is_some() {
+        chunks.push(links.by_ref().take(per_thread).collect());
+    }
+    std::thread::scope(|scope| {
+        for chunk in chunks {
+            if std::thread::Builder::new()
+                .name("detach".into())
+                .spawn_scoped(scope, move || drop(chunk))
+                .is_err()
+            {
+                // No thread to spare: the chunk was dropped here instead.
+                tracing::debug!("detaching on the calling thread");
+            }
+        }
+    });
+    tracing::info!(hooks = count, took = ?started.elapsed(), "hooks detached");
+}
+
+/// True when this kernel has the tracepoint `syscalls/<tp>`.
+fn syscall_tracepoint(tp: &str) -> bool {
+    Path::new(&format!("{}/events/syscalls/{tp}", preflight::TRACEFS)).exists()
+}
+
+/// Attaches programs to syscall tracepoints, loading each on first use.
+struct Syscalls<'a> {
+    ebpf: &'a mut Ebpf,
+    loaded: std::collections::HashSet<&'static str>,
+    links: &'a mut Vec<Box<dyn std::any::Any + Send>>,
+    hooks: &'a mut Vec<String>,
+}
+
+impl Syscalls<'_> {
+    fn attach(&mut self, name: &'static str, tp: &str) -> Result<(), SensorError> {
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+            .try_into()
+            .map_err(program_err(name))?;
+        if self.loaded.insert(name) {
+            prog.load().map_err(program_err(name))?;
+        }
+        let id = prog.attach("syscalls", tp).map_err(program_err(name))?;
+        self.links
+            .push(Box::new(prog.take_link(id).map_err(program_err(name))?));
+        self.hooks.push(format!("syscalls/{tp}"));
+        Ok(())
+    }
+}
+
 fn program_err(name: &str) -> impl FnOnce(ProgramError) -> SensorError + '_ {
     move |source| SensorError::Program {
         name: name.to_owned(),
@@ -200,9 +257,14 @@ impl Sensors {
             hooks.push(format!("tp_btf/{tp}"));
         }
 
-        let mut loaded = std::collections::HashSet::new();
+        let mut syscalls = Syscalls {
+            ebpf: &mut ebpf,
+            loaded: std::collections::HashSet::new(),
+            links: &mut links,
+            hooks: &mut hooks,
+        };
         for &(name, tp, required) in FILE_ENTERS {
-            if !Path::new(&format!("{}/events/syscalls/{tp}", preflight::TRACEFS)).exists() {
+            if !syscall_tracepoint(tp) {
                 if required {
                     return Err(SensorError::MissingHook(format!(
                         "the tracepoint syscalls/{tp}"
@@ -211,36 +273,9 @@ impl Sensors {
                 tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
                 continue;
             }
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
-                .try_into()
-                .map_err(program_err(name))?;
-            if loaded.insert(name) {
-                prog.load().map_err(program_err(name))?;
-            }
-            let id = prog.attach("syscalls", tp).map_err(program_err(name))?;
-            links.push(Box::new(prog.take_link(id).map_err(program_err(name))?));
-            hooks.push(format!("syscalls/{tp}"));
+            syscalls.attach(name, tp)?;
             if name != "enter_close" {
-                let exit_tp = tp.replacen("sys_enter_", "sys_exit_", 1);
-                let exit: &mut TracePoint = ebpf
-                    .program_mut("exit_file")
-                    .ok_or_else(|| {
-                        SensorError::MissingHook("program exit_file in the object".into())
-                    })?
-                    .try_into()
-                    .map_err(program_err("exit_file"))?;
-                if loaded.insert("exit_file") {
-                    exit.load().map_err(program_err("exit_file"))?;
-                }
-                let id = exit
-                    .attach("syscalls", &exit_tp)
-                    .map_err(program_err("exit_file"))?;
-                links.push(Box::new(
-                    exit.take_link(id).map_err(program_err("exit_file"))?,
-                ));
-                hooks.push(format!("syscalls/{exit_tp}"));
+                syscalls.attach("exit_file", &tp.replacen("sys_enter_", "sys_exit_", 1))?;
             }
         }
 
@@ -253,25 +288,11 @@ impl Sensors {
             "sys_exit_umount",
             "sys_exit_pivot_root",
         ] {
-            if !Path::new(&format!("{}/events/syscalls/{tp}", preflight::TRACEFS)).exists() {
+            if !syscall_tracepoint(tp) {
                 tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
                 continue;
             }
-            let prog: &mut TracePoint = ebpf
-                .program_mut("exit_mount")
-                .ok_or_else(|| SensorError::MissingHook("program exit_mount in the object".into()))?
-                .try_into()
-                .map_err(program_err("exit_mount"))?;
-            if loaded.insert("exit_mount") {
-                prog.load().map_err(program_err("exit_mount"))?;
-            }
-            let id = prog
-                .attach("syscalls", tp)
-                .map_err(program_err("exit_mount"))?;
-            links.push(Box::new(
-                prog.take_link(id).map_err(program_err("exit_mount"))?,
-            ));
-            hooks.push(format!("syscalls/{tp}"));
+            syscalls.attach("exit_mount", tp)?;
         }
 
         let cgroup = File::open(cgroup_root).map_err(|source| SensorError::Cgroup {
@@ -317,63 +338,30 @@ impl Sensors {
         })
     }
 
-    /// Detaches every hook; the maps (ring, counters) stay readable.
+    /// Starts detaching every hook on a thread of its own, so that the
+    /// caller can go on reading what the hooks wrote meanwhile; the maps
+    /// (ring, counters) stay readable. `None` when no thread could be
+    /// started: the hooks were detached here.
     ///
     /// Each detach waits for an RCU grace period, ~60 ms here: one after
     /// the other, 55 hooks took 3.5 s of a stopping agent. Detached from
     /// several threads at once, the waits overlap.
-    pub fn detach(&mut self) {
-        drop_links(std::mem::take(&mut self.links));
-    }
-
-    /// Starts detaching every hook on a thread of its own (detaching waits
-    /// for RCU grace periods: seconds on a busy machine), so that the
-    /// caller can go on reading what the hooks wrote meanwhile.
-    pub fn detach_in_background(&mut self) -> std::thread::JoinHandle<()> {
+    pub fn detach_in_background(&mut self) -> Option<std::thread::JoinHandle<()>> {
         let links = std::mem::take(&mut self.links);
         match std::thread::Builder::new()
             .name("detach".into())
             .spawn(move || drop_links(links))
         {
-            Ok(h) => h,
+            Ok(h) => Some(h),
             Err(e) => {
+                // The links went with the closure that could not start,
+                // and were dropped (detached) on this thread.
                 tracing::debug!("detaching on the calling thread: {e}");
-                // The links went with the closure that failed to start:
-                // they are detached by now; an empty handle stands in.
-                std::thread::spawn(|| {})
+                None
             }
         }
     }
-}
 
-/// Drops `links` (detaching their programs) on up to 16 threads at once.
-fn drop_links(links: Vec<Box<dyn std::any::Any + Send>>) {
-    {
-        let started = std::time::Instant::now();
-        let count = links.len();
-        let per_thread = count.div_ceil(16).max(1);
-        let mut chunks: Vec<Vec<Box<dyn std::any::Any + Send>>> = Vec::new();
-        let mut links = links.into_iter().peekable();
-        while links.peek().is_some() {
-            chunks.push(links.by_ref().take(per_thread).collect());
-        }
-        std::thread::scope(|scope| {
-            for chunk in chunks {
-                if std::thread::Builder::new()
-                    .name("detach".into())
-                    .spawn_scoped(scope, move || drop(chunk))
-                    .is_err()
-                {
-                    // No thread to spare: the chunk was dropped here instead.
-                    tracing::debug!("detaching on the calling thread");
-                }
-            }
-        });
-        tracing::info!(hooks = count, took = ?started.elapsed(), "hooks detached");
-    }
-}
-
-impl Sensors {
     /// The ring buffer to read events from (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(SensorError::Map {
@@ -445,13 +433,7 @@ impl Sensors {
                 })?,
             )
             .map_err(map_err("WATCH_GEN"))?;
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `ts` is a valid out-pointer.
-            unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-            let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            let now = crate::clock::Clock::boot_ns();
             let before = gen.get(&0, 0).map_err(map_err("WATCH_GEN"))?;
             gen.set(0, now.max(before + 1), 0)
                 .map_err(map_err("WATCH_GEN"))?;
