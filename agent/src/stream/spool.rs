@@ -14,9 +14,11 @@
 //! out from a block whose upper end is written to disk (fsync'd) before the
 //! block is used. That record (`reserved`) is rewritten in place, in two
 //! alternating checksummed slots, so a torn write leaves the previous one
-//! standing and no file is created on the event path. Numbers a crash lost, and numbers evicted because the
-//! spool hit its bound, show up to the sender as a hole below the first
-//! spooled event, which it reports to the collector as a dropped range.
+//! standing and no file is created on the event path. A clean close gives
+//! back what was reserved and not used. Numbers a crash lost, and numbers
+//! evicted because the spool hit its bound, show up to the sender as a
+//! hole below the first spooled event, which it reports to the collector
+//! as a dropped range.
 //!
 //! Buffered records reach the file (the page cache, which survives the
 //! agent being killed) on every [`Spool::commit`], and are fsync'd at most
