@@ -78,7 +78,8 @@ pub fn rerun_in_release(which: &str) -> Result<bool> {
     Ok(true)
 }
 
-fn cpath(p: &Path) -> Result<CString> {
+/// `p` as a C string, for the benchmarks' direct syscalls.
+pub fn cpath(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_encoded_bytes()).context("path with NUL")
 }
 
@@ -106,8 +107,10 @@ fn unwatched_round(dir: &Path, iters: u32) -> Result<f64> {
     Ok(start.elapsed().as_nanos() as f64 / f64::from(iters))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+/// The middle value (the upper of the two middles for an even count).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -260,7 +263,7 @@ pub fn run(which: Which) -> Result<()> {
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (off_min, on_min) = (min(&off), min(&on));
-    let (off_m, on_m) = (median(off), median(on));
+    let (off_m, on_m) = (median(&off), median(&on));
 
     eprintln!("bench: watched events, unpaced burst of 1,000,000");
     let burst = throughput(&bin, &policy, dir, 1_000_000, None)?;

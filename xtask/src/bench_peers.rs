@@ -14,7 +14,6 @@
 //! for an unwatched path fails the bench.
 
 use std::{
-    ffi::CString,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -23,7 +22,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{agent::Agent, setup};
+use crate::{
+    agent::Agent,
+    bench::{cpath, median},
+    setup,
+};
 
 const DIR: &str = "/tmp/driftwatch-bench-peers";
 /// Directories and files per directory of the untar tree.
@@ -217,10 +220,6 @@ fn stop(r: Running) -> Result<()> {
     }
 }
 
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes()).context("path with NUL")
-}
-
 /// Wall time of `tar -xf` of the tree into `work/` and `rm -rf` of it.
 fn untar_rm(dir: &Path) -> Result<f64> {
     let work = dir.join("work");
@@ -280,12 +279,6 @@ fn best(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
         best = best.min(f()?);
     }
     Ok(best)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Runs the benchmark.

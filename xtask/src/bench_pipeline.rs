@@ -13,7 +13,6 @@
 //! everything durable.
 
 use std::{
-    ffi::CString,
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -22,7 +21,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{bench::cpu_seconds, root, setup};
+use crate::{
+    bench::{cpath, cpu_seconds},
+    root, setup,
+};
 
 /// One load.
 #[derive(Clone, Copy)]
@@ -135,19 +137,7 @@ fn start(dir: &Path, watched: &Path, db_port: u16) -> Result<Procs> {
     let bin = root().join("target/release");
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let policy = dir.join("policy.yaml");
-    // Writers and clients exclude the generator: every event is judged an
-    // unauthorized write or connect and folded into its finding, the
-    // costliest case for the collector.
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  \
-             - {{ name: bench, kind: config, paths: [\"{}/\"], writers: [ {{ user: nobody-else }} ] }}\n  \
-             - {{ name: db, kind: database, ports: [{db_port}], clients: [ {{ user: nobody-else }} ] }}\n",
-            watched.display()
-        ),
-    )?;
+    let policy = write_policy(dir, watched, Some(db_port))?;
     let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let collector = Command::new(bin.join("driftwatch-collector"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
@@ -243,10 +233,6 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes()).context("path with NUL")
-}
-
 /// Runs `op` paced to `ops_per_s` for `dur`; returns the operations done.
 fn paced(ops_per_s: u64, dur: Duration, mut op: impl FnMut(u64) -> Result<()>) -> Result<u64> {
     let start = Instant::now();
@@ -273,7 +259,7 @@ fn generate(mix: Mix, watched: &Path, db_port: u16, rate: u64, dur: Duration) ->
     let ops_per_s = (rate / mix.events_per_op()).max(1);
     match mix {
         Mix::File => {
-            let files: Vec<CString> = (0..100)
+            let files: Vec<std::ffi::CString> = (0..100)
                 .map(|i| cpath(&watched.join(format!("f{i}.conf"))))
                 .collect::<Result<_>>()?;
             paced(ops_per_s, dur, |i| {
@@ -320,17 +306,41 @@ fn generate(mix: Mix, watched: &Path, db_port: u16, rate: u64, dur: Duration) ->
     }
 }
 
-fn run_one(mix: Mix, rate: u64, dur: Duration) -> Result<Figures> {
-    let dir = PathBuf::from(format!(
-        "/tmp/driftwatch-bench-pipeline/{}-{rate}",
-        mix.name().replace(' ', "-")
-    ));
+/// The policy file for a load in `dir`: the watched tree and, given a
+/// port, a database on it. Writers and clients exclude the generator:
+/// every event is judged an unauthorized write or connect and folded into
+/// its finding, the costliest case for the collector.
+fn write_policy(dir: &Path, watched: &Path, db_port: Option<u16>) -> Result<PathBuf> {
+    let mut yaml = format!(
+        "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  \
+         - {{ name: bench, kind: config, paths: [\"{}/\"], writers: [ {{ user: nobody-else }} ] }}\n",
+        watched.display()
+    );
+    if let Some(port) = db_port {
+        yaml.push_str(&format!(
+            "  - {{ name: db, kind: database, ports: [{port}], clients: [ {{ user: nobody-else }} ] }}\n"
+        ));
+    }
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, yaml)?;
+    Ok(policy)
+}
+
+/// A fresh `/tmp/driftwatch-bench-pipeline/<name>` with the 100 watched
+/// files the file mix changes; returns it and the watched tree.
+fn fresh_dir(name: &str) -> Result<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(format!("/tmp/driftwatch-bench-pipeline/{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     let watched = dir.join("watched");
     std::fs::create_dir_all(&watched)?;
     for i in 0..100 {
         std::fs::write(watched.join(format!("f{i}.conf")), format!("key: {i}\n"))?;
     }
+    Ok((dir, watched))
+}
+
+fn run_one(mix: Mix, rate: u64, dur: Duration) -> Result<Figures> {
+    let (dir, watched) = fresh_dir(&format!("{}-{rate}", mix.name().replace(' ', "-")))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let db_port = listener.local_addr()?.port();
     std::thread::spawn(move || {
@@ -398,22 +408,8 @@ fn run_one(mix: Mix, rate: u64, dur: Duration) -> Result<Figures> {
 /// The same file changes with the agent alone writing JSON lines to a file
 /// (`--stdout`, no collector): agent CPU, and records emitted / read.
 fn run_stdout(rate: u64, dur: Duration) -> Result<(f64, u64, u64, u64)> {
-    let dir = PathBuf::from(format!("/tmp/driftwatch-bench-pipeline/stdout-{rate}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let watched = dir.join("watched");
-    std::fs::create_dir_all(&watched)?;
-    for i in 0..100 {
-        std::fs::write(watched.join(format!("f{i}.conf")), format!("key: {i}\n"))?;
-    }
-    let policy = dir.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  \
-             - {{ name: bench, kind: config, paths: [\"{}/\"], writers: [ {{ user: nobody-else }} ] }}\n",
-            watched.display()
-        ),
-    )?;
+    let (dir, watched) = fresh_dir(&format!("stdout-{rate}"))?;
+    let policy = write_policy(&dir, &watched, None)?;
     let stats = dir.join("agent-stats.json");
     let stats_arg = stats.display().to_string();
     let agent = crate::agent::Agent::start(
