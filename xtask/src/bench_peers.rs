@@ -12,6 +12,13 @@
 //! Every tool watches the same directory (`watched/`), which the workloads
 //! never touch. Driftwatch must also report nothing for them: a file event
 //! for an unwatched path fails the bench.
+//!
+//! Two floors run beside them (`floor.rs`): programs that do nothing, on
+//! every syscall tracepoint the agent attaches, and on one raw
+//! `sys_enter`/`sys_exit` pair that only reads and compares the syscall
+//! number. No sensor built on those hooks can cost less than its floor, so
+//! they show how much of the agent's cost is its own work and whether a
+//! target is within reach of a design at all.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -25,6 +32,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     agent::Agent,
     bench::{cpath, median},
+    floor::Floor,
     setup,
 };
 
@@ -46,15 +54,22 @@ enum Tool {
     Bpftrace,
     Fatrace,
     Driftwatch,
+    /// No-op programs on every syscall tracepoint the agent attaches.
+    FloorTracepoints,
+    /// No-op raw `sys_enter`/`sys_exit` programs that read and compare the
+    /// syscall number, the least a single dispatcher would cost.
+    FloorRaw,
 }
 
 impl Tool {
-    const ALL: [Tool; 5] = [
+    const ALL: [Tool; 7] = [
         Tool::Nothing,
         Tool::Auditd,
         Tool::Bpftrace,
         Tool::Fatrace,
         Tool::Driftwatch,
+        Tool::FloorTracepoints,
+        Tool::FloorRaw,
     ];
 
     fn name(self) -> &'static str {
@@ -64,6 +79,8 @@ impl Tool {
             Tool::Bpftrace => "bpftrace (openat, path filter)",
             Tool::Fatrace => "fatrace",
             Tool::Driftwatch => "driftwatch agent",
+            Tool::FloorTracepoints => "floor: no-op on the agent's tracepoints",
+            Tool::FloorRaw => "floor: no-op raw sys_enter/sys_exit",
         }
     }
 }
@@ -74,6 +91,7 @@ enum Running {
     Child(Child),
     Auditd(Child),
     Agent(Agent),
+    Floor(Floor),
 }
 
 fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -110,7 +128,7 @@ fn audit_enabled() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("enabled 1"))
 }
 
-fn start(tool: Tool, dir: &Path, agent: &Path) -> Result<Running> {
+fn start(tool: Tool, dir: &Path, agent: &Path, agent_hooks: &[String]) -> Result<Running> {
     let watched = dir.join("watched");
     Ok(match tool {
         Tool::Nothing => Running::None,
@@ -183,12 +201,43 @@ fn start(tool: Tool, dir: &Path, agent: &Path) -> Result<Running> {
                 &["--log", "warn"],
             )?)
         }
+        Tool::FloorTracepoints => Running::Floor(Floor::tracepoints(
+            agent_hooks
+                .iter()
+                .filter_map(|h| h.strip_prefix("syscalls/")),
+        )?),
+        Tool::FloorRaw => Running::Floor(Floor::raw_syscalls()?),
     })
+}
+
+/// The hooks the agent attaches on this kernel, from its `agent_start`.
+fn agent_hooks(dir: &Path, agent: &Path) -> Result<Vec<String>> {
+    let a = Agent::start(
+        agent,
+        &dir.join("policy.yaml"),
+        &dir.join("events.jsonl"),
+        &["--log", "warn"],
+    )?;
+    let events = a.stop()?;
+    let start = events
+        .iter()
+        .find(|e| e["kind"] == "agent_start")
+        .context("the agent printed no agent_start")?;
+    Ok(start["hooks"]
+        .as_array()
+        .context("agent_start without hooks")?
+        .iter()
+        .filter_map(|h| h.as_str().map(str::to_owned))
+        .collect())
 }
 
 fn stop(r: Running) -> Result<()> {
     match r {
         Running::None => Ok(()),
+        Running::Floor(f) => {
+            f.detach();
+            Ok(())
+        }
         Running::Child(mut c) => {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
@@ -354,6 +403,12 @@ fn measure(dir: &Path, rounds: usize) -> Result<()> {
     open_close(dir)?;
 
     let agent: PathBuf = crate::root().join("target/release/driftwatch-agent");
+    let hooks = agent_hooks(dir, &agent)?;
+    eprintln!(
+        "bench: the agent attaches {} hooks; the floor puts no-op programs on its {} syscall tracepoints",
+        hooks.len(),
+        hooks.iter().filter(|h| h.starts_with("syscalls/")).count()
+    );
     let n = Tool::ALL.len();
     let mut untar = vec![Vec::new(); n];
     let mut pairs = vec![Vec::new(); n];
@@ -363,8 +418,8 @@ fn measure(dir: &Path, rounds: usize) -> Result<()> {
         for k in 0..n {
             let i = (round + k) % n;
             let tool = Tool::ALL[i];
-            let running =
-                start(tool, dir, &agent).with_context(|| format!("starting {}", tool.name()))?;
+            let running = start(tool, dir, &agent, &hooks)
+                .with_context(|| format!("starting {}", tool.name()))?;
             // What the previous tool's exit left running (RCU callbacks of
             // detached programs, freed pages) settles first, for every
             // tool alike: without this, "nothing" right after a tool's

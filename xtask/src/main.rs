@@ -9,6 +9,7 @@ mod bench_collector;
 mod bench_peers;
 mod bench_pipeline;
 mod demo;
+mod floor;
 mod setup;
 
 use std::{
