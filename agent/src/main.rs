@@ -298,18 +298,20 @@ struct Output {
 
 impl Output {
     /// Writes and spools an event; returns its sequence number when spooled.
-    fn emit(&mut self, event: &Event) -> anyhow::Result<Option<u64>> {
+    /// The event is taken: its strings move into the wire message.
+    fn emit(&mut self, event: Event) -> anyhow::Result<Option<u64>> {
         let mut seq = None;
         if let Some(out) = self.out.as_mut() {
-            serde_json::to_writer(&mut *out, event).context("writing an event to stdout")?;
+            serde_json::to_writer(&mut *out, &event).context("writing an event to stdout")?;
             out.write_all(b"\n").context("writing an event to stdout")?;
         }
         if let Some((spool, _)) = &self.spool {
+            let time = event.time().unix_nanos();
             let mut body = Vec::with_capacity(512);
             if stream::convert::encode(event, 0, &mut body) {
                 // A failing spool must not stop the sensors: the hole it
                 // leaves is reported to the collector as a dropped range.
-                match spool.push_encoded(event.time().unix_nanos(), body) {
+                match spool.push_encoded(time, body) {
                     Ok(s) => seq = Some(s),
                     Err(err) => tracing::error!("spooling an event failed: {err}"),
                 }
@@ -469,7 +471,7 @@ fn apply_policy(
             "policy {} could not be applied, the running policy stays in force: {e:#}",
             next.version
         );
-        out.emit(&Event::PolicyRefused {
+        out.emit(Event::PolicyRefused {
             time,
             node: out.node.clone(),
             version: next.version,
@@ -479,15 +481,16 @@ fn apply_policy(
         return out.flush();
     }
     tracing::info!(version = %next.version, source = %next.source, "policy applied; watch maps updated in place");
-    out.emit(&policy_applied(sensors, &out.node, &next))?;
+    out.emit(policy_applied(sensors, &out.node, &next))?;
     out.flush()?;
     scan_watched(digester, &next.policy);
     *running = next;
     Ok(())
 }
 
-/// Asks for the state of the files a change event touched.
-fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Policy) {
+/// The state reads a change event calls for (their `trigger_seq` is set
+/// once the event has its sequence number).
+fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
     let Event::File {
         op,
         path,
@@ -496,10 +499,10 @@ fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Polic
         ..
     } = e
     else {
-        return;
+        return Vec::new();
     };
     if !result.ok || !driftwatch_proto::completes_change(op) {
-        return;
+        return Vec::new();
     }
     let paths: Vec<&str> = match *op {
         "rename" => [Some(path.as_str()), new_path.as_deref()]
@@ -509,17 +512,17 @@ fn digest_after(e: &Event, seq: Option<u64>, digester: &Digester, policy: &Polic
         "link" | "symlink" => new_path.as_deref().into_iter().collect(),
         _ => vec![path],
     };
-    for p in paths {
-        let Some(r) = policy.resource_for_path(p) else {
-            continue;
-        };
-        digester.submit(Job {
-            path: p.to_owned(),
-            resource: Some(r.name.clone()),
-            trigger_seq: seq,
-            content_may_change: !matches!(*op, "chmod" | "chown"),
-        });
-    }
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            policy.resource_for_path(p).map(|r| Job {
+                path: p.to_owned(),
+                resource: Some(r.name.clone()),
+                trigger_seq: None,
+                content_may_change: !matches!(*op, "chmod" | "chown"),
+            })
+        })
+        .collect()
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -617,7 +620,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pushed: false,
         sender_idle,
     };
-    out.emit(&Event::AgentStart {
+    out.emit(Event::AgentStart {
         time: Clock::now(),
         node: node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -629,7 +632,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watched_ports: sensors.watch().ports.keys().copied().collect(),
     })?;
     if !running.version.is_empty() {
-        out.emit(&policy_applied(&sensors, &node, &running))?;
+        out.emit(policy_applied(&sensors, &node, &running))?;
     }
     out.flush()?;
     let (digester, mut reports) = Digester::start();
@@ -676,8 +679,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         *user.received.entry(kind).or_default() += 1;
         match decoder.decode(bytes, sensors.watch()) {
             Ok(Decoded::Event(e)) => {
-                let seq = out.emit(&e)?;
-                digest_after(&e, seq, digester, policy);
+                let jobs = digest_jobs(&e, policy);
+                let seq = out.emit(*e)?;
+                for mut job in jobs {
+                    job.trigger_seq = seq;
+                    digester.submit(job);
+                }
             }
             Ok(Decoded::Internal) => {}
             Ok(Decoded::FilteredInUser) => *user.filtered_user.entry(kind).or_default() += 1,
@@ -724,7 +731,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         }
                         Err(e) => {
                             tracing::error!("policy from the collector refused, the running policy stays in force: {e}");
-                            out.emit(&Event::PolicyRefused {
+                            out.emit(Event::PolicyRefused {
                                 time: Clock::now(),
                                 node: out.node.clone(),
                                 version: p.version,
@@ -756,12 +763,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Event::ScanDone { time, node: out.node.clone(), scan_id, path, files, errors, error }
                     }
                 };
-                out.emit(&e)?;
+                out.emit(e)?;
                 out.flush()?;
             }
             _ = sigusr1.recv() => {
                 let s = stats(&sensors, &user, &out.node)?;
-                out.emit(&s)?;
+                out.emit(s.clone())?;
                 out.flush()?;
                 if let Some(path) = &args.stats_file {
                     write_stats_file(path, &s, &out, &delivery, None, 0)?;
@@ -782,7 +789,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 if !dropped.is_empty() {
                     tracing::warn!(?dropped, "kernel ring buffer overflowed; records lost");
-                    out.emit(&Event::Loss { time: Clock::now(), node: out.node.clone(), dropped })?;
+                    out.emit(Event::Loss { time: Clock::now(), node: out.node.clone(), dropped })?;
                     out.flush()?;
                 }
             }
@@ -845,7 +852,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             records = unread,
             "the agent was too far behind to read the whole ring before stopping; these records are lost (counted in the stats)"
         );
-        out.emit(&Event::Loss {
+        out.emit(Event::Loss {
             time: Clock::now(),
             node: node.clone(),
             dropped: BTreeMap::from([("unread_at_stop".to_owned(), unread)]),
@@ -856,7 +863,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = stop_sender.send(Some(stopping + STOP_DELIVERY));
     }
     let final_stats = stats(&sensors, &user, &node)?;
-    out.emit(&final_stats)?;
+    out.emit(final_stats.clone())?;
     out.flush()?;
     if let Some(sending) = sending {
         // The sender ends its stream by the deadline; what the collector

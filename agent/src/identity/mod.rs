@@ -46,6 +46,11 @@ pub struct ProcInfo {
     /// (see `stream::convert::encode`).
     #[serde(skip)]
     pub wire: std::sync::OnceLock<Vec<u8>>,
+    /// The whole `Process` message of this process's last event, with
+    /// what varies between its events: a process's events mostly come
+    /// from one thread under one identity, and then cost a copy.
+    #[serde(skip)]
+    pub wire_last: std::sync::Mutex<Option<crate::stream::convert::WireProcess>>,
 }
 
 /// One process in the table.
@@ -225,6 +230,7 @@ impl ProcessTable {
                 cgroup: shape.cgroup,
                 placement: shape.placement,
                 wire: std::sync::OnceLock::new(),
+                wire_last: std::sync::Mutex::new(None),
             }),
             ancestors: None,
         }

@@ -9,11 +9,11 @@ use crate::{
     identity::{Identity, ProcInfo},
 };
 
-fn outcome(o: &Outcome) -> v1::Outcome {
+fn outcome(o: Outcome) -> v1::Outcome {
     v1::Outcome {
         ok: o.ok,
         errno: o.errno.unwrap_or(0),
-        error: o.error.clone().unwrap_or_default(),
+        error: o.error.unwrap_or_default(),
     }
 }
 
@@ -65,6 +65,83 @@ fn process_dynamic(p: &Identity) -> v1::Process {
     }
 }
 
+/// What can differ between two events of one process: the key of
+/// [`WireProcess`].
+#[derive(Debug, PartialEq, Eq)]
+struct Varying {
+    pid: u32,
+    tid: u32,
+    ppid: u32,
+    uid: u32,
+    gid: u32,
+    euid: u32,
+    loginuid: Option<u32>,
+    comm: String,
+    // Names and ancestry are shared values: the same pointer is the same text.
+    user: Option<*const u8>,
+    login_user: Option<*const u8>,
+    ancestors: *const Vec<crate::identity::Ancestor>,
+}
+
+// SAFETY: the pointers are compared, never dereferenced.
+unsafe impl Send for Varying {}
+
+impl Varying {
+    fn of(p: &Identity) -> Self {
+        Self {
+            pid: p.pid,
+            tid: p.tid,
+            ppid: p.ppid,
+            uid: p.uid,
+            gid: p.gid,
+            euid: p.euid,
+            loginuid: p.loginuid,
+            comm: p.comm.clone(),
+            user: p.user.as_ref().map(|u| u.as_ptr()),
+            login_user: p.login_user.as_ref().map(|u| u.as_ptr()),
+            ancestors: std::sync::Arc::as_ptr(&p.ancestors),
+        }
+    }
+}
+
+/// A process's last `Process` message, encoded, and what it was built from.
+#[derive(Debug)]
+pub struct WireProcess {
+    key: Varying,
+    bytes: Vec<u8>,
+}
+
+/// Appends `p` as the `Event.process` field: from the process's cache when
+/// its last event had the same varying part, else built and cached.
+fn encode_process(p: &Identity, buf: &mut Vec<u8>) {
+    let key = Varying::of(p);
+    let mut last = p
+        .info
+        .wire_last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fresh = match last.as_ref() {
+        Some(w) if w.key == key => None,
+        _ => Some(key),
+    };
+    if let Some(key) = fresh {
+        let statics = p
+            .info
+            .wire
+            .get_or_init(|| process_static(&p.info).encode_to_vec());
+        let dynamic = process_dynamic(p);
+        let mut bytes = Vec::with_capacity(dynamic.encoded_len() + statics.len());
+        dynamic.encode_raw(&mut bytes);
+        bytes.extend_from_slice(statics);
+        *last = Some(WireProcess { key, bytes });
+    }
+    if let Some(w) = last.as_ref() {
+        encoding::encode_key(PROCESS_FIELD, encoding::WireType::LengthDelimited, buf);
+        encoding::encode_varint(w.bytes.len() as u64, buf);
+        buf.extend_from_slice(&w.bytes);
+    }
+}
+
 fn process(p: &Identity) -> v1::Process {
     let mut m = process_static(&p.info);
     m.merge(&*process_dynamic(p).encode_to_vec())
@@ -76,25 +153,18 @@ fn process(p: &Identity) -> v1::Process {
 const PROCESS_FIELD: u32 = 100;
 
 /// Encodes `e` as a `driftwatch.v1.Event` numbered `seq`, as
-/// [`to_proto`] would, without copying what its process shares with every
-/// other event of that process: that part is encoded once per process and
-/// appended (protobuf merges a message's fields in any order).
-pub fn encode(e: &Event, seq: u64, buf: &mut Vec<u8>) -> bool {
+/// [`to_proto`] would, without building its process again: what a process
+/// shares with all its events is encoded once per process, and the whole
+/// `Process` once per change of thread or identity, then appended
+/// (protobuf merges a message's fields in any order).
+pub fn encode(e: Event, seq: u64, buf: &mut Vec<u8>) -> bool {
     let Some((mut m, p)) = parts(e) else {
         return false;
     };
     m.seq = seq;
     m.encode_raw(buf);
     if let Some(p) = p {
-        let statics = p
-            .info
-            .wire
-            .get_or_init(|| process_static(&p.info).encode_to_vec());
-        let dynamic = process_dynamic(p);
-        encoding::encode_key(PROCESS_FIELD, encoding::WireType::LengthDelimited, buf);
-        encoding::encode_varint((dynamic.encoded_len() + statics.len()) as u64, buf);
-        dynamic.encode_raw(buf);
-        buf.extend_from_slice(statics);
+        encode_process(&p, buf);
     }
     true
 }
@@ -102,13 +172,13 @@ pub fn encode(e: &Event, seq: u64, buf: &mut Vec<u8>) -> bool {
 /// The API form of an event bound for the collector; `None` for the
 /// agent's own notices (start, policy, stats), which travel otherwise.
 pub fn to_proto(e: &Event) -> Option<v1::Event> {
-    let (mut m, p) = parts(e)?;
-    m.process = p.map(process);
+    let (mut m, p) = parts(e.clone())?;
+    m.process = p.as_ref().map(process);
     Some(m)
 }
 
 /// The event without its process, and the process.
-fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
+fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
     use v1::event::Event as K;
     let (kind, time, node, p) = match e {
         Event::Exec {
@@ -117,9 +187,7 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             process,
             args_truncated,
         } => (
-            K::Exec(v1::Exec {
-                args_truncated: *args_truncated,
-            }),
+            K::Exec(v1::Exec { args_truncated }),
             time,
             node,
             Some(process),
@@ -131,10 +199,7 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             exit_code,
             signal,
         } => (
-            K::Exit(v1::Exit {
-                exit_code: *exit_code,
-                signal: *signal,
-            }),
+            K::Exit(v1::Exit { exit_code, signal }),
             time,
             node,
             Some(process),
@@ -157,17 +222,17 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             process,
         } => (
             K::File(v1::FileChange {
-                op: (*op).to_owned(),
-                path: path.clone(),
-                new_path: new_path.clone().unwrap_or_default(),
-                target: target.clone().unwrap_or_default(),
-                resource: resource.clone().unwrap_or_default(),
+                op: op.to_owned(),
+                path,
+                new_path: new_path.unwrap_or_default(),
+                target: target.unwrap_or_default(),
+                resource: resource.unwrap_or_default(),
                 flags: flags.iter().map(|f| (*f).to_owned()).collect(),
-                mode: mode.clone().unwrap_or_default(),
-                owner_uid: *owner_uid,
-                owner_gid: *owner_gid,
-                resolved_from: (*resolved_from).to_owned(),
-                path_truncated: *path_truncated,
+                mode: mode.unwrap_or_default(),
+                owner_uid,
+                owner_gid,
+                resolved_from: resolved_from.to_owned(),
+                path_truncated,
                 result: Some(outcome(result)),
             }),
             time,
@@ -185,10 +250,10 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             process,
         } => (
             K::Connect(v1::Connect {
-                family: (*family).to_owned(),
-                address: address.clone(),
-                port: u32::from(*port),
-                resource: resource.clone().unwrap_or_default(),
+                family: family.to_owned(),
+                address,
+                port: u32::from(port),
+                resource: resource.unwrap_or_default(),
                 result: Some(outcome(result)),
             }),
             time,
@@ -201,7 +266,7 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             dropped,
         } => (
             K::Loss(v1::Loss {
-                dropped: dropped.clone().into_iter().collect(),
+                dropped: dropped.into_iter().collect(),
             }),
             time,
             node,
@@ -209,19 +274,19 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
         ),
         Event::Digest { time, node, state } => (
             K::Digest(v1::Digest {
-                path: state.path.clone(),
-                resource: state.resource.clone().unwrap_or_default(),
+                path: state.path,
+                resource: state.resource.unwrap_or_default(),
                 exists: state.exists,
-                sha256: state.sha256.clone().unwrap_or_default(),
+                sha256: state.sha256.unwrap_or_default(),
                 size: state.size,
                 mode: state.mode,
                 uid: state.uid,
                 gid: state.gid,
                 mtime_unix_nanos: state.mtime_unix_nanos,
                 reason: state.reason.as_str().to_owned(),
-                scan_id: state.scan_id.clone().unwrap_or_default(),
+                scan_id: state.scan_id.unwrap_or_default(),
                 trigger_seq: state.trigger_seq.unwrap_or(0),
-                error: state.error.clone().unwrap_or_default(),
+                error: state.error.unwrap_or_default(),
             }),
             time,
             node,
@@ -237,11 +302,11 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             error,
         } => (
             K::ScanDone(v1::ScanDone {
-                scan_id: scan_id.clone().unwrap_or_default(),
-                path: path.clone(),
-                files: *files,
-                errors: *errors,
-                error: error.clone().unwrap_or_default(),
+                scan_id: scan_id.unwrap_or_default(),
+                path,
+                files,
+                errors,
+                error: error.unwrap_or_default(),
             }),
             time,
             node,
@@ -256,10 +321,10 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             ..
         } => (
             K::Policy(v1::PolicyStatus {
-                version: version.clone(),
+                version,
                 applied: true,
                 error: String::new(),
-                watched_paths: watched_paths.clone(),
+                watched_paths,
                 watched_ports: watched_ports.iter().map(|p| u32::from(*p)).collect(),
             }),
             time,
@@ -274,9 +339,9 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             ..
         } => (
             K::Policy(v1::PolicyStatus {
-                version: version.clone(),
+                version,
                 applied: false,
-                error: error.clone(),
+                error,
                 watched_paths: Vec::new(),
                 watched_ports: Vec::new(),
             }),
@@ -292,7 +357,7 @@ fn parts(e: &Event) -> Option<(v1::Event, Option<&Identity>)> {
             process: None,
             seq: 0,
             time_unix_nanos: time.unix_nanos(),
-            node: node.clone(),
+            node,
         },
         p,
     ))
@@ -334,6 +399,7 @@ mod tests {
                     pod_uid: Some("pod1".into()),
                 },
                 wire: Default::default(),
+                wire_last: Default::default(),
             }),
             ancestors: Arc::new(vec![Ancestor {
                 pid: 1,
@@ -367,16 +433,35 @@ mod tests {
             node: "n1".into(),
             dropped: [("file".to_owned(), 3)].into(),
         };
-        for (e, seq) in [(&file, 7), (&file, 8), (&loss, 9)] {
+        // The same process from another thread, then under another user:
+        // its cached message must not be reused for either.
+        let mut other_thread = file.clone();
+        let mut other_user = file.clone();
+        if let (Event::File { process: t, .. }, Event::File { process: u, .. }) =
+            (&mut other_thread, &mut other_user)
+        {
+            t.tid = 44;
+            u.uid = 0;
+            u.user = Some("root".into());
+            u.comm = "sudo".into();
+        }
+        for (e, seq) in [
+            (&file, 7),
+            (&file, 8),
+            (&loss, 9),
+            (&other_thread, 10),
+            (&other_user, 11),
+            (&file, 12),
+        ] {
             let mut want = to_proto(e).unwrap();
             want.seq = seq;
             let mut buf = Vec::new();
-            assert!(encode(e, seq, &mut buf));
+            assert!(encode(e.clone(), seq, &mut buf));
             assert_eq!(v1::Event::decode(&*buf).unwrap(), want);
         }
         // Spooled with seq 0 and the number appended: the same message.
         let mut buf = Vec::new();
-        assert!(encode(&file, 0, &mut buf));
+        assert!(encode(file.clone(), 0, &mut buf));
         encoding::uint64::encode(101, &11, &mut buf);
         let mut want = to_proto(&file).unwrap();
         want.seq = 11;
