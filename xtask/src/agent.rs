@@ -114,6 +114,24 @@ impl Agent {
 
 /// True once the process holds the cgroup connect links, the last hooks the
 /// agent attaches before its start-up event.
+/// Waits until the agent `pid` has attached its sensors (its cgroup
+/// link, the last it makes, shows in its fds).
+pub fn wait_attached(pid: u32, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !attached(pid) {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("the agent exited before attaching its sensors");
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not attach its sensors within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The watch maps are filled right after the last attach.
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(())
+}
+
 fn attached(pid: u32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fdinfo")).is_ok_and(|rd| {
         rd.flatten().any(|e| {

@@ -437,6 +437,158 @@ fn run_stdout(rate: u64, dur: Duration) -> Result<(f64, u64, u64, u64)> {
     ))
 }
 
+/// Agents that spool a backlog with no collector up, then all reconnect
+/// to a fresh one at once (what every collector restart looks like).
+const BACKLOG_AGENTS: usize = 2;
+
+/// What the collector did with the agents' backlog.
+struct Backlog {
+    agents: usize,
+    events: u64,
+    seconds: f64,
+    collector_cpu: f64,
+    collector_rss_mib: f64,
+}
+
+/// Collector ingest from real agents: `BACKLOG_AGENTS` agents each spool
+/// `events` file events (every agent sees every change) while no collector
+/// listens, stop with their spools full, and start again beside a fresh
+/// collector; the rate is everything they had spooled, durable, over the
+/// time from the collector's first acknowledgement to its last. The
+/// generator is idle by then, so the cores are the collector's and the
+/// agents' alone.
+fn run_backlog(events: u64) -> Result<Backlog> {
+    let (dir, watched) = fresh_dir("backlog")?;
+    let bin = root().join("target/release");
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let policy = write_policy(&dir, &watched, None)?;
+    let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let spawn_agent = |i: usize| -> Result<Child> {
+        Command::new(bin.join("driftwatch-agent"))
+            .args(["--collector", &url, "--node-name", &format!("backlog-{i}")])
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--spool-dir")
+            .arg(dir.join(format!("spool-{i}")))
+            .arg("--stats-file")
+            .arg(dir.join(format!("stats-{i}.json")))
+            .args(["--spool-max-events", &(events * 2).to_string()])
+            .args(["--log", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting an agent")
+    };
+    let stop_all = |agents: &mut Vec<Child>| -> Result<()> {
+        for a in agents.iter() {
+            signal(a, libc::SIGINT);
+        }
+        for a in agents.iter_mut() {
+            a.wait()?;
+        }
+        Ok(())
+    };
+    let mut agents = (0..BACKLOG_AGENTS)
+        .map(spawn_agent)
+        .collect::<Result<Vec<_>>>()?;
+    for a in &agents {
+        crate::agent::wait_attached(a.id(), Duration::from_secs(90))?;
+    }
+    // Paced so that no agent falls behind its ring while it spools.
+    generate(Mix::File, &watched, 0, 50_000, Duration::from_secs_f64(events as f64 / 50_000.0))?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop_all(&mut agents)?;
+    // Per agent: the backlog, and the last sequence number it holds.
+    let mut backlog = Vec::new();
+    for i in 0..BACKLOG_AGENTS {
+        let s = read_json(&dir.join(format!("stats-{i}.json")))?;
+        if s["counters"]["file"]["dropped"].as_u64().unwrap_or(0) > 0 {
+            bail!("agent {i} lost file events in its ring while spooling the backlog");
+        }
+        backlog.push((
+            s["spool_waiting"].as_u64().unwrap_or(0),
+            s["spool_last_seq"].as_u64().unwrap_or(0),
+        ));
+    }
+    let events: u64 = backlog.iter().map(|b| b.0).sum();
+    let mut collector = Command::new(bin.join("driftwatch-collector"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.join("store"))
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--log", &log])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the collector")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = collector.kill();
+            bail!("the collector did not listen within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut agents = (0..BACKLOG_AGENTS)
+        .map(spawn_agent)
+        .collect::<Result<Vec<_>>>()?;
+    let cli = bin.join("driftwatch");
+    // Acknowledged sequence number per agent.
+    let acked = || -> Result<Vec<u64>> {
+        let out = Command::new(&cli)
+            .args(["--collector", &url, "agents", "-o", "json"])
+            .stderr(Stdio::null())
+            .output()
+            .context("running driftwatch agents")?;
+        let all: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        Ok((0..BACKLOG_AGENTS)
+            .map(|i| {
+                all.iter()
+                    .find(|v| v["host"] == format!("backlog-{i}").as_str())
+                    .and_then(|v| v["acked_seq"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect())
+    };
+    let c0 = cpu_seconds(collector.id());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // The clock starts at the last look that saw nothing acknowledged
+    // yet: the rate is never flattered by the polling interval.
+    let mut first: Option<Instant> = None;
+    let mut looked = Instant::now();
+    let end = loop {
+        let a = acked()?;
+        let now = Instant::now();
+        if first.is_none() && a.iter().any(|&x| x > 0) {
+            first = Some(looked);
+        }
+        looked = now;
+        if a.iter().zip(&backlog).all(|(x, b)| *x >= b.1) {
+            break now;
+        }
+        if now > deadline {
+            bail!("the collector did not store the agents' backlog within 300 s (acked {a:?} of {backlog:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let c1 = cpu_seconds(collector.id());
+    let collector_rss_mib = peak_rss_mib(collector.id());
+    stop_all(&mut agents)?;
+    let _ = collector.kill();
+    let _ = collector.wait();
+    let seconds = (end - first.unwrap_or(end)).as_secs_f64().max(1e-3);
+    Ok(Backlog {
+        agents: BACKLOG_AGENTS,
+        events,
+        seconds,
+        collector_cpu: (c1 - c0) / seconds * 100.0,
+        collector_rss_mib,
+    })
+}
+
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
     setup::require_root("cargo xtask bench pipeline")?;
@@ -479,6 +631,14 @@ pub fn run() -> Result<()> {
         );
         all.push(f);
     }
+    let backlog_events: u64 = std::env::var("DRIFTWATCH_BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    eprintln!(
+        "bench: {BACKLOG_AGENTS} agents spool {backlog_events} file events each with no collector, then reconnect to a fresh one"
+    );
+    let backlog = run_backlog(backlog_events)?;
     let stdout_rate = 10_000;
     eprintln!(
         "bench: file changes at {stdout_rate} events/s for {secs} s, agent alone with --stdout"
@@ -517,6 +677,15 @@ pub fn run() -> Result<()> {
     }
     println!(
         "file changes at {stdout_rate}, agent alone with --stdout to a file (no collector): agent CPU {stdout_cpu:.1} %, {received} of {emitted} records read, {dropped} lost in the ring"
+    );
+    println!(
+        "collector ingest from real agents: {} agents' spooled backlog, {} events durable in {:.1} s = {:.0} events/s (collector CPU {:.0} % of a core, peak RSS {:.0} MiB; judged against the policy)",
+        backlog.agents,
+        backlog.events,
+        backlog.seconds,
+        backlog.events as f64 / backlog.seconds,
+        backlog.collector_cpu,
+        backlog.collector_rss_mib
     );
     // A load counts as sustained only if the generator really offered it
     // (on two shared cores it may not keep up with its own target).
