@@ -123,7 +123,10 @@ pub fn wait_attached(pid: u32, limit: Duration) -> Result<()> {
             bail!("the agent exited before attaching its sensors");
         }
         if Instant::now() > deadline {
-            bail!("the agent did not attach its sensors within {} s", limit.as_secs());
+            bail!(
+                "the agent did not attach its sensors within {} s",
+                limit.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

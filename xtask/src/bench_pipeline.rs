@@ -496,7 +496,13 @@ fn run_backlog(events: u64) -> Result<Backlog> {
         crate::agent::wait_attached(a.id(), Duration::from_secs(90))?;
     }
     // Paced so that no agent falls behind its ring while it spools.
-    generate(Mix::File, &watched, 0, 50_000, Duration::from_secs_f64(events as f64 / 50_000.0))?;
+    generate(
+        Mix::File,
+        &watched,
+        0,
+        50_000,
+        Duration::from_secs_f64(events as f64 / 50_000.0),
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     stop_all(&mut agents)?;
     // Per agent: the backlog, and the last sequence number it holds.
