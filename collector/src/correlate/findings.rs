@@ -140,6 +140,41 @@ impl Findings {
         }
     }
 
+    /// Folds one more occurrence into the open finding under `key` in
+    /// place — its count, failures, last time and evidence — when
+    /// `unchanged` says the rest of the finding would stay as it is;
+    /// returns whether it did (if not, nothing changed and the caller
+    /// records the occurrence in full). A storm of repeats then costs no
+    /// copy of the actor and no new summary per event.
+    pub fn fold_repeat(
+        &mut self,
+        key: &str,
+        unchanged: impl FnOnce(&Finding) -> bool,
+        time: i64,
+        failed: bool,
+        evidence: EvidenceRef,
+    ) -> Result<bool, StoreError> {
+        let Some(id) = self.open.get(key).copied() else {
+            return Ok(false);
+        };
+        if !self.pending.contains_key(&id) {
+            if let Some(f) = self.get(id)? {
+                self.pending.insert(id, f);
+            }
+        }
+        let Some(f) = self.pending.get_mut(&id) else {
+            return Ok(false);
+        };
+        if !unchanged(f) {
+            return Ok(false);
+        }
+        f.count += 1;
+        f.failed += u64::from(failed);
+        f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(time);
+        push_evidence(&mut f.evidence, vec![evidence]);
+        Ok(true)
+    }
+
     /// Folds an occurrence into the unresolved finding with `key`, or opens
     /// a new one. Returns the finding's id.
     pub fn record(&mut self, key: &str, o: Occurrence) -> Result<u64, StoreError> {

@@ -140,6 +140,17 @@ fn evidence(e: &Event) -> EvidenceRef {
     }
 }
 
+/// True when `s` ends with `parts`, in order.
+fn ends_with_all(mut s: &str, parts: &[&str]) -> bool {
+    for p in parts.iter().rev() {
+        match s.strip_suffix(p) {
+            Some(rest) => s = rest,
+            None => return false,
+        }
+    }
+    true
+}
+
 fn who(p: &Process) -> String {
     let user = if p.user.is_empty() {
         format!("uid {}", p.uid)
@@ -537,6 +548,29 @@ impl Engine {
             e.node, actor.exe, actor.uid
         );
         let attempt = if failed { "tried to change" } else { "changed" };
+        // The summary below, but for `who(actor)`, which the same actor
+        // makes the same.
+        let tail = [
+            " ",
+            attempt,
+            " ",
+            path,
+            " (",
+            op,
+            ") on ",
+            e.node.as_str(),
+            "; not a writer of ",
+            resource,
+        ];
+        let unchanged = |f: &driftwatch_proto::v1::Finding| {
+            f.path == path && f.actor.as_ref() == Some(actor) && ends_with_all(&f.summary, &tail)
+        };
+        if self
+            .findings
+            .fold_repeat(&key, unchanged, e.time_unix_nanos, failed, evidence(e))?
+        {
+            return Ok(());
+        }
         self.findings.record(
             &key,
             Occurrence {

@@ -260,3 +260,65 @@ fn a_scan_requested_before_a_restart_still_sets_baselines() {
     let f = f.restart();
     assert!(f.c.lock().scans.is_empty());
 }
+
+#[test]
+fn repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding() {
+    let mut f = Fixture::new();
+    let writes = |f: &Fixture| -> Vec<driftwatch_proto::v1::Finding> {
+        f.findings()
+            .into_iter()
+            .filter(|x| x.kind == "unauthorized_write")
+            .collect()
+    };
+    for _ in 0..3 {
+        f.file("open", "/m/a.bin", "", "/usr/bin/cp");
+    }
+    let w = writes(&f);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!(w[0].count, 3);
+    assert_eq!(w[0].evidence.len(), 3);
+    assert!(
+        w[0].summary.contains("changed /m/a.bin (open)"),
+        "{}",
+        w[0].summary
+    );
+
+    // Another op, another path and another process of the same program:
+    // the same finding, with what it says brought up to date.
+    f.file("truncate", "/m/a.bin", "", "/usr/bin/cp");
+    assert!(writes(&f)[0].summary.contains("(truncate)"));
+    f.file("open", "/m/b.bin", "", "/usr/bin/cp");
+    let w = writes(&f);
+    assert_eq!(w[0].path, "/m/b.bin");
+    assert!(
+        w[0].summary.contains("changed /m/b.bin (open)"),
+        "{}",
+        w[0].summary
+    );
+    let mut other = who("/usr/bin/cp");
+    other.pid = 77;
+    f.feed(
+        event::Event::File(FileChange {
+            op: "open".into(),
+            path: "/m/b.bin".into(),
+            resource: "models".into(),
+            result: Some(Outcome {
+                ok: false,
+                errno: 13,
+                error: "EACCES".into(),
+            }),
+            ..Default::default()
+        }),
+        Some(other),
+    );
+    let w = writes(&f);
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].count, 6);
+    assert_eq!(w[0].failed, 1);
+    assert_eq!(w[0].actor.as_ref().map(|a| a.pid), Some(77));
+    assert!(
+        w[0].summary.contains("tried to change /m/b.bin"),
+        "{}",
+        w[0].summary
+    );
+}
