@@ -141,15 +141,15 @@ impl Findings {
     }
 
     /// Folds one more occurrence into the open finding under `key` in
-    /// place — its count, failures, last time and evidence — when
-    /// `unchanged` says the rest of the finding would stay as it is;
-    /// returns whether it did (if not, nothing changed and the caller
-    /// records the occurrence in full). A storm of repeats then costs no
-    /// copy of the actor and no new summary per event.
+    /// place: `update` brings what the occurrence says up to date (and
+    /// should copy nothing that is already equal), then its count,
+    /// failures, last time and evidence follow. Returns false, having
+    /// changed nothing, when no finding is open under `key`. A storm of
+    /// repeats then costs no copy of the actor per event.
     pub fn fold_repeat(
         &mut self,
         key: &str,
-        unchanged: impl FnOnce(&Finding) -> bool,
+        update: impl FnOnce(&mut Finding),
         time: i64,
         failed: bool,
         evidence: EvidenceRef,
@@ -165,9 +165,7 @@ impl Findings {
         let Some(f) = self.pending.get_mut(&id) else {
             return Ok(false);
         };
-        if !unchanged(f) {
-            return Ok(false);
-        }
+        update(f);
         f.count += 1;
         f.failed += u64::from(failed);
         f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(time);

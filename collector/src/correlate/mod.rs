@@ -548,26 +548,44 @@ impl Engine {
             e.node, actor.exe, actor.uid
         );
         let attempt = if failed { "tried to change" } else { "changed" };
-        // The summary below, but for `who(actor)`, which the same actor
-        // makes the same.
-        let tail = [
-            " ",
-            attempt,
-            " ",
-            path,
-            " (",
-            op,
-            ") on ",
-            e.node.as_str(),
-            "; not a writer of ",
-            resource,
-        ];
-        let unchanged = |f: &driftwatch_proto::v1::Finding| {
-            f.path == path && f.actor.as_ref() == Some(actor) && ends_with_all(&f.summary, &tail)
+        let summary = || {
+            format!(
+                "{} {attempt} {path} ({op}) on {}; not a writer of {resource}",
+                who(actor),
+                e.node
+            )
+        };
+        // A repeat of an open finding is updated in place: only what
+        // differs from the last occurrence is copied or written again.
+        let update = |f: &mut driftwatch_proto::v1::Finding| {
+            let same_actor = f.actor.as_ref() == Some(actor);
+            if !same_actor {
+                f.actor = Some(actor.clone());
+            }
+            if f.path != path {
+                path.clone_into(&mut f.path);
+            }
+            // The summary, but for `who(actor)`, which an equal actor
+            // makes the same.
+            let tail = [
+                " ",
+                attempt,
+                " ",
+                path,
+                " (",
+                op,
+                ") on ",
+                e.node.as_str(),
+                "; not a writer of ",
+                resource,
+            ];
+            if !same_actor || !ends_with_all(&f.summary, &tail) {
+                f.summary = summary();
+            }
         };
         if self
             .findings
-            .fold_repeat(&key, unchanged, e.time_unix_nanos, failed, evidence(e))?
+            .fold_repeat(&key, update, e.time_unix_nanos, failed, evidence(e))?
         {
             return Ok(());
         }
@@ -579,11 +597,7 @@ impl Engine {
                 resource: resource.to_owned(),
                 path: path.to_owned(),
                 actor: Some(actor.clone()),
-                summary: format!(
-                    "{} {attempt} {path} ({op}) on {}; not a writer of {resource}",
-                    who(actor),
-                    e.node
-                ),
+                summary: summary(),
                 time: e.time_unix_nanos,
                 evidence: vec![evidence(e)],
                 count: 1,
