@@ -133,28 +133,37 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start(dir: &Path, watched: &Path, db_port: u16) -> Result<Procs> {
-    let bin = root().join("target/release");
-    let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let policy = write_policy(dir, watched, Some(db_port))?;
-    let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    let collector = Command::new(bin.join("driftwatch-collector"))
+/// A collector on `port` with its store in `dir`, judging with `policy`,
+/// once it listens.
+fn start_collector(dir: &Path, port: u16, policy: &Path, log: &str) -> Result<Child> {
+    let mut collector = Command::new(root().join("target/release/driftwatch-collector"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.join("store"))
         .arg("--policy")
-        .arg(&policy)
-        .args(["--log", &log])
+        .arg(policy)
+        .args(["--log", log])
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the collector")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
+            let _ = collector.kill();
+            let _ = collector.wait();
             bail!("the collector did not listen within 30 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(collector)
+}
+
+fn start(dir: &Path, watched: &Path, db_port: u16) -> Result<Procs> {
+    let bin = root().join("target/release");
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let policy = write_policy(dir, watched, Some(db_port))?;
+    let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let collector = start_collector(dir, port, &policy, &log)?;
     let stats = dir.join("agent-stats.json");
     let agent = Command::new(bin.join("driftwatch-agent"))
         .args(["--collector", &url, "--node-name", "bench", "--spool-dir"])
@@ -518,23 +527,7 @@ fn run_backlog(events: u64) -> Result<Backlog> {
         ));
     }
     let events: u64 = backlog.iter().map(|b| b.0).sum();
-    let mut collector = Command::new(bin.join("driftwatch-collector"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.join("store"))
-        .arg("--policy")
-        .arg(&policy)
-        .args(["--log", &log])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the collector")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let _ = collector.kill();
-            bail!("the collector did not listen within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut collector = start_collector(&dir, port, &policy, &log)?;
     let mut agents = (0..BACKLOG_AGENTS)
         .map(spawn_agent)
         .collect::<Result<Vec<_>>>()?;
