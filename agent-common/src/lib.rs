@@ -256,8 +256,9 @@ pub struct PendingFile {
     /// Bit 0: the first path string has `.`, `..` or `//` components;
     /// bit 1: the second has.
     pub odd: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// 1 from the call's entry until its exit has taken the record (the
+    /// record stays in the thread's storage, emptied, for its next call).
+    pub live: u32,
 }
 
 /// Key of the open-for-write fd table: which fds to report on close.

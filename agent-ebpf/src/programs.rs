@@ -22,13 +22,14 @@ use agent_common::{
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_current_pid_tgid, generated as gen},
-    macros::{btf_tracepoint, cgroup_sock_addr, map, tracepoint},
+    macros::{btf_map, btf_tracepoint, cgroup_sock_addr, map, tracepoint},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
     EbpfContext as _,
 };
 use core::ffi::c_void;
 use path::Scratch;
+use task::TaskStorage;
 
 /// Filled by the agent from the running kernel's BTF before load.
 #[unsafe(no_mangle)]
@@ -91,9 +92,10 @@ fn step_watch_gen() {
 #[map]
 static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
 
-/// Arguments of a file call between its entry and exit, by thread.
-#[map]
-static PENDING_FILE: LruHashMap<u64, PendingFile> = LruHashMap::with_max_entries(16384, 0);
+/// Arguments of a file call between its entry and exit, in the calling
+/// thread's own storage (see [`TaskStorage`]).
+#[btf_map]
+static PENDING_FILE: TaskStorage<PendingFile> = TaskStorage::new();
 
 /// A watched connect between the cgroup hook and the syscall's exit, by thread.
 #[map]
@@ -302,7 +304,7 @@ fn pending(op: FileOp) -> PendingFile {
         path: 0,
         path2: 0,
         odd: 0,
-        _pad: 0,
+        live: 1,
     }
 }
 
@@ -322,7 +324,13 @@ fn stash(p: &mut PendingFile) {
             p.odd = u32::from(first) | (u32::from(second) << 1);
         }
     }
-    let _ = PENDING_FILE.insert(&bpf_get_current_pid_tgid(), p, 0);
+    match PENDING_FILE.current(true) {
+        // SAFETY: this thread's own slot; only this thread's programs,
+        // which do not nest, touch it.
+        Some(slot) => unsafe { *slot = *p },
+        // No memory for the slot: the call goes unjudged, and says so.
+        None => count(EventKind::File, COUNTER_DROPPED),
+    }
 }
 
 /// `(olddfd, oldname, newdfd, newname[, flags])`: renameat, renameat2, linkat.
@@ -492,12 +500,21 @@ enter!(enter_symlink, |ctx| Some(two(&ctx, FileOp::Symlink)));
 /// Attached to the `sys_exit_*` of every call above.
 #[tracepoint]
 pub fn exit_file(ctx: TracePointContext) -> u32 {
-    let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(p) = (unsafe { PENDING_FILE.get(&key) }).copied() else {
+    let Some(slot) = PENDING_FILE.current(false) else {
         return 0;
     };
-    let _ = PENDING_FILE.remove(&key);
+    // SAFETY: this thread's own slot (see `stash`); copied out, then
+    // emptied. The copy is volatile so that every later
+    // use reads the one copy: fields re-read from the map value would be
+    // unrelated unknowns to the verifier, whose paths then multiply past
+    // its limit.
+    let p = unsafe { core::ptr::read_volatile(slot) };
+    // Judged on `live`, not on `op`: a bound on `op` here splits every
+    // later test of it in two for the verifier, past its limit.
+    if p.live == 0 {
+        return 0;
+    }
+    unsafe { (*slot).live = 0 };
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
     let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
     if p.op == FileOp::Rename as u32 && ret == 0 {

@@ -69,3 +69,59 @@ pub unsafe fn fd_file(task: u64, fd: i32) -> u64 {
         read(array, fd as u32 * 8)
     }
 }
+
+/// `BPF_MAP_TYPE_TASK_STORAGE`: a value per task, kept by the kernel in
+/// the task itself and freed with it. Finding this thread's value is a
+/// cached pointer lookup, where a hash map keyed by thread id costs an
+/// insert, a lookup and a delete per call (an LRU hash's insert alone was
+/// most of the entry programs' time). aya-ebpf has no such map yet, so it
+/// is declared here the way its BTF maps are: a `.maps` struct whose
+/// field types the loader reads from BTF (type 29, no preallocation, no
+/// entry bound, an `int` key).
+#[repr(C)]
+pub(crate) struct TaskStorage<T> {
+    r#type: *const [i32; 29],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; 1],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing
+// reads or writes them at run time.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    /// The placeholder definition.
+    pub(crate) const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The current thread's value, created zeroed when `create` is set and
+    /// there is none; `None` when there is none (or no memory for it).
+    #[inline(always)]
+    pub(crate) fn current(&self, create: bool) -> Option<*mut T> {
+        let flags = if create {
+            aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        // SAFETY: the map is this static; the task is the kernel's own
+        // trusted pointer to the current task.
+        let p = unsafe {
+            aya_ebpf::helpers::generated::bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        };
+        (!p.is_null()).then_some(p.cast::<T>())
+    }
+}

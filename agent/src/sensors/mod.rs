@@ -226,6 +226,10 @@ impl Sensors {
         let probes = probe_kernel();
 
         let mut ebpf = EbpfLoader::new()
+            // The per-thread pending-call storage is a task storage map,
+            // which aya creates but has no user-space type for; the agent
+            // never reads it.
+            .allow_unsupported_maps()
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)?;
