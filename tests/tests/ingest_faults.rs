@@ -124,6 +124,28 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
             status_of(&url, vec![hello("bad-size"), batch(vec![huge])]).await,
             Code::ResourceExhausted
         );
+        // Names that would forge a log line or drive a terminal.
+        for name in ["evil\n2026-01-01T00:00:00Z INFO forged", "evil\u{1b}[2J"] {
+            assert_eq!(
+                status_of(&url, vec![hello(name)]).await,
+                Code::InvalidArgument,
+                "{name:?}"
+            );
+        }
+        // Sequence 0, a time past any skew (year 2262), a path over
+        // PATH_MAX that still fits a message: each refused by name.
+        let mut far = file_event("bad-values", 1, "/far");
+        far.time_unix_nanos = i64::MAX;
+        for e in [
+            file_event("bad-values", 0, "/zero"),
+            far,
+            file_event("bad-values", 1, &"/long".repeat(200 << 10)),
+        ] {
+            assert_eq!(
+                status_of(&url, vec![hello("bad-values"), batch(vec![e])]).await,
+                Code::InvalidArgument
+            );
+        }
         // A valid prefix of a batch is kept, the hole after it is refused.
         assert_eq!(
             status_of(
@@ -140,13 +162,14 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
             Code::FailedPrecondition
         );
     });
-    for path in ["/ooo", "/spoof", "/x"] {
+    for path in ["/ooo", "/spoof", "/x", "/zero", "/far"] {
         assert!(
             collector.timeline(&["--path", path]).is_empty(),
             "{path} was stored"
         );
     }
     assert_eq!(collector.timeline(&["--host", "half"]).len(), 1);
+    assert!(collector.timeline(&["--host", "bad-values"]).is_empty());
 
     // The real agent kept streaming through all of it.
     std::fs::write(format!("{tree}/after-faults.conf"), "x").unwrap();

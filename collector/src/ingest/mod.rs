@@ -55,9 +55,12 @@ fn inbound_status(s: Status) -> Status {
 }
 
 fn valid_node_name(name: &str) -> Result<(), Status> {
-    if name.is_empty() || name.len() > 253 || name.bytes().any(|b| b == 0 || b == b'/') {
+    // Names end up in logs, terminals and file names: no control
+    // characters (a newline forges a log line, an escape drives a
+    // terminal), no '/'. `{name:?}` escapes what is refused.
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control() || c == '/') {
         return Err(Status::invalid_argument(format!(
-            "node name {name:?} must be 1-253 bytes without NUL or '/'"
+            "node name {name:?} must be 1-253 bytes without control characters or '/'"
         )));
     }
     Ok(())

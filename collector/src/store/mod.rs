@@ -269,8 +269,65 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
     if e.time_unix_nanos <= 0 {
         return Err(bad("time_unix_nanos must be positive"));
     }
+    let limit = driftwatch_proto::time::now_unix_nanos().saturating_add(MAX_SKEW_NS);
+    if e.time_unix_nanos > limit {
+        return Err(bad(&format!(
+            "time_unix_nanos {} is more than a day ahead of the collector's clock",
+            e.time_unix_nanos
+        )));
+    }
+    let mut paths = vec![];
+    match &e.event {
+        Some(event::Event::File(f)) => paths.extend([&f.path, &f.new_path, &f.target]),
+        Some(event::Event::Digest(d)) => paths.push(&d.path),
+        Some(event::Event::ScanDone(d)) => paths.push(&d.path),
+        _ => {}
+    }
+    if let Some(p) = &e.process {
+        paths.extend([&p.exe, &p.cgroup]);
+        paths.extend(p.ancestors.iter().map(|a| &a.exe));
+        if p.ancestors.len() > MAX_ANCESTORS {
+            return Err(bad(&format!(
+                "{} ancestors; at most {MAX_ANCESTORS} are kept",
+                p.ancestors.len()
+            )));
+        }
+        let args: usize = p.args.iter().map(String::len).sum();
+        if args > MAX_ARGS_BYTES {
+            return Err(bad(&format!(
+                "arguments of {args} bytes; the limit is {MAX_ARGS_BYTES}"
+            )));
+        }
+    }
+    if let Some(p) = paths.iter().find(|p| p.len() > MAX_PATH_BYTES) {
+        return Err(bad(&format!(
+            "a path of {} bytes; the limit is {MAX_PATH_BYTES} (PATH_MAX)",
+            p.len()
+        )));
+    }
+    let size = e.encoded_len();
+    if size > MAX_EVENT_BYTES {
+        return Err(bad(&format!(
+            "{size} bytes encoded; the limit for one event is {MAX_EVENT_BYTES}"
+        )));
+    }
     Ok(())
 }
+
+/// How far ahead of the collector's clock an event may be: agents' clocks
+/// drift, but an event from next year is forged or broken, and would sort
+/// after everything a timeline will ever show.
+const MAX_SKEW_NS: i64 = 24 * 3600 * 1_000_000_000;
+/// The longest path an event may name (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// The most argument bytes a process may carry (the agent reads at most a
+/// few KiB of argv in the kernel).
+pub const MAX_ARGS_BYTES: usize = 32 * 1024;
+/// The most ancestors a process may list (the agent lists 16).
+pub const MAX_ANCESTORS: usize = 64;
+/// The largest encoded event: every query answer and finding that carries
+/// one stays far below the 4 MiB message limit.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
@@ -419,6 +476,15 @@ impl Store {
         let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
         let mut refused = None;
         for e in events {
+            // Checked before the redelivery skip below, which would
+            // otherwise pass over it silently and ack "through 0".
+            if e.seq == 0 {
+                refused = Some(StoreError::Invalid {
+                    seq: 0,
+                    reason: "sequence numbers start at 1".into(),
+                });
+                break;
+            }
             if e.seq <= acked {
                 continue;
             }

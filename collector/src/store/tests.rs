@@ -92,6 +92,40 @@ fn events_must_belong_to_the_stream_and_be_well_formed() {
 }
 
 #[test]
+fn hostile_values_are_refused_by_name_and_nothing_is_acked_for_them() {
+    let (_d, s) = open();
+    let refusal = |e: Event| -> String {
+        match s.append("n1", &[e], 1).unwrap().refused {
+            Some(err @ StoreError::Invalid { .. }) => err.to_string(),
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    };
+    // Sequence 0 was passed over as a redelivery and acked "through 0".
+    assert!(refusal(ev("n1", 0, 100, "/a", "x")).contains("start at 1"));
+    let now = driftwatch_proto::time::now_unix_nanos();
+    assert!(
+        refusal(ev("n1", 1, now + 25 * 3600 * 1_000_000_000, "/a", "x")).contains("a day ahead")
+    );
+    assert!(refusal(ev("n1", 1, i64::MAX, "/a", "x")).contains("a day ahead"));
+    assert!(refusal(ev("n1", 1, 100, &"/x".repeat(3000), "x")).contains("PATH_MAX"));
+    let mut big_args = ev("n1", 1, 100, "/a", "x");
+    if let Some(p) = big_args.process.as_mut() {
+        p.args = vec!["a".repeat(40 * 1024)];
+    }
+    assert!(refusal(big_args).contains("arguments of 40960 bytes"));
+    let mut big = ev("n1", 1, 100, "/a", "x");
+    if let Some(p) = big.process.as_mut() {
+        p.comm = "c".repeat(100 * 1024);
+    }
+    assert!(refusal(big).contains("the limit for one event"));
+    assert_eq!(s.event_count().unwrap(), 0);
+    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 0);
+    // A day ahead is still fine: agents' clocks drift.
+    let soon = ev("n1", 1, now + 3600 * 1_000_000_000, "/a", "x");
+    assert_eq!(s.append("n1", &[soon], 1).unwrap().through, 1);
+}
+
+#[test]
 fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
