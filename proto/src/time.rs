@@ -33,69 +33,17 @@ pub fn rfc3339(unix_ns: i128) -> String {
     )
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Parses RFC 3339 (`2026-11-21T16:00:00Z`, fractions and `±HH:MM` offsets
-/// allowed) to Unix nanoseconds.
+/// allowed) to Unix nanoseconds. Impossible dates (February 31st) are
+/// refused, and so are instants a signed 64-bit nanosecond count cannot
+/// hold (before 1677 or after 2262) instead of wrapping around.
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
-    let bad = || format!("{s:?} is not an RFC 3339 time (e.g. 2026-11-21T16:00:00Z)");
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
-    {
-        return Err(bad());
-    }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        s.get(r).and_then(|t| t.parse::<i64>().ok()).ok_or_else(bad)
-    };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return Err(bad());
-    }
-    let mut i = 19;
-    let mut nanos = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = &s[start..i];
-        if frac.is_empty() {
-            return Err(bad());
-        }
-        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        nanos = digits.parse().map_err(|_| bad())?;
-    }
-    let offset = match s.get(i..) {
-        Some("Z") | Some("z") => 0,
-        Some(o) if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            let oh: i64 = o[1..3].parse().map_err(|_| bad())?;
-            let om: i64 = o[4..6].parse().map_err(|_| bad())?;
-            sign * (oh * 3600 + om * 60)
-        }
-        _ => return Err(bad()),
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset;
-    Ok(secs * 1_000_000_000 + nanos)
+    let ts: jiff::Timestamp = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-11-21T16:00:00Z ({e})"))?;
+    i64::try_from(ts.as_nanosecond()).map_err(|_| {
+        format!("{s:?} is outside the times events can carry (1677-09-21 to 2262-04-11)")
+    })
 }
 
 #[cfg(test)]
@@ -122,5 +70,16 @@ mod tests {
         );
         assert!(parse_rfc3339("yesterday").is_err());
         assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("2026-02-31T00:00:00Z").is_err());
+        assert!(parse_rfc3339("2026-11-21T16:00:00").is_err(), "no offset");
+        // Past i64 nanoseconds: refused, where arithmetic used to wrap
+        // and a timeline from it returned the whole history.
+        let far = parse_rfc3339("9000-12-31T23:59:59Z").unwrap_err();
+        assert!(far.contains("2262"), "{far}");
+        assert!(parse_rfc3339("9999-12-31T23:59:59Z").is_err());
+        assert_eq!(
+            parse_rfc3339("2262-04-11T23:47:16.854775807Z").unwrap(),
+            i64::MAX
+        );
     }
 }

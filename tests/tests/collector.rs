@@ -475,3 +475,25 @@ fn an_agent_stopped_normally_delivers_what_it_saw_and_ends_its_stream() {
         "the stream ended with an error:\n{log}"
     );
 }
+
+#[test]
+fn a_time_the_store_cannot_hold_is_refused_before_the_collector_is_asked() {
+    // Nothing listens on port 1: a refusal that names the time proves it
+    // was judged before any connection (it used to wrap around and return
+    // the whole history).
+    for args in [
+        &["timeline", "--since", "9999-12-31T23:59:59Z"][..],
+        &["timeline", "--until", "2026-02-31T00:00:00Z"][..],
+        &["findings", "list", "--since", "9000-01-01T00:00:00Z"][..],
+    ] {
+        let out = Command::new(driftwatch_tests::bin("driftwatch"))
+            .args(["--collector", "http://127.0.0.1:1"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value"), "{args:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{args:?}: {err}");
+    }
+}

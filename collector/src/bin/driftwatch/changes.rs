@@ -41,8 +41,8 @@ pub enum Findings {
         #[arg(long, short)]
         all: bool,
         /// Only findings seen since: a duration back (`1h`) or an RFC 3339 time.
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = when)]
+        since: Option<i64>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -321,7 +321,7 @@ pub async fn findings(
                 node: host.unwrap_or_default(),
                 resource: resource.unwrap_or_default(),
                 statuses,
-                since_unix_nanos: since.as_deref().map(when).transpose()?.unwrap_or(0),
+                since_unix_nanos: since.unwrap_or(0),
                 limit,
             };
             let list = client

@@ -60,11 +60,11 @@ enum Cmd {
         #[arg(long)]
         host: Option<String>,
         /// From: a duration back from now (`10m`, `2h`) or an RFC 3339 time.
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = when)]
+        since: Option<i64>,
         /// Until: a duration back from now or an RFC 3339 time.
-        #[arg(long)]
-        until: Option<String>,
+        #[arg(long, value_parser = when)]
+        until: Option<i64>,
         /// Only this process instance.
         #[arg(long)]
         exec_id: Option<String>,
@@ -348,8 +348,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => {
             let req = TimelineRequest {
                 node: host.unwrap_or_default(),
-                since_unix_nanos: since.as_deref().map(when).transpose()?.unwrap_or(0),
-                until_unix_nanos: until.as_deref().map(when).transpose()?.unwrap_or(0),
+                since_unix_nanos: since.unwrap_or(0),
+                until_unix_nanos: until.unwrap_or(0),
                 exec_id: exec_id.unwrap_or_default(),
                 pid: pid.unwrap_or(0),
                 path_prefix: path.unwrap_or_default(),
