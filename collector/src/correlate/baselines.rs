@@ -23,17 +23,46 @@ pub const LEARNED_CREATED: &str = "learned_created";
 pub const APPROVED: &str = "approved";
 
 /// True when `name` matches the host `pattern` (`*` any run, `?` one byte).
+///
+/// Linear in practice and O(pattern × name) at worst: a `*` that fails to
+/// extend is retried from the last `*` only, never from every earlier one
+/// (the recursive matcher this replaces took exponential time on
+/// `*a*a*a…*b` against a long name, and stalled judging for every node).
 pub fn host_matches(pattern: &str, name: &str) -> bool {
-    fn m(p: &[u8], s: &[u8]) -> bool {
-        match (p.first(), s.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => m(&p[1..], s) || (!s.is_empty() && m(p, &s[1..])),
-            (Some(b'?'), Some(_)) => m(&p[1..], &s[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
-            _ => false,
+    host_matches_steps(pattern.as_bytes(), name.as_bytes()).0
+}
+
+/// The matcher, with the number of steps it took.
+fn host_matches_steps(p: &[u8], s: &[u8]) -> (bool, usize) {
+    let (mut pi, mut si, mut steps) = (0, 0, 0);
+    // Where the last `*` was, and where in `s` its run ends for now.
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        steps += 1;
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more byte and try again.
+                Some((sp, ss)) => {
+                    star = Some((sp, ss + 1));
+                    pi = sp + 1;
+                    si = ss + 1;
+                }
+                None => return (false, steps),
+            },
         }
     }
-    m(pattern.as_bytes(), name.as_bytes())
+    while p.get(pi) == Some(&b'*') {
+        pi += 1;
+    }
+    (pi == p.len(), steps)
 }
 
 /// How well a selector fits a host: exact name beats a glob, a longer glob
@@ -209,6 +238,24 @@ mod tests {
     #[test]
     fn host_globs() {
         assert!(host_matches("*", "node-1"));
+        for (p, n, want) in [
+            ("node-?", "node-1", true),
+            ("node-?", "node-10", false),
+            ("*-1", "node-1", true),
+            ("n*e*1", "node-1", true),
+            ("n*x*1", "node-1", false),
+            ("", "", true),
+            ("", "a", false),
+            ("**", "", true),
+            ("a*", "a", true),
+        ] {
+            assert_eq!(host_matches(p, n), want, "{p:?} ~ {n:?}");
+        }
+        // The pattern that stalled judging: bounded by pattern × name.
+        let (p, n) = ("*a".repeat(12) + "*b", "a".repeat(253));
+        let (matched, steps) = host_matches_steps(p.as_bytes(), n.as_bytes());
+        assert!(!matched);
+        assert!(steps <= (p.len() + 1) * (n.len() + 1), "{steps} steps");
         assert!(host_matches("web-*", "web-12"));
         assert!(!host_matches("web-*", "db-1"));
         assert!(host_matches("n?de", "node"));
