@@ -211,6 +211,64 @@ impl Selector {
     }
 }
 
+/// The largest policy file accepted.
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
+/// The deepest nesting of `[` and `{` accepted.
+pub const MAX_NESTING: usize = 64;
+/// The deepest indentation accepted, in columns.
+pub const MAX_INDENT: usize = 512;
+
+/// Refuses, before the YAML parser sees it, text whose shape would make
+/// parsing take time or memory out of proportion to any real policy: the
+/// parser's cost grows with the square of the nesting (`resources: ` and
+/// 160k `[` took 89 s, and a SIGHUP with such a file left the collector
+/// deaf meanwhile). A linear scan of the text, quotes and comments
+/// skipped.
+fn check_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(format!(
+            "{} bytes; a policy may be at most {MAX_POLICY_BYTES}",
+            text.len()
+        ));
+    }
+    let (mut depth, mut quote) = (0usize, None::<char>);
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if quote.is_none() && indent > MAX_INDENT {
+            return Err(format!(
+                "line {}: indented {indent} columns; at most {MAX_INDENT}",
+                n + 1
+            ));
+        }
+        let mut prev = ' ';
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (Some('"'), '\\') => {
+                    chars.next();
+                }
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev == ' ' || prev == '\t' => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(format!(
+                            "line {}: '[' and '{{' nested deeper than {MAX_NESTING}",
+                            n + 1
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
 impl Policy {
     /// The resource that watches `path`: the one with the longest matching
     /// path, so a file named on its own wins over a tree holding it.
@@ -252,6 +310,10 @@ impl Policy {
 
     /// Parses and validates policy text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, PolicyError> {
+        check_shape(text).map_err(|reason| PolicyError::Syntax {
+            file: file.to_owned(),
+            reason,
+        })?;
         let policy: Policy = serde_norway::from_str(text).map_err(|e| PolicyError::Syntax {
             file: file.to_owned(),
             reason: e.to_string(),
@@ -378,6 +440,38 @@ resources:
             Ok(_) => panic!("policy should be refused:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn shapes_that_would_stall_the_parser_are_refused_first() {
+        let deep = format!("resources: {}", "[".repeat(160_000));
+        let e = err(&deep);
+        assert!(
+            e.contains("p.yaml") && e.contains("nested deeper than 64"),
+            "{e}"
+        );
+        let e = err(&format!("resources:\n{}- a: 1\n", " ".repeat(600)));
+        assert!(e.contains("line 2: indented 600 columns"), "{e}");
+        let e = err(&format!("# {}\n{GOOD}", "x".repeat(MAX_POLICY_BYTES)));
+        assert!(e.contains("at most 1048576"), "{e}");
+        // Brackets in quotes and comments are text, not nesting.
+        let quoted = format!(
+            "{GOOD}  - name: odd\n    kind: config\n    paths: [\"/srv/{}/\"]  # {}\n",
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(Policy::parse("p.yaml", &quoted).is_ok());
+        // Aliases that expand to billions of nodes are the YAML library's
+        // to refuse, and it does, at once.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..9 {
+            let (prev, name) = ((b'a' + i) as char, (b'b' + i) as char);
+            bomb.push_str(&format!(
+                "{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        bomb.push_str("resources: *j\n");
+        assert!(err(&bomb).contains("p.yaml"));
     }
 
     #[test]
