@@ -185,3 +185,103 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
     );
     agent.stop();
 }
+
+/// A stream whose messages the test sends one at a time.
+struct Link {
+    tx: tokio::sync::mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<driftwatch_proto::v1::CollectorMessage>,
+}
+
+impl Link {
+    async fn open(url: &str, node: &str) -> Link {
+        let mut client = AgentServiceClient::connect(url.to_owned())
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(hello(node)).await.expect("hello");
+        let inbound = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut link = Link { tx, inbound };
+        // The first answer is the ack to resume from.
+        assert!(matches!(link.next().await, Ok(Some(_))));
+        link
+    }
+
+    async fn next(
+        &mut self,
+    ) -> Result<Option<driftwatch_proto::v1::CollectorMessage>, tonic::Status> {
+        self.inbound.message().await
+    }
+
+    /// Sends `events`; returns the highest ack that follows, or the status
+    /// the stream ended with.
+    async fn send(&mut self, events: Vec<Event>) -> Result<u64, Code> {
+        let last = events.last().map_or(0, |e| e.seq);
+        self.tx
+            .send(batch(events))
+            .await
+            .map_err(|_| Code::Unknown)?;
+        loop {
+            match self.next().await {
+                Ok(Some(m)) => {
+                    if let Some(driftwatch_proto::v1::collector_message::Msg::Ack(a)) = m.msg {
+                        if a.through >= last {
+                            return Ok(a.through);
+                        }
+                    }
+                }
+                Ok(None) => return Err(Code::Ok),
+                Err(s) => return Err(s.code()),
+            }
+        }
+    }
+}
+
+#[test]
+fn two_streams_for_one_node_never_interleave() {
+    let collector = Collector::start();
+    let url = collector.url.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A cloned machine: two agents under one name, each numbering
+        // from 1 with its own events.
+        let mut first = Link::open(&url, "twin").await;
+        assert_eq!(
+            first
+                .send((1..=3).map(|s| file_event("twin", s, "/first")).collect())
+                .await,
+            Ok(3)
+        );
+        let mut second = Link::open(&url, "twin").await;
+        // The older stream is refused from its next message on ...
+        assert_eq!(
+            first
+                .send((4..=6).map(|s| file_event("twin", s, "/first")).collect())
+                .await,
+            Err(Code::Aborted)
+        );
+        // ... and the newer one resumes after what is stored.
+        assert_eq!(
+            second
+                .send((4..=9).map(|s| file_event("twin", s, "/second")).collect())
+                .await,
+            Ok(9)
+        );
+    });
+    let t = collector.timeline(&["--host", "twin"]);
+    let mut seqs: Vec<u64> = t
+        .iter()
+        .filter(|e| e["kind"] == "file")
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=9).collect::<Vec<_>>(), "{t:#?}");
+    let first = t.iter().filter(|e| e["path"] == "/first").count();
+    assert_eq!(first, 3, "{t:#?}");
+}

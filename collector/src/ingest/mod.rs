@@ -123,6 +123,17 @@ impl Durability {
     }
 }
 
+/// One writer per node: the newest stream of a node owns it, and an older
+/// one (a connection its agent has given up on, or a clone of the machine
+/// under the same name) is refused at its next batch instead of
+/// interleaving its sequence numbers with the owner's. The check and the
+/// append happen under `append`, so a takeover cannot slip between them.
+#[derive(Default)]
+struct Owner {
+    stream: AtomicU64,
+    append: Mutex<()>,
+}
+
 /// The service.
 #[derive(Clone)]
 pub struct Ingest {
@@ -131,6 +142,10 @@ pub struct Ingest {
     correlator: Arc<Correlator>,
     /// The open stream of each connected agent, for requests down.
     links: Arc<Mutex<HashMap<String, Outbound>>>,
+    /// Which stream may write each node's events (see [`Owner`]).
+    owners: Arc<Mutex<HashMap<String, Arc<Owner>>>>,
+    /// Numbers streams for [`Owner`].
+    next_stream: Arc<AtomicU64>,
     /// Newly stored events, for `timeline --follow`.
     pub stored: broadcast::Sender<Event>,
 }
@@ -155,8 +170,20 @@ impl Ingest {
             store,
             correlator,
             links: Arc::default(),
+            owners: Arc::default(),
+            next_stream: Arc::new(AtomicU64::new(1)),
             stored,
         }
+    }
+
+    /// The ownership record of `node`.
+    fn owner(&self, node: &str) -> Arc<Owner> {
+        self.owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(node.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Asks the agent of `node` to digest `path` for a baseline scan.
@@ -230,9 +257,26 @@ impl AgentService for Ingest {
         let store = self.store.clone();
         let now = now_unix_nanos();
 
-        let (previous, status) = store
-            .hello(&node, now, hello.agent_started_unix_nanos)
-            .map_err(|e| status_of(&e))?;
+        // The new stream owns the node from here; its hello is written
+        // under the owner's lock, so no append of an older stream can
+        // interleave with it.
+        let stream_id = self.next_stream.fetch_add(1, Ordering::SeqCst);
+        let owner = self.owner(&name);
+        let (previous, status) = {
+            let _guard = owner
+                .append
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if owner.stream.swap(stream_id, Ordering::SeqCst) != 0 {
+                tracing::warn!(
+                    node = %name,
+                    "a new stream for this node replaces one still open (an agent reconnecting, or two machines with one name); the older one is refused from its next message"
+                );
+            }
+            store
+                .hello(&node, now, hello.agent_started_unix_nanos)
+                .map_err(|e| status_of(&e))?
+        };
         if let Some(p) = &previous {
             if p.agent_started_unix_nanos != 0
                 && hello.agent_started_unix_nanos != p.agent_started_unix_nanos
@@ -319,6 +363,7 @@ impl AgentService for Ingest {
                 &correlator,
                 &durability,
                 &name,
+                (&owner, stream_id),
                 &mut inbound,
                 &pending_tx,
             )
@@ -337,12 +382,26 @@ impl AgentService for Ingest {
                 tracing::warn!(node = %name, "closing the agent's stream: {}", s.message());
                 let _ = tx.send(Err(s.clone())).await;
             }
-            if let Ok(Some(mut a)) = store.agent(&name) {
-                a.connected = false;
-                a.last_seen_unix_nanos = now_unix_nanos();
-                let _ = store.put_agent(&a);
-                // Durable with the next group commit.
-                durability.wrote();
+            {
+                // Ended: the node is disconnected, unless a newer stream
+                // owns it by now (its record is that stream's to write).
+                let _guard = owner
+                    .append
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if owner
+                    .stream
+                    .compare_exchange(stream_id, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    if let Ok(Some(mut a)) = store.agent(&name) {
+                        a.connected = false;
+                        a.last_seen_unix_nanos = now_unix_nanos();
+                        let _ = store.put_agent(&a);
+                        // Durable with the next group commit.
+                        durability.wrote();
+                    }
+                }
             }
             tracing::info!(node = %name, "agent disconnected");
             // With the policy task gone this was the last sender: the
@@ -358,90 +417,105 @@ async fn serve(
     correlator: &Correlator,
     durability: &Durability,
     name: &str,
+    (owner, stream): (&Owner, u64),
     inbound: &mut Streaming<AgentMessage>,
     pending: &mpsc::Sender<Pending>,
 ) -> Result<(), Status> {
     while let Some(msg) = inbound.message().await.map_err(inbound_status)? {
-        let status_err = |e: StoreError| status_of(&e);
-        match msg.msg {
-            Some(Msg::Batch(batch)) => {
-                let t = std::time::Instant::now();
-                let done = store
-                    .append(name, &batch.events, now_unix_nanos())
-                    .map_err(status_err)?;
-                let generation = durability.wrote();
-                tracing::debug!(node = name, events = batch.events.len(), appended = ?t.elapsed(), "batch written");
-                let events = batch
-                    .events
-                    .into_iter()
-                    .filter(|e| e.seq > done.before && e.seq <= done.through)
-                    .collect();
-                // Whatever part was accepted is acked once durable; then the
-                // refusal, if any, ends the stream.
-                let through = done.through;
-                let error = done.refused.map(|e| status_of(&e));
-                let stop = error.is_some();
-                if pending
-                    .send(Pending {
-                        generation,
-                        through,
-                        events,
-                        error,
-                    })
-                    .await
-                    .is_err()
-                    || stop
-                {
-                    return Ok(());
-                }
+        // Judged and written as the node's owner, under its lock; the ack
+        // is queued after the lock is let go.
+        let next = {
+            let _guard = owner
+                .append
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if owner.stream.load(Ordering::SeqCst) != stream {
+                return Err(Status::aborted(format!(
+                    "a newer stream for node {name:?} replaced this one; one agent per node name"
+                )));
             }
-            Some(Msg::Heartbeat(h)) => {
-                if let Some(mut a) = store.agent(name).map_err(status_err)? {
-                    a.last_seen_unix_nanos = now_unix_nanos();
-                    a.last_seq = a.last_seq.max(h.last_seq);
-                    store.put_agent(&a).map_err(status_err)?;
-                }
-                correlator.seen(name).map_err(status_err)?;
+            handle(store, correlator, durability, name, msg)?
+        };
+        if let Some(p) = next {
+            let stop = p.error.is_some();
+            if pending.send(p).await.is_err() || stop {
+                return Ok(());
             }
-            Some(Msg::Dropped(d)) => {
-                if d.from_seq == 0 || d.to_seq < d.from_seq {
-                    return Err(Status::invalid_argument(format!(
-                        "dropped range {}..={} is empty or starts at 0",
-                        d.from_seq, d.to_seq
-                    )));
-                }
-                let now = now_unix_nanos();
-                let gap = Gap {
-                    node: name.to_owned(),
-                    from_seq: d.from_seq,
-                    to_seq: d.to_seq,
-                    from_time_unix_nanos: now,
-                    to_time_unix_nanos: now,
-                    reason: "agent_dropped".into(),
-                };
-                record_gap(store, correlator, &gap)?;
-                let through = store
-                    .agent(name)
-                    .map_err(status_err)?
-                    .map(|a| a.acked_seq)
-                    .unwrap_or(0);
-                let generation = durability.wrote();
-                if pending
-                    .send(Pending {
-                        generation,
-                        through,
-                        events: Vec::new(),
-                        error: None,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            Some(Msg::Hello(_)) => return Err(Status::invalid_argument("hello sent twice")),
-            None => return Err(Status::invalid_argument("empty message")),
         }
     }
     Ok(())
+}
+
+/// One message of a node's stream: what to acknowledge once it is durable.
+fn handle(
+    store: &Store,
+    correlator: &Correlator,
+    durability: &Durability,
+    name: &str,
+    msg: AgentMessage,
+) -> Result<Option<Pending>, Status> {
+    let status_err = |e: StoreError| status_of(&e);
+    match msg.msg {
+        Some(Msg::Batch(batch)) => {
+            let t = std::time::Instant::now();
+            let done = store
+                .append(name, &batch.events, now_unix_nanos())
+                .map_err(status_err)?;
+            let generation = durability.wrote();
+            tracing::debug!(node = name, events = batch.events.len(), appended = ?t.elapsed(), "batch written");
+            let events = batch
+                .events
+                .into_iter()
+                .filter(|e| e.seq > done.before && e.seq <= done.through)
+                .collect();
+            // Whatever part was accepted is acked once durable; then the
+            // refusal, if any, ends the stream.
+            Ok(Some(Pending {
+                generation,
+                through: done.through,
+                events,
+                error: done.refused.map(|e| status_of(&e)),
+            }))
+        }
+        Some(Msg::Heartbeat(h)) => {
+            if let Some(mut a) = store.agent(name).map_err(status_err)? {
+                a.last_seen_unix_nanos = now_unix_nanos();
+                a.last_seq = a.last_seq.max(h.last_seq);
+                store.put_agent(&a).map_err(status_err)?;
+            }
+            correlator.seen(name).map_err(status_err)?;
+            Ok(None)
+        }
+        Some(Msg::Dropped(d)) => {
+            if d.from_seq == 0 || d.to_seq < d.from_seq {
+                return Err(Status::invalid_argument(format!(
+                    "dropped range {}..={} is empty or starts at 0",
+                    d.from_seq, d.to_seq
+                )));
+            }
+            let now = now_unix_nanos();
+            let gap = Gap {
+                node: name.to_owned(),
+                from_seq: d.from_seq,
+                to_seq: d.to_seq,
+                from_time_unix_nanos: now,
+                to_time_unix_nanos: now,
+                reason: "agent_dropped".into(),
+            };
+            record_gap(store, correlator, &gap)?;
+            let through = store
+                .agent(name)
+                .map_err(status_err)?
+                .map(|a| a.acked_seq)
+                .unwrap_or(0);
+            Ok(Some(Pending {
+                generation: durability.wrote(),
+                through,
+                events: Vec::new(),
+                error: None,
+            }))
+        }
+        Some(Msg::Hello(_)) => Err(Status::invalid_argument("hello sent twice")),
+        None => Err(Status::invalid_argument("empty message")),
+    }
 }
