@@ -7,12 +7,14 @@
 //! - [`correlate`]: findings from events, policy, desired state and approvals;
 //! - [`control`]: the findings, approvals and baselines services, and principals;
 //! - [`policy`]: the policy file the collector judges with and pushes;
-//! - [`units`]: durations and sizes on command lines.
+//! - [`units`]: durations and sizes on command lines;
+//! - [`statuses`]: the gRPC status of what the transport refuses.
 
 pub mod control;
 pub mod correlate;
 pub mod ingest;
 pub mod policy;
 pub mod query;
+pub mod statuses;
 pub mod store;
 pub mod units;

@@ -177,6 +177,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, "collector listening");
     let max = args.max_message_size as usize;
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            driftwatch_collector::statuses::conventional,
+        ))
         .add_service(AgentServiceServer::new(ingest).max_decoding_message_size(max))
         .add_service(QueryServiceServer::new(query))
         .add_service(FindingServiceServer::new(control.clone()))

@@ -285,3 +285,53 @@ fn two_streams_for_one_node_never_interleave() {
     let first = t.iter().filter(|e| e["path"] == "/first").count();
     assert_eq!(first, 3, "{t:#?}");
 }
+
+/// A unary call to `path` whose request body is `body`, as sent.
+async fn unary_raw(url: &str, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.expect("ready");
+    let codec =
+        tonic_prost::ProstCodec::<driftwatch_proto::raw::Raw, driftwatch_proto::raw::Raw>::default(
+        );
+    match grpc
+        .unary(
+            tonic::Request::new(driftwatch_proto::raw::Raw(body)),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+    {
+        Ok(_) => tonic::Status::ok(""),
+        Err(s) => s,
+    }
+}
+
+#[test]
+fn unary_calls_name_undecodable_and_oversized_requests_by_their_status() {
+    let collector = Collector::start();
+    let url = collector.url.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for path in [
+            "/driftwatch.v1.QueryService/Agents",
+            "/driftwatch.v1.FindingService/List",
+        ] {
+            // Wire type 7 does not exist: the request cannot be decoded.
+            let s = unary_raw(&url, path, vec![0xff; 64]).await;
+            assert_eq!(s.code(), Code::InvalidArgument, "{path}: {s:?}");
+            // Over the 4 MiB limit.
+            let s = unary_raw(&url, path, vec![0x0a; 5 << 20]).await;
+            assert_eq!(s.code(), Code::ResourceExhausted, "{path}: {s:?}");
+        }
+    });
+    // The collector still answers.
+    assert!(collector.timeline(&["--host", "nobody"]).is_empty());
+}
