@@ -40,6 +40,15 @@ fn batch(events: Vec<Event>) -> AgentMessage {
     }
 }
 
+/// Runs a test's gRPC client side to its end.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
 /// Sends `msgs` on one stream; returns the status the stream ended with.
 async fn status_of(url: &str, msgs: Vec<AgentMessage>) -> Code {
     let mut client = AgentServiceClient::connect(url.to_owned())
@@ -72,11 +81,7 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
         &dir.path.join("spool"),
     );
     let url = collector.url.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         // No hello first.
         assert_eq!(
             status_of(&url, vec![batch(vec![file_event("x", 1, "/a")])]).await,
@@ -244,11 +249,7 @@ impl Link {
 fn two_streams_for_one_node_never_interleave() {
     let collector = Collector::start();
     let url = collector.url.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         // A cloned machine: two agents under one name, each numbering
         // from 1 with its own events.
         let mut first = Link::open(&url, "twin").await;
@@ -315,11 +316,7 @@ async fn unary_raw(url: &str, path: &'static str, body: Vec<u8>) -> tonic::Statu
 fn unary_calls_name_undecodable_and_oversized_requests_by_their_status() {
     let collector = Collector::start();
     let url = collector.url.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         for path in [
             "/driftwatch.v1.QueryService/Agents",
             "/driftwatch.v1.FindingService/List",
