@@ -170,10 +170,13 @@ fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
     let generator = {
         let (file, stop, done) = (file.clone(), stop.clone(), done.clone());
         // A steady load the agent keeps up with (a test build, printing
-        // JSON too), still going when the signal comes and after it.
-        std::thread::spawn(move || chmod_burst(&file, u64::MAX, Some(10_000), &stop, &done))
+        // JSON too), still going when the signal comes and after it. The
+        // rate leaves room for a machine running at half speed: at 10k/s
+        // such a day left the test build 16k records behind at the stop,
+        // which the agent rightly counted as unread.
+        std::thread::spawn(move || chmod_burst(&file, u64::MAX, Some(3_000), &stop, &done))
     };
-    while done.load(Ordering::Relaxed) < 50_000 {
+    while done.load(Ordering::Relaxed) < 15_000 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (took, events) = agent.stop_timed();
@@ -186,7 +189,7 @@ fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
     let stats = driftwatch_tests::final_stats(&events);
     assert_eq!(stats["file"]["dropped"], 0, "{stats}");
     let received = stats["file"]["received"].as_u64().unwrap();
-    assert!(received >= 50_000, "{stats}");
+    assert!(received >= 15_000, "{stats}");
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats_file).unwrap()).unwrap();
     assert_eq!(s["spool_evicted"], 0, "{s}");
