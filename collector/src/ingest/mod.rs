@@ -134,6 +134,30 @@ struct Owner {
     append: Mutex<()>,
 }
 
+/// A stream's claim on its node: given up when the stream's handling ends
+/// however it ends (a hello that fails included), unless a newer stream
+/// holds the node by then.
+struct Claim {
+    owner: Arc<Owner>,
+    stream: u64,
+}
+
+impl Claim {
+    /// Gives the node up; true when this stream still held it.
+    fn release(&self) -> bool {
+        self.owner
+            .stream
+            .compare_exchange(self.stream, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// The service.
 #[derive(Clone)]
 pub struct Ingest {
@@ -260,14 +284,17 @@ impl AgentService for Ingest {
         // The new stream owns the node from here; its hello is written
         // under the owner's lock, so no append of an older stream can
         // interleave with it.
-        let stream_id = self.next_stream.fetch_add(1, Ordering::SeqCst);
-        let owner = self.owner(&name);
+        let claim = Claim {
+            owner: self.owner(&name),
+            stream: self.next_stream.fetch_add(1, Ordering::SeqCst),
+        };
         let (previous, status) = {
-            let _guard = owner
+            let _guard = claim
+                .owner
                 .append
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if owner.stream.swap(stream_id, Ordering::SeqCst) != 0 {
+            if claim.owner.stream.swap(claim.stream, Ordering::SeqCst) != 0 {
                 tracing::warn!(
                     node = %name,
                     "a new stream for this node replaces one still open (an agent reconnecting, or two machines with one name); the older one is refused from its next message"
@@ -363,7 +390,7 @@ impl AgentService for Ingest {
                 &correlator,
                 &durability,
                 &name,
-                (&owner, stream_id),
+                &claim,
                 &mut inbound,
                 &pending_tx,
             )
@@ -385,15 +412,12 @@ impl AgentService for Ingest {
             {
                 // Ended: the node is disconnected, unless a newer stream
                 // owns it by now (its record is that stream's to write).
-                let _guard = owner
+                let _guard = claim
+                    .owner
                     .append
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if owner
-                    .stream
-                    .compare_exchange(stream_id, 0, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
+                if claim.release() {
                     if let Ok(Some(mut a)) = store.agent(&name) {
                         a.connected = false;
                         a.last_seen_unix_nanos = now_unix_nanos();
@@ -417,7 +441,7 @@ async fn serve(
     correlator: &Correlator,
     durability: &Durability,
     name: &str,
-    (owner, stream): (&Owner, u64),
+    claim: &Claim,
     inbound: &mut Streaming<AgentMessage>,
     pending: &mpsc::Sender<Pending>,
 ) -> Result<(), Status> {
@@ -425,11 +449,12 @@ async fn serve(
         // Judged and written as the node's owner, under its lock; the ack
         // is queued after the lock is let go.
         let next = {
-            let _guard = owner
+            let _guard = claim
+                .owner
                 .append
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if owner.stream.load(Ordering::SeqCst) != stream {
+            if claim.owner.stream.load(Ordering::SeqCst) != claim.stream {
                 return Err(Status::aborted(format!(
                     "a newer stream for node {name:?} replaced this one; one agent per node name"
                 )));
