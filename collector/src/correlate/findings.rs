@@ -140,6 +140,20 @@ impl Findings {
         }
     }
 
+    /// The finding open under `key`, loaded for an update in place (it is
+    /// written back with the others by [`Findings::write_back`]).
+    fn open_mut(&mut self, key: &str) -> Result<Option<&mut Finding>, StoreError> {
+        let Some(id) = self.open.get(key).copied() else {
+            return Ok(None);
+        };
+        if !self.pending.contains_key(&id) {
+            if let Some(f) = self.get(id)? {
+                self.pending.insert(id, f);
+            }
+        }
+        Ok(self.pending.get_mut(&id))
+    }
+
     /// Folds one more occurrence into the open finding under `key` in
     /// place: `update` brings what the occurrence says up to date (and
     /// should copy nothing that is already equal), then its count,
@@ -154,15 +168,7 @@ impl Findings {
         failed: bool,
         evidence: EvidenceRef,
     ) -> Result<bool, StoreError> {
-        let Some(id) = self.open.get(key).copied() else {
-            return Ok(false);
-        };
-        if !self.pending.contains_key(&id) {
-            if let Some(f) = self.get(id)? {
-                self.pending.insert(id, f);
-            }
-        }
-        let Some(f) = self.pending.get_mut(&id) else {
+        let Some(f) = self.open_mut(key)? else {
             return Ok(false);
         };
         update(f);
@@ -177,15 +183,7 @@ impl Findings {
     /// a new one. Returns the finding's id.
     pub fn record(&mut self, key: &str, o: Occurrence) -> Result<u64, StoreError> {
         let count = o.count.max(1);
-        if let Some(id) = self.open.get(key).copied() {
-            // Updated in place: a storm of repeats costs no copies.
-            if !self.pending.contains_key(&id) {
-                if let Some(f) = self.get(id)? {
-                    self.pending.insert(id, f);
-                }
-            }
-        }
-        if let Some(f) = self.open.get(key).and_then(|id| self.pending.get_mut(id)) {
+        if let Some(f) = self.open_mut(key)? {
             f.count += count;
             f.failed += o.failed;
             f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(o.time);
