@@ -503,17 +503,18 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
     let Some(slot) = PENDING_FILE.current(false) else {
         return 0;
     };
-    // SAFETY: this thread's own slot (see `stash`); copied out, then
-    // emptied. The copy is volatile so that every later
-    // use reads the one copy: fields re-read from the map value would be
-    // unrelated unknowns to the verifier, whose paths then multiply past
-    // its limit.
+    // SAFETY: this thread's own slot (see `stash`). The copy is volatile
+    // so that every later use reads the one copy: fields re-read from the
+    // map value would be unrelated unknowns to the verifier, whose paths
+    // then multiply past its limit.
     let p = unsafe { core::ptr::read_volatile(slot) };
     // Judged on `live`, not on `op`: a bound on `op` here splits every
     // later test of it in two for the verifier, past its limit.
     if p.live == 0 {
         return 0;
     }
+    // SAFETY: the same slot; emptied, so a later exit without an entry
+    // (a read-only open) finds nothing.
     unsafe { (*slot).live = 0 };
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
     let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };

@@ -1,5 +1,7 @@
 //! The agent's events as `driftwatch.v1` messages.
 
+use std::sync::Arc;
+
 use driftwatch_proto::v1;
 use prost::{encoding, Message as _};
 
@@ -66,8 +68,9 @@ fn process_dynamic(p: &Identity) -> v1::Process {
 }
 
 /// What can differ between two events of one process: the key of
-/// [`WireProcess`].
-#[derive(Debug, PartialEq, Eq)]
+/// [`WireProcess`]. Names and ancestry are shared values, held here so
+/// that the same pointer keeps meaning the same text.
+#[derive(Debug)]
 struct Varying {
     pid: u32,
     tid: u32,
@@ -77,14 +80,18 @@ struct Varying {
     euid: u32,
     loginuid: Option<u32>,
     comm: String,
-    // Names and ancestry are shared values: the same pointer is the same text.
-    user: Option<*const u8>,
-    login_user: Option<*const u8>,
-    ancestors: *const Vec<crate::identity::Ancestor>,
+    user: Option<Arc<str>>,
+    login_user: Option<Arc<str>>,
+    ancestors: Arc<Vec<crate::identity::Ancestor>>,
 }
 
-// SAFETY: the pointers are compared, never dereferenced.
-unsafe impl Send for Varying {}
+fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
 
 impl Varying {
     fn of(p: &Identity) -> Self {
@@ -97,10 +104,26 @@ impl Varying {
             euid: p.euid,
             loginuid: p.loginuid,
             comm: p.comm.clone(),
-            user: p.user.as_ref().map(|u| u.as_ptr()),
-            login_user: p.login_user.as_ref().map(|u| u.as_ptr()),
-            ancestors: std::sync::Arc::as_ptr(&p.ancestors),
+            user: p.user.clone(),
+            login_user: p.login_user.clone(),
+            ancestors: p.ancestors.clone(),
         }
+    }
+
+    /// True when `p` varies in nothing from what this was built from
+    /// (compared in place: a hit copies nothing).
+    fn matches(&self, p: &Identity) -> bool {
+        self.pid == p.pid
+            && self.tid == p.tid
+            && self.ppid == p.ppid
+            && self.uid == p.uid
+            && self.gid == p.gid
+            && self.euid == p.euid
+            && self.loginuid == p.loginuid
+            && self.comm == p.comm
+            && same_name(&self.user, &p.user)
+            && same_name(&self.login_user, &p.login_user)
+            && Arc::ptr_eq(&self.ancestors, &p.ancestors)
     }
 }
 
@@ -114,17 +137,12 @@ pub struct WireProcess {
 /// Appends `p` as the `Event.process` field: from the process's cache when
 /// its last event had the same varying part, else built and cached.
 fn encode_process(p: &Identity, buf: &mut Vec<u8>) {
-    let key = Varying::of(p);
     let mut last = p
         .info
         .wire_last
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let fresh = match last.as_ref() {
-        Some(w) if w.key == key => None,
-        _ => Some(key),
-    };
-    if let Some(key) = fresh {
+    if !last.as_ref().is_some_and(|w| w.key.matches(p)) {
         let statics = p
             .info
             .wire
@@ -133,7 +151,10 @@ fn encode_process(p: &Identity, buf: &mut Vec<u8>) {
         let mut bytes = Vec::with_capacity(dynamic.encoded_len() + statics.len());
         dynamic.encode_raw(&mut bytes);
         bytes.extend_from_slice(statics);
-        *last = Some(WireProcess { key, bytes });
+        *last = Some(WireProcess {
+            key: Varying::of(p),
+            bytes,
+        });
     }
     if let Some(w) = last.as_ref() {
         encoding::encode_key(PROCESS_FIELD, encoding::WireType::LengthDelimited, buf);
@@ -365,7 +386,6 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::{
