@@ -276,16 +276,23 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
             e.time_unix_nanos
         )));
     }
-    let mut paths = vec![];
-    match &e.event {
-        Some(event::Event::File(f)) => paths.extend([&f.path, &f.new_path, &f.target]),
-        Some(event::Event::Digest(d)) => paths.push(&d.path),
-        Some(event::Event::ScanDone(d)) => paths.push(&d.path),
-        _ => {}
+    // The event's paths, then its process's (no list is built: this runs
+    // for every event ingested).
+    let too_long = |p: &&String| p.len() > MAX_PATH_BYTES;
+    let long_path = match &e.event {
+        Some(event::Event::File(f)) => [&f.path, &f.new_path, &f.target].into_iter().find(too_long),
+        Some(event::Event::Digest(d)) => Some(&d.path).filter(too_long),
+        Some(event::Event::ScanDone(d)) => Some(&d.path).filter(too_long),
+        _ => None,
     }
+    .or_else(|| {
+        let p = e.process.as_ref()?;
+        [&p.exe, &p.cgroup]
+            .into_iter()
+            .chain(p.ancestors.iter().map(|a| &a.exe))
+            .find(too_long)
+    });
     if let Some(p) = &e.process {
-        paths.extend([&p.exe, &p.cgroup]);
-        paths.extend(p.ancestors.iter().map(|a| &a.exe));
         if p.ancestors.len() > MAX_ANCESTORS {
             return Err(bad(&format!(
                 "{} ancestors; at most {MAX_ANCESTORS} are kept",
@@ -299,7 +306,7 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
             )));
         }
     }
-    if let Some(p) = paths.iter().find(|p| p.len() > MAX_PATH_BYTES) {
+    if let Some(p) = long_path {
         return Err(bad(&format!(
             "a path of {} bytes; the limit is {MAX_PATH_BYTES} (PATH_MAX)",
             p.len()
