@@ -199,19 +199,10 @@ fn start(dir: &Path, watched: &Path, db_port: u16) -> Result<Procs> {
 impl Procs {
     /// The collector's durable acknowledgement for the bench node.
     fn acked(&self) -> Result<u64> {
-        let out = Command::new(&self.cli)
-            .args(["--collector", &self.url, "agents", "-o", "json"])
-            .stderr(Stdio::null())
-            .output()
-            .context("running driftwatch agents")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if v["host"] == "bench" {
-                    return Ok(v["acked_seq"].as_u64().unwrap_or(0));
-                }
-            }
-        }
-        Ok(0)
+        Ok(acked_seqs(&self.cli, &self.url)?
+            .get("bench")
+            .copied()
+            .unwrap_or(0))
     }
 
     /// The agent's stats file, fresh (SIGUSR1 rewrites it).
@@ -235,6 +226,20 @@ impl Procs {
         }
         read_json(&self.stats)
     }
+}
+
+/// The collector's durable acknowledgement per host, from `driftwatch agents`.
+fn acked_seqs(cli: &Path, url: &str) -> Result<std::collections::HashMap<String, u64>> {
+    let out = Command::new(cli)
+        .args(["--collector", url, "agents", "-o", "json"])
+        .stderr(Stdio::null())
+        .output()
+        .context("running driftwatch agents")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["host"].as_str()?.to_owned(), v["acked_seq"].as_u64()?)))
+        .collect())
 }
 
 fn read_json(p: &Path) -> Result<serde_json::Value> {
@@ -534,22 +539,9 @@ fn run_backlog(events: u64) -> Result<Backlog> {
     let cli = bin.join("driftwatch");
     // Acknowledged sequence number per agent.
     let acked = || -> Result<Vec<u64>> {
-        let out = Command::new(&cli)
-            .args(["--collector", &url, "agents", "-o", "json"])
-            .stderr(Stdio::null())
-            .output()
-            .context("running driftwatch agents")?;
-        let all: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let all = acked_seqs(&cli, &url)?;
         Ok((0..BACKLOG_AGENTS)
-            .map(|i| {
-                all.iter()
-                    .find(|v| v["host"] == format!("backlog-{i}").as_str())
-                    .and_then(|v| v["acked_seq"].as_u64())
-                    .unwrap_or(0)
-            })
+            .map(|i| all.get(&format!("backlog-{i}")).copied().unwrap_or(0))
             .collect())
     };
     let c0 = cpu_seconds(collector.id());
