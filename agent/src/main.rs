@@ -23,7 +23,7 @@ use driftwatch_agent::{
         preflight, Sensors, WatchSet, SENSOR_SET,
     },
 };
-use driftwatch_proto::v1::NodeInfo;
+use driftwatch_proto::{client::ClientTls, v1::NodeInfo};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -64,11 +64,27 @@ struct Args {
     #[arg(long)]
     stdout: bool,
 
-    /// Stream events to the collector at this URL (`http://host:7070`).
-    /// Events are spooled on disk first and kept until the collector has
-    /// stored them; while it is unreachable the agent keeps collecting.
+    /// Stream events to the collector at this URL: `https://host:7070`
+    /// (TLS; with --ca, and --cert/--key naming this node) or
+    /// `http://host:7070` (plaintext, logged as a warning). Events are
+    /// spooled on disk first and kept until the collector has stored them;
+    /// while it is unreachable the agent keeps collecting.
     #[arg(long, env = "DRIFTWATCH_COLLECTOR", value_name = "URL")]
     collector: Option<String>,
+
+    /// CA certificate (PEM) that signed the collector's certificate.
+    #[arg(long, env = "DRIFTWATCH_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+
+    /// This agent's client certificate (PEM, URI SAN
+    /// `urn:driftwatch:node:NODE`); re-read at every (re)connection, so a
+    /// rotated certificate is used without a restart.
+    #[arg(long, env = "DRIFTWATCH_CERT", value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "DRIFTWATCH_KEY", value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 
     /// Directory of the spool (with --collector).
     #[arg(
@@ -126,6 +142,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // aya-log forwards kernel-side log records through the `log` crate.
     let _ = tracing_log::LogTracer::init();
@@ -365,13 +383,17 @@ fn node_name(arg: Option<String>) -> String {
     .unwrap_or_else(|| "unknown".into())
 }
 
-/// A collector URL the transport accepts, checked before anything is loaded.
-fn check_collector_url(url: &str) -> anyhow::Result<()> {
+/// A collector URL and TLS files the transport accepts, checked before
+/// anything is loaded.
+fn check_collector_url(url: &str, tls: &ClientTls) -> anyhow::Result<()> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        anyhow::bail!("collector URL {url:?} must start with http:// or https:// (e.g. http://collector:7070)");
+        anyhow::bail!("collector URL {url:?} must start with https:// (TLS) or http:// (plaintext), e.g. https://collector:7070");
     }
-    tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| anyhow::anyhow!("collector URL {url:?} is not valid: {e}"))?;
+    let (_, plaintext) =
+        driftwatch_proto::client::endpoint(url, tls).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if plaintext {
+        tracing::warn!(%url, "streaming in plaintext: events and the node's identity travel in clear and unauthenticated; use https:// with --ca, --cert and --key");
+    }
     Ok(())
 }
 
@@ -527,7 +549,14 @@ fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(url) = &args.collector {
-        check_collector_url(url)?;
+        check_collector_url(
+            url,
+            &ClientTls {
+                ca: args.ca.clone(),
+                cert: args.cert.clone(),
+                key: args.key.clone(),
+            },
+        )?;
     }
     let mut running = initial_policy(&args)?;
     let cgroup_root = preflight::prepare()?;
@@ -568,6 +597,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let notify = std::sync::Arc::new(tokio::sync::Notify::new());
             let sender = stream::Sender {
                 url: url.clone(),
+                tls: ClientTls {
+                    ca: args.ca.clone(),
+                    cert: args.cert.clone(),
+                    key: args.key.clone(),
+                },
                 spool: spool.clone(),
                 notify: notify.clone(),
                 node: NodeInfo {

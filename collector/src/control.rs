@@ -1,11 +1,11 @@
 //! The findings, approvals and baselines services, and who is calling.
 //!
-//! A caller that changes something (acknowledges or resolves a finding,
-//! files or decides a change request, sets desired state) is a principal,
-//! named by the bearer token it sends (`authorization: Bearer TOKEN`) and
-//! looked up in the collector's `--tokens` file. Reads need no principal.
+//! Who may call what is settled before a handler runs
+//! ([`crate::security::auth`]); a handler that changes something takes the
+//! caller's principal name for the record (who acknowledged, who requested,
+//! who approved).
 
-use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use driftwatch_proto::{
     time::now_unix_nanos,
@@ -23,107 +23,20 @@ use tonic::{Request, Response, Status};
 use crate::{
     correlate::{approvals::ApprovalError, baselines, findings, Correlator},
     ingest::{status_of, Ingest},
+    security::auth::caller,
 };
-
-/// Tokens and the principals they name.
-#[derive(Clone, Default)]
-pub struct Principals {
-    tokens: Option<Arc<HashMap<String, String>>>,
-}
-
-impl Principals {
-    /// No tokens: changes are refused.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Reads `TOKEN PRINCIPAL` lines (`#` comments, blank lines skipped).
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the tokens file", path.display()))?;
-        let mut tokens = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let mut parts = line.split_whitespace();
-            let (Some(token), Some(principal), None) = (parts.next(), parts.next(), parts.next())
-            else {
-                anyhow::bail!("{}:{}: expected \"TOKEN PRINCIPAL\"", path.display(), i + 1);
-            };
-            if tokens
-                .insert(token.to_owned(), principal.to_owned())
-                .is_some()
-            {
-                anyhow::bail!("{}:{}: token listed twice", path.display(), i + 1);
-            }
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            if let Ok(m) = std::fs::metadata(path) {
-                if m.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(file = %path.display(), "the tokens file is readable by group or others; chmod 600 it");
-                }
-            }
-        }
-        Ok(Self {
-            tokens: Some(Arc::new(tokens)),
-        })
-    }
-
-    /// The principal behind a request.
-    pub fn of<T>(&self, r: &Request<T>) -> Result<String, Status> {
-        let Some(tokens) = &self.tokens else {
-            return Err(Status::unauthenticated(
-                "this collector was started without --tokens; changes need a principal",
-            ));
-        };
-        let Some(h) = r.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
-                "no credentials: set DRIFTWATCH_TOKEN or pass --token-file",
-            ));
-        };
-        let token = h
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer TOKEN\""))?;
-        // Compare with every token so the time taken does not tell which
-        // prefix matched.
-        let mut found = None;
-        for (t, p) in tokens.iter() {
-            if t.len() == token.len()
-                && t.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-            {
-                found = Some(p.clone());
-            }
-        }
-        found.ok_or_else(|| Status::unauthenticated("the token is not recognised"))
-    }
-}
 
 /// The control services.
 #[derive(Clone)]
 pub struct Control {
     correlator: Arc<Correlator>,
     ingest: Ingest,
-    principals: Principals,
 }
 
 impl Control {
     /// Services over `correlator`; scans go through `ingest`'s streams.
-    pub fn new(correlator: Arc<Correlator>, ingest: Ingest, principals: Principals) -> Self {
-        Self {
-            correlator,
-            ingest,
-            principals,
-        }
+    pub fn new(correlator: Arc<Correlator>, ingest: Ingest) -> Self {
+        Self { correlator, ingest }
     }
 }
 
@@ -204,7 +117,7 @@ impl FindingService for Control {
         &self,
         request: Request<UpdateFindingRequest>,
     ) -> Result<Response<driftwatch_proto::v1::Finding>, Status> {
-        let principal = self.principals.of(&request)?;
+        let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
         if r.status != findings::ACKNOWLEDGED && r.status != findings::RESOLVED {
             return Err(Status::invalid_argument(format!(
@@ -265,7 +178,7 @@ impl ApprovalService for Control {
         &self,
         request: Request<RequestApprovalRequest>,
     ) -> Result<Response<Approval>, Status> {
-        let principal = self.principals.of(&request)?;
+        let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
         if r.resource.is_empty() {
             return Err(Status::invalid_argument(
@@ -326,7 +239,7 @@ impl ApprovalService for Control {
         &self,
         request: Request<DecideApprovalRequest>,
     ) -> Result<Response<Approval>, Status> {
-        let principal = self.principals.of(&request)?;
+        let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
         let mut engine = self.correlator.lock();
         let a = engine
@@ -375,7 +288,7 @@ impl BaselineService for Control {
         &self,
         request: Request<ImportBaselineRequest>,
     ) -> Result<Response<ImportBaselineResponse>, Status> {
-        let principal = self.principals.of(&request)?;
+        let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
         let host = if r.host.is_empty() {
             "*".to_owned()
@@ -427,7 +340,7 @@ impl BaselineService for Control {
         &self,
         request: Request<ScanBaselineRequest>,
     ) -> Result<Response<ScanBaselineResponse>, Status> {
-        let principal = self.principals.of(&request)?;
+        let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
         if !r.path.starts_with('/') {
             return Err(Status::invalid_argument(format!(

@@ -7,6 +7,7 @@
 //! - [`correlate`]: findings from events, policy, desired state and approvals;
 //! - [`control`]: the findings, approvals and baselines services, and principals;
 //! - [`policy`]: the policy file the collector judges with and pushes;
+//! - [`security`]: TLS, callers, roles, certificates;
 //! - [`units`]: durations and sizes on command lines;
 //! - [`statuses`]: the gRPC status of what the transport refuses.
 
@@ -15,6 +16,7 @@ pub mod correlate;
 pub mod ingest;
 pub mod policy;
 pub mod query;
+pub mod security;
 pub mod statuses;
 pub mod store;
 pub mod units;

@@ -5,11 +5,16 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use driftwatch_collector::{
-    control::{Control, Principals},
+    control::Control,
     correlate::{self, Correlator, Settings},
     ingest::Ingest,
     policy::Policies,
     query::Query,
+    security::{
+        auth::{self, Auth, AuthLayer},
+        certs, tls,
+        watched::Watched,
+    },
     store::Store,
     units,
 };
@@ -35,9 +40,22 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// SIGHUP re-reads the policy file and pushes it to every agent; a bad
 /// policy is refused (file, field, reason) and the running one stays.
+///
+/// Trust: `--tls-cert/--tls-key` serve TLS; `--client-ca` verifies client
+/// certificates (agents must present one naming their node); `--tokens`,
+/// `--oidc-*` and client certificates identify people, and `--roles` says
+/// what each may do. With no credential source the collector is open for
+/// reading and streaming, refuses changes, and listens on loopback only.
+/// Certificate, tokens, roles and JWKS files are re-read when they change.
 #[derive(Debug, Parser)]
-#[command(name = "driftwatch-collector", version)]
+#[command(
+    name = "driftwatch-collector",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
     /// Address to listen on (agents and the CLI).
     #[arg(long, env = "DRIFTWATCH_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -63,10 +81,65 @@ struct Args {
     /// sent to every agent, which applies it to its kernel maps.
     #[arg(long, env = "DRIFTWATCH_POLICY", value_name = "FILE")]
     policy: Option<PathBuf>,
-    /// Tokens file: one `TOKEN PRINCIPAL` per line. Callers that change
-    /// findings, approvals or baselines must present one of the tokens.
+    /// Tokens file: one `TOKEN PRINCIPAL` per line (`chmod 600`). A caller
+    /// sending `authorization: Bearer TOKEN` acts as PRINCIPAL.
     #[arg(long, env = "DRIFTWATCH_TOKENS", value_name = "FILE")]
     tokens: Option<PathBuf>,
+    /// Roles file (YAML): `viewer`, `responder`, `approver`, `admin`, each a
+    /// list of principals, `group:NAME` or `*`. Without it every
+    /// authenticated person is admin.
+    #[arg(long, env = "DRIFTWATCH_ROLES", value_name = "FILE")]
+    roles: Option<PathBuf>,
+    /// The collector's TLS certificate chain (PEM).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates are accepted: agents
+    /// (`urn:driftwatch:node:NAME`) and people (`urn:driftwatch:user:NAME`).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    client_ca: Option<PathBuf>,
+    /// OIDC issuer whose ID tokens identify people (the `iss` claim).
+    #[arg(long, env = "DRIFTWATCH_OIDC_ISSUER", requires_all = ["oidc_audience", "oidc_jwks"])]
+    oidc_issuer: Option<String>,
+    /// The audience ID tokens must be for (the `aud` claim).
+    #[arg(long, env = "DRIFTWATCH_OIDC_AUDIENCE", requires = "oidc_issuer")]
+    oidc_audience: Option<String>,
+    /// The issuer's public keys (a JWKS JSON file, kept current by whatever
+    /// fetches it).
+    #[arg(
+        long,
+        env = "DRIFTWATCH_OIDC_JWKS",
+        value_name = "FILE",
+        requires = "oidc_issuer"
+    )]
+    oidc_jwks: Option<PathBuf>,
+    /// The ID token claim that names the person.
+    #[arg(long, default_value = "email")]
+    oidc_username_claim: String,
+    /// The ID token claim that lists the person's groups.
+    #[arg(long, default_value = "groups")]
+    oidc_groups_claim: String,
+    /// Listen beyond loopback even with no credential source configured
+    /// (anyone who reaches the port can read everything and stream events).
+    #[arg(long)]
+    allow_unauthenticated: bool,
     /// An agent without contact for this long is reported `agent_silent`.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     silent_after: Duration,
@@ -79,13 +152,86 @@ struct Args {
     log: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Certificates for a first install, a demo or tests: a CA and what it
+    /// signs. Bring your own CA or cert-manager for production.
+    #[command(subcommand)]
+    Certs(Certs),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Certs {
+    /// Make a CA (`ca.pem`, `ca-key.pem`) and a server certificate
+    /// (`server.pem`, `server-key.pem`) in DIR.
+    Init {
+        /// Directory for the files (created; keys are mode 600).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names the collector is reached by (DNS names or IP addresses).
+        #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
+        server_names: Vec<String>,
+        /// Days the server certificate is valid (the CA: ten times as long).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue (or re-issue, to rotate) a certificate signed by DIR's CA:
+    /// `node NAME` for an agent, `user NAME` for a person, `server NAMES…`.
+    Issue {
+        /// Directory of the CA; the certificate is written next to it.
+        #[arg(long)]
+        dir: PathBuf,
+        /// What the certificate is for.
+        kind: certs::Kind,
+        /// The node or user name; a server's DNS names or IPs.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
+}
+
+fn certs_command(c: Certs) -> ExitCode {
+    let written = match c {
+        Certs::Init {
+            dir,
+            server_names,
+            days,
+        } => certs::init(&dir, &server_names, days),
+        Certs::Issue {
+            dir,
+            kind,
+            names,
+            days,
+        } => certs::issue(&dir, kind, &names, days),
+    };
+    match written {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("driftwatch-collector: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Sub::Certs(c)) = args.cmd.take() {
+        return certs_command(c);
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,13 +275,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "no --policy: agents keep their own, and writes and connects are not judged"
         ),
     }
-    let principals = match &args.tokens {
-        Some(path) => Principals::load(path)?,
-        None => {
-            tracing::warn!("no --tokens: findings, approvals and baselines cannot be changed");
-            Principals::none()
-        }
+    let auth = std::sync::Arc::new(auth_of(&args)?);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::watch(tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        })?),
+        _ => None,
     };
+    if auth.is_open() {
+        if !args.listen.ip().is_loopback() && !args.allow_unauthenticated {
+            anyhow::bail!(
+                "refusing to listen on {} with no credential source: configure --client-ca, --tokens or --oidc-issuer, or pass --allow-unauthenticated",
+                args.listen
+            );
+        }
+        tracing::warn!("no credentials configured (--client-ca, --tokens, --oidc-issuer): anyone reaching the port may read and stream; changes are refused");
+    } else if args.roles.is_none() {
+        tracing::warn!("no --roles: every authenticated person is admin");
+    }
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "serving plaintext beyond loopback: tokens and events travel in clear; configure --tls-cert");
+    }
     let correlator = std::sync::Arc::new(Correlator::open(
         store.clone(),
         policies.clone(),
@@ -151,7 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     correlate::spawn_silence_check(correlator.clone());
     tokio::spawn(reload_on_hangup(policies.clone()));
     let ingest = Ingest::new(store.clone(), correlator.clone());
-    let control = Control::new(correlator.clone(), ingest.clone(), principals);
+    let control = Control::new(correlator.clone(), ingest.clone());
     let query = Query::new(store.clone(), ingest.stored.clone());
 
     let retention_store = store.clone();
@@ -174,28 +336,81 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "collector listening");
+    tracing::info!(%addr, tls = tls.is_some(), client_certs = args.client_ca.is_some(), "collector listening");
     let max = args.max_message_size as usize;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             driftwatch_collector::statuses::conventional,
         ))
+        .layer(AuthLayer::new(auth))
         .add_service(AgentServiceServer::new(ingest).max_decoding_message_size(max))
         .add_service(QueryServiceServer::new(query))
         .add_service(FindingServiceServer::new(control.clone()))
         .add_service(ApprovalServiceServer::new(control.clone()))
-        .add_service(BaselineServiceServer::new(control))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a short answer (an ack, a one-page
-            // timeline) can wait ~40 ms for the peer's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown(),
-        )
-        .await
-        .context("serving")?;
+        .add_service(BaselineServiceServer::new(control));
+    match tls {
+        Some(config) => router
+            .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown())
+            .await
+            .context("serving")?,
+        None => router
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY a short answer (an ack, a one-page
+                // timeline) can wait ~40 ms for the peer's delayed ACK.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown(),
+            )
+            .await
+            .context("serving")?,
+    }
     store.flush().await?;
     tracing::info!("store flushed; exiting");
     Ok(())
+}
+
+/// The credential sources and roles the arguments name, loaded and watched.
+fn auth_of(args: &Args) -> anyhow::Result<Auth> {
+    let tokens = match &args.tokens {
+        Some(path) => {
+            let p = path.clone();
+            Some(Watched::start(
+                "tokens file",
+                vec![path.clone()],
+                move || auth::Tokens::load(&p),
+            )?)
+        }
+        None => None,
+    };
+    let roles = match &args.roles {
+        Some(path) => {
+            let p = path.clone();
+            Some(Watched::start(
+                "roles file",
+                vec![path.clone()],
+                move || auth::Roles::load(&p),
+            )?)
+        }
+        None => None,
+    };
+    let oidc = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks) {
+        (Some(issuer), Some(audience), Some(jwks)) => {
+            let p = jwks.clone();
+            Some(auth::Oidc {
+                issuer: issuer.clone(),
+                audience: audience.clone(),
+                username_claim: args.oidc_username_claim.clone(),
+                groups_claim: args.oidc_groups_claim.clone(),
+                jwks: Watched::start("JWKS file", vec![jwks.clone()], move || auth::load_jwks(&p))?,
+            })
+        }
+        _ => None,
+    };
+    Ok(Auth {
+        tokens,
+        oidc,
+        roles,
+        client_certs: args.client_ca.is_some(),
+    })
 }
 
 async fn reload_on_hangup(policies: Policies) {

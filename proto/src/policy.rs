@@ -224,7 +224,7 @@ pub const MAX_INDENT: usize = 512;
 /// 160k `[` took 89 s, and a SIGHUP with such a file left the collector
 /// deaf meanwhile). A linear scan of the text, quotes and comments
 /// skipped.
-fn check_shape(text: &str) -> Result<(), String> {
+pub fn check_shape(text: &str) -> Result<(), String> {
     if text.len() > MAX_POLICY_BYTES {
         return Err(format!(
             "{} bytes; a policy may be at most {MAX_POLICY_BYTES}",

@@ -324,6 +324,9 @@ pub struct Collector {
     pub extra: Vec<String>,
     /// The policy file it judges with ([`Collector::judging`]).
     pub policy: Option<PathBuf>,
+    /// Its CA directory when it serves TLS and checks client certificates
+    /// ([`Collector::judging`], [`Collector::secured`]).
+    pub pki: Option<PathBuf>,
     /// Everything it has logged (also copied to the test's stderr).
     log: std::sync::Arc<std::sync::Mutex<String>>,
     _dir: Dir,
@@ -338,15 +341,21 @@ impl Collector {
 
     /// As [`Collector::start`], with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_with_pki(extra, None)
+    }
+
+    fn start_with_pki(extra: &[&str], pki: Option<PathBuf>) -> Self {
         let dir = Dir::new();
         let port = free_port();
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let mut c = Self {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             port,
             data: dir.path.join("store"),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             policy: None,
+            pki,
             log: Default::default(),
             _dir: dir,
             _files: None,
@@ -355,21 +364,94 @@ impl Collector {
         c
     }
 
-    /// Starts a collector judging with `policy_yaml`, with principals
-    /// `alice` and `bob` (tokens `alice-token`, `bob-token`), and `extra`.
+    /// Starts a collector judging with `policy_yaml` over TLS, checking
+    /// client certificates against a CA of its own ([`Collector::secured`]),
+    /// with principals `alice`, `bob` and `reader` (tokens `alice-token`,
+    /// `bob-token`, `reader-token`), and `extra`.
     pub fn judging(policy_yaml: &str, extra: &[&str]) -> Self {
         let dir = Dir::new();
         let policy = dir.path.join("policy.yaml");
         std::fs::write(&policy, policy_yaml).expect("write policy");
-        let tokens = dir.path.join("tokens");
-        std::fs::write(&tokens, "alice-token alice\nbob-token bob\n").expect("write tokens");
-        let (policy_arg, tokens) = (policy.display().to_string(), tokens.display().to_string());
-        let mut args = vec!["--policy", &policy_arg, "--tokens", &tokens];
+        let policy_arg = policy.display().to_string();
+        let mut args = vec!["--policy", &policy_arg];
         args.extend_from_slice(extra);
-        let mut c = Self::start_with(&args);
+        let mut c = Self::secured(&args);
         c.policy = Some(policy);
         c._files = Some(dir);
         c
+    }
+
+    /// Starts a collector serving TLS with a CA made by `driftwatch-collector
+    /// certs init`, requiring credentials on every call: client
+    /// certificates of that CA, or the tokens of `alice`, `bob` and
+    /// `reader`. `extra` may add `--roles FILE`.
+    pub fn secured(extra: &[&str]) -> Self {
+        let dir = Dir::new();
+        let pki = dir.path.join("pki");
+        run(Command::new(bin("driftwatch-collector"))
+            .args(["certs", "init", "--dir"])
+            .arg(&pki)
+            .stdout(Stdio::null()));
+        let tokens = dir.path.join("tokens");
+        std::fs::write(
+            &tokens,
+            "alice-token alice\nbob-token bob\nreader-token reader\n",
+        )
+        .expect("write tokens");
+        let path = |p: &Path| p.display().to_string();
+        let files = [
+            path(&pki.join("server.pem")),
+            path(&pki.join("server-key.pem")),
+            path(&pki.join("ca.pem")),
+            path(&tokens),
+        ];
+        let mut args = vec![
+            "--tls-cert",
+            &files[0],
+            "--tls-key",
+            &files[1],
+            "--client-ca",
+            &files[2],
+            "--tokens",
+            &files[3],
+        ];
+        args.extend_from_slice(extra);
+        let mut c = Self::start_with_pki(&args, Some(pki));
+        c._files = Some(dir);
+        c
+    }
+
+    /// Issues a certificate (`node NAME` or `user NAME`) from this
+    /// collector's CA; returns (certificate, key).
+    pub fn issue(&self, kind: &str, name: &str) -> (PathBuf, PathBuf) {
+        let pki = self.pki.as_ref().expect("a collector with a CA");
+        run(Command::new(bin("driftwatch-collector"))
+            .args(["certs", "issue", "--dir"])
+            .arg(pki)
+            .args([kind, name])
+            .stdout(Stdio::null()));
+        (
+            pki.join(format!("{kind}-{name}.pem")),
+            pki.join(format!("{kind}-{name}-key.pem")),
+        )
+    }
+
+    /// The arguments an agent needs to stream to this collector as `node`
+    /// (a certificate is issued for it when the collector checks them).
+    pub fn agent_args(&self, node: &str) -> Vec<String> {
+        let mut a = vec!["--collector".to_owned(), self.url.clone()];
+        if let Some(pki) = &self.pki {
+            let (cert, key) = self.issue("node", node);
+            for (flag, p) in [
+                ("--ca", pki.join("ca.pem")),
+                ("--cert", cert),
+                ("--key", key),
+            ] {
+                a.push(flag.to_owned());
+                a.push(p.display().to_string());
+            }
+        }
+        a
     }
 
     /// What the collector has logged so far (every run of it).
@@ -386,19 +468,44 @@ impl Collector {
     }
 
     /// `driftwatch ARGS…` as principal `who` (a token name: `alice`, `bob`;
-    /// none when empty).
+    /// no credential when empty), trusting this collector's CA.
     pub fn cli(&self, who: &str, args: &[&str]) -> std::process::Output {
+        self.command(who)
+            .args(args)
+            .output()
+            .expect("run driftwatch")
+    }
+
+    /// `driftwatch --collector URL [--ca CA]`, as `who` (no credential when
+    /// empty).
+    pub fn command(&self, who: &str) -> Command {
         let mut cmd = Command::new(bin("driftwatch"));
-        cmd.args(["--collector", &self.url]).args(args);
-        cmd.env_remove("DRIFTWATCH_TOKEN");
+        cmd.args(["--collector", &self.url]);
+        if let Some(pki) = &self.pki {
+            cmd.arg("--ca").arg(pki.join("ca.pem"));
+        }
+        for v in [
+            "DRIFTWATCH_TOKEN",
+            "DRIFTWATCH_CERT",
+            "DRIFTWATCH_KEY",
+            "DRIFTWATCH_CA",
+        ] {
+            cmd.env_remove(v);
+        }
         if !who.is_empty() {
             cmd.env("DRIFTWATCH_TOKEN", format!("{who}-token"));
         }
-        cmd.output().expect("run driftwatch")
+        cmd
     }
 
-    /// `driftwatch ARGS… -o json` as `who`, which must succeed, parsed per line.
+    /// `driftwatch ARGS… -o json` as `who` (`reader` when empty and the
+    /// collector asks for credentials), which must succeed, parsed per line.
     pub fn json(&self, who: &str, args: &[&str]) -> Vec<Value> {
+        let who = if who.is_empty() && self.pki.is_some() {
+            "reader"
+        } else {
+            who
+        };
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.cli(who, &all);
@@ -494,8 +601,10 @@ impl Collector {
 
     /// `driftwatch timeline -o json ARGS…`, parsed.
     pub fn timeline(&self, args: &[&str]) -> Vec<Value> {
-        let out = Command::new(bin("driftwatch"))
-            .args(["--collector", &self.url, "timeline", "-o", "json"])
+        let who = if self.pki.is_some() { "reader" } else { "" };
+        let out = self
+            .command(who)
+            .args(["timeline", "-o", "json"])
             .args(args)
             .output()
             .expect("run driftwatch");
@@ -530,31 +639,36 @@ impl Drop for Collector {
 }
 
 impl Agent {
-    /// Starts an agent streaming to `collector` as `node`, spooling in `spool`.
-    pub fn streaming(policy_yaml: &str, collector: &str, node: &str, spool: &Path) -> Self {
-        Self::spawn(
-            Some(policy_yaml),
-            &Self::streaming_args(collector, node, spool),
-        )
+    /// Starts an agent streaming to `collector` as `node`, spooling in
+    /// `spool` (with a certificate for `node` when the collector checks them).
+    pub fn streaming(policy_yaml: &str, collector: &Collector, node: &str, spool: &Path) -> Self {
+        let args = Self::streaming_args(collector, node, spool);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(Some(policy_yaml), &args)
     }
 
-    fn streaming_args<'a>(collector: &'a str, node: &'a str, spool: &'a Path) -> [&'a str; 8] {
-        [
-            "--collector",
-            collector,
-            "--node-name",
-            node,
-            "--spool-dir",
-            spool.to_str().expect("a UTF-8 spool path"),
-            "--heartbeat-interval",
-            "1",
-        ]
+    fn streaming_args(collector: &Collector, node: &str, spool: &Path) -> Vec<String> {
+        let mut a = collector.agent_args(node);
+        a.extend(
+            [
+                "--node-name",
+                node,
+                "--spool-dir",
+                spool.to_str().expect("a UTF-8 spool path"),
+                "--heartbeat-interval",
+                "1",
+            ]
+            .map(str::to_owned),
+        );
+        a
     }
 
     /// Starts an agent with no policy of its own: it applies the
     /// collector's. Waits until it has.
-    pub fn managed(collector: &str, node: &str, spool: &Path) -> Self {
-        let mut agent = Self::spawn(None, &Self::streaming_args(collector, node, spool));
+    pub fn managed(collector: &Collector, node: &str, spool: &Path) -> Self {
+        let args = Self::streaming_args(collector, node, spool);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut agent = Self::spawn(None, &args);
         let applied = agent.wait_for(
             |e| {
                 e["kind"] == "policy_applied"

@@ -53,7 +53,7 @@ fn a_collector_killed_mid_stream_loses_and_duplicates_nothing() {
     let mut collector = Collector::start();
     let agent = Agent::streaming(
         &policy(&[format!("{tree}/")], &[]),
-        &collector.url,
+        &collector,
         "node-k",
         &dir.path.join("spool"),
     );
@@ -96,7 +96,7 @@ fn an_agent_killed_and_restarted_replays_its_spool_and_the_window_is_a_gap() {
     let spool = dir.path.join("spool");
     let mut collector = Collector::start();
     let pol = policy(&[format!("{tree}/")], &[]);
-    let agent = Agent::streaming(&pol, &collector.url, "node-r", &spool);
+    let agent = Agent::streaming(&pol, &collector, "node-r", &spool);
     write_files(&tree, "first", 5);
     collector.wait_timeline(
         &["--host", "node-r"],
@@ -110,7 +110,7 @@ fn an_agent_killed_and_restarted_replays_its_spool_and_the_window_is_a_gap() {
     agent.kill();
     write_files(&tree, "unwatched-window", 3);
     collector.restart();
-    let again = Agent::streaming(&pol, &collector.url, "node-r", &spool);
+    let again = Agent::streaming(&pol, &collector, "node-r", &spool);
     write_files(&tree, "second", 5);
     let t = collector.wait_timeline(
         &["--host", "node-r"],
@@ -147,7 +147,7 @@ fn one_node(node: &str) -> OneNode {
     let spool = dir.path.join("spool");
     let collector = Collector::start();
     let pol = policy(&[format!("{tree}/")], &[]);
-    let agent = Agent::streaming(&pol, &collector.url, node, &spool);
+    let agent = Agent::streaming(&pol, &collector, node, &spool);
     OneNode {
         dir,
         tree,
@@ -175,7 +175,7 @@ fn an_agent_stopped_and_started_again_numbers_on_without_a_false_loss() {
         "changes before the restart",
     );
     agent.stop();
-    let again = Agent::streaming(&pol, &collector.url, "node-s", &spool);
+    let again = Agent::streaming(&pol, &collector, "node-s", &spool);
     write_files(&tree, "after", 5);
     let t = collector.wait_timeline(
         &["--host", "node-s"],
@@ -204,7 +204,7 @@ fn eight_agents_stream_at_once() {
         .map(|i| {
             Agent::streaming(
                 &pol,
-                &collector.url,
+                &collector,
                 &format!("node-{i}"),
                 &dir.path.join(format!("spool-{i}")),
             )
@@ -250,7 +250,7 @@ fn timeline_filters_and_follow() {
     let collector = Collector::start();
     let agent = Agent::streaming(
         &policy(&[format!("{tree}/")], &[]),
-        &collector.url,
+        &collector,
         "node-f",
         &dir.path.join("spool"),
     );
@@ -353,7 +353,7 @@ fn an_unreachable_collector_is_a_clear_error_and_the_agent_keeps_spooling() {
     collector.kill();
     let agent = Agent::streaming(
         &policy(&[format!("{tree}/")], &[]),
-        &collector.url,
+        &collector,
         "node-u",
         &dir.path.join("spool"),
     );

@@ -72,7 +72,7 @@ fn sed_by_a_non_writer_is_drift_and_an_unauthorized_write() {
         &[],
     );
     // No policy of its own: what it watches comes from the collector.
-    let _agent = Agent::managed(&c.url, "node-sed", &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, "node-sed", &dir.path.join("spool"));
 
     run(Command::new("setpriv").args([
         "--reuid=65534",
@@ -134,7 +134,7 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
         &config_policy(&tree, "[ { exe: /usr/bin/sed, uid: 0 } ]"),
         &[],
     );
-    let _agent = Agent::managed(&c.url, "node-appr", &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, "node-appr", &dir.path.join("spool"));
 
     let wanted = dir.join("wanted");
     std::fs::write(&wanted, "replicas: 6\n").unwrap();
@@ -239,7 +239,7 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"{models}/\"]\n    writers: [ {{ exe: /opt/trainer/bin/trainer }} ]\n"
     );
     let mut c = Collector::judging(&policy, &[]);
-    let _agent = Agent::managed(&c.url, "node-model", &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, "node-model", &dir.path.join("spool"));
 
     run(Command::new("cp").args([&candidate, &model]));
     let f = c.wait_findings(30, |f| has(f, "drift", &model), "drift of the model");
@@ -356,7 +356,7 @@ fn chmod_of_a_config_is_drift_on_mode_until_it_is_put_back() {
     std::fs::write(&file, "x=1\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
     let c = Collector::judging(&config_policy(&tree, "[ { user: deploy } ]"), &[]);
-    let _agent = Agent::managed(&c.url, "node-mode", &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, "node-mode", &dir.path.join("spool"));
 
     run(Command::new("chmod").args(["0666", &file]));
     let f = c.wait_findings(30, |f| has(f, "drift", &file), "drift on mode");
@@ -469,7 +469,7 @@ fn connects_outside_the_clients_are_unauthorized_and_failed_attempts_count() {
     );
     let c = Collector::judging(&policy, &[]);
     let node = "node-db";
-    let _agent = Agent::managed(&c.url, node, &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, node, &dir.path.join("spool"));
 
     // An allowed client first: seen, and not a finding.
     run(Command::new(&bash).args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{open}")]));
@@ -510,7 +510,7 @@ fn a_killed_agent_is_reported_silent_and_its_return_resolves_it() {
     std::fs::create_dir_all(&tree).unwrap();
     let c = Collector::judging(&config_policy(&tree, "[]"), &["--silent-after", "3s"]);
     let spool = dir.path.join("spool");
-    let agent = Agent::managed(&c.url, "node-quiet", &spool);
+    let agent = Agent::managed(&c, "node-quiet", &spool);
     std::thread::sleep(Duration::from_secs(4));
     let f = c.json("", &["findings", "list", "--kind", "agent_silent"]);
     assert!(f.is_empty(), "a live agent reported silent: {f:#?}");
@@ -534,7 +534,7 @@ fn a_killed_agent_is_reported_silent_and_its_return_resolves_it() {
         f.iter().find(|x| x["kind"] == "agent_silent").unwrap()["status"],
         "open"
     );
-    let _agent = Agent::managed(&c.url, "node-quiet", &spool);
+    let _agent = Agent::managed(&c, "node-quiet", &spool);
     let f = c.wait_findings(
         30,
         |f| {
@@ -584,7 +584,7 @@ fn baselines_from_a_manifest_a_scan_and_first_sight() {
     );
 
     // The agent's first look finds the pinned file off its manifest.
-    let _agent = Agent::managed(&c.url, "node-base", &dir.path.join("spool"));
+    let _agent = Agent::managed(&c, "node-base", &dir.path.join("spool"));
     let f = c.wait_findings(30, |f| has(f, "drift", &pinned), "drift from the manifest");
     assert!(find(&f, "drift", &pinned).unwrap()["summary"]
         .as_str()
@@ -642,7 +642,7 @@ fn a_policy_change_reaches_the_agent_and_a_bad_one_is_refused() {
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let c = Collector::judging(&config_policy(&a, "[]"), &[]);
-    let mut agent = Agent::managed(&c.url, "node-pol", &dir.path.join("spool"));
+    let mut agent = Agent::managed(&c, "node-pol", &dir.path.join("spool"));
     let policy = c.policy.clone().unwrap();
     let signal = |sig| {
         // SAFETY: signalling the collector this test started.

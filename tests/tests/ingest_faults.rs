@@ -76,7 +76,7 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
     let collector = Collector::start();
     let agent = Agent::streaming(
         &policy(&[format!("{tree}/")], &[]),
-        &collector.url,
+        &collector,
         "good",
         &dir.path.join("spool"),
     );

@@ -59,12 +59,12 @@ pub enum StreamError {
         reason: String,
     },
     /// Could not connect.
-    #[error("cannot reach the collector at {url}: {source}")]
+    #[error("cannot reach the collector at {url}: {reason}")]
     Connect {
         /// The URL.
         url: String,
-        /// The transport error.
-        source: tonic::transport::Error,
+        /// The transport error and its causes.
+        reason: String,
     },
     /// The collector ended or refused the stream.
     #[error("the collector closed the stream: {0}")]
@@ -77,8 +77,10 @@ pub enum StreamError {
 /// Settings of the sender.
 #[derive(Clone)]
 pub struct Sender {
-    /// Collector URL (`http://host:port`).
+    /// Collector URL (`https://host:port`, or `http://` for plaintext).
     pub url: String,
+    /// TLS files, read at each connection.
+    pub tls: driftwatch_proto::client::ClientTls,
     /// The spool to read from.
     pub spool: Spool,
     /// Woken when events are spooled.
@@ -109,6 +111,18 @@ pub enum Downlink {
     Policy(driftwatch_proto::v1::PolicyUpdate),
     /// Digest a path for a baseline.
     Scan(driftwatch_proto::v1::ScanRequest),
+}
+
+/// An error with its causes: a refused certificate is several layers down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn jitter(max: Duration) -> Duration {
@@ -157,22 +171,22 @@ impl Sender {
     /// policies and scan requests. Returns when the stream ends, or once a
     /// stop is drained.
     async fn stream_once(&mut self) -> Result<(), StreamError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(|e| StreamError::Url {
-                url: self.url.clone(),
-                reason: e.to_string(),
-            })?
+        let (endpoint, _) =
+            driftwatch_proto::client::endpoint(&self.url, &self.tls).map_err(|reason| {
+                StreamError::Url {
+                    url: self.url.clone(),
+                    reason,
+                }
+            })?;
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| StreamError::Connect {
-                url: self.url.clone(),
-                source,
-            })?;
+        let channel = endpoint.connect().await.map_err(|e| StreamError::Connect {
+            url: self.url.clone(),
+            reason: error_chain(&e),
+        })?;
         // Events travel as the spool keeps them, encoded once: the batch
         // is framed around their bytes, not decoded and encoded again.
         let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_MESSAGE);

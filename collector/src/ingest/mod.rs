@@ -27,6 +27,9 @@ use crate::store::{Store, StoreError};
 
 type Outbound = mpsc::Sender<Result<CollectorMessage, Status>>;
 
+/// How long a new stream may take to say hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The gRPC status for a store error.
 pub fn status_of(e: &StoreError) -> Status {
     match e {
@@ -264,10 +267,17 @@ impl AgentService for Ingest {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let caller = crate::security::auth::caller(&request);
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
+        // A connection that never says hello holds nothing for long.
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {}s of opening the stream",
+                    HELLO_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(inbound_status)?
             .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
         let Some(Msg::Hello(hello)) = first.msg else {
@@ -277,6 +287,16 @@ impl AgentService for Ingest {
             .node
             .ok_or_else(|| Status::invalid_argument("hello without node info"))?;
         valid_node_name(&node.name)?;
+        // An agent's certificate names the one node it may speak for.
+        if let crate::security::auth::Caller::Node(allowed) = &caller {
+            if *allowed != node.name {
+                tracing::warn!(certificate = %allowed.escape_debug(), hello = %node.name.escape_debug(), "refused a hello for another node");
+                return Err(Status::permission_denied(format!(
+                    "the certificate of node {allowed:?} may not stream as node {:?}",
+                    node.name
+                )));
+            }
+        }
         let name = node.name.clone();
         let store = self.store.clone();
         let now = now_unix_nanos();

@@ -12,7 +12,9 @@ use driftwatch_proto::v1::{
     RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest,
 };
 use serde_json::{json, Value};
-use tonic::{transport::Channel, Request};
+use tonic::Request;
+
+use crate::Conn;
 
 use crate::{event_json, time, when, Output};
 
@@ -178,23 +180,8 @@ pub enum Baselines {
     },
 }
 
-/// Adds the caller's token to a request.
-fn authed<T>(msg: T, token: Option<&str>) -> Result<Request<T>, String> {
-    let mut r = Request::new(msg);
-    let Some(token) = token else {
-        return Err(
-            "this needs credentials: set DRIFTWATCH_TOKEN or pass --token-file FILE".into(),
-        );
-    };
-    let v = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| "the token contains characters a header cannot carry".to_owned())?;
-    r.metadata_mut().insert("authorization", v);
-    Ok(r)
-}
-
 fn status_err(what: &str, s: tonic::Status) -> String {
-    format!("{what}: {}", s.message())
+    crate::status_text(what, &s)
 }
 
 fn who(p: &Option<Process>) -> String {
@@ -295,12 +282,7 @@ fn state_line(s: &Option<FileState>) -> String {
 }
 
 /// `driftwatch findings ...`
-pub async fn findings(
-    channel: Channel,
-    token: Option<&str>,
-    cmd: Findings,
-    out: &mut impl Write,
-) -> Result<(), String> {
+pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Result<(), String> {
     let mut client = FindingServiceClient::new(channel);
     match cmd {
         Findings::List {
@@ -425,15 +407,12 @@ pub async fn findings(
         }
         Findings::Ack { id, note } => {
             let f = client
-                .update(authed(
-                    UpdateFindingRequest {
-                        id,
-                        status: "acknowledged".into(),
-                        note,
-                        approval_id: 0,
-                    },
-                    token,
-                )?)
+                .update(Request::new(UpdateFindingRequest {
+                    id,
+                    status: "acknowledged".into(),
+                    note,
+                    approval_id: 0,
+                }))
                 .await
                 .map_err(|s| status_err("findings ack", s))?
                 .into_inner();
@@ -441,15 +420,12 @@ pub async fn findings(
         }
         Findings::Resolve { id, note, approval } => {
             let f = client
-                .update(authed(
-                    UpdateFindingRequest {
-                        id,
-                        status: "resolved".into(),
-                        note,
-                        approval_id: approval.unwrap_or(0),
-                    },
-                    token,
-                )?)
+                .update(Request::new(UpdateFindingRequest {
+                    id,
+                    status: "resolved".into(),
+                    note,
+                    approval_id: approval.unwrap_or(0),
+                }))
                 .await
                 .map_err(|s| status_err("findings resolve", s))?
                 .into_inner();
@@ -529,8 +505,7 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
 
 /// Approves (`approve`) or denies request `id`.
 async fn decide(
-    client: &mut ApprovalServiceClient<Channel>,
-    token: Option<&str>,
+    client: &mut ApprovalServiceClient<Conn>,
     id: u64,
     approve: bool,
     note: String,
@@ -541,19 +516,14 @@ async fn decide(
         "approvals deny"
     };
     Ok(client
-        .decide(authed(DecideApprovalRequest { id, approve, note }, token)?)
+        .decide(Request::new(DecideApprovalRequest { id, approve, note }))
         .await
         .map_err(|s| status_err(what, s))?
         .into_inner())
 }
 
 /// `driftwatch approvals ...`
-pub async fn approvals(
-    channel: Channel,
-    token: Option<&str>,
-    cmd: Approvals,
-    out: &mut impl Write,
-) -> Result<(), String> {
+pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> Result<(), String> {
     let mut client = ApprovalServiceClient::new(channel);
     match cmd {
         Approvals::Request {
@@ -566,16 +536,13 @@ pub async fn approvals(
         } => {
             let window = units::parse_duration(&window).map_err(|e| format!("--window: {e}"))?;
             let a = client
-                .request(authed(
-                    RequestApprovalRequest {
-                        resource,
-                        host,
-                        sha256: digest.unwrap_or_default(),
-                        window_seconds: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
-                        reason,
-                    },
-                    token,
-                )?)
+                .request(Request::new(RequestApprovalRequest {
+                    resource,
+                    host,
+                    sha256: digest.unwrap_or_default(),
+                    window_seconds: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
+                    reason,
+                }))
                 .await
                 .map_err(|s| status_err("approvals request", s))?
                 .into_inner();
@@ -593,7 +560,7 @@ pub async fn approvals(
             }
         }
         Approvals::Approve { id, note } => {
-            let a = decide(&mut client, token, id, true, note).await?;
+            let a = decide(&mut client, id, true, note).await?;
             let _ = writeln!(
                 out,
                 "approval {} approved by {}; changes until {} are recorded, not flagged{}",
@@ -608,7 +575,7 @@ pub async fn approvals(
             );
         }
         Approvals::Deny { id, note } => {
-            let a = decide(&mut client, token, id, false, note).await?;
+            let a = decide(&mut client, id, false, note).await?;
             let _ = writeln!(out, "approval {} denied by {}", a.id, a.approver);
         }
         Approvals::List { statuses, output } => {
@@ -648,12 +615,7 @@ pub async fn approvals(
 }
 
 /// `driftwatch baseline ...`
-pub async fn baselines(
-    channel: Channel,
-    token: Option<&str>,
-    cmd: Baselines,
-    out: &mut impl Write,
-) -> Result<(), String> {
+pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> Result<(), String> {
     let mut client = BaselineServiceClient::new(channel);
     match cmd {
         Baselines::Import { file, root, hosts } => {
@@ -683,7 +645,7 @@ pub async fn baselines(
                         .collect(),
                 };
                 stored += client
-                    .import(authed(r, token)?)
+                    .import(Request::new(r))
                     .await
                     .map_err(|s| status_err("baseline import", s))?
                     .into_inner()
@@ -706,15 +668,12 @@ pub async fn baselines(
             let timeout = units::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}"))?;
             eprintln!("driftwatch: asking the agent on {host} to digest {path} ...");
             let r = client
-                .scan(authed(
-                    ScanBaselineRequest {
-                        node: host.clone(),
-                        path: path.clone(),
-                        apply_to: apply_to.clone().unwrap_or_default(),
-                        timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
-                    },
-                    token,
-                )?)
+                .scan(Request::new(ScanBaselineRequest {
+                    node: host.clone(),
+                    path: path.clone(),
+                    apply_to: apply_to.clone().unwrap_or_default(),
+                    timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+                }))
                 .await
                 .map_err(|s| status_err("baseline scan", s))?
                 .into_inner();

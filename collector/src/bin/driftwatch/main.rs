@@ -19,8 +19,10 @@ use serde_json::{json, Value};
 /// silent agents, blind spots), change approvals, desired state, and the
 /// event timeline of a host, a file or a process.
 ///
-/// Commands that change something (ack/resolve, approvals, baselines) act
-/// as the principal named by your token: DRIFTWATCH_TOKEN, or --token-file.
+/// Every call acts as you: a client certificate (--cert/--key), or a token
+/// (DRIFTWATCH_TOKEN or --token-file; an OIDC ID token works the same way).
+/// What you may do is your role on the collector: viewer, responder,
+/// approver or admin.
 #[derive(Parser)]
 #[command(name = "driftwatch", version)]
 struct Cli {
@@ -32,7 +34,17 @@ struct Cli {
         value_name = "FILE"
     )]
     token_file: Option<std::path::PathBuf>,
-    /// Collector URL.
+    /// CA certificate (PEM) that signed the collector's (for https://).
+    #[arg(long, global = true, env = "DRIFTWATCH_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// Your client certificate (PEM; URI SAN urn:driftwatch:user:NAME).
+    #[arg(long, global = true, env = "DRIFTWATCH_CERT", value_name = "FILE")]
+    cert: Option<std::path::PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, global = true, env = "DRIFTWATCH_KEY", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+    /// Collector URL: `https://` for TLS, `http://` for plaintext (then
+    /// tokens travel in clear; only for loopback or a trusted network).
     #[arg(
         long,
         global = true,
@@ -305,6 +317,49 @@ pub(crate) fn detail(e: &Event) -> String {
     }
 }
 
+/// Adds the caller's token, if any, to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A connection to the collector that carries the caller's token.
+pub(crate) type Conn =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// A refused call as the person should read it: the collector's message,
+/// or for a transport failure (no TLS, a refused certificate) its causes.
+pub(crate) fn status_text(what: &str, s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(cause) if s.message() == "transport error" || s.message().is_empty() => {
+            format!(
+                "{what}: cannot talk to the collector: {}",
+                error_chain(cause)
+            )
+        }
+        _ => format!("{what}: {}", s.message()),
+    }
+}
+
+/// An error with its causes (a TLS failure is several layers down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
     if let Some(f) = file {
         let t = std::fs::read_to_string(f)
@@ -322,18 +377,49 @@ fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(cli.collector.clone())
-        .map_err(|e| format!("collector URL {:?}: {e}", cli.collector))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the collector at {}: {e}", cli.collector))?;
+    let tls = driftwatch_proto::client::ClientTls {
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+    };
+    let (endpoint, plaintext) = driftwatch_proto::client::endpoint(&cli.collector, &tls)?;
     let token = token(cli.token_file.as_deref())?;
+    if plaintext && token.is_some() {
+        let loopback = endpoint.uri().host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if !loopback {
+            eprintln!(
+                "driftwatch: warning: sending your token in plaintext to {}; use https://",
+                cli.collector
+            );
+        }
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "cannot reach the collector at {}: {}",
+            cli.collector,
+            error_chain(&e)
+        )
+    })?;
+    let bearer = match &token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| "the token contains characters a header cannot carry".to_owned())?,
+        ),
+        None => None,
+    };
+    let channel = tonic::service::interceptor::InterceptedService::new(channel, Bearer(bearer));
     let mut client = QueryServiceClient::new(channel.clone());
     let mut out = std::io::stdout().lock();
     match cli.cmd {
-        Cmd::Findings(c) => changes::findings(channel, token.as_deref(), c, &mut out).await?,
-        Cmd::Approvals(c) => changes::approvals(channel, token.as_deref(), c, &mut out).await?,
-        Cmd::Baseline(c) => changes::baselines(channel, token.as_deref(), c, &mut out).await?,
+        Cmd::Findings(c) => changes::findings(channel, c, &mut out).await?,
+        Cmd::Approvals(c) => changes::approvals(channel, c, &mut out).await?,
+        Cmd::Baseline(c) => changes::baselines(channel, c, &mut out).await?,
         Cmd::Timeline {
             host,
             since,
@@ -360,7 +446,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut stream = client
                 .timeline(req)
                 .await
-                .map_err(|s| format!("timeline: {}", s.message()))?
+                .map_err(|s| status_text("timeline", &s))?
                 .into_inner();
             if matches!(output, Output::Table) {
                 let _ = writeln!(
@@ -372,7 +458,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             while let Some(item) = stream
                 .message()
                 .await
-                .map_err(|s| format!("timeline: {}", s.message()))?
+                .map_err(|s| status_text("timeline", &s))?
             {
                 let line = match (&item.item, output) {
                     (Some(timeline_item::Item::Event(e)), Output::Json) => {
@@ -433,7 +519,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let agents = client
                 .agents(AgentsRequest {})
                 .await
-                .map_err(|s| format!("agents: {}", s.message()))?
+                .map_err(|s| status_text("agents", &s))?
                 .into_inner()
                 .agents;
             if matches!(output, Output::Table) {
