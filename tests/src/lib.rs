@@ -398,6 +398,8 @@ impl Collector {
             "alice-token alice\nbob-token bob\nreader-token reader\n",
         )
         .expect("write tokens");
+        std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod the tokens");
         let path = |p: &Path| p.display().to_string();
         let files = [
             path(&pki.join("server.pem")),

@@ -417,3 +417,340 @@ fn agents_are_refused_without_a_certificate_of_the_ca_naming_their_node() {
         );
     }
 }
+
+/// An identity provider's signing key, and its JWK.
+struct Idp {
+    key: jsonwebtoken::EncodingKey,
+    kid: String,
+    jwk: serde_json::Value,
+}
+
+impl Idp {
+    fn new(kid: &str) -> Self {
+        use base64::Engine as _;
+        let pair = rcgen::KeyPair::generate().expect("a P-256 key");
+        let raw = pair.public_key_raw();
+        assert_eq!(raw.len(), 65, "an uncompressed P-256 point");
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        Self {
+            key: jsonwebtoken::EncodingKey::from_ec_der(pair.serialized_der()),
+            kid: kid.into(),
+            jwk: serde_json::json!({
+                "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+                "x": b64(&raw[1..33]), "y": b64(&raw[33..]),
+            }),
+        }
+    }
+
+    /// An ID token for `email` in `groups`, expiring `exp_in` seconds from now.
+    fn token(&self, aud: &str, email: &str, groups: &[&str], exp_in: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = serde_json::json!({
+            "iss": "https://idp.example", "aud": aud, "sub": email, "email": email,
+            "groups": groups, "iat": now, "exp": now + exp_in,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("sign")
+    }
+}
+
+fn write_jwks(path: &Path, keys: &[&Idp]) {
+    let set = serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, set.to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A unary call that approves request `id` with `token`.
+async fn decide(c: &Collector, token: &str, id: u64) -> Result<(), Status> {
+    let ch = connect(c, None).await.unwrap();
+    ApprovalServiceClient::new(ch)
+        .decide(with_token(
+            DecideApprovalRequest {
+                id,
+                approve: true,
+                ..Default::default()
+            },
+            Some(token),
+        ))
+        .await
+        .map(|_| ())
+}
+
+async fn request(c: &Collector, token: &str) -> Result<u64, Status> {
+    let ch = connect(c, None).await.unwrap();
+    ApprovalServiceClient::new(ch)
+        .request(with_token(
+            RequestApprovalRequest {
+                resource: "/etc/app.conf".into(),
+                window_seconds: 600,
+                reason: "rotate the key".into(),
+                ..Default::default()
+            },
+            Some(token),
+        ))
+        .await
+        .map(|r| r.into_inner().id)
+}
+
+/// Waits (up to 10 s) until `f` holds: for files re-read within seconds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn oidc_id_tokens_are_verified_and_groups_give_roles_and_key_files_are_re_read() {
+    let dir = Dir::new();
+    let jwks = dir.path.join("jwks.json");
+    let roles = dir.path.join("roles.yaml");
+    std::fs::write(
+        &roles,
+        "approver: [\"group:security\"]\nresponder: [\"group:dev\"]\n",
+    )
+    .unwrap();
+    let idp = Idp::new("k1");
+    write_jwks(&jwks, &[&idp]);
+    let c = Collector::secured(&[
+        "--oidc-issuer",
+        "https://idp.example",
+        "--oidc-audience",
+        "driftwatch",
+        "--oidc-jwks",
+        jwks.to_str().unwrap(),
+        "--roles",
+        roles.to_str().unwrap(),
+    ]);
+    let dev = idp.token("driftwatch", "dev@example.com", &["dev"], 300);
+    let sec = idp.token("driftwatch", "sec@example.com", &["security"], 300);
+    block_on(async {
+        // A developer files a request; the security group approves it.
+        let id = request(&c, &dev)
+            .await
+            .expect("a responder files a request");
+        let s = decide(&c, &dev, id).await.unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(
+            s.message().contains("dev@example.com") && s.message().contains("approver"),
+            "{s:?}"
+        );
+        // An approver still cannot approve their own request.
+        let own = request(&c, &sec).await.unwrap();
+        let s = decide(&c, &sec, own).await.unwrap_err();
+        assert!(s.message().contains("self-approval"), "{s:?}");
+        decide(&c, &sec, id)
+            .await
+            .expect("another principal approves");
+
+        // Expired, for another audience, signed by a key not in the JWKS,
+        // or not a token at all: unauthenticated, saying why.
+        let stranger = Idp::new("k1");
+        for (what, token, why) in [
+            (
+                "expired",
+                idp.token("driftwatch", "sec@example.com", &["security"], -3600),
+                "xpired",
+            ),
+            (
+                "another audience",
+                idp.token("other-app", "sec@example.com", &["security"], 300),
+                "udience",
+            ),
+            (
+                "a stranger's key",
+                stranger.token("driftwatch", "sec@example.com", &["security"], 300),
+                "ignature",
+            ),
+            ("garbage", "a.b.c".to_owned(), "refused"),
+        ] {
+            let s = decide(&c, &token, id).await.unwrap_err();
+            assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}");
+            assert!(s.message().contains(why), "{what}: {s:?}");
+        }
+
+        // The provider rotates its key: the new JWKS is read without a
+        // restart, and the old key stops working.
+        let next = Idp::new("k2");
+        write_jwks(&jwks, &[&next]);
+        let fresh = next.token("driftwatch", "dev@example.com", &["dev"], 300);
+        let mut ok = false;
+        for _ in 0..50 {
+            if request(&c, &fresh).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(ok, "a token of the rotated key was never accepted");
+        let s = request(&c, &dev).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    });
+    // The tokens file too: a token added to it works without a restart.
+    let tokens = c.pki.as_ref().unwrap().parent().unwrap().join("tokens");
+    let mut t = std::fs::read_to_string(&tokens).unwrap();
+    t.push_str("erin-token erin\n");
+    std::fs::write(&tokens, t).unwrap();
+    eventually("the new token is accepted", || {
+        c.cli("erin", &["findings", "list"]).status.success()
+            || !String::from_utf8_lossy(&c.cli("erin", &["findings", "list"]).stderr)
+                .contains("not recognised")
+    });
+    // erin has no role in the roles file: known, but refused.
+    let out = c.cli("erin", &["findings", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"erin\" has no role"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replaces `to` with `from` the way a secret volume or cert-manager does:
+/// a whole new file renamed over the old.
+fn replace(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// Files under `tree` with a `close_write` in the timeline of `node`.
+fn written(c: &Collector, node: &str, tree: &str) -> std::collections::BTreeSet<String> {
+    c.timeline(&["--host", node, "--path", tree, "--kind", "file"])
+        .iter()
+        .filter(|e| e["op"] == "close_write")
+        .filter_map(|e| e["path"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn certificates_rotated_in_place_are_used_without_a_restart_and_nothing_is_lost() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let c = Collector::secured(&[]);
+    let pki = c.pki.clone().unwrap();
+    // The agent's own copies, as a node would mount them.
+    let mine = dir.path.join("agent-tls");
+    std::fs::create_dir_all(&mine).unwrap();
+    let (cert, key) = c.issue("node", "rot");
+    let (my_ca, my_cert, my_key) = (
+        mine.join("ca.pem"),
+        mine.join("tls.crt"),
+        mine.join("tls.key"),
+    );
+    replace(&pki.join("ca.pem"), &my_ca);
+    replace(&cert, &my_cert);
+    replace(&key, &my_key);
+    let spool = dir.path.join("spool");
+    let port = c.url.rsplit(':').next().unwrap().to_owned();
+    let s = |p: &Path| p.display().to_string();
+    let args = [
+        "--collector".to_owned(),
+        c.url.clone(),
+        "--ca".into(),
+        s(&my_ca),
+        "--cert".into(),
+        s(&my_cert),
+        "--key".into(),
+        s(&my_key),
+        "--node-name".into(),
+        "rot".into(),
+        "--heartbeat-interval".into(),
+        "1".into(),
+        "--spool-dir".into(),
+        s(&spool),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _agent = Agent::start_with(&policy(&[format!("{tree}/")], &[]), &args);
+    for i in 0..20 {
+        std::fs::write(format!("{tree}/before{i}.conf"), "1").unwrap();
+    }
+    eventually_long(&c, "the first 20 changes", |c| {
+        written(c, "rot", &tree).len() == 20
+    });
+
+    // Rotation to a new CA: the collector's certificate and key and the CA
+    // it checks clients with, the agent's certificate, key and CA, each
+    // replaced in place.
+    let ca2 = dir.path.join("ca2");
+    run(std::process::Command::new(bin("driftwatch-collector"))
+        .args(["certs", "init", "--dir"])
+        .arg(&ca2)
+        .stdout(std::process::Stdio::null()));
+    run(std::process::Command::new(bin("driftwatch-collector"))
+        .args(["certs", "issue", "--dir"])
+        .arg(&ca2)
+        .args(["node", "rot"])
+        .stdout(std::process::Stdio::null()));
+    let old_user = c.issue("user", "olduser");
+    replace(&ca2.join("node-rot-key.pem"), &my_key);
+    replace(&ca2.join("node-rot.pem"), &my_cert);
+    replace(&ca2.join("ca.pem"), &my_ca);
+    replace(&ca2.join("server-key.pem"), &pki.join("server-key.pem"));
+    replace(&ca2.join("server.pem"), &pki.join("server.pem"));
+    replace(&ca2.join("ca.pem"), &pki.join("ca.pem"));
+    let reloads = |c: &Collector| c.log().matches("TLS certificate").count();
+    let before = reloads(&c);
+    for i in 0..10 {
+        std::fs::write(format!("{tree}/during{i}.conf"), "2").unwrap();
+    }
+    eventually_long(&c, "the collector re-reads its TLS files", |c| {
+        reloads(c) > before
+    });
+    // The server now presents its new certificate.
+    let served = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!("import ssl; print(ssl.get_server_certificate(('127.0.0.1', {port})))"),
+        ])
+        .output()
+        .unwrap();
+    let norm = |s: &str| s.split_whitespace().collect::<String>();
+    assert_eq!(
+        norm(&String::from_utf8_lossy(&served.stdout)),
+        norm(&std::fs::read_to_string(pki.join("server.pem")).unwrap()),
+        "the collector still serves its old certificate"
+    );
+    // The agent's stream is cut; it reconnects with what is now in its
+    // files, which only the re-read collector accepts (and which only
+    // accept it).
+    run(std::process::Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &port])
+        .stdout(std::process::Stdio::null()));
+    for i in 0..10 {
+        std::fs::write(format!("{tree}/after{i}.conf"), "3").unwrap();
+    }
+    eventually_long(&c, "all 40 changes", |c| {
+        written(c, "rot", &tree).len() == 40
+    });
+    assert!(
+        c.log().matches("agent connected").count() >= 2,
+        "the agent never reconnected"
+    );
+    // A certificate of the old CA is refused from now on.
+    block_on(async {
+        let refused = match connect(&c, Some(&old_user)).await {
+            Err(_) => true,
+            Ok(ch) => {
+                let r = QueryServiceClient::new(ch).agents(AgentsRequest {}).await;
+                r.is_err()
+            }
+        };
+        assert!(refused, "a certificate of the replaced CA was accepted");
+    });
+}
+
+/// Waits (up to 60 s) until `f(c)` holds.
+fn eventually_long(c: &Collector, what: &str, f: impl Fn(&Collector) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !f(c) {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
