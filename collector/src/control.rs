@@ -21,6 +21,7 @@ use driftwatch_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::Audit,
     correlate::{approvals::ApprovalError, baselines, findings, Correlator},
     ingest::{status_of, Ingest},
     security::auth::caller,
@@ -31,12 +32,42 @@ use crate::{
 pub struct Control {
     correlator: Arc<Correlator>,
     ingest: Ingest,
+    audit: Arc<Audit>,
 }
 
 impl Control {
     /// Services over `correlator`; scans go through `ingest`'s streams.
-    pub fn new(correlator: Arc<Correlator>, ingest: Ingest) -> Self {
-        Self { correlator, ingest }
+    pub fn new(correlator: Arc<Correlator>, ingest: Ingest, audit: Arc<Audit>) -> Self {
+        Self {
+            correlator,
+            ingest,
+            audit,
+        }
+    }
+
+    /// Records what `principal` asked of `call` and how it ended in the
+    /// audit log, before the answer goes out. A change the log cannot
+    /// record is reported as failed (it was made, but is not attributable).
+    fn audited<T>(
+        &self,
+        principal: &str,
+        call: &str,
+        args: serde_json::Value,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        };
+        if let Err(e) = self.audit.record(principal, call, args, &outcome) {
+            tracing::error!(%principal, call, %outcome, "the audit log could not record a call: {e}");
+            if result.is_ok() {
+                return Err(Status::unavailable(format!(
+                    "{call} was applied but could not be recorded in the audit log: {e}"
+                )));
+            }
+        }
+        result
     }
 }
 
@@ -119,56 +150,61 @@ impl FindingService for Control {
     ) -> Result<Response<driftwatch_proto::v1::Finding>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        if r.status != findings::ACKNOWLEDGED && r.status != findings::RESOLVED {
-            return Err(Status::invalid_argument(format!(
-                "status: must be \"acknowledged\" or \"resolved\", got {:?}",
-                r.status
-            )));
-        }
-        let mut engine = self.correlator.lock();
-        let current = engine
-            .findings
-            .get(r.id)
-            .map_err(|e| status_of(&e))?
-            .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
-        if current.status == findings::RESOLVED {
-            return Err(Status::failed_precondition(format!(
-                "finding {} is already resolved",
-                r.id
-            )));
-        }
-        if r.approval_id != 0 {
-            if r.status != findings::RESOLVED {
-                return Err(Status::invalid_argument(
-                    "an approval can only be attached when resolving",
-                ));
-            }
-            let a = engine
-                .approvals
-                .get(r.approval_id)
-                .ok_or_else(|| Status::not_found(format!("no approval {}", r.approval_id)))?;
-            if a.status != crate::correlate::approvals::APPROVED {
-                return Err(Status::failed_precondition(format!(
-                    "approval {} is {}, not approved",
-                    a.id, a.status
+        let args = serde_json::json!({"id": r.id, "status": r.status, "note": r.note, "approval_id": r.approval_id});
+        let result: Result<Response<driftwatch_proto::v1::Finding>, Status> = async {
+            if r.status != findings::ACKNOWLEDGED && r.status != findings::RESOLVED {
+                return Err(Status::invalid_argument(format!(
+                    "status: must be \"acknowledged\" or \"resolved\", got {:?}",
+                    r.status
                 )));
             }
+            let mut engine = self.correlator.lock();
+            let current = engine
+                .findings
+                .get(r.id)
+                .map_err(|e| status_of(&e))?
+                .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
+            if current.status == findings::RESOLVED {
+                return Err(Status::failed_precondition(format!(
+                    "finding {} is already resolved",
+                    r.id
+                )));
+            }
+            if r.approval_id != 0 {
+                if r.status != findings::RESOLVED {
+                    return Err(Status::invalid_argument(
+                        "an approval can only be attached when resolving",
+                    ));
+                }
+                let a = engine
+                    .approvals
+                    .get(r.approval_id)
+                    .ok_or_else(|| Status::not_found(format!("no approval {}", r.approval_id)))?;
+                if a.status != crate::correlate::approvals::APPROVED {
+                    return Err(Status::failed_precondition(format!(
+                        "approval {} is {}, not approved",
+                        a.id, a.status
+                    )));
+                }
+            }
+            let f = engine
+                .findings
+                .set_status(r.id, &r.status, &principal, &r.note, r.approval_id)
+                .map_err(|e| status_of(&e))?
+                .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
+            if r.approval_id != 0 {
+                engine
+                    .approvals
+                    .add_resolved(r.approval_id, &[f.id])
+                    .map_err(|e| status_of(&e))?;
+            }
+            // A change a person made is on disk before they are told it is done.
+            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+            tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
+            Ok(Response::new(f))
         }
-        let f = engine
-            .findings
-            .set_status(r.id, &r.status, &principal, &r.note, r.approval_id)
-            .map_err(|e| status_of(&e))?
-            .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
-        if r.approval_id != 0 {
-            engine
-                .approvals
-                .add_resolved(r.approval_id, &[f.id])
-                .map_err(|e| status_of(&e))?;
-        }
-        // A change a person made is on disk before they are told it is done.
-        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
-        tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
-        Ok(Response::new(f))
+        .await;
+        self.audited(&principal, "FindingService/Update", args, result)
     }
 }
 
@@ -180,59 +216,64 @@ impl ApprovalService for Control {
     ) -> Result<Response<Approval>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        if r.resource.is_empty() {
-            return Err(Status::invalid_argument(
-                "resource: name a policy resource or an absolute path",
-            ));
-        }
-        if !r.resource.starts_with('/') {
-            if let Some(p) = self.correlator.policies.current() {
-                if p.policy.resource(&r.resource).is_none() {
-                    let known: Vec<&str> =
-                        p.policy.resources.iter().map(|r| r.name.as_str()).collect();
-                    return Err(Status::invalid_argument(format!(
-                        "resource: no resource named {:?} in the policy (known: {})",
-                        r.resource,
-                        known.join(", ")
-                    )));
+        let args = serde_json::json!({"resource": r.resource, "host": r.host, "sha256": r.sha256, "window_seconds": r.window_seconds, "reason": r.reason});
+        let result: Result<Response<Approval>, Status> = async {
+            if r.resource.is_empty() {
+                return Err(Status::invalid_argument(
+                    "resource: name a policy resource or an absolute path",
+                ));
+            }
+            if !r.resource.starts_with('/') {
+                if let Some(p) = self.correlator.policies.current() {
+                    if p.policy.resource(&r.resource).is_none() {
+                        let known: Vec<&str> =
+                            p.policy.resources.iter().map(|r| r.name.as_str()).collect();
+                        return Err(Status::invalid_argument(format!(
+                            "resource: no resource named {:?} in the policy (known: {})",
+                            r.resource,
+                            known.join(", ")
+                        )));
+                    }
                 }
             }
+            if !r.sha256.is_empty() {
+                valid_sha("digest", &r.sha256)?;
+            }
+            if r.window_seconds <= 0 || r.window_seconds > 30 * 86_400 {
+                return Err(Status::invalid_argument(
+                    "window: must be between 1 second and 30 days",
+                ));
+            }
+            if r.reason.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "reason: say why the change is needed",
+                ));
+            }
+            let a = Approval {
+                resource: r.resource,
+                host: if r.host.is_empty() {
+                    "*".into()
+                } else {
+                    r.host
+                },
+                sha256: r.sha256.to_ascii_lowercase(),
+                window_seconds: r.window_seconds,
+                reason: r.reason,
+                requester: principal.clone(),
+                requested_unix_nanos: now_unix_nanos(),
+                ..Default::default()
+            };
+            let a = {
+                let mut engine = self.correlator.lock();
+                let a = engine.approvals.request(a).map_err(approval_status)?;
+                engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+                a
+            };
+            tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
+            Ok(Response::new(a))
         }
-        if !r.sha256.is_empty() {
-            valid_sha("digest", &r.sha256)?;
-        }
-        if r.window_seconds <= 0 || r.window_seconds > 30 * 86_400 {
-            return Err(Status::invalid_argument(
-                "window: must be between 1 second and 30 days",
-            ));
-        }
-        if r.reason.trim().is_empty() {
-            return Err(Status::invalid_argument(
-                "reason: say why the change is needed",
-            ));
-        }
-        let a = Approval {
-            resource: r.resource,
-            host: if r.host.is_empty() {
-                "*".into()
-            } else {
-                r.host
-            },
-            sha256: r.sha256.to_ascii_lowercase(),
-            window_seconds: r.window_seconds,
-            reason: r.reason,
-            requester: principal,
-            requested_unix_nanos: now_unix_nanos(),
-            ..Default::default()
-        };
-        let a = {
-            let mut engine = self.correlator.lock();
-            let a = engine.approvals.request(a).map_err(approval_status)?;
-            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
-            a
-        };
-        tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
-        Ok(Response::new(a))
+        .await;
+        self.audited(&principal, "ApprovalService/Request", args, result)
     }
 
     async fn decide(
@@ -241,25 +282,30 @@ impl ApprovalService for Control {
     ) -> Result<Response<Approval>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        let mut engine = self.correlator.lock();
-        let a = engine
-            .approvals
-            .decide(r.id, r.approve, &principal, &r.note, now_unix_nanos())
-            .map_err(approval_status)?;
-        tracing::info!(id = a.id, status = %a.status, approver = %principal, "change request decided");
-        if r.approve {
-            let resolved = engine.apply_approval(a.id).map_err(|e| status_of(&e))?;
-            if !resolved.is_empty() {
-                tracing::info!(
-                    id = a.id,
-                    ?resolved,
-                    "open findings resolved by the approval"
-                );
+        let args = serde_json::json!({"id": r.id, "approve": r.approve, "note": r.note});
+        let result: Result<Response<Approval>, Status> = async {
+            let mut engine = self.correlator.lock();
+            let a = engine
+                .approvals
+                .decide(r.id, r.approve, &principal, &r.note, now_unix_nanos())
+                .map_err(approval_status)?;
+            tracing::info!(id = a.id, status = %a.status, approver = %principal, "change request decided");
+            if r.approve {
+                let resolved = engine.apply_approval(a.id).map_err(|e| status_of(&e))?;
+                if !resolved.is_empty() {
+                    tracing::info!(
+                        id = a.id,
+                        ?resolved,
+                        "open findings resolved by the approval"
+                    );
+                }
             }
+            let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
+            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+            Ok(Response::new(a))
         }
-        let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
-        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
-        Ok(Response::new(a))
+        .await;
+        self.audited(&principal, "ApprovalService/Decide", args, result)
     }
 
     async fn list(
@@ -290,50 +336,55 @@ impl BaselineService for Control {
     ) -> Result<Response<ImportBaselineResponse>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        let host = if r.host.is_empty() {
-            "*".to_owned()
-        } else {
-            r.host
-        };
-        // Check everything before storing anything.
-        for (i, b) in r.entries.iter().enumerate() {
-            if !b.path.starts_with('/') {
-                return Err(Status::invalid_argument(format!(
-                    "entries[{i}].path: {:?} is not absolute",
-                    b.path
-                )));
+        let args = serde_json::json!({"host": r.host, "entries": r.entries.len(), "paths": r.entries.iter().take(20).map(|b| b.path.as_str()).collect::<Vec<_>>()});
+        let result: Result<Response<ImportBaselineResponse>, Status> = async {
+            let host = if r.host.is_empty() {
+                "*".to_owned()
+            } else {
+                r.host
+            };
+            // Check everything before storing anything.
+            for (i, b) in r.entries.iter().enumerate() {
+                if !b.path.starts_with('/') {
+                    return Err(Status::invalid_argument(format!(
+                        "entries[{i}].path: {:?} is not absolute",
+                        b.path
+                    )));
+                }
+                let sha = b.state.as_ref().map(|s| s.sha256.as_str()).unwrap_or("");
+                valid_sha(&format!("entries[{i}].state.sha256"), sha)?;
             }
-            let sha = b.state.as_ref().map(|s| s.sha256.as_str()).unwrap_or("");
-            valid_sha(&format!("entries[{i}].state.sha256"), sha)?;
+            let now = now_unix_nanos();
+            let mut engine = self.correlator.lock();
+            let n = r.entries.len() as u64;
+            for b in r.entries {
+                let state = b.state.map(|s| driftwatch_proto::v1::FileState {
+                    exists: true,
+                    sha256: s.sha256.to_ascii_lowercase(),
+                    ..s
+                });
+                engine
+                    .baselines
+                    .put(Baseline {
+                        host: if b.host.is_empty() {
+                            host.clone()
+                        } else {
+                            b.host
+                        },
+                        path: b.path,
+                        state,
+                        source: baselines::MANIFEST.into(),
+                        set_unix_nanos: now,
+                        set_by: principal.clone(),
+                    })
+                    .map_err(|e| status_of(&e))?;
+            }
+            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
+            tracing::info!(entries = n, %host, %principal, "baseline imported");
+            Ok(Response::new(ImportBaselineResponse { stored: n }))
         }
-        let now = now_unix_nanos();
-        let mut engine = self.correlator.lock();
-        let n = r.entries.len() as u64;
-        for b in r.entries {
-            let state = b.state.map(|s| driftwatch_proto::v1::FileState {
-                exists: true,
-                sha256: s.sha256.to_ascii_lowercase(),
-                ..s
-            });
-            engine
-                .baselines
-                .put(Baseline {
-                    host: if b.host.is_empty() {
-                        host.clone()
-                    } else {
-                        b.host
-                    },
-                    path: b.path,
-                    state,
-                    source: baselines::MANIFEST.into(),
-                    set_unix_nanos: now,
-                    set_by: principal.clone(),
-                })
-                .map_err(|e| status_of(&e))?;
-        }
-        engine.store().flush_blocking().map_err(|e| status_of(&e))?;
-        tracing::info!(entries = n, %host, %principal, "baseline imported");
-        Ok(Response::new(ImportBaselineResponse { stored: n }))
+        .await;
+        self.audited(&principal, "BaselineService/Import", args, result)
     }
 
     async fn scan(
@@ -342,60 +393,65 @@ impl BaselineService for Control {
     ) -> Result<Response<ScanBaselineResponse>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        if !r.path.starts_with('/') {
-            return Err(Status::invalid_argument(format!(
-                "path: {:?} is not absolute",
-                r.path
-            )));
-        }
-        if r.node.is_empty() {
-            return Err(Status::invalid_argument("node: name the reference host"));
-        }
-        let apply_to = if r.apply_to.is_empty() {
-            r.node.clone()
-        } else {
-            r.apply_to
-        };
-        let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
-        let done = self
-            .correlator
-            .start_scan(&scan_id, &apply_to, &principal)
-            .map_err(|e| status_of(&e))?;
-        if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
-            self.correlator.end_scan(&scan_id);
-            return Err(e);
-        }
-        tracing::info!(%scan_id, node = %r.node, path = %r.path, %apply_to, "baseline scan requested");
-        let timeout = Duration::from_secs(if r.timeout_seconds == 0 {
-            300
-        } else {
-            u64::from(r.timeout_seconds)
-        });
-        match tokio::time::timeout(timeout, done).await {
-            Ok(Ok((files, errors, error))) => {
-                self.correlator
-                    .lock()
-                    .store()
-                    .flush_blocking()
-                    .map_err(|e| status_of(&e))?;
-                if !error.is_empty() && files == 0 {
-                    return Err(Status::failed_precondition(format!(
-                        "the scan on {} failed: {error}",
-                        r.node
-                    )));
-                }
-                Ok(Response::new(ScanBaselineResponse { files, errors }))
+        let args = serde_json::json!({"node": r.node, "path": r.path, "apply_to": r.apply_to});
+        let result: Result<Response<ScanBaselineResponse>, Status> = async {
+            if !r.path.starts_with('/') {
+                return Err(Status::invalid_argument(format!(
+                    "path: {:?} is not absolute",
+                    r.path
+                )));
             }
-            Ok(Err(_)) => Err(Status::unavailable("the scan was abandoned")),
-            Err(_) => {
+            if r.node.is_empty() {
+                return Err(Status::invalid_argument("node: name the reference host"));
+            }
+            let apply_to = if r.apply_to.is_empty() {
+                r.node.clone()
+            } else {
+                r.apply_to
+            };
+            let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
+            let done = self
+                .correlator
+                .start_scan(&scan_id, &apply_to, &principal)
+                .map_err(|e| status_of(&e))?;
+            if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
                 self.correlator.end_scan(&scan_id);
-                Err(Status::deadline_exceeded(format!(
-                    "the agent of {} did not finish the scan within {}s",
-                    r.node,
-                    timeout.as_secs()
-                )))
+                return Err(e);
+            }
+            tracing::info!(%scan_id, node = %r.node, path = %r.path, %apply_to, "baseline scan requested");
+            let timeout = Duration::from_secs(if r.timeout_seconds == 0 {
+                300
+            } else {
+                u64::from(r.timeout_seconds)
+            });
+            match tokio::time::timeout(timeout, done).await {
+                Ok(Ok((files, errors, error))) => {
+                    self.correlator
+                        .lock()
+                        .store()
+                        .flush_blocking()
+                        .map_err(|e| status_of(&e))?;
+                    if !error.is_empty() && files == 0 {
+                        return Err(Status::failed_precondition(format!(
+                            "the scan on {} failed: {error}",
+                            r.node
+                        )));
+                    }
+                    Ok(Response::new(ScanBaselineResponse { files, errors }))
+                }
+                Ok(Err(_)) => Err(Status::unavailable("the scan was abandoned")),
+                Err(_) => {
+                    self.correlator.end_scan(&scan_id);
+                    Err(Status::deadline_exceeded(format!(
+                        "the agent of {} did not finish the scan within {}s",
+                        r.node,
+                        timeout.as_secs()
+                    )))
+                }
             }
         }
+        .await;
+        self.audited(&principal, "BaselineService/Scan", args, result)
     }
 
     async fn list(

@@ -5,12 +5,14 @@
 //! - [`ingest`]: the agent stream service (hello, batches, acks, heartbeats);
 //! - [`query`]: the timeline and agents services;
 //! - [`correlate`]: findings from events, policy, desired state and approvals;
+//! - [`audit`]: the chained record of people's actions;
 //! - [`control`]: the findings, approvals and baselines services, and principals;
 //! - [`policy`]: the policy file the collector judges with and pushes;
 //! - [`security`]: TLS, callers, roles, certificates;
 //! - [`units`]: durations and sizes on command lines;
 //! - [`statuses`]: the gRPC status of what the transport refuses.
 
+pub mod audit;
 pub mod control;
 pub mod correlate;
 pub mod ingest;

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use driftwatch_collector::{
+    audit::Audit,
     control::Control,
     correlate::{self, Correlator, Settings},
     ingest::Ingest,
@@ -311,10 +312,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(events = judged, "judged events stored before the last stop");
     }
     correlate::spawn_silence_check(correlator.clone());
-    tokio::spawn(reload_on_hangup(policies.clone()));
     let ingest = Ingest::new(store.clone(), correlator.clone());
-    let control = Control::new(correlator.clone(), ingest.clone());
-    let query = Query::new(store.clone(), ingest.stored.clone());
+    let audit = std::sync::Arc::new(Audit::open(&store).context("opening the audit log")?);
+    tokio::spawn(reload_on_hangup(policies.clone(), audit.clone()));
+    let control = Control::new(correlator.clone(), ingest.clone(), audit.clone());
+    let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone());
 
     let retention_store = store.clone();
     let (age, size) = (args.retention_age, args.retention_size);
@@ -342,7 +344,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .layer(tower::util::MapResponseLayer::new(
             driftwatch_collector::statuses::conventional,
         ))
-        .layer(AuthLayer::new(auth))
+        .layer(AuthLayer::new(auth, Some(audit)))
         .add_service(AgentServiceServer::new(ingest).max_decoding_message_size(max))
         .add_service(QueryServiceServer::new(query))
         .add_service(FindingServiceServer::new(control.clone()))
@@ -413,19 +415,44 @@ fn auth_of(args: &Args) -> anyhow::Result<Auth> {
     })
 }
 
-async fn reload_on_hangup(policies: Policies) {
+async fn reload_on_hangup(policies: Policies, audit: std::sync::Arc<Audit>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
-        match policies.reload() {
+        let outcome = match policies.reload() {
             Ok(Some(version)) => {
-                tracing::info!(%version, "policy reloaded; agents are sent the new version")
+                tracing::info!(%version, "policy reloaded; agents are sent the new version");
+                format!("ok: version {version}")
             }
-            Ok(None) => tracing::info!("SIGHUP: no --policy file to re-read"),
-            Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
-        }
+            Ok(None) => {
+                tracing::info!("SIGHUP: no --policy file to re-read");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("policy refused, the running policy stays in force: {e}");
+                format!("refused: {e}")
+            }
+        };
+        // Whoever could signal the collector changed the policy: recorded
+        // as the local operator.
+        let audit = audit.clone();
+        let file = policies
+            .current()
+            .map(|p| p.source.to_string())
+            .unwrap_or_default();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = audit.record(
+                "local operator (SIGHUP)",
+                "PolicyReload",
+                serde_json::json!({ "file": file }),
+                &outcome,
+            ) {
+                tracing::error!("the audit log could not record a policy reload: {e}");
+            }
+        })
+        .await;
     }
 }
 

@@ -6,6 +6,7 @@
     clippy::large_enum_variant
 )]
 
+pub mod chain;
 pub mod client;
 pub mod raw;
 pub mod time;

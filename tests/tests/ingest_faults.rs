@@ -31,6 +31,7 @@ fn file_event(node: &str, seq: u64, path: &str) -> Event {
         seq,
         time_unix_nanos: 1_700_000_000_000_000_000 + seq as i64,
         node: node.into(),
+        chain: Vec::new(),
     }
 }
 

@@ -754,3 +754,210 @@ fn eventually_long(c: &Collector, what: &str, f: impl Fn(&Collector) -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
 }
+
+/// Changes one stored file event of `node` in the collector's database (the
+/// collector stopped), as someone with the disk would: the block is
+/// rewritten with the event's path changed and its chain value kept.
+/// Returns the event's sequence number.
+fn alter_stored_event(data: &Path, node: &str, path_part: &str) -> u64 {
+    use driftwatch_proto::v1::{event, EventBatch};
+    use prost::Message as _;
+    let db = sled::open(data).expect("open the stopped collector's store");
+    let blocks = db.open_tree("blocks").unwrap();
+    let mut prefix = node.as_bytes().to_vec();
+    prefix.push(0);
+    for kv in blocks.scan_prefix(&prefix) {
+        let (k, v) = kv.unwrap();
+        assert_eq!(v[0], 0, "an LZ4 block");
+        let len = u32::from_le_bytes(v[1..5].try_into().unwrap()) as usize;
+        let raw = lz4_flex::block::decompress(&v[5..], len).unwrap();
+        let mut batch = EventBatch::decode(raw.as_slice()).unwrap();
+        let hit = batch.events.iter_mut().find(
+            |e| matches!(&e.event, Some(event::Event::File(f)) if f.path.contains(path_part)),
+        );
+        if let Some(e) = hit {
+            let seq = e.seq;
+            if let Some(event::Event::File(f)) = &mut e.event {
+                f.path = "/nothing/to/see".into();
+            }
+            let raw = batch.encode_to_vec();
+            let mut value = vec![0u8];
+            value.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            value.extend_from_slice(&lz4_flex::block::compress(&raw));
+            blocks.insert(k, value).unwrap();
+            db.flush().unwrap();
+            return seq;
+        }
+    }
+    panic!("no stored file event of {node} under {path_part}");
+}
+
+#[test]
+fn people_s_actions_are_audited_and_verify_names_the_first_altered_event() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let roles = dir.path.join("roles.yaml");
+    std::fs::write(
+        &roles,
+        "admin: [alice]\napprover: [bob]\nviewer: [reader]\n",
+    )
+    .unwrap();
+    let mut c = Collector::secured(&["--roles", roles.to_str().unwrap()]);
+    let agent = Agent::streaming(
+        &policy(&[format!("{tree}/")], &[]),
+        &c,
+        "chained",
+        &dir.path.join("spool"),
+    );
+    // Real writers: sed -i, cp, Python.
+    let conf = format!("{tree}/app.conf");
+    std::fs::write(&conf, "debug = false\n").unwrap();
+    run(std::process::Command::new("sed").args(["-i", "s/false/true/", &conf]));
+    run(std::process::Command::new("cp").args([&conf, &format!("{tree}/copy.conf")]));
+    run(&mut driftwatch_tests::python(&format!(
+        "open('{tree}/py.conf', 'w').write('x = 1\\n')"
+    )));
+    c.wait_timeline(
+        &["--host", "chained", "--path", &format!("{tree}/py.conf")],
+        |t| t.iter().any(|e| e["op"] == "close_write"),
+        "python's write",
+    );
+
+    // People act: a request, a self-approval (refused), an approval by
+    // another, a viewer trying to change something (refused).
+    let req = c.json(
+        "alice",
+        &[
+            "approvals",
+            "request",
+            "--resource",
+            &conf,
+            "--window",
+            "10m",
+            "--reason",
+            "flip debug",
+        ],
+    );
+    let id = req[0]["id"].as_u64().unwrap().to_string();
+    assert!(!c
+        .cli("alice", &["approvals", "approve", &id])
+        .status
+        .success());
+    assert!(c
+        .cli("bob", &["approvals", "approve", &id])
+        .status
+        .success());
+    assert!(!c.cli("reader", &["findings", "ack", "1"]).status.success());
+    let audit = c.wait_json(&["audit"], 10, |a| a.len() >= 4, "four audit records");
+    let row = |call: &str, who: &str| {
+        audit
+            .iter()
+            .find(|r| r["call"] == call && r["principal"] == who)
+            .unwrap_or_else(|| panic!("no {call} by {who} in {audit:#?}"))
+    };
+    assert_eq!(row("ApprovalService/Request", "alice")["outcome"], "ok");
+    assert_eq!(
+        row("ApprovalService/Request", "alice")["args"]["resource"],
+        conf
+    );
+    assert!(row("ApprovalService/Decide", "alice")["outcome"]
+        .as_str()
+        .unwrap()
+        .contains("self-approval"));
+    assert_eq!(row("ApprovalService/Decide", "bob")["outcome"], "ok");
+    assert!(row("FindingService/Update", "reader")["outcome"]
+        .as_str()
+        .unwrap()
+        .starts_with("PermissionDenied"));
+
+    // An honest store verifies, from the collector and from an export.
+    let verify = |c: &Collector, extra: &[&str]| {
+        let out = c
+            .command("reader")
+            .arg("verify")
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = verify(&c, &[]);
+    assert!(ok, "an honest store failed to verify:\n{text}");
+    assert!(
+        text.contains("host chained") && text.contains("audit log"),
+        "{text}"
+    );
+    let export = dir.path.join("export.jsonl");
+    let out = c
+        .command("reader")
+        .args(["timeline", "--host", "chained", "-o", "json", "--chain"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(&export, &out.stdout).unwrap();
+    let offline = |f: &Path| {
+        let out = std::process::Command::new(bin("driftwatch"))
+            .args(["verify", "--file"])
+            .arg(f)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = offline(&export);
+    assert!(ok, "an honest export failed to verify:\n{text}");
+
+    // An export with one readable field edited, or one event left out.
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let victim = lines
+        .iter()
+        .position(|l| l.contains("copy.conf") && l.contains("\"type\":\"event\""))
+        .expect("cp's event in the export");
+    let seq_of = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut edited = lines.clone();
+    edited[victim] = edited[victim].replace("copy.conf", "other.conf");
+    std::fs::write(&export, edited.join("\n")).unwrap();
+    let (ok, text) = offline(&export);
+    assert!(
+        !ok && text.contains(&format!("seq {}", seq_of(&lines[victim]))),
+        "{text}"
+    );
+    let mut cut = lines.clone();
+    let removed = seq_of(&cut.remove(victim));
+    std::fs::write(&export, cut.join("\n")).unwrap();
+    let (ok, text) = offline(&export);
+    let next = lines
+        .iter()
+        .map(|l| seq_of(l))
+        .filter(|s| *s > removed)
+        .min()
+        .expect("an event after the removed one");
+    assert!(
+        !ok && text.contains(&format!("seq {next}")),
+        "removed {removed}: {text}"
+    );
+
+    // The store itself altered while the collector is down.
+    drop(agent);
+    c.kill();
+    let altered = alter_stored_event(&c.data, "chained", "copy.conf");
+    c.restart();
+    let (ok, text) = verify(&c, &["--host", "chained"]);
+    assert!(!ok, "an altered store verified:\n{text}");
+    assert!(
+        text.contains(&format!("first bad event: seq {altered}:")),
+        "verify must name seq {altered}:\n{text}"
+    );
+}

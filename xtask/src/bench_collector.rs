@@ -76,6 +76,7 @@ fn template(node: &str) -> Event {
         seq: 0,
         time_unix_nanos: 0,
         node: node.into(),
+        chain: Vec::new(),
     }
 }
 

@@ -379,6 +379,7 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
             seq: 0,
             time_unix_nanos: time.unix_nanos(),
             node,
+            chain: Vec::new(),
         },
         p,
     ))

@@ -73,6 +73,7 @@ impl Fixture {
             seq: self.seq,
             time_unix_nanos: now_unix_nanos(),
             node: "n".into(),
+            chain: Vec::new(),
         };
         self.c.process("n", &[e]).expect("judged");
     }
@@ -212,6 +213,7 @@ fn judged_events_are_not_judged_again() {
         seq: f.seq,
         time_unix_nanos: now_unix_nanos(),
         node: "n".into(),
+        chain: Vec::new(),
     };
     // Redelivered after a restart: the cursor skips it.
     f.c.process("n", &[e]).expect("judged");

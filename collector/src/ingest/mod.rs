@@ -34,6 +34,7 @@ const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub fn status_of(e: &StoreError) -> Status {
     match e {
         StoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
         StoreError::Invalid { reason, .. } if reason.contains("on the stream of") => {
             Status::permission_denied(e.to_string())
         }

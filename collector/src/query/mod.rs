@@ -1,17 +1,18 @@
 //! The read side: a node's (or every node's) events in order with gaps
 //! inline, optionally followed live; and the agents' status.
 
-use std::{collections::HashMap, pin::Pin};
+use std::{collections::HashMap, pin::Pin, sync::Arc};
 
 use driftwatch_proto::v1::{
-    event, query_service_server::QueryService, timeline_item, AgentsRequest, AgentsResponse, Event,
-    Gap, TimelineItem, TimelineRequest,
+    event, query_service_server::QueryService, timeline_item, AgentsRequest, AgentsResponse,
+    AuditRequest, AuditResponse, Event, Gap, TimelineItem, TimelineRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::Audit,
     ingest::status_of,
     store::{order, Scope, Store, StoreError},
 };
@@ -183,12 +184,17 @@ pub fn walk(
 pub struct Query {
     store: Store,
     stored: broadcast::Sender<Event>,
+    audit: Arc<Audit>,
 }
 
 impl Query {
     /// Reads `store`; `stored` announces newly stored events (for follow).
-    pub fn new(store: Store, stored: broadcast::Sender<Event>) -> Self {
-        Self { store, stored }
+    pub fn new(store: Store, stored: broadcast::Sender<Event>, audit: Arc<Audit>) -> Self {
+        Self {
+            store,
+            stored,
+            audit,
+        }
     }
 }
 
@@ -274,6 +280,29 @@ impl QueryService for Query {
     async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsResponse>, Status> {
         let agents = self.store.agents().map_err(|e| status_of(&e))?;
         Ok(Response::new(AgentsResponse { agents }))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<AuditRequest>,
+    ) -> Result<Response<AuditResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            1000
+        } else {
+            r.limit.min(100_000)
+        } as usize;
+        // The head first: the records read after it include it.
+        let (head_seq, head) = self.audit.head();
+        let records = self
+            .audit
+            .list(r.since_unix_nanos, limit)
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(AuditResponse {
+            records,
+            head: head.to_vec(),
+            head_seq,
+        }))
     }
 }
 

@@ -26,6 +26,7 @@ use tonic::{
 };
 
 use super::watched::Watched;
+use crate::audit::Audit;
 
 /// A URI SAN naming the node an agent's certificate speaks for.
 pub const NODE_URI: &str = "urn:driftwatch:node:";
@@ -514,16 +515,19 @@ pub fn identity_of(der: &[u8]) -> Result<Caller, String> {
     }
 }
 
-/// Authenticates and authorizes every call before its handler runs.
+/// Authenticates and authorizes every call before its handler runs;
+/// refused changes are written to the audit log.
 #[derive(Clone)]
 pub struct AuthLayer {
     auth: Arc<Auth>,
+    audit: Option<Arc<Audit>>,
 }
 
 impl AuthLayer {
-    /// A layer checking calls against `auth`.
-    pub fn new(auth: Arc<Auth>) -> Self {
-        Self { auth }
+    /// A layer checking calls against `auth`, recording refused changes in
+    /// `audit`.
+    pub fn new(auth: Arc<Auth>, audit: Option<Arc<Audit>>) -> Self {
+        Self { auth, audit }
     }
 }
 
@@ -533,6 +537,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         Authorized {
             inner,
             auth: self.auth.clone(),
+            audit: self.audit.clone(),
         }
     }
 }
@@ -542,6 +547,31 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct Authorized<S> {
     inner: S,
     auth: Arc<Auth>,
+    audit: Option<Arc<Audit>>,
+}
+
+impl<S> Authorized<S> {
+    /// Records a refused change (not refused reads: those are only logged).
+    fn audit_refusal(&self, path: &str, who: String, status: &Status) {
+        let (Some(audit), Some(Need::Role(role))) = (&self.audit, need(path)) else {
+            return;
+        };
+        if role == Role::Viewer {
+            return;
+        }
+        let audit = audit.clone();
+        let call = path
+            .trim_start_matches('/')
+            .trim_start_matches("driftwatch.v1.")
+            .to_owned();
+        let outcome = format!("{:?}: {}", status.code(), status.message());
+        // The record is flushed to disk: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = audit.record(&who, &call, serde_json::json!({}), &outcome) {
+                tracing::error!(%call, "the audit log could not record a refusal: {e}");
+            }
+        });
+    }
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Authorized<S>
@@ -565,16 +595,25 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_owned();
+        let mut who = "unauthenticated".to_owned();
         let checked = self
             .auth
             .authenticate(req.headers(), req.extensions())
-            .and_then(|caller| self.auth.authorize(&caller, &path).map(|()| caller));
+            .and_then(|caller| {
+                who = match &caller {
+                    Caller::Person { name, .. } => name.clone(),
+                    Caller::Node(n) => format!("node {n}"),
+                    Caller::Anonymous => "anonymous".into(),
+                };
+                self.auth.authorize(&caller, &path).map(|()| caller)
+            });
         match checked {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(req))
             }
             Err(status) => {
+                self.audit_refusal(&path, who, &status);
                 if status.code() == tonic::Code::PermissionDenied {
                     tracing::warn!(call = %path, "refused: {}", status.message());
                 } else {

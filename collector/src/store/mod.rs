@@ -35,6 +35,7 @@ use std::path::Path;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashSet};
 
+use driftwatch_proto::chain::{self, Link};
 use driftwatch_proto::v1::{event, AgentStatus, Event, EventBatch, Gap, NodeInfo};
 use prost::Message as _;
 
@@ -62,6 +63,13 @@ pub enum StoreError {
         expected: u64,
         /// What arrived.
         got: u64,
+    },
+    /// A redelivered sequence number carries another event than the one
+    /// stored under it.
+    #[error("sequence {seq}: a different event is already stored under this sequence number; stored events are never replaced")]
+    Conflict {
+        /// The sequence number.
+        seq: u64,
     },
     /// An event is not acceptable as sent.
     #[error("invalid event (seq {seq}): {reason}")]
@@ -136,12 +144,28 @@ const LZ4: u8 = 0;
 /// Bound on a block's decompressed size, checked before allocating it.
 const MAX_BLOCK_BYTES: usize = 256 << 20;
 
-/// Encodes events (in sequence order) as a block value.
-fn encode_block(events: &[&Event]) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(events.iter().map(|e| e.encoded_len() + 4).sum());
+/// Field number of `Event.chain`.
+const CHAIN_FIELD: u32 = 104;
+
+/// Encodes events (in sequence order, their chain fields empty) as a block
+/// value, each with its chain value after `prev`; `prev` ends as the last
+/// event's.
+fn encode_block(events: &[&Event], prev: &mut Link) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    // The chain field: key, length 32, value.
+    let chain_len = encoded_len_varint(u64::from(CHAIN_FIELD << 3)) + 1 + 32;
+    let mut raw = Vec::with_capacity(events.iter().map(|e| e.encoded_len() + chain_len + 8).sum());
     for e in events {
-        // As `EventBatch { events }` (field 1) would, without copying them.
-        prost::encoding::message::encode(1, *e, &mut raw);
+        // As `EventBatch { events }` (field 1) would, without copying
+        // them: the event's body is hashed where it is written, and its
+        // chain field follows it (a field may come in any order).
+        let len = e.encoded_len();
+        encode_key(1, WireType::LengthDelimited, &mut raw);
+        encode_varint((len + chain_len) as u64, &mut raw);
+        let start = raw.len();
+        e.encode_raw(&mut raw);
+        *prev = chain::link(prev, &raw[start..]);
+        prost::encoding::bytes::encode(CHAIN_FIELD, &prev.to_vec(), &mut raw);
     }
     let mut v = Vec::with_capacity(5 + lz4_flex::block::get_maximum_output_size(raw.len()));
     v.push(LZ4);
@@ -259,6 +283,9 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
     }
     if e.event.is_none() {
         return Err(bad("no event kind set"));
+    }
+    if !e.chain.is_empty() {
+        return Err(bad("the chain field is the collector's to set"));
     }
     if e.node != node {
         return Err(bad(&format!(
@@ -482,6 +509,8 @@ impl Store {
         let mut acked = before;
         let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
         let mut refused = None;
+        // The block last read to compare a redelivery with.
+        let mut stored: Vec<Event> = Vec::new();
         for e in events {
             // Checked before the redelivery skip below, which would
             // otherwise pass over it silently and ack "through 0".
@@ -493,6 +522,12 @@ impl Store {
                 break;
             }
             if e.seq <= acked {
+                // A redelivery: the same event again is skipped, another
+                // one under a stored sequence number is refused.
+                if !self.same_as_stored(node, e, &mut stored)? {
+                    refused = Some(StoreError::Conflict { seq: e.seq });
+                    break;
+                }
                 continue;
             }
             if e.seq != acked + 1 {
@@ -510,7 +545,12 @@ impl Store {
             acked = e.seq;
         }
         // Runs of consecutive events in the same bucket, cut at multiples
-        // of BLOCK_EVENTS.
+        // of BLOCK_EVENTS; the chain continues from the node's head.
+        let mut head: Link = agent
+            .chain_head
+            .as_slice()
+            .try_into()
+            .unwrap_or(chain::GENESIS);
         let mut start = 0;
         while start < accepted.len() {
             let b = bucket(accepted[start].time_unix_nanos);
@@ -536,7 +576,8 @@ impl Store {
                     dirs.insert(dir_of(path));
                 }
             }
-            self.blocks.insert(key.as_slice(), encode_block(run))?;
+            self.blocks
+                .insert(key.as_slice(), encode_block(run, &mut head))?;
             for x in execs {
                 self.by_exec
                     .insert(index_key(x, node, b, first), key.as_slice())?;
@@ -547,6 +588,10 @@ impl Store {
             }
             start = end;
         }
+        if let Some(last) = accepted.last() {
+            agent.chain_head = head.to_vec();
+            agent.chain_seq = last.seq;
+        }
         agent.acked_seq = acked;
         agent.last_seq = agent.last_seq.max(acked);
         agent.last_seen_unix_nanos = agent.last_seen_unix_nanos.max(seen_at);
@@ -556,6 +601,91 @@ impl Store {
             through: acked,
             refused,
         })
+    }
+
+    /// Whether `e`, at or below the acked sequence, is the event stored
+    /// under its sequence number. `cache` keeps the last block read.
+    fn same_as_stored(
+        &self,
+        node: &str,
+        e: &Event,
+        cache: &mut Vec<Event>,
+    ) -> Result<bool, StoreError> {
+        if !cache.iter().any(|s| s.seq == e.seq) {
+            cache.clear();
+            let t = e.time_unix_nanos;
+            for block in self.node_blocks(node, t, t.saturating_add(1)) {
+                let (_, events) = block?;
+                if events.iter().any(|s| s.seq == e.seq) {
+                    *cache = events;
+                    break;
+                }
+            }
+        }
+        Ok(match cache.iter().find(|s| s.seq == e.seq) {
+            Some(s) => {
+                let mut s = s.clone();
+                s.chain.clear();
+                s == *e
+            }
+            // Nothing under that sequence at that time: either retention
+            // removed it (then nothing is replaced either), or the event
+            // claims another time than the stored one.
+            None => !self.seq_stored_elsewhere(node, e.seq)?,
+        })
+    }
+
+    /// Whether `seq` of `node` is stored in any block (a scan of the node's
+    /// block keys, then of the one block that may hold it).
+    fn seq_stored_elsewhere(&self, node: &str, seq: u64) -> Result<bool, StoreError> {
+        let prefix = node_prefix(node);
+        let mut best: Option<(u64, sled::IVec)> = None;
+        for kv in self.blocks.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let Some(first) = k.get(prefix.len() + 8..prefix.len() + 16) else {
+                continue;
+            };
+            let first = u64::from_be_bytes(first.try_into().unwrap_or([0; 8]));
+            if first <= seq
+                && seq < first + BLOCK_EVENTS
+                && best.as_ref().is_none_or(|(f, _)| first > *f)
+            {
+                best = Some((first, k));
+            }
+        }
+        match best {
+            Some((_, k)) => Ok(self
+                .block(&k)?
+                .is_some_and(|events| events.iter().any(|e| e.seq == seq))),
+            None => Ok(false),
+        }
+    }
+
+    /// Every stored event of `node` in sequence order, a block at a time,
+    /// for verifying its chain: block keys are read first and ordered by
+    /// first sequence number (a clock that went back puts later events in
+    /// earlier buckets).
+    pub fn node_chain(
+        &self,
+        node: &str,
+    ) -> Result<impl Iterator<Item = Result<Vec<Event>, StoreError>> + '_, StoreError> {
+        let prefix = node_prefix(node);
+        let mut keys: Vec<(u64, sled::IVec)> = Vec::new();
+        for kv in self.blocks.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let first = k
+                .get(prefix.len() + 8..prefix.len() + 16)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))?;
+            keys.push((first, k));
+        }
+        keys.sort_by_key(|(first, _)| *first);
+        Ok(keys.into_iter().map(move |(_, k)| {
+            let mut events = self.block(&k)?.unwrap_or_default();
+            events.sort_by_key(|e| e.seq);
+            Ok(events)
+        }))
     }
 
     /// Records a gap; a dropped range also moves the acked sequence past it.

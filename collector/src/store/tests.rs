@@ -16,6 +16,7 @@ pub(crate) fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Eve
         seq,
         time_unix_nanos: t,
         node: node.into(),
+        chain: Vec::new(),
     }
 }
 
@@ -398,4 +399,140 @@ fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
         .unwrap();
     assert_eq!(page[0].time_unix_nanos, since);
     assert!(page.len() < 100, "{}", page.len());
+}
+
+/// Verifies the whole stored chain of `node` the way `driftwatch verify`
+/// does: sequence order, each link, and the recorded head.
+fn verify_chain(s: &Store, node: &str) -> Result<u64, chain::Broken> {
+    let a = s.agent(node).unwrap().unwrap();
+    let mut v = chain::Verifier::new(true).through_head(a.chain_seq, &a.chain_head);
+    for block in s.node_chain(node).unwrap() {
+        for e in block.unwrap() {
+            v.feed(e.seq, &e.chain, &chain::event_body(&e))?;
+        }
+    }
+    v.finish()?;
+    Ok(v.checked())
+}
+
+/// Rewrites the block holding `seq` with `change` applied to its events,
+/// as someone editing the database would: chain values left as they were.
+fn tamper(s: &Store, node: &str, seq: u64, change: impl FnOnce(&mut Vec<Event>)) {
+    for kv in s.blocks.scan_prefix(node_prefix(node)) {
+        let (k, v) = kv.unwrap();
+        let mut events = decode_block(&v).unwrap();
+        if events.iter().any(|e| e.seq == seq) {
+            change(&mut events);
+            let raw = EventBatch { events }.encode_to_vec();
+            let mut value = vec![LZ4];
+            value.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            value.extend_from_slice(&lz4_flex::block::compress(&raw));
+            s.blocks.insert(k, value).unwrap();
+            return;
+        }
+    }
+    panic!("no block holds seq {seq}");
+}
+
+fn chained_store() -> (tempfile::TempDir, Store) {
+    let (d, s) = open();
+    // Several batches, many buckets and blocks; a clock step back in the
+    // middle puts later events in earlier buckets.
+    for b in 0..6u64 {
+        let batch: Vec<Event> = (1..=100)
+            .map(|i| {
+                let seq = b * 100 + i;
+                let t = if b == 3 { 5_000 } else { 1_000_000 } + seq as i64 * 3_000_000;
+                ev("n1", seq, t, &format!("/etc/f{seq}"), "x")
+            })
+            .collect();
+        assert_eq!(s.append("n1", &batch, 1).unwrap().through, (b + 1) * 100);
+    }
+    (d, s)
+}
+
+#[test]
+fn stored_history_is_chained_and_altered_removed_reordered_or_truncated_events_are_named() {
+    let (_d, s) = chained_store();
+    assert_eq!(verify_chain(&s, "n1"), Ok(600));
+    let a = s.agent("n1").unwrap().unwrap();
+    assert_eq!((a.chain_seq, a.chain_head.len()), (600, 32));
+
+    let (_d, s) = chained_store();
+    tamper(&s, "n1", 300, |events| {
+        let e = events.iter_mut().find(|e| e.seq == 300).unwrap();
+        if let Some(event::Event::File(f)) = &mut e.event {
+            f.path = "/etc/innocent".into();
+        }
+    });
+    assert_eq!(verify_chain(&s, "n1").unwrap_err().seq, 300, "altered");
+
+    let (_d, s) = chained_store();
+    tamper(&s, "n1", 300, |events| events.retain(|e| e.seq != 300));
+    assert_eq!(verify_chain(&s, "n1").unwrap_err().seq, 301, "removed");
+
+    // Two events trade places: each keeps its sequence number and chain
+    // value, and takes the other's content.
+    let (_d, s) = chained_store();
+    let mut first = 0;
+    tamper(&s, "n1", 250, |events| {
+        assert!(events.len() >= 2);
+        first = events[0].seq;
+        let a = events[0].event.take();
+        events[0].event = events[1].event.take();
+        events[1].event = a;
+    });
+    assert_eq!(verify_chain(&s, "n1").unwrap_err().seq, first, "reordered");
+
+    let (_d, s) = chained_store();
+    let mut gone = 0;
+    tamper(&s, "n1", 600, |events| {
+        gone = events[0].seq;
+        events.clear();
+    });
+    let e = verify_chain(&s, "n1").unwrap_err();
+    assert_eq!(e.seq, gone, "truncated: {e:?}");
+    assert!(e.reason.contains("newest were removed"), "{e:?}");
+
+    // The chain survives a reopen and continues from the recorded head.
+    let (d, s) = chained_store();
+    drop(s);
+    let s = Store::reopen_for_test(d.path());
+    let more: Vec<Event> = (601..=610)
+        .map(|i| ev("n1", i, 10_000_000_000 + i as i64, "/etc/g", "x"))
+        .collect();
+    assert_eq!(s.append("n1", &more, 1).unwrap().through, 610);
+    assert_eq!(verify_chain(&s, "n1"), Ok(610));
+}
+
+#[test]
+fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays() {
+    let (_d, s) = open();
+    let batch: Vec<Event> = (1..=5)
+        .map(|i| ev("n1", i, 100 + i as i64, "/a", "x"))
+        .collect();
+    s.append("n1", &batch, 1).unwrap();
+    // The same events again: skipped.
+    assert!(s.append("n1", &batch, 1).unwrap().refused.is_none());
+    // Seq 3 with another path, or at another time: refused, named.
+    for forged in [
+        ev("n1", 3, 103, "/forged", "x"),
+        ev("n1", 3, 999, "/a", "x"),
+    ] {
+        let r = s.append("n1", &[forged], 1).unwrap();
+        assert!(
+            matches!(r.refused, Some(StoreError::Conflict { seq: 3 })),
+            "{:?}",
+            r.refused
+        );
+    }
+    assert_eq!(s.event_at("n1", 3, 103).unwrap().map(|e| e.seq), Some(3));
+    assert_eq!(verify_chain(&s, "n1"), Ok(5));
+    // An agent may not set the chain itself.
+    let mut e = ev("n1", 6, 106, "/a", "x");
+    e.chain = vec![0; 32];
+    assert!(matches!(
+        s.append("n1", &[e], 1).unwrap().refused,
+        Some(StoreError::Invalid { seq: 6, .. })
+    ));
 }

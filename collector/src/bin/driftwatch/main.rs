@@ -1,6 +1,7 @@
 //! `driftwatch`: the command line for security teams and responders.
 
 mod changes;
+mod evidence;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -93,6 +94,45 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
         /// At most this many events.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+        /// With `-o json`: add each event's chain value and chained body,
+        /// so the export can be checked offline with `driftwatch verify
+        /// --file`.
+        #[arg(long)]
+        chain: bool,
+    },
+    /// Check that stored history is intact: every stored event of each host
+    /// (or one) follows from the one before in its hash chain and the newest
+    /// is the head the collector recorded, and so does the audit log. Names
+    /// the first bad event. Exit status 1 when anything is broken.
+    Verify {
+        /// Only this host.
+        #[arg(long, conflicts_with = "file")]
+        host: Option<String>,
+        /// Only events from this time (a duration back or RFC 3339); the
+        /// first one is then taken as given.
+        #[arg(long, value_parser = when, conflicts_with = "file")]
+        since: Option<i64>,
+        /// Check an export (`driftwatch timeline -o json --chain`) instead,
+        /// offline.
+        #[arg(long, value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// People's actions through the API (acknowledge, resolve, request,
+    /// approve, deny, baseline import and scan, policy reloads), refused
+    /// ones included, oldest first.
+    Audit {
+        /// From: a duration back from now or an RFC 3339 time.
+        #[arg(long, value_parser = when)]
+        since: Option<i64>,
+        /// At most this many (the newest; default 1000).
         #[arg(long)]
         limit: Option<u32>,
         /// Output format.
@@ -377,6 +417,19 @@ fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    // An export is checked offline: no collector involved.
+    if let Cmd::Verify {
+        file: Some(f),
+        output,
+        ..
+    } = &cli.cmd
+    {
+        let mut out = std::io::stdout().lock();
+        if !evidence::verify_file(f, *output, &mut out)? {
+            return Err(format!("verify: {} is not intact (see above)", f.display()));
+        }
+        return Ok(());
+    }
     let tls = driftwatch_proto::client::ClientTls {
         ca: cli.ca.clone(),
         cert: cli.cert.clone(),
@@ -431,6 +484,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             follow,
             limit,
             output,
+            chain,
         } => {
             let req = TimelineRequest {
                 node: host.unwrap_or_default(),
@@ -462,7 +516,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             {
                 let line = match (&item.item, output) {
                     (Some(timeline_item::Item::Event(e)), Output::Json) => {
-                        event_json(e).to_string()
+                        let mut v = event_json(e);
+                        if chain {
+                            evidence::add_chain(&mut v, e);
+                        }
+                        v.to_string()
                     }
                     (Some(timeline_item::Item::Gap(g)), Output::Json) => gap_json(g).to_string(),
                     (Some(timeline_item::Item::Event(e)), Output::Table)
@@ -515,6 +573,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
             }
         }
+        Cmd::Verify {
+            host,
+            since,
+            output,
+            file: _,
+        } => {
+            if !evidence::verify_online(&mut client, host, since, output, &mut out).await? {
+                return Err("verify: the stored history is not intact (see above)".into());
+            }
+        }
+        Cmd::Audit {
+            since,
+            limit,
+            output,
+        } => evidence::audit(&mut client, since, limit, output, &mut out).await?,
         Cmd::Agents { output } => {
             let agents = client
                 .agents(AgentsRequest {})
