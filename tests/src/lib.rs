@@ -330,7 +330,7 @@ pub struct Collector {
     /// Everything it has logged (also copied to the test's stderr).
     log: std::sync::Arc<std::sync::Mutex<String>>,
     _dir: Dir,
-    _files: Option<Dir>,
+    _files: Vec<Dir>,
 }
 
 impl Collector {
@@ -358,7 +358,7 @@ impl Collector {
             pki,
             log: Default::default(),
             _dir: dir,
-            _files: None,
+            _files: Vec::new(),
         };
         c.restart();
         c
@@ -377,7 +377,7 @@ impl Collector {
         args.extend_from_slice(extra);
         let mut c = Self::secured(&args);
         c.policy = Some(policy);
-        c._files = Some(dir);
+        c._files.push(dir);
         c
     }
 
@@ -419,7 +419,7 @@ impl Collector {
         ];
         args.extend_from_slice(extra);
         let mut c = Self::start_with_pki(&args, Some(pki));
-        c._files = Some(dir);
+        c._files.push(dir);
         c
     }
 

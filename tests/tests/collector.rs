@@ -382,7 +382,7 @@ fn an_unreachable_collector_is_a_clear_error_and_the_agent_keeps_spooling() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&bad.stderr)
-            .contains("collector URL \"collector:7070\" must start with http://"),
+            .contains("collector URL \"collector:7070\" must start with https://"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );

@@ -92,11 +92,43 @@ resources:
 
     let release = bin.parent().map(Path::to_path_buf).unwrap_or_default();
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     let d = dir.display();
-    eprintln!("demo: starting driftwatch-collector on {url} (sled store in {d}/store, policy {d}/policy.yaml, principals alice and bob)");
+    // Who may do what: alice files change requests, bob approves them;
+    // nobody approves their own.
+    std::fs::write(
+        dir.join("roles.yaml"),
+        "approver: [bob]\nresponder: [alice]\n",
+    )?;
+    let certs = |args: &[&str]| -> Result<()> {
+        let o = Command::new(release.join("driftwatch-collector"))
+            .arg("certs")
+            .args(args)
+            .args(["--dir", &format!("{d}/pki")])
+            .output()
+            .context("running driftwatch-collector certs")?;
+        if !o.status.success() {
+            anyhow::bail!(
+                "driftwatch-collector certs {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(())
+    };
+    eprintln!("demo: driftwatch-collector certs init: a CA, the collector's certificate, and the node certificate of demo-node ({d}/pki)");
+    certs(&["init"])?;
+    certs(&["issue", "node", "demo-node"])?;
+    eprintln!("demo: starting driftwatch-collector on {url}: TLS, agents by certificate, people by token with roles ({d}/roles.yaml), sled store in {d}/store, policy {d}/policy.yaml");
     let mut collector = Command::new(release.join("driftwatch-collector"))
         .args([
+            "--tls-cert",
+            &format!("{d}/pki/server.pem"),
+            "--tls-key",
+            &format!("{d}/pki/server-key.pem"),
+            "--client-ca",
+            &format!("{d}/pki/ca.pem"),
+            "--roles",
+            &format!("{d}/roles.yaml"),
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",
@@ -127,6 +159,12 @@ resources:
         &[
             "--collector",
             &url,
+            "--ca",
+            &format!("{d}/pki/ca.pem"),
+            "--cert",
+            &format!("{d}/pki/node-demo-node.pem"),
+            "--key",
+            &format!("{d}/pki/node-demo-node-key.pem"),
             "--node-name",
             "demo-node",
             "--spool-dir",
@@ -145,7 +183,7 @@ resources:
     let cli = release.join("driftwatch");
     let as_user = |who: &str, args: &[&str]| -> Result<std::process::Output> {
         let o = Command::new(&cli)
-            .args(["--collector", &url])
+            .args(["--collector", &url, "--ca", &format!("{d}/pki/ca.pem")])
             .args(args)
             .env("DRIFTWATCH_TOKEN", format!("{who}-demo-token"))
             .output()
@@ -266,6 +304,8 @@ resources:
         "digest",
     ])?;
     show(&["agents"])?;
+    show(&["audit"])?;
+    show(&["verify"])?;
 
     let events = agent.stop()?;
     if let Some(stats) = events.iter().rev().find(|e| e["kind"] == "stats") {
