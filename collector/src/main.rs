@@ -341,6 +341,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, tls = tls.is_some(), client_certs = args.client_ca.is_some(), "collector listening");
     let max = args.max_message_size as usize;
     let router = tonic::transport::Server::builder()
+        // A client holds at most this many calls open on one connection,
+        // a connection that stops answering pings is closed, and a burst
+        // of opened-and-reset streams is cut short: idle or abandoned
+        // clients hold nothing for long.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_header_list_size(Some(16 * 1024))
         .layer(tower::util::MapResponseLayer::new(
             driftwatch_collector::statuses::conventional,
         ))
@@ -414,6 +423,10 @@ fn auth_of(args: &Args) -> anyhow::Result<Auth> {
         client_certs: args.client_ca.is_some(),
     })
 }
+
+/// Calls one connection may have open at once (an agent needs one, the
+/// CLI a few).
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 async fn reload_on_hangup(policies: Policies, audit: std::sync::Arc<Audit>) {
     use tokio::signal::unix::{signal, SignalKind};

@@ -333,3 +333,88 @@ fn unary_calls_name_undecodable_and_oversized_requests_by_their_status() {
     // The collector still answers.
     assert!(collector.timeline(&["--host", "nobody"]).is_empty());
 }
+
+#[test]
+fn hundreds_of_idle_then_cancelled_streams_do_not_wedge_the_collector() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let collector = Collector::start();
+    let agent = Agent::streaming(
+        &policy(&[format!("{tree}/")], &[]),
+        &collector,
+        "honest",
+        &dir.path.join("spool"),
+    );
+    let url = collector.url.clone();
+    block_on(async {
+        // 300 streams on 10 connections: half said hello as a node of
+        // their own and went quiet, half never said anything.
+        let mut held = Vec::new();
+        for c in 0..10 {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect");
+            for i in 0..30 {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                if i % 2 == 0 {
+                    tx.send(hello(&format!("idle-{c}-{i}"))).await.unwrap();
+                }
+                let mut client = AgentServiceClient::new(channel.clone());
+                let task = tokio::spawn(async move {
+                    let r = client
+                        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await;
+                    if let Ok(r) = r {
+                        let mut inbound = r.into_inner();
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    }
+                });
+                held.push((tx, task));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // Cancelled all at once.
+        for (tx, task) in held {
+            task.abort();
+            drop(tx);
+        }
+    });
+    // The honest agent's changes are still stored and acknowledged, and
+    // queries answer.
+    for i in 0..10 {
+        std::fs::write(format!("{tree}/after{i}.conf"), "x").unwrap();
+    }
+    collector.wait_timeline(
+        &["--host", "honest", "--path", &tree],
+        |t| {
+            t.iter()
+                .filter(|e| {
+                    e["op"] == "close_write" && e["path"].as_str().unwrap_or("").contains("after")
+                })
+                .count()
+                == 10
+        },
+        "the honest agent's 10 changes after the cancellations",
+    );
+    let agents = collector.json("", &["agents"]);
+    assert!(agents
+        .iter()
+        .any(|a| a["host"] == "honest" && a["connected"] == true));
+    drop(agent);
+    // And it still stops on SIGTERM, promptly.
+    let started = std::time::Instant::now();
+    // SAFETY: kill(2) on the collector's pid.
+    unsafe { libc::kill(collector.pid() as i32, libc::SIGTERM) };
+    let mut collector = collector;
+    while std::net::TcpStream::connect(collector.url.trim_start_matches("http://")).is_ok() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the collector ignored SIGTERM for 15 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    collector.kill();
+}
