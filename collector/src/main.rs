@@ -245,8 +245,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = runtime.block_on(run(args));
+    // A flush stuck on a failed disk must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(Stop::Exit) => ExitCode::SUCCESS,
+        Ok(Stop::Reopen) => {
+            // sled keeps an I/O error for as long as the store is open:
+            // the process starts again in place, with the same arguments,
+            // and opens it anew (file locks go with the old image).
+            use std::os::unix::process::CommandExt as _;
+            let mut argv = std::env::args_os();
+            let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+            let mut cmd = std::process::Command::new(exe);
+            if let Some(arg0) = argv.next() {
+                cmd.arg0(arg0);
+            }
+            let e = cmd.args(argv).exec();
+            eprintln!("driftwatch-collector: error: restarting to reopen the store: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("driftwatch-collector: error: {e:#}");
             ExitCode::FAILURE
@@ -254,7 +272,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// Why serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGINT or SIGTERM.
+    Exit,
+    /// The store failed to write and its directory can be written again.
+    Reopen,
+}
+
+/// How long open calls (a `timeline --follow`, an agent draining) may take
+/// to end once the collector stops; then their connections are closed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+async fn run(args: Args) -> anyhow::Result<Stop> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let store = Store::open(&args.data_dir)
@@ -317,6 +348,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(reload_on_hangup(policies.clone(), audit.clone()));
     let control = Control::new(correlator.clone(), ingest.clone(), audit.clone());
     let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone());
+    let ingest_failure = ingest.store_failure();
 
     let retention_store = store.clone();
     let (age, size) = (args.retention_age, args.retention_size);
@@ -359,25 +391,107 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(FindingServiceServer::new(control.clone()))
         .add_service(ApprovalServiceServer::new(control.clone()))
         .add_service(BaselineServiceServer::new(control));
-    match tls {
-        Some(config) => router
-            .serve_with_incoming_shutdown(tls::incoming(listener, config), shutdown())
-            .await
-            .context("serving")?,
-        None => router
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY a short answer (an ack, a one-page
-                // timeline) can wait ~40 ms for the peer's delayed ACK.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown(),
-            )
-            .await
-            .context("serving")?,
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Stop>);
+    tokio::spawn(stop_on_signal(stop_tx.clone()));
+    tokio::spawn(reopen_when_writable(
+        ingest_failure,
+        args.data_dir.clone(),
+        stop_tx,
+    ));
+    let stopping = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    };
+    let serving = async {
+        match tls {
+            Some(config) => router
+                .serve_with_incoming_shutdown(tls::incoming(listener, config), stopping)
+                .await
+                .context("serving"),
+            None => router
+                .serve_with_incoming_shutdown(
+                    // Without TCP_NODELAY a short answer (an ack, a one-page
+                    // timeline) can wait ~40 ms for the peer's delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopping,
+                )
+                .await
+                .context("serving"),
+        }
+    };
+    let grace = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(Option::is_some).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        }
+    };
+    tokio::select! {
+        r = serving => r?,
+        _ = grace => tracing::warn!("calls still open {}s after the stop was asked for; closing their connections", STOP_GRACE.as_secs()),
+    }
+    let stop = (*stop_rx.borrow()).unwrap_or(Stop::Exit);
+    if stop == Stop::Reopen {
+        tracing::warn!("restarting in place to reopen the store");
+        return Ok(Stop::Reopen);
     }
     store.flush().await?;
     tracing::info!("store flushed; exiting");
-    Ok(())
+    Ok(Stop::Exit)
 }
+
+/// Asks the server to stop on SIGINT or SIGTERM.
+async fn stop_on_signal(stop: tokio::sync::watch::Sender<Option<Stop>>) {
+    shutdown().await;
+    tracing::info!("stopping");
+    stop.send_replace(Some(Stop::Exit));
+}
+
+/// While the store cannot write (a full disk), checks every 2 s whether its
+/// directory takes a write again, and then asks for the store to be
+/// reopened. Agents are refused meanwhile and keep their events.
+async fn reopen_when_writable(
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+    dir: PathBuf,
+    stop: tokio::sync::watch::Sender<Option<Stop>>,
+) {
+    loop {
+        if failure.wait_for(Option::is_some).await.is_err() {
+            return;
+        }
+        tracing::warn!(dir = %dir.display(), "the store cannot write; checking every 2 s whether its directory can be written again");
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if failure.borrow().is_none() {
+                break;
+            }
+            let probe = dir.join(".driftwatch-space-probe");
+            let writable = tokio::task::spawn_blocking(move || {
+                use std::io::Write as _;
+                let ok = std::fs::File::create(&probe)
+                    .and_then(|mut f| {
+                        f.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+                        f.sync_all()
+                    })
+                    .is_ok();
+                let _ = std::fs::remove_file(&probe);
+                ok
+            })
+            .await
+            .unwrap_or(false);
+            if writable {
+                tracing::info!(dir = %dir.display(), "the store's directory can be written again");
+                stop.send_replace(Some(Stop::Reopen));
+                return;
+            }
+        }
+    }
+}
+
+/// What must fit in the data directory before the store is reopened.
+const SPACE_PROBE_BYTES: usize = 8 << 20;
 
 /// The credential sources and roles the arguments name, loaded and watched.
 fn auth_of(args: &Args) -> anyhow::Result<Auth> {

@@ -344,7 +344,18 @@ impl Collector {
         Self::start_with_pki(extra, None)
     }
 
+    /// As [`Collector::start_with`], with its store in `data`.
+    pub fn start_at(data: &Path, extra: &[&str]) -> Self {
+        let mut c = Self::start_with_pki_at(extra, None, Some(data.to_path_buf()));
+        c.data = data.to_path_buf();
+        c
+    }
+
     fn start_with_pki(extra: &[&str], pki: Option<PathBuf>) -> Self {
+        Self::start_with_pki_at(extra, pki, None)
+    }
+
+    fn start_with_pki_at(extra: &[&str], pki: Option<PathBuf>, data: Option<PathBuf>) -> Self {
         let dir = Dir::new();
         let port = free_port();
         let scheme = if pki.is_some() { "https" } else { "http" };
@@ -352,7 +363,7 @@ impl Collector {
             child: None,
             url: format!("{scheme}://127.0.0.1:{port}"),
             port,
-            data: dir.path.join("store"),
+            data: data.unwrap_or_else(|| dir.path.join("store")),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             policy: None,
             pki,

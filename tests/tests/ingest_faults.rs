@@ -418,3 +418,141 @@ fn hundreds_of_idle_then_cancelled_streams_do_not_wedge_the_collector() {
     }
     collector.kill();
 }
+
+/// A tmpfs of `mb` MiB mounted at `dir`, unmounted when dropped.
+struct SmallDisk(String);
+
+impl SmallDisk {
+    fn mount(dir: &str, mb: u32) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        driftwatch_tests::run(std::process::Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mb}m"),
+            "tmpfs",
+            dir,
+        ]));
+        Self(dir.to_owned())
+    }
+
+    /// Writes until the disk is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = std::path::Path::new(&self.0).join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_refused_meanwhile_and_recovered_from_when_space_is_back() {
+    let dir = Dir::new();
+    let tree = dir.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let disk = SmallDisk::mount(&dir.join("disk"), 48);
+    let data = std::path::Path::new(&disk.0).join("store");
+    let collector = Collector::start_at(&data, &[]);
+    let agent = Agent::streaming(
+        &policy(&[format!("{tree}/")], &[]),
+        &collector,
+        "full",
+        &dir.path.join("spool"),
+    );
+    let writes = |prefix: &str| {
+        for i in 0..100 {
+            std::fs::write(format!("{tree}/{prefix}{i}.conf"), "x").unwrap();
+        }
+    };
+    // While the store is failed, reads may be refused too: count nothing.
+    let stored = |c: &Collector, prefix: &str| {
+        let out = c
+            .command("")
+            .args([
+                "timeline", "-o", "json", "--host", "full", "--kind", "file", "--path", &tree,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect::<Vec<_>>()
+            .iter()
+            .filter(|e| {
+                e["op"] == "close_write"
+                    && e["path"]
+                        .as_str()
+                        .unwrap_or("")
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|n| n.starts_with(prefix))
+            })
+            .count()
+    };
+    writes("before");
+    collector.wait_timeline(
+        &["--host", "full"],
+        |_| stored(&collector, "before") == 100,
+        "100 changes",
+    );
+
+    let filler = disk.fill();
+    writes("during");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !collector.log().contains("the store cannot write") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full disk was never noticed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Reads still answer while nothing can be written.
+    assert!(!collector.json("", &["agents"]).is_empty());
+
+    std::fs::remove_file(filler).unwrap();
+    writes("after");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let (d, a) = (stored(&collector, "during"), stored(&collector, "after"));
+        if d == 100 && a == 100 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the space came back: {d} of 100 changes made while full, {a} of 100 after"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(
+        stored(&collector, "before"),
+        100,
+        "nothing stored before was lost or doubled"
+    );
+    assert!(collector
+        .log()
+        .contains("restarting in place to reopen the store"));
+    drop(agent);
+    // SIGTERM still stops it.
+    // SAFETY: kill(2) on the collector's pid.
+    unsafe { libc::kill(collector.pid() as i32, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(collector.url.trim_start_matches("http://")).is_ok() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the collector ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(collector);
+    drop(disk);
+}

@@ -10,6 +10,7 @@ mod bench_peers;
 mod bench_pipeline;
 mod demo;
 mod floor;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -36,11 +37,19 @@ enum Cmd {
     /// Start the agent on a sample policy, make real changes and connects,
     /// and show what it saw.
     Demo,
-    /// Lints (fmt, clippy) and the whole test suite, kernel tests included (root).
+    /// Lints (fmt, clippy), the whole test suite, kernel tests included
+    /// (root), and a short run of every fuzz target.
     Test {
         /// Arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Run each fuzz target (kernel records, policy, manifest, ingest) for
+    /// SECONDS with cargo-fuzz on nightly; installs cargo-fuzz if needed.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 60)]
+        seconds: u64,
     },
     /// Benchmarks, reported as ratios measured in one run.
     Bench {
@@ -89,6 +98,9 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
         .join(if release { "release" } else { "debug" })
         .join("driftwatch-agent"))
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
 fn test(args: &[String]) -> Result<()> {
     setup::require_root("cargo xtask test")?;
@@ -143,6 +155,10 @@ fn test(args: &[String]) -> Result<()> {
     if passed == 0 {
         anyhow::bail!("no tests ran");
     }
+    // A short run of every fuzz target, when the whole suite ran.
+    if args.is_empty() {
+        fuzz::run(FUZZ_SECONDS_IN_TEST)?;
+    }
     Ok(())
 }
 
@@ -153,6 +169,7 @@ fn main() -> ExitCode {
         Cmd::Build => setup::ensure().and_then(|_| build_agent(true).map(|_| ())),
         Cmd::Demo => demo::run(),
         Cmd::Test { args } => test(&args),
+        Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::Bench {
             which: bench::Which::Collector,
         } => bench_collector::run(),

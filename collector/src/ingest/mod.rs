@@ -79,17 +79,22 @@ pub struct Durability {
     written: AtomicU64,
     dirty: Notify,
     durable: watch::Sender<u64>,
+    /// Why the store cannot be made durable, while it cannot (a full disk:
+    /// sled keeps its I/O error until it is opened again).
+    failed: watch::Sender<Option<String>>,
 }
 
 impl Durability {
     /// Starts the flusher for `store`.
     pub fn start(store: Store) -> Arc<Self> {
         let (durable, _) = watch::channel(0);
+        let (failed, _) = watch::channel(None);
         let d = Arc::new(Self {
             store,
             written: AtomicU64::new(0),
             dirty: Notify::new(),
             durable,
+            failed,
         });
         let flusher = d.clone();
         tokio::spawn(async move {
@@ -98,10 +103,17 @@ impl Durability {
                 // Every append that counted itself before this load is complete.
                 let target = flusher.written.load(Ordering::SeqCst);
                 if let Err(e) = flusher.store.flush().await {
-                    tracing::error!("flushing the store failed; acks are held back: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if flusher.failed.borrow().is_none() {
+                        tracing::error!("flushing the store failed; nothing more is acknowledged and agents are refused until it works again: {e}");
+                    }
+                    flusher.failed.send_replace(Some(e.to_string()));
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     flusher.dirty.notify_one();
                     continue;
+                }
+                if flusher.failed.borrow().is_some() {
+                    tracing::info!("the store writes again");
+                    flusher.failed.send_replace(None);
                 }
                 flusher.durable.send_replace(target);
             }
@@ -116,14 +128,31 @@ impl Durability {
         g
     }
 
-    /// Waits until generation `g` is on disk.
-    pub async fn wait(&self, g: u64) {
+    /// Waits until generation `g` is on disk; refuses while the store
+    /// cannot write.
+    pub async fn wait(&self, g: u64) -> Result<(), Status> {
         let mut rx = self.durable.subscribe();
-        while *rx.borrow_and_update() < g {
-            if rx.changed().await.is_err() {
-                return;
+        let mut failed = self.failed.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= g {
+                return Ok(());
+            }
+            if let Some(e) = failed.borrow_and_update().clone() {
+                return Err(Status::unavailable(format!(
+                    "the collector cannot write its store ({e}); keep the events and retry"
+                )));
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(Status::unavailable("the collector is stopping")) },
+                r = failed.changed() => if r.is_err() { return Err(Status::unavailable("the collector is stopping")) },
             }
         }
+    }
+
+    /// Why the store cannot write, while it cannot: a watch for the
+    /// collector's recovery.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failed.subscribe()
     }
 }
 
@@ -176,6 +205,13 @@ pub struct Ingest {
     next_stream: Arc<AtomicU64>,
     /// Newly stored events, for `timeline --follow`.
     pub stored: broadcast::Sender<Event>,
+}
+
+impl Ingest {
+    /// Why the store cannot write, while it cannot.
+    pub fn store_failure(&self) -> watch::Receiver<Option<String>> {
+        self.durability.failure()
+    }
 }
 
 fn policy_message(p: &Loaded) -> CollectorMessage {
@@ -351,7 +387,7 @@ impl AgentService for Ingest {
         // commit (never a flush of our own: one per connecting agent
         // wedged the store when a cluster reconnected at once).
         let generation = self.durability.wrote();
-        self.durability.wait(generation).await;
+        self.durability.wait(generation).await?;
         let _ = tx.send(Ok(ack(status.acked_seq))).await;
         self.links
             .lock()
@@ -386,7 +422,12 @@ impl AgentService for Ingest {
         let ack_tx = tx.clone();
         let acker = tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
-                durability.wait(p.generation).await;
+                if let Err(status) = durability.wait(p.generation).await {
+                    // Nothing after the last ack is promised: the agent
+                    // keeps it and sends it again.
+                    let _ = ack_tx.send(Err(status)).await;
+                    return;
+                }
                 if let Err(e) = correlator.process(&acker_node, &p.events) {
                     tracing::error!(node = %acker_node, "judging stored events failed (judged again at the next start): {e}");
                 }
