@@ -283,7 +283,8 @@ fn state_line(s: &Option<FileState>) -> String {
 
 /// `driftwatch findings ...`
 pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Result<(), String> {
-    let mut client = FindingServiceClient::new(channel);
+    let mut client =
+        FindingServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
         Findings::List {
             kinds,
@@ -524,7 +525,8 @@ async fn decide(
 
 /// `driftwatch approvals ...`
 pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> Result<(), String> {
-    let mut client = ApprovalServiceClient::new(channel);
+    let mut client =
+        ApprovalServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
         Approvals::Request {
             resource,
@@ -616,7 +618,8 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
 
 /// `driftwatch baseline ...`
 pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> Result<(), String> {
-    let mut client = BaselineServiceClient::new(channel);
+    let mut client =
+        BaselineServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
         Baselines::Import { file, root, hosts } => {
             let text = std::fs::read_to_string(&file)

@@ -357,6 +357,10 @@ pub(crate) fn detail(e: &Event) -> String {
     }
 }
 
+/// The largest answer the CLI reads: a thousand findings of long paths, or
+/// an audit log page, can pass gRPC's default of 4 MiB.
+pub(crate) const MAX_ANSWER: usize = 64 << 20;
+
 /// Adds the caller's token, if any, to every call.
 #[derive(Clone)]
 pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -467,7 +471,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         None => None,
     };
     let channel = tonic::service::interceptor::InterceptedService::new(channel, Bearer(bearer));
-    let mut client = QueryServiceClient::new(channel.clone());
+    let mut client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER);
     let mut out = std::io::stdout().lock();
     match cli.cmd {
         Cmd::Findings(c) => changes::findings(channel, c, &mut out).await?,
