@@ -535,4 +535,27 @@ resources:
                 .contains("resources[0].paths[1]")
         );
     }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly() {
+        // Nine levels of nine aliases: 9^9 strings if expanded.
+        let mut y = String::from(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\na0: &a0 [x, x, x, x, x, x, x, x, x]\n",
+        );
+        for i in 1..10 {
+            let p = i - 1;
+            y += &format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            );
+        }
+        y += "resources: *a9\n";
+        let t = std::time::Instant::now();
+        let r = Policy::parse("bomb.yaml", &y);
+        assert!(r.is_err(), "an alias bomb parsed");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
 }

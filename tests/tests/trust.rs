@@ -961,3 +961,116 @@ fn people_s_actions_are_audited_and_verify_names_the_first_altered_event() {
         "verify must name seq {altered}:\n{text}"
     );
 }
+
+fn sha256_of(path: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn forged_evidence_cannot_resolve_a_drift_finding() {
+    use driftwatch_proto::v1::{event, Digest, Event, EventBatch};
+    let dir = Dir::new();
+    let tree = dir.join("etc/app");
+    std::fs::create_dir_all(&tree).unwrap();
+    let file = format!("{tree}/app.conf");
+    std::fs::write(&file, "pool=10\n").unwrap();
+    let desired = sha256_of(&file);
+    let c = Collector::judging(
+        &format!(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"{tree}/\"]\n    writers: [ {{ user: deploy }} ]\n"
+        ),
+        &[],
+    );
+    let _agent = driftwatch_tests::Agent::managed(&c, "victim", &dir.path.join("spool"));
+    run(std::process::Command::new("sed").args(["-i", "s/pool=10/pool=500/", &file]));
+    let drift = |c: &Collector| {
+        c.json("", &["findings", "list", "--all", "--kind", "drift"])
+            .into_iter()
+            .find(|f| f["path"] == file.as_str())
+    };
+    eventually_long(&c, "a drift finding on app.conf", |c| drift(c).is_some());
+
+    // A digest that says the file is back as desired, sent by whoever holds
+    // another node's certificate (or none).
+    let forged = |node: &str, seq: u64| AgentMessage {
+        msg: Some(Msg::Batch(EventBatch {
+            events: vec![Event {
+                event: Some(event::Event::Digest(Digest {
+                    path: file.clone(),
+                    resource: "app-config".into(),
+                    exists: true,
+                    sha256: desired.clone(),
+                    mode: 0o644,
+                    reason: "change".into(),
+                    ..Default::default()
+                })),
+                seq,
+                time_unix_nanos: driftwatch_proto::time::now_unix_nanos(),
+                node: node.into(),
+                ..Default::default()
+            }],
+        })),
+    };
+    let other = c.issue("node", "forger");
+    block_on(async {
+        for (cert, hello_as) in [(None, "victim"), (Some(&other), "victim")] {
+            let ch = connect(&c, cert).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(hello(hello_as)).await.unwrap();
+            tx.send(forged("victim", 1_000)).await.unwrap();
+            let r = AgentServiceClient::new(ch)
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            let code = match r {
+                Err(s) => s.code(),
+                Ok(r) => match r.into_inner().message().await {
+                    Err(s) => s.code(),
+                    Ok(_) => Code::Ok,
+                },
+            };
+            assert!(
+                matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+                "a forged hello as victim got {code:?}"
+            );
+        }
+        // As itself, the forger cannot put its digest on the victim's stream.
+        let ch = connect(&c, Some(&other)).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(hello("forger")).await.unwrap();
+        tx.send(forged("victim", 1)).await.unwrap();
+        let mut inbound = AgentServiceClient::new(ch)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the forger's own stream")
+            .into_inner();
+        let mut refused = None;
+        while refused.is_none() {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(s) => refused = Some(s.code()),
+            }
+        }
+        assert_eq!(
+            refused,
+            Some(Code::PermissionDenied),
+            "an event naming another node"
+        );
+        drop(tx);
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let f = drift(&c).unwrap();
+    assert_eq!(
+        f["status"], "open",
+        "forged evidence changed the finding: {f:#}"
+    );
+    assert!(c.timeline(&["--host", "forger"]).is_empty());
+}
