@@ -94,12 +94,9 @@ resources:
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("https://127.0.0.1:{port}");
     let d = dir.display();
-    // Who may do what: alice files change requests, bob approves them;
+    // Who may do what: alice and bob file and approve change requests;
     // nobody approves their own.
-    std::fs::write(
-        dir.join("roles.yaml"),
-        "approver: [bob]\nresponder: [alice]\n",
-    )?;
+    std::fs::write(dir.join("roles.yaml"), "approver: [alice, bob]\n")?;
     let certs = |args: &[&str]| -> Result<()> {
         let o = Command::new(release.join("driftwatch-collector"))
             .arg("certs")

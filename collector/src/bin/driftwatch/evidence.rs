@@ -290,6 +290,21 @@ pub fn verify_file(
     Ok(ok)
 }
 
+/// `s` with control characters escaped: what people typed goes to a
+/// terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let v: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            v
+        })
+        .collect()
+}
+
 /// `driftwatch audit`.
 pub async fn audit(
     client: &mut Query,
@@ -329,10 +344,10 @@ pub async fn audit(
                 "{:>6} {:<30} {:<24} {:<26} {:<40} {}",
                 r.seq,
                 time(r.time_unix_nanos),
-                r.principal.escape_debug().to_string(),
+                printable(&r.principal),
                 r.call,
-                r.outcome.escape_debug().to_string(),
-                r.args.escape_debug()
+                printable(&r.outcome),
+                printable(&r.args)
             ),
         };
     }
