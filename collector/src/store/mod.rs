@@ -359,6 +359,10 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_ARGS_BYTES: usize = 32 * 1024;
 /// The most ancestors a process may list (the agent lists 16).
 pub const MAX_ANCESTORS: usize = 64;
+/// The highest sequence number a node may reach (a million events a second
+/// for a hundred thousand years): arithmetic on sequence numbers never
+/// overflows, and a forged dropped range cannot end a node's history.
+pub const MAX_SEQ: u64 = 1 << 62;
 /// The largest encoded event: every query answer and finding that carries
 /// one stays far below the 4 MiB message limit.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
@@ -530,9 +534,9 @@ impl Store {
                 }
                 continue;
             }
-            if e.seq != acked + 1 {
+            if Some(e.seq) != acked.checked_add(1) {
                 refused = Some(StoreError::OutOfOrder {
-                    expected: acked + 1,
+                    expected: acked.saturating_add(1),
                     got: e.seq,
                 });
                 break;
@@ -690,13 +694,19 @@ impl Store {
 
     /// Records a gap; a dropped range also moves the acked sequence past it.
     pub fn add_gap(&self, gap: &Gap) -> Result<(), StoreError> {
+        if gap.to_seq > MAX_SEQ {
+            return Err(StoreError::Invalid {
+                seq: gap.to_seq,
+                reason: format!("a dropped range ending past sequence {MAX_SEQ}"),
+            });
+        }
         let mut k = node_prefix(&gap.node);
         k.extend_from_slice(&time_key(gap.from_time_unix_nanos));
         k.extend_from_slice(&gap.from_seq.to_be_bytes());
         self.gaps.insert(k, gap.encode_to_vec())?;
         if gap.reason == "agent_dropped" {
             if let Some(mut a) = self.agent(&gap.node)? {
-                if gap.from_seq <= a.acked_seq + 1 && gap.to_seq > a.acked_seq {
+                if gap.from_seq <= a.acked_seq.saturating_add(1) && gap.to_seq > a.acked_seq {
                     a.acked_seq = gap.to_seq;
                     self.put_agent(&a)?;
                 }

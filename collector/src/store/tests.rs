@@ -536,3 +536,35 @@ fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays(
         Some(StoreError::Invalid { seq: 6, .. })
     ));
 }
+
+#[test]
+fn sequence_numbers_near_u64_max_are_refused_without_overflow() {
+    let (_d, s) = open();
+    s.append("n1", &[ev("n1", 1, 101, "/a", "x")], 1).unwrap();
+    let gap = |to_seq| Gap {
+        node: "n1".into(),
+        from_seq: 2,
+        to_seq,
+        reason: "agent_dropped".into(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.add_gap(&gap(u64::MAX)),
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 1);
+    let r = s
+        .append("n1", &[ev("n1", u64::MAX, 102, "/a", "x")], 1)
+        .unwrap();
+    assert!(matches!(
+        r.refused,
+        Some(StoreError::OutOfOrder { expected: 2, .. })
+    ));
+    // The highest allowed range is taken, and what follows it still
+    // refuses cleanly.
+    s.add_gap(&gap(MAX_SEQ)).unwrap();
+    let r = s
+        .append("n1", &[ev("n1", u64::MAX, 103, "/a", "x")], 1)
+        .unwrap();
+    assert!(r.refused.is_some());
+}

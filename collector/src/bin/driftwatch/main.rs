@@ -616,6 +616,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                         "acked_seq": a.acked_seq, "last_seq": a.last_seq, "lag": lag,
                         "policy_version": a.policy_version,
                         "policy_error": (!a.policy_error.is_empty()).then_some(&a.policy_error),
+                        "chain_seq": a.chain_seq,
+                        "chain_head": driftwatch_proto::chain::hex(&a.chain_head),
                     })
                     .to_string(),
                     Output::Table => format!(
