@@ -378,6 +378,38 @@ impl tonic::service::Interceptor for Bearer {
 pub(crate) type Conn =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
+/// Writes through, with control characters (C0 but newline and tab, DEL,
+/// and the C1 range) shown as `\u00NN` instead of acting on the terminal
+/// (the same escape JSON uses, so `-o json` stays valid JSON).
+pub(crate) struct Escaping<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Escaping<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut start = 0;
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            // U+0080..U+009F are 0xC2 0x80..0x9F in UTF-8.
+            let c1 = b == 0xC2 && buf.get(i + 1).is_some_and(|n| (0x80..=0x9F).contains(n));
+            if (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7F || c1 {
+                self.0.write_all(&buf[start..i])?;
+                let shown = if c1 { buf[i + 1] } else { b };
+                write!(self.0, "\\u{shown:04x}")?;
+                i += if c1 { 2 } else { 1 };
+                start = i;
+            } else {
+                i += 1;
+            }
+        }
+        self.0.write_all(&buf[start..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// A refused call as the person should read it: the collector's message,
 /// or for a transport failure (no TLS, a refused certificate) its causes.
 pub(crate) fn status_text(what: &str, s: &tonic::Status) -> String {
@@ -428,7 +460,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         ..
     } = &cli.cmd
     {
-        let mut out = std::io::stdout().lock();
+        let mut out = Escaping(std::io::stdout().lock());
         if !evidence::verify_file(f, *output, &mut out)? {
             return Err(format!("verify: {} is not intact (see above)", f.display()));
         }
@@ -472,7 +504,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     let channel = tonic::service::interceptor::InterceptedService::new(channel, Bearer(bearer));
     let mut client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER);
-    let mut out = std::io::stdout().lock();
+    // File names, arguments and principals come from people and programs
+    // that may put terminal escapes in them: none reaches the terminal raw.
+    let mut out = Escaping(std::io::stdout().lock());
     match cli.cmd {
         Cmd::Findings(c) => changes::findings(channel, c, &mut out).await?,
         Cmd::Approvals(c) => changes::approvals(channel, c, &mut out).await?,
@@ -661,5 +695,21 @@ fn main() -> ExitCode {
             eprintln!("driftwatch: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaping;
+    use std::io::Write as _;
+
+    #[test]
+    fn terminal_controls_are_shown_not_obeyed() {
+        let mut out = Escaping(Vec::new());
+        writeln!(out, "ok\tfile \u{1b}[31mred\u{7}\u{9b}2J é").unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "ok\tfile \\u001b[31mred\\u0007\\u009b2J é\n"
+        );
     }
 }
