@@ -64,3 +64,16 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<(Endpoint, bool), String> 
         )),
     }
 }
+
+/// An error with its causes: a refused certificate or a TLS failure is
+/// several layers below "transport error".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

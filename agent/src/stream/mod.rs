@@ -113,18 +113,6 @@ pub enum Downlink {
     Scan(driftwatch_proto::v1::ScanRequest),
 }
 
-/// An error with its causes: a refused certificate is several layers down.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn jitter(max: Duration) -> Duration {
     use rand::Rng as _;
     let ms = max.as_millis().max(1) as u64;
@@ -185,7 +173,7 @@ impl Sender {
             .keep_alive_timeout(Duration::from_secs(10));
         let channel = endpoint.connect().await.map_err(|e| StreamError::Connect {
             url: self.url.clone(),
-            reason: error_chain(&e),
+            reason: driftwatch_proto::client::error_chain(&e),
         })?;
         // Events travel as the spool keeps them, encoded once: the batch
         // is framed around their bytes, not decoded and encoded again.

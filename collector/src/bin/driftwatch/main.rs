@@ -417,23 +417,11 @@ pub(crate) fn status_text(what: &str, s: &tonic::Status) -> String {
         Some(cause) if s.message() == "transport error" || s.message().is_empty() => {
             format!(
                 "{what}: cannot talk to the collector: {}",
-                error_chain(cause)
+                driftwatch_proto::client::error_chain(cause)
             )
         }
         _ => format!("{what}: {}", s.message()),
     }
-}
-
-/// An error with its causes (a TLS failure is several layers down).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
@@ -491,7 +479,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         format!(
             "cannot reach the collector at {}: {}",
             cli.collector,
-            error_chain(&e)
+            driftwatch_proto::client::error_chain(&e)
         )
     })?;
     let bearer = match &token {
