@@ -46,8 +46,10 @@ impl Control {
     }
 
     /// Records what `principal` asked of `call` and how it ended in the
-    /// audit log, before the answer goes out. A change the log cannot
-    /// record is reported as failed (it was made, but is not attributable).
+    /// audit log, before the answer goes out. The record's flush also makes
+    /// the change itself durable: a person is told a change is done only
+    /// once it and its record are on disk. A change the log cannot record
+    /// is reported as failed (it was made, but is not attributable).
     fn audited<T>(
         &self,
         principal: &str,
@@ -198,8 +200,6 @@ impl FindingService for Control {
                     .add_resolved(r.approval_id, &[f.id])
                     .map_err(|e| status_of(&e))?;
             }
-            // A change a person made is on disk before they are told it is done.
-            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
             tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
             Ok(Response::new(f))
         }
@@ -265,9 +265,7 @@ impl ApprovalService for Control {
             };
             let a = {
                 let mut engine = self.correlator.lock();
-                let a = engine.approvals.request(a).map_err(approval_status)?;
-                engine.store().flush_blocking().map_err(|e| status_of(&e))?;
-                a
+                engine.approvals.request(a).map_err(approval_status)?
             };
             tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
             Ok(Response::new(a))
@@ -301,7 +299,6 @@ impl ApprovalService for Control {
                 }
             }
             let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
-            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
             Ok(Response::new(a))
         }
         .await;
@@ -379,7 +376,6 @@ impl BaselineService for Control {
                     })
                     .map_err(|e| status_of(&e))?;
             }
-            engine.store().flush_blocking().map_err(|e| status_of(&e))?;
             tracing::info!(entries = n, %host, %principal, "baseline imported");
             Ok(Response::new(ImportBaselineResponse { stored: n }))
         }
@@ -426,11 +422,6 @@ impl BaselineService for Control {
             });
             match tokio::time::timeout(timeout, done).await {
                 Ok(Ok((files, errors, error))) => {
-                    self.correlator
-                        .lock()
-                        .store()
-                        .flush_blocking()
-                        .map_err(|e| status_of(&e))?;
                     if !error.is_empty() && files == 0 {
                         return Err(Status::failed_precondition(format!(
                             "the scan on {} failed: {error}",
