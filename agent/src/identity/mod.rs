@@ -135,6 +135,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Splits NUL-separated argv bytes.
 pub fn split_argv(bytes: &[u8]) -> Vec<String> {
+    // A command line can be megabytes (/proc/PID/cmdline has no bound);
+    // the collector refuses a process with over 32 KiB of arguments, and
+    // one refused event would hold back every event after it.
+    let bytes = &bytes[..bytes.len().min(MAX_ARGV_BYTES)];
     let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
     if bytes.is_empty() {
         return Vec::new();
@@ -144,6 +148,9 @@ pub fn split_argv(bytes: &[u8]) -> Vec<String> {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect()
 }
+
+/// The most bytes of a command line kept; the rest is cut.
+pub const MAX_ARGV_BYTES: usize = 16 * 1024;
 
 /// Text up to the first NUL.
 pub fn cstr(bytes: &[u8]) -> String {
@@ -477,6 +484,21 @@ impl Shape {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_huge_command_line_is_cut_to_what_the_collector_takes() {
+        let mut cmdline = Vec::new();
+        for i in 0..5000 {
+            cmdline.extend_from_slice(format!("--arg-{i}=value").as_bytes());
+            cmdline.push(0);
+        }
+        assert!(cmdline.len() > 2 * MAX_ARGV_BYTES);
+        let args = mask::mask_argv(&split_argv(&cmdline));
+        let total: usize = args.iter().map(String::len).sum();
+        assert!(total <= MAX_ARGV_BYTES, "{total} bytes kept");
+        assert_eq!(args[0], "--arg-0=value");
+    }
+
     use super::*;
 
     #[test]
