@@ -639,24 +639,31 @@ impl Store {
         })
     }
 
+    /// The keys of `node`'s blocks, each with its block's first sequence
+    /// number, in key (bucket) order.
+    fn node_block_keys(&self, node: &str) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+        let prefix = node_prefix(node);
+        let mut keys = Vec::new();
+        for kv in self.blocks.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let first = k
+                .get(prefix.len() + 8..prefix.len() + 16)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))?;
+            keys.push((first, k));
+        }
+        Ok(keys)
+    }
+
     /// Whether `seq` of `node` is stored in any block (a scan of the node's
     /// block keys, then of the one block that may hold it).
     fn seq_stored_elsewhere(&self, node: &str, seq: u64) -> Result<bool, StoreError> {
-        let prefix = node_prefix(node);
-        let mut best: Option<(u64, sled::IVec)> = None;
-        for kv in self.blocks.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let Some(first) = k.get(prefix.len() + 8..prefix.len() + 16) else {
-                continue;
-            };
-            let first = u64::from_be_bytes(first.try_into().unwrap_or([0; 8]));
-            if first <= seq
-                && seq < first + BLOCK_EVENTS
-                && best.as_ref().is_none_or(|(f, _)| first > *f)
-            {
-                best = Some((first, k));
-            }
-        }
+        let best = self
+            .node_block_keys(node)?
+            .into_iter()
+            .filter(|(first, _)| *first <= seq && seq < first + BLOCK_EVENTS)
+            .max_by_key(|(first, _)| *first);
         match best {
             Some((_, k)) => Ok(self
                 .block(&k)?
@@ -673,17 +680,7 @@ impl Store {
         &self,
         node: &str,
     ) -> Result<impl Iterator<Item = Result<Vec<Event>, StoreError>> + '_, StoreError> {
-        let prefix = node_prefix(node);
-        let mut keys: Vec<(u64, sled::IVec)> = Vec::new();
-        for kv in self.blocks.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let first = k
-                .get(prefix.len() + 8..prefix.len() + 16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))?;
-            keys.push((first, k));
-        }
+        let mut keys = self.node_block_keys(node)?;
         keys.sort_by_key(|(first, _)| *first);
         Ok(keys.into_iter().map(move |(_, k)| {
             let mut events = self.block(&k)?.unwrap_or_default();
