@@ -707,3 +707,40 @@ impl Agent {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a test's gRPC client side to its end.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
+/// An agent stream's first message, saying it is `node`.
+pub fn hello(node: &str) -> driftwatch_proto::v1::AgentMessage {
+    use driftwatch_proto::v1::{agent_message::Msg, AgentMessage, Hello, NodeInfo};
+    AgentMessage {
+        msg: Some(Msg::Hello(Hello {
+            node: Some(NodeInfo {
+                name: node.into(),
+                ..Default::default()
+            }),
+            agent_started_unix_nanos: 1,
+        })),
+    }
+}
+
+/// The SHA-256 of a file, as `sha256sum` prints it.
+pub fn sha256_file(path: &str) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned()
+}

@@ -8,21 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{free_port, python, run, Agent, Collector, Dir};
+use driftwatch_tests::{free_port, python, run, sha256_file, Agent, Collector, Dir};
 use serde_json::Value;
-
-fn sha(path: &str) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_owned()
-}
 
 fn find<'a>(f: &'a [Value], kind: &str, path: &str) -> Option<&'a Value> {
     f.iter().find(|x| x["kind"] == kind && x["path"] == path)
@@ -63,7 +50,7 @@ fn sed_by_a_non_writer_is_drift_and_an_unauthorized_write() {
     let file = format!("{tree}/app.conf");
     std::fs::write(&file, "pool=10\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let before = sha(&file);
+    let before = sha256_file(&file);
     let c = Collector::judging(
         &config_policy(
             &tree,
@@ -83,7 +70,7 @@ fn sed_by_a_non_writer_is_drift_and_an_unauthorized_write() {
         "s/pool=10/pool=500/",
         &file,
     ]));
-    let after = sha(&file);
+    let after = sha256_file(&file);
     let f = c.wait_findings(
         30,
         |f| has(f, "drift", &file) && has(f, "unauthorized_write", &file),
@@ -148,7 +135,7 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
             "--window",
             "1h",
             "--digest",
-            &sha(&wanted),
+            &sha256_file(&wanted),
             "--reason",
             "scale out for the launch",
         ],
@@ -175,7 +162,7 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
     );
 
     run(Command::new("sed").args(["-i", "s/replicas: 2/replicas: 6/", &file]));
-    let after = sha(&file);
+    let after = sha256_file(&file);
     let change_of = |shown: &[Value]| {
         shown[0]["changes"]
             .as_array()
@@ -231,10 +218,10 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
     std::fs::create_dir_all(&models).unwrap();
     let model = format!("{models}/ranker.bin");
     std::fs::write(&model, vec![7u8; 1 << 20]).unwrap();
-    let old = sha(&model);
+    let old = sha256_file(&model);
     let candidate = dir.join("candidate.bin");
     std::fs::write(&candidate, vec![9u8; 1 << 20]).unwrap();
-    let new = sha(&candidate);
+    let new = sha256_file(&candidate);
     let policy = format!(
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"{models}/\"]\n    writers: [ {{ exe: /opt/trainer/bin/trainer }} ]\n"
     );
@@ -319,7 +306,7 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
             "--resource",
             &format!("{models}/"),
             "--digest",
-            &sha(&v3),
+            &sha256_file(&v3),
             "--reason",
             "ranker v3",
         ],
@@ -566,7 +553,7 @@ fn baselines_from_a_manifest_a_scan_and_first_sight() {
     std::fs::write(&expected, "as released\n").unwrap();
     std::fs::write(
         &manifest,
-        format!("# release 1.2\n{}  pinned.conf\n", sha(&expected)),
+        format!("# release 1.2\n{}  pinned.conf\n", sha256_file(&expected)),
     )
     .unwrap();
     let c = Collector::judging(&config_policy(&tree, "[]"), &[]);
@@ -742,5 +729,5 @@ fn a_large_model_is_digested_off_the_event_path() {
     );
     assert_eq!(events[small_digest]["mode"], "0600");
     assert_eq!(events[big_digest]["size"], 2u64 << 30);
-    assert_eq!(events[big_digest]["sha256"], sha(&big).as_str());
+    assert_eq!(events[big_digest]["sha256"], sha256_file(&big).as_str());
 }

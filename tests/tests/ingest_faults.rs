@@ -3,22 +3,10 @@
 
 use driftwatch_proto::v1::{
     agent_message::Msg, agent_service_client::AgentServiceClient, event, AgentMessage, Event,
-    EventBatch, FileChange, Hello, NodeInfo,
+    EventBatch, FileChange,
 };
-use driftwatch_tests::{policy, Agent, Collector, Dir};
+use driftwatch_tests::{block_on, hello, policy, Agent, Collector, Dir};
 use tonic::Code;
-
-fn hello(node: &str) -> AgentMessage {
-    AgentMessage {
-        msg: Some(Msg::Hello(Hello {
-            node: Some(NodeInfo {
-                name: node.into(),
-                ..Default::default()
-            }),
-            agent_started_unix_nanos: 1,
-        })),
-    }
-}
 
 fn file_event(node: &str, seq: u64, path: &str) -> Event {
     Event {
@@ -39,15 +27,6 @@ fn batch(events: Vec<Event>) -> AgentMessage {
     AgentMessage {
         msg: Some(Msg::Batch(EventBatch { events })),
     }
-}
-
-/// Runs a test's gRPC client side to its end.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(f)
 }
 
 /// Sends `msgs` on one stream; returns the status the stream ended with.

@@ -10,22 +10,13 @@ use driftwatch_proto::{
         approval_service_client::ApprovalServiceClient,
         baseline_service_client::BaselineServiceClient,
         finding_service_client::FindingServiceClient, query_service_client::QueryServiceClient,
-        AgentMessage, AgentsRequest, DecideApprovalRequest, GetFindingRequest, Hello,
+        AgentMessage, AgentsRequest, DecideApprovalRequest, GetFindingRequest,
         ImportBaselineRequest, ListApprovalsRequest, ListBaselinesRequest, ListFindingsRequest,
-        NodeInfo, RequestApprovalRequest, ScanBaselineRequest, TimelineRequest,
-        UpdateFindingRequest,
+        RequestApprovalRequest, ScanBaselineRequest, TimelineRequest, UpdateFindingRequest,
     },
 };
-use driftwatch_tests::{bin, policy, run, Agent, Collector, Dir};
+use driftwatch_tests::{bin, block_on, hello, policy, run, sha256_file, Agent, Collector, Dir};
 use tonic::{transport::Channel, Code, Request, Status};
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(f)
-}
 
 /// A TLS connection to `c` trusting its CA, with a client certificate if given.
 async fn connect(c: &Collector, cert: Option<&(PathBuf, PathBuf)>) -> Result<Channel, String> {
@@ -47,18 +38,6 @@ fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     r
-}
-
-fn hello(node: &str) -> AgentMessage {
-    AgentMessage {
-        msg: Some(Msg::Hello(Hello {
-            node: Some(NodeInfo {
-                name: node.into(),
-                ..Default::default()
-            }),
-            agent_started_unix_nanos: 1,
-        })),
-    }
 }
 
 /// Opens an agent stream saying hello as `node`; the status it ends with
@@ -962,18 +941,6 @@ fn people_s_actions_are_audited_and_verify_names_the_first_altered_event() {
     );
 }
 
-fn sha256_of(path: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn forged_evidence_cannot_resolve_a_drift_finding() {
     use driftwatch_proto::v1::{event, Digest, Event, EventBatch};
@@ -982,7 +949,7 @@ fn forged_evidence_cannot_resolve_a_drift_finding() {
     std::fs::create_dir_all(&tree).unwrap();
     let file = format!("{tree}/app.conf");
     std::fs::write(&file, "pool=10\n").unwrap();
-    let desired = sha256_of(&file);
+    let desired = sha256_file(&file);
     let c = Collector::judging(
         &format!(
             "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"{tree}/\"]\n    writers: [ {{ user: deploy }} ]\n"
