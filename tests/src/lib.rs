@@ -7,7 +7,6 @@
 //! test that quietly passes would prove nothing.
 
 use std::{
-    io::BufRead,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -140,13 +139,14 @@ impl Agent {
 
     /// Events printed so far.
     pub fn events(&self) -> Vec<Value> {
-        let file = std::fs::File::open(&self.out).expect("open output");
-        std::io::BufReader::new(file)
-            .lines()
-            .map_while(Result::ok)
+        let text = std::fs::read_to_string(&self.out).expect("read output");
+        // The agent may be writing its last line as this reads: only
+        // lines it has finished (ended by a newline) count.
+        let done = text.rfind('\n').map_or("", |i| &text[..i]);
+        done.lines()
             .filter(|l| !l.is_empty())
             .map(|l| {
-                serde_json::from_str(&l)
+                serde_json::from_str(l)
                     .unwrap_or_else(|e| panic!("agent printed non-JSON ({e}): {l}"))
             })
             .collect()
