@@ -96,13 +96,6 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
             .await,
             Code::PermissionDenied
         );
-        // An event without a kind.
-        let mut empty = file_event("bad-event", 1, "/x");
-        empty.event = None;
-        assert_eq!(
-            status_of(&url, vec![hello("bad-event"), batch(vec![empty])]).await,
-            Code::InvalidArgument
-        );
         // Oversized: a 5 MiB message against the 4 MiB limit.
         let huge = file_event("bad-size", 1, &"/".repeat(5 << 20));
         assert_eq!(
@@ -117,20 +110,40 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
                 "{name:?}"
             );
         }
-        // Sequence 0, a time past any skew (year 2262), a path over
-        // PATH_MAX that still fits a message: each refused by name.
-        let mut far = file_event("bad-values", 1, "/far");
+        // Sequence 0 names no place to go on from: refused.
+        assert_eq!(
+            status_of(
+                &url,
+                vec![
+                    hello("bad-values"),
+                    batch(vec![file_event("bad-values", 0, "/zero")])
+                ]
+            )
+            .await,
+            Code::InvalidArgument
+        );
+        // No kind, a time past any skew (year 2262), a path over PATH_MAX
+        // that still fits a message: each kept out of the store and
+        // recorded as a gap that says why, and the node's next event is
+        // stored as usual; refusing the stream would have the agent send
+        // them again forever, and nothing after them would arrive.
+        let mut empty = file_event("bad-values", 1, "/x");
+        empty.event = None;
+        let mut far = file_event("bad-values", 2, "/far");
         far.time_unix_nanos = i64::MAX;
-        for e in [
-            file_event("bad-values", 0, "/zero"),
-            far,
-            file_event("bad-values", 1, &"/long".repeat(200 << 10)),
-        ] {
-            assert_eq!(
-                status_of(&url, vec![hello("bad-values"), batch(vec![e])]).await,
-                Code::InvalidArgument
-            );
-        }
+        let long = file_event("bad-values", 3, &"/long".repeat(200 << 10));
+        assert_eq!(
+            status_of(
+                &url,
+                vec![
+                    hello("bad-values"),
+                    batch(vec![empty, far]),
+                    batch(vec![long, file_event("bad-values", 4, "/after-bad")]),
+                ]
+            )
+            .await,
+            Code::Ok
+        );
         // A valid prefix of a batch is kept, the hole after it is refused.
         assert_eq!(
             status_of(
@@ -148,13 +161,58 @@ fn bad_messages_get_the_right_status_and_do_not_disturb_other_agents() {
         );
     });
     for path in ["/ooo", "/spoof", "/x", "/zero", "/far"] {
+        let stored = collector.timeline(&["--path", path]);
         assert!(
-            collector.timeline(&["--path", path]).is_empty(),
-            "{path} was stored"
+            stored.iter().all(|v| v["type"] == "gap"),
+            "{path} was stored: {stored:?}"
         );
     }
     assert_eq!(collector.timeline(&["--host", "half"]).len(), 1);
-    assert!(collector.timeline(&["--host", "bad-values"]).is_empty());
+    let kept = collector.timeline(&["--host", "bad-values"]);
+    let gaps: Vec<_> = kept.iter().filter(|v| v["type"] == "gap").collect();
+    let events: Vec<_> = kept.iter().filter(|v| v["type"] != "gap").collect();
+    assert_eq!(events.len(), 1, "{kept:?}");
+    assert_eq!(events[0]["path"], "/after-bad", "{kept:?}");
+    let ranges: Vec<_> = gaps
+        .iter()
+        .map(|g| (g["from_seq"].as_u64(), g["to_seq"].as_u64()))
+        .collect();
+    assert_eq!(ranges, [(Some(1), Some(2)), (Some(3), Some(3))], "{gaps:?}");
+    assert!(gaps.iter().all(|g| g["reason"] == "collector_refused"));
+    assert!(
+        gaps[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no event kind"),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps[1]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("PATH_MAX"),
+        "{gaps:?}"
+    );
+    // And a blind spot names them.
+    let findings = collector.json(
+        "",
+        &[
+            "findings",
+            "list",
+            "--all",
+            "--kind",
+            "blind_spot",
+            "--host",
+            "bad-values",
+        ],
+    );
+    assert!(
+        findings.iter().any(|f| f["summary"]
+            .as_str()
+            .unwrap_or("")
+            .contains("out of the store")),
+        "{findings:?}"
+    );
 
     // The real agent kept streaming through all of it.
     std::fs::write(format!("{tree}/after-faults.conf"), "x").unwrap();

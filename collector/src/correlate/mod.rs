@@ -944,6 +944,13 @@ impl Engine {
                     driftwatch_proto::time::rfc3339(i128::from(g.to_time_unix_nanos))
                 ),
             ),
+            "collector_refused" => (
+                g.to_seq.saturating_sub(g.from_seq) + 1,
+                format!(
+                    "the collector kept events {}..={} from {} out of the store: {}",
+                    g.from_seq, g.to_seq, g.node, g.detail
+                ),
+            ),
             other => (1, format!("{other} on {}", g.node)),
         };
         self.findings.record(

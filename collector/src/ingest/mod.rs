@@ -35,9 +35,7 @@ pub fn status_of(e: &StoreError) -> Status {
     match e {
         StoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
-        StoreError::Invalid { reason, .. } if reason.contains("on the stream of") => {
-            Status::permission_denied(e.to_string())
-        }
+        StoreError::Foreign { .. } => Status::permission_denied(e.to_string()),
         StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         StoreError::Sled(_) | StoreError::Corrupt { .. } | StoreError::CorruptBlock(_) => {
             Status::unavailable(e.to_string())
@@ -374,6 +372,7 @@ impl AgentService for Ingest {
                     from_time_unix_nanos: p.last_seen_unix_nanos,
                     to_time_unix_nanos: hello.agent_started_unix_nanos.max(p.last_seen_unix_nanos),
                     reason: "agent_offline".into(),
+                    detail: String::new(),
                 };
                 record_gap(&store, &self.correlator, &gap)?;
             }
@@ -548,6 +547,10 @@ fn handle(
             let done = store
                 .append(name, &batch.events, now_unix_nanos())
                 .map_err(status_err)?;
+            for g in &done.quarantined {
+                tracing::warn!(node = name, from = g.from_seq, to = g.to_seq, reason = %g.detail, "events kept out of the store as invalid; recorded as a gap");
+                correlator.gap(g).map_err(status_err)?;
+            }
             let generation = durability.wrote();
             tracing::debug!(node = name, events = batch.events.len(), appended = ?t.elapsed(), "batch written");
             let events = batch
@@ -588,6 +591,8 @@ fn handle(
                 from_time_unix_nanos: now,
                 to_time_unix_nanos: now,
                 reason: "agent_dropped".into(),
+                // The agent's own word for why (bounded: it is stored).
+                detail: d.reason.chars().take(256).collect(),
             };
             record_gap(store, correlator, &gap)?;
             let through = store

@@ -71,6 +71,16 @@ pub enum StoreError {
         /// The sequence number.
         seq: u64,
     },
+    /// An event names another node than the stream it came on.
+    #[error("event {seq} names node {named:?} on the stream of {stream:?}")]
+    Foreign {
+        /// Its sequence number.
+        seq: u64,
+        /// The node it names.
+        named: String,
+        /// The node of the stream.
+        stream: String,
+    },
     /// An event is not acceptable as sent.
     #[error("invalid event (seq {seq}): {reason}")]
     Invalid {
@@ -90,6 +100,9 @@ pub struct Appended {
     pub through: u64,
     /// Why the rest of the batch was refused, if it was.
     pub refused: Option<StoreError>,
+    /// Events kept out of the store as invalid, as gaps already recorded
+    /// (reason `collector_refused`), for the correlator to report.
+    pub quarantined: Vec<Gap>,
 }
 
 /// The event store.
@@ -288,10 +301,11 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
         return Err(bad("the chain field is the collector's to set"));
     }
     if e.node != node {
-        return Err(bad(&format!(
-            "event names node {:?} on the stream of {node:?}",
-            e.node
-        )));
+        return Err(StoreError::Foreign {
+            seq: e.seq,
+            named: e.node.clone(),
+            stream: node.to_owned(),
+        });
     }
     if e.time_unix_nanos <= 0 {
         return Err(bad("time_unix_nanos must be positive"));
@@ -499,9 +513,10 @@ impl Store {
 
     /// Stores events of `node` in sequence order and records `seen_at` as
     /// its last contact, in one update of the agent's record. Already stored
-    /// sequence numbers are skipped (redelivery); a hole or an invalid event
-    /// is refused, and so is everything after it, while what came before it
-    /// is kept. Not durable until [`Store::flush`]. `Err` is a storage failure.
+    /// sequence numbers are skipped (redelivery); an invalid event is kept
+    /// out and its sequence number recorded as a `collector_refused` gap; a
+    /// hole, sequence 0 or another node's event is refused, and so is
+    /// everything after it, while what came before it is kept. Not durable until [`Store::flush`]. `Err` is a storage failure.
     pub fn append(
         &self,
         node: &str,
@@ -513,6 +528,7 @@ impl Store {
         let mut acked = before;
         let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
         let mut refused = None;
+        let mut quarantined: Vec<Gap> = Vec::new();
         // The block last read to compare a redelivery with.
         let mut stored: Vec<Event> = Vec::new();
         for e in events {
@@ -527,8 +543,10 @@ impl Store {
             }
             if e.seq <= acked {
                 // A redelivery: the same event again is skipped, another
-                // one under a stored sequence number is refused.
-                if !self.same_as_stored(node, e, &mut stored)? {
+                // one under a stored sequence number is refused. An
+                // invalid one was kept out when it first came.
+                let kept_out = matches!(validate(node, e), Err(StoreError::Invalid { .. }));
+                if !kept_out && !self.same_as_stored(node, e, &mut stored)? {
                     refused = Some(StoreError::Conflict { seq: e.seq });
                     break;
                 }
@@ -541,9 +559,32 @@ impl Store {
                 });
                 break;
             }
-            if let Err(err) = validate(node, e) {
-                refused = Some(err);
-                break;
+            match validate(node, e) {
+                Ok(()) => {}
+                // An event that cannot be stored as sent is kept out, and
+                // its sequence number becomes a gap that says why: refusing
+                // the stream instead would make the agent send it again
+                // forever, and nothing after it would ever arrive.
+                Err(StoreError::Invalid { reason, .. }) if e.seq <= MAX_SEQ => {
+                    match quarantined.last_mut() {
+                        Some(g) if g.to_seq + 1 == e.seq => g.to_seq = e.seq,
+                        _ => quarantined.push(Gap {
+                            node: node.to_owned(),
+                            from_seq: e.seq,
+                            to_seq: e.seq,
+                            from_time_unix_nanos: seen_at,
+                            to_time_unix_nanos: seen_at,
+                            reason: "collector_refused".into(),
+                            detail: reason,
+                        }),
+                    }
+                    acked = e.seq;
+                    continue;
+                }
+                Err(err) => {
+                    refused = Some(err);
+                    break;
+                }
             }
             accepted.push(e);
             acked = e.seq;
@@ -596,6 +637,9 @@ impl Store {
             agent.chain_head = head.to_vec();
             agent.chain_seq = last.seq;
         }
+        for g in &quarantined {
+            self.add_gap(g)?;
+        }
         agent.acked_seq = acked;
         agent.last_seq = agent.last_seq.max(acked);
         agent.last_seen_unix_nanos = agent.last_seen_unix_nanos.max(seen_at);
@@ -604,6 +648,7 @@ impl Store {
             before,
             through: acked,
             refused,
+            quarantined,
         })
     }
 

@@ -76,54 +76,104 @@ fn redelivery_is_stored_once_and_holes_are_refused() {
 }
 
 #[test]
-fn events_must_belong_to_the_stream_and_be_well_formed() {
+fn events_must_belong_to_the_stream() {
     let (_d, s) = open();
-    let mut other = ev("n2", 1, 100, "/a", "x");
-    assert!(matches!(
-        s.append("n1", &[other.clone()], 1).unwrap().refused,
-        Some(StoreError::Invalid { .. })
-    ));
-    other.node = "n1".into();
-    other.event = None;
-    assert!(matches!(
-        s.append("n1", &[other], 1).unwrap().refused,
-        Some(StoreError::Invalid { .. })
-    ));
+    let other = ev("n2", 1, 100, "/a", "x");
+    let r = s.append("n1", &[other], 1).unwrap();
+    assert!(
+        matches!(&r.refused, Some(StoreError::Foreign { seq: 1, named, stream }) if named == "n2" && stream == "n1"),
+        "{:?}",
+        r.refused
+    );
+    assert_eq!(r.through, 0);
     assert_eq!(s.event_count().unwrap(), 0);
 }
 
 #[test]
-fn hostile_values_are_refused_by_name_and_nothing_is_acked_for_them() {
+fn hostile_values_are_kept_out_by_name_and_the_node_goes_on() {
     let (_d, s) = open();
-    let refusal = |e: Event| -> String {
-        match s.append("n1", &[e], 1).unwrap().refused {
-            Some(err @ StoreError::Invalid { .. }) => err.to_string(),
-            other => panic!("not refused as invalid: {other:?}"),
-        }
-    };
-    // Sequence 0 was passed over as a redelivery and acked "through 0".
-    assert!(refusal(ev("n1", 0, 100, "/a", "x")).contains("start at 1"));
+    // Sequence 0 was passed over as a redelivery and acked "through 0":
+    // it stays a refusal of the stream, since it names no place to skip.
+    assert!(matches!(
+        s.append("n1", &[ev("n1", 0, 100, "/a", "x")], 1)
+            .unwrap()
+            .refused,
+        Some(StoreError::Invalid { seq: 0, .. })
+    ));
     let now = driftwatch_proto::time::now_unix_nanos();
+    let mut seq = 0;
+    // Each invalid event is kept out, its sequence number recorded as a
+    // gap that says why, and the next event is stored as usual.
+    let mut kept_out = |mut e: Event| -> String {
+        seq += 1;
+        e.seq = seq;
+        let mut next = ev("n1", seq + 1, 100 + seq as i64, "/ok", "x");
+        next.seq = seq + 1;
+        let r = s.append("n1", &[e, next], 1).unwrap();
+        assert!(r.refused.is_none(), "{:?}", r.refused);
+        assert_eq!(r.through, seq + 1);
+        let [g] = r.quarantined.as_slice() else {
+            panic!("{:?}", r.quarantined)
+        };
+        assert_eq!((g.from_seq, g.to_seq), (seq, seq));
+        assert_eq!(g.reason, "collector_refused");
+        seq += 1;
+        g.detail.clone()
+    };
     assert!(
-        refusal(ev("n1", 1, now + 25 * 3600 * 1_000_000_000, "/a", "x")).contains("a day ahead")
+        kept_out(ev("n1", 1, now + 25 * 3600 * 1_000_000_000, "/a", "x")).contains("a day ahead")
     );
-    assert!(refusal(ev("n1", 1, i64::MAX, "/a", "x")).contains("a day ahead"));
-    assert!(refusal(ev("n1", 1, 100, &"/x".repeat(3000), "x")).contains("PATH_MAX"));
+    assert!(kept_out(ev("n1", 1, i64::MAX, "/a", "x")).contains("a day ahead"));
+    assert!(kept_out(ev("n1", 1, 100, &"/x".repeat(3000), "x")).contains("PATH_MAX"));
     let mut big_args = ev("n1", 1, 100, "/a", "x");
     if let Some(p) = big_args.process.as_mut() {
         p.args = vec!["a".repeat(40 * 1024)];
     }
-    assert!(refusal(big_args).contains("arguments of 40960 bytes"));
+    assert!(kept_out(big_args).contains("arguments of 40960 bytes"));
     let mut big = ev("n1", 1, 100, "/a", "x");
     if let Some(p) = big.process.as_mut() {
         p.comm = "c".repeat(100 * 1024);
     }
-    assert!(refusal(big).contains("the limit for one event"));
-    assert_eq!(s.event_count().unwrap(), 0);
-    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 0);
+    assert!(kept_out(big).contains("the limit for one event"));
+    let mut empty = ev("n1", 1, 100, "/a", "x");
+    empty.event = None;
+    assert!(kept_out(empty).contains("no event kind"));
+    let mut chained = ev("n1", 1, 100, "/a", "x");
+    chained.chain = vec![0; 32];
+    assert!(kept_out(chained).contains("chain"));
+    // Only the valid events were stored, each gap is on record, and the
+    // chain over what was stored still verifies.
+    assert_eq!(s.event_count().unwrap(), 7);
+    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 14);
+    let gaps = s.gaps("n1").unwrap();
+    assert_eq!(gaps.len(), 7, "{gaps:?}");
+    assert_eq!(verify_chain(&s, "n1"), Ok(7));
+    // Sent again (an agent that missed the ack), a kept-out event is a
+    // redelivery, not a conflict.
+    let mut again = ev("n1", 13, 100, "/a", "x");
+    again.chain = vec![0; 32];
+    let r = s.append("n1", &[again], 1).unwrap();
+    assert!(r.refused.is_none() && r.quarantined.is_empty(), "{r:?}");
+    // A run of invalid events is one gap.
+    let run: Vec<Event> = (15..=17)
+        .map(|q| {
+            let mut e = ev("n1", q, 100, "/a", "x");
+            e.event = None;
+            e
+        })
+        .collect();
+    let r = s.append("n1", &run, 1).unwrap();
+    assert_eq!(r.through, 17);
+    assert_eq!(
+        r.quarantined
+            .iter()
+            .map(|g| (g.from_seq, g.to_seq))
+            .collect::<Vec<_>>(),
+        vec![(15, 17)]
+    );
     // A day ahead is still fine: agents' clocks drift.
-    let soon = ev("n1", 1, now + 3600 * 1_000_000_000, "/a", "x");
-    assert_eq!(s.append("n1", &[soon], 1).unwrap().through, 1);
+    let soon = ev("n1", 18, now + 3600 * 1_000_000_000, "/a", "x");
+    assert_eq!(s.append("n1", &[soon], 1).unwrap().through, 18);
 }
 
 #[test]
@@ -528,13 +578,12 @@ fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays(
     }
     assert_eq!(s.event_at("n1", 3, 103).unwrap().map(|e| e.seq), Some(3));
     assert_eq!(verify_chain(&s, "n1"), Ok(5));
-    // An agent may not set the chain itself.
+    // An agent may not set the chain itself: the event is kept out.
     let mut e = ev("n1", 6, 106, "/a", "x");
     e.chain = vec![0; 32];
-    assert!(matches!(
-        s.append("n1", &[e], 1).unwrap().refused,
-        Some(StoreError::Invalid { seq: 6, .. })
-    ));
+    let r = s.append("n1", &[e], 1).unwrap();
+    assert!(r.refused.is_none() && r.quarantined.len() == 1, "{r:?}");
+    assert_eq!(s.event_at("n1", 6, 106).unwrap().map(|e| e.seq), None);
 }
 
 #[test]

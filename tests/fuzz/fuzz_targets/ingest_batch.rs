@@ -1,5 +1,5 @@
 //! The collector's ingest of an agent's message: any bytes decode to a
-//! message or an error; a batch is stored, skipped or refused by the store,
+//! message or an error; a batch is stored, skipped, kept out or refused by the store,
 //! never a panic, and whatever was stored still verifies as a chain.
 
 #![no_main]

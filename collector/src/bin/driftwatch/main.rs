@@ -270,7 +270,7 @@ pub(crate) fn event_json(e: &Event) -> Value {
 
 fn gap_json(g: &Gap) -> Value {
     json!({
-        "type": "gap", "node": g.node, "reason": g.reason,
+        "type": "gap", "node": g.node, "reason": g.reason, "detail": g.detail,
         "from_seq": g.from_seq, "to_seq": g.to_seq,
         "from": time(g.from_time_unix_nanos), "to": time(g.to_time_unix_nanos),
     })
@@ -584,8 +584,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                         } else {
                             String::new()
                         };
+                        let why = if g.detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", g.detail)
+                        };
                         format!(
-                            "---- GAP {} {}{seqs} from {} to {} ----",
+                            "---- GAP {} {}{seqs} from {} to {}{why} ----",
                             g.node,
                             g.reason,
                             time(g.from_time_unix_nanos),
