@@ -194,6 +194,56 @@ fn an_agent_stopped_and_started_again_numbers_on_without_a_false_loss() {
 }
 
 #[test]
+fn an_agent_whose_spool_was_wiped_numbers_on_above_what_the_collector_holds() {
+    let OneNode {
+        dir: _dir,
+        tree,
+        spool,
+        collector,
+        pol,
+        agent,
+    } = one_node("node-w");
+    write_files(&tree, "before", 5);
+    let t = collector.wait_timeline(
+        &["--host", "node-w"],
+        |t| file_events(t, "node-w", "before").len() >= 10,
+        "changes before the wipe",
+    );
+    let highest = |t: &[Value]| {
+        t.iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = highest(&t);
+    agent.stop();
+    // A reinstalled node: same name, empty spool, numbering from 1 again.
+    std::fs::remove_dir_all(&spool).unwrap();
+    let again = Agent::streaming(&pol, &collector, "node-w", &spool);
+    write_files(&tree, "after", 5);
+    let t = collector.wait_timeline(
+        &["--host", "node-w"],
+        |t| file_events(t, "node-w", "after").len() >= 10,
+        "changes after the wipe",
+    );
+    assert_exactly_once(&t, "node-w", "after", 5);
+    let after: Vec<u64> = file_events(&t, "node-w", "after")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert!(
+        after.iter().all(|&s| s > before),
+        "events after the wipe were numbered {after:?}, at or below {before}"
+    );
+    let log = collector.log();
+    assert!(
+        !log.contains("already stored") && !log.contains("different event"),
+        "{log}"
+    );
+    again.stop();
+}
+
+#[test]
 fn eight_agents_stream_at_once() {
     let dir = Dir::new();
     let tree = dir.join("shared");

@@ -210,6 +210,17 @@ impl Sender {
             None => return Ok(()),
         };
         tracing::info!(url = %self.url, acked, spooled = self.spool.len(), "streaming to the collector");
+        if acked > self.spool.last_seq() {
+            // The collector holds this node's events beyond any number
+            // this spool handed out: go on above them.
+            let moved = self.spool.renumber_above(acked)?;
+            tracing::warn!(
+                acked,
+                last = self.spool.last_seq(),
+                moved,
+                "the collector has this node's events through a sequence number this spool never reached (a wiped spool, or another machine under this node's name); numbering goes on above it"
+            );
+        }
         self.spool.ack(acked)?;
         self.stats.acked(acked, &mut VecDeque::new());
         let mut sent = acked;

@@ -55,6 +55,8 @@ const MEMORY_BYTES: usize = 32 << 20;
 const BUFFER_BYTES: usize = 256 << 10;
 /// A record's header: payload length, crc32 of seq + payload, seq.
 const HEADER: usize = 16;
+/// Events read at a time when the spool is renumbered.
+const BATCH_READ: usize = 4096;
 /// Largest record accepted on reading (a corrupt length must not allocate).
 const MAX_RECORD: usize = 64 << 20;
 
@@ -109,6 +111,9 @@ pub enum SpoolError {
         /// The error.
         source: std::io::Error,
     },
+    /// A spooled record does not decode.
+    #[error("spool: corrupt record: {0}")]
+    Corrupt(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
@@ -466,6 +471,67 @@ impl Spool {
         Ok(())
     }
 
+    /// Moves every waiting event above `floor`, when the collector has
+    /// stored this node's events through a number this spool never handed
+    /// out: the spool was wiped (a reinstalled node, a lost volume) or
+    /// another machine streamed under this node's name. Numbering on below
+    /// `floor` would have every event taken for a redelivery of another
+    /// one. The events are written again under new numbers, made durable,
+    /// and only then are the old records removed: a crash in between
+    /// leaves both, and the old ones are below the collector's ack.
+    /// Returns how many events moved.
+    pub fn renumber_above(&self, floor: u64) -> Result<u64, SpoolError> {
+        let mut retired = Vec::new();
+        let moved = {
+            let mut s = self.lock();
+            if floor < s.next {
+                return Ok(0);
+            }
+            let old_last = s.next - 1;
+            let mut events = Vec::new();
+            let mut after = s.acked;
+            loop {
+                let b = s.read_after(after, BATCH_READ, usize::MAX)?;
+                if b.count == 0 {
+                    break;
+                }
+                after = b.last;
+                let batch = driftwatch_proto::v1::EventBatch::decode(b.body.as_slice())
+                    .map_err(|e| SpoolError::Corrupt(format!("a spooled batch: {e}")))?;
+                events.extend(batch.events);
+            }
+            s.write_buffer()?;
+            s.write_reserved(floor + 1 + RESERVE)?;
+            s.next = floor + 1;
+            s.memory.clear();
+            s.memory_bytes = 0;
+            s.memory_first = floor + 1;
+            s.cursor = None;
+            let moved = events.len() as u64;
+            // Old and new copies are both counted until the old go: the
+            // bound must not evict either meanwhile.
+            let bound = std::mem::replace(&mut s.max_events, u64::MAX);
+            for mut e in events {
+                let seq = s.next;
+                if seq >= s.reserved {
+                    s.reserve(seq)?;
+                }
+                e.seq = seq;
+                s.append(seq, e.time_unix_nanos, e.encode_to_vec())?;
+            }
+            s.max_events = bound;
+            s.write_buffer()?;
+            s.sync()?;
+            retired.extend(s.ack(old_last));
+            s.acked = floor;
+            moved
+        };
+        for path in retired {
+            std::fs::remove_file(&path).map_err(io("removing", &path))?;
+        }
+        Ok(moved)
+    }
+
     /// The highest sequence number handed out so far.
     pub fn last_seq(&self) -> u64 {
         self.lock().next - 1
@@ -517,6 +583,7 @@ impl Inner {
         let cut = match self.segments.values().next_back() {
             Some(s) => {
                 self.active.is_none()
+                    || s.last + 1 != seq
                     || s.events() >= self.segment_events
                     || s.bytes >= SEGMENT_BYTES
             }
@@ -814,6 +881,43 @@ mod tests {
             seqs(&s.read_after(0, 10, 1 << 20).unwrap()),
             [9, 10, 11, 12, 13]
         );
+    }
+
+    #[test]
+    fn a_collector_ahead_of_the_spool_has_the_waiting_events_moved_above_its_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1_000).unwrap();
+        let mut e = ev();
+        for i in 0..300 {
+            e.time_unix_nanos = 1 + i;
+            s.push(e.clone()).unwrap();
+        }
+        s.commit().unwrap();
+        s.ack(100).unwrap();
+        // Below the ack nothing moves.
+        assert_eq!(s.renumber_above(250).unwrap(), 0);
+        assert_eq!(s.renumber_above(5_000).unwrap(), 200);
+        assert_eq!((s.len(), s.last_seq(), s.evicted()), (200, 5_200, 0));
+        let b = s.read_after(5_000, 1_000, 1 << 24).unwrap();
+        assert_eq!(seqs(&b), (5_001..=5_200).collect::<Vec<_>>());
+        // The same events in the same order: only their numbers changed.
+        let m = AgentMessage::decode(&*driftwatch_proto::raw::batch_message(&b.body).0).unwrap();
+        let Some(Msg::Batch(batch)) = m.msg else {
+            panic!("not a batch")
+        };
+        let times: Vec<i64> = batch.events.iter().map(|e| e.time_unix_nanos).collect();
+        assert_eq!(times, (101..=300).collect::<Vec<_>>());
+        // New events follow them, and a restart keeps them all.
+        assert_eq!(s.push(ev()).unwrap(), 5_201);
+        s.close().unwrap();
+        drop(s);
+        let s = Spool::open(dir.path(), 1_000).unwrap();
+        assert_eq!(s.len(), 201);
+        assert_eq!(
+            seqs(&s.read_after(5_000, 1_000, 1 << 24).unwrap()),
+            (5_001..=5_201).collect::<Vec<_>>()
+        );
+        assert_eq!(s.push(ev()).unwrap(), 5_202);
     }
 
     #[test]
