@@ -8,6 +8,7 @@
 
 pub mod chain;
 pub mod client;
+pub mod ops;
 pub mod raw;
 pub mod time;
 
@@ -24,6 +25,10 @@ pub fn completes_change(op: &str) -> bool {
 /// Generated from `proto/driftwatch/v1/driftwatch.proto`.
 pub mod v1 {
     tonic::include_proto!("driftwatch.v1");
+
+    /// The encoded `FileDescriptorSet` of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/driftwatch_descriptor.bin"));
 }
 
 pub mod policy;
