@@ -16,9 +16,18 @@ pub mod audit;
 pub mod control;
 pub mod correlate;
 pub mod ingest;
+pub mod metrics;
 pub mod policy;
 pub mod query;
 pub mod security;
 pub mod statuses;
 pub mod store;
 pub mod units;
+
+/// Resolves once `closing` turns true; never when its sender is gone
+/// without having said so (a service built without a stop signal).
+pub async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

@@ -19,6 +19,7 @@ use driftwatch_collector::{
     store::Store,
     units,
 };
+use driftwatch_proto::ops::{init_logging, LogFormat};
 use driftwatch_proto::time::now_unix_nanos;
 use driftwatch_proto::v1::{
     agent_service_server::AgentServiceServer, approval_service_server::ApprovalServiceServer,
@@ -151,6 +152,14 @@ struct Args {
     /// Log filter for standard error.
     #[arg(long, env = "DRIFTWATCH_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one
+    /// object per line, for a cluster's log collector).
+    #[arg(long, env = "DRIFTWATCH_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// Serve `/metrics` (Prometheus, OpenMetrics text), `/healthz` and
+    /// `/readyz` on this address (plain HTTP; keep it inside the cluster).
+    #[arg(long, env = "DRIFTWATCH_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -226,14 +235,10 @@ fn main() -> ExitCode {
     if let Some(Sub::Certs(c)) = args.cmd.take() {
         return certs_command(c);
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = init_logging(&args.log, args.log_format) {
+        eprintln!("driftwatch-collector: error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -343,12 +348,42 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         tracing::info!(events = judged, "judged events stored before the last stop");
     }
     correlate::spawn_silence_check(correlator.clone());
-    let ingest = Ingest::new(store.clone(), correlator.clone());
+    // Open streams and follows end with UNAVAILABLE when the collector
+    // stops, instead of holding the stop until their clients leave.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let ingest = Ingest::new(store.clone(), correlator.clone()).closing_on(closing.clone());
     let audit = std::sync::Arc::new(Audit::open(&store).context("opening the audit log")?);
     tokio::spawn(reload_on_hangup(policies.clone(), audit.clone()));
     let control = Control::new(correlator.clone(), ingest.clone(), audit.clone());
-    let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone());
+    let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone()).closing_on(closing);
     let ingest_failure = ingest.store_failure();
+    let ready = driftwatch_proto::ops::Ready::default();
+    if let Some(addr) = args.metrics_listen {
+        let metrics = ingest.metrics();
+        let registry = std::sync::Arc::new(metrics.registry());
+        let (store, correlator, failure) =
+            (store.clone(), correlator.clone(), ingest_failure.clone());
+        let refresh = std::sync::Arc::new(move || {
+            metrics.refresh(&store, &correlator, failure.borrow().is_some())
+        });
+        let bound = driftwatch_proto::ops::serve_metrics(addr, registry, refresh, ready.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(addr = %bound, "metrics at /metrics, health at /healthz and /readyz");
+    }
+    // grpc.health.v1: SERVING while the store takes writes, NOT_SERVING
+    // while it cannot and once the collector stops.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(driftwatch_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("server reflection")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(driftwatch_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("server reflection")?;
 
     let retention_store = store.clone();
     let (age, size) = (args.retention_age, args.retention_size);
@@ -390,8 +425,16 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         .add_service(QueryServiceServer::new(query))
         .add_service(FindingServiceServer::new(control.clone()))
         .add_service(ApprovalServiceServer::new(control.clone()))
-        .add_service(BaselineServiceServer::new(control));
+        .add_service(BaselineServiceServer::new(control))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Stop>);
+    tokio::spawn(report_health(
+        health,
+        ingest_failure.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(stop_on_signal(stop_tx.clone()));
     tokio::spawn(reopen_when_writable(
         ingest_failure,
@@ -400,10 +443,14 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     ));
     let stopping = {
         let mut rx = stop_rx.clone();
+        let ready = ready.clone();
         async move {
             let _ = rx.wait_for(Option::is_some).await;
+            ready.set(false);
+            closing_tx.send_replace(true);
         }
     };
+    ready.set(true);
     let serving = async {
         match tls {
             Some(config) => router
@@ -440,6 +487,30 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     store.flush().await?;
     tracing::info!("store flushed; exiting");
     Ok(Stop::Exit)
+}
+
+/// Keeps `grpc.health.v1` current: SERVING (overall and for the agent
+/// stream) while the store takes writes and the collector is not stopping.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+    mut stop: tokio::sync::watch::Receiver<Option<Stop>>,
+) {
+    const AGENTS: &str = "driftwatch.v1.AgentService";
+    loop {
+        let serving = stop.borrow_and_update().is_none() && failure.borrow_and_update().is_none();
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health.set_service_status(AGENTS, status).await;
+        tokio::select! {
+            r = failure.changed() => if r.is_err() { return },
+            r = stop.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 /// Asks the server to stop on SIGINT or SIGTERM.

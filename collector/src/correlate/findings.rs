@@ -313,6 +313,17 @@ impl Findings {
         Ok(Some(id))
     }
 
+    /// Unresolved findings by kind (a finding's key starts with its kind),
+    /// without reading them.
+    pub fn open_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut by_kind = std::collections::BTreeMap::new();
+        for key in self.open.keys() {
+            let kind = key.split('\0').next().unwrap_or_default();
+            *by_kind.entry(kind.to_owned()).or_default() += 1;
+        }
+        by_kind
+    }
+
     /// Unresolved findings.
     pub fn unresolved(&self) -> Result<Vec<Finding>, StoreError> {
         let mut out = Vec::new();

@@ -203,9 +203,25 @@ pub struct Ingest {
     next_stream: Arc<AtomicU64>,
     /// Newly stored events, for `timeline --follow`.
     pub stored: broadcast::Sender<Event>,
+    /// Becomes true when the collector stops: open streams end with
+    /// UNAVAILABLE instead of holding the stop until their agents leave.
+    closing: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Ingest {
+    /// What ingest counts, for `/metrics`.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Ends every open stream, and refuses new ones, once `closing` turns
+    /// true.
+    pub fn closing_on(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = closing;
+        self
+    }
+
     /// Why the store cannot write, while it cannot.
     pub fn store_failure(&self) -> watch::Receiver<Option<String>> {
         self.durability.failure()
@@ -235,6 +251,8 @@ impl Ingest {
             owners: Arc::default(),
             next_stream: Arc::new(AtomicU64::new(1)),
             stored,
+            closing: watch::channel(false).1,
+            metrics: Arc::default(),
         }
     }
 
@@ -283,6 +301,8 @@ struct Pending {
     generation: u64,
     through: u64,
     events: Vec<Event>,
+    /// Events kept out as invalid.
+    refused: u64,
     error: Option<Status>,
 }
 
@@ -419,6 +439,7 @@ impl AgentService for Ingest {
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(64);
         // Acks go out in order, each once its write is on disk.
         let ack_tx = tx.clone();
+        let metrics = self.metrics.clone();
         let acker = tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
                 if let Err(status) = durability.wait(p.generation).await {
@@ -427,9 +448,15 @@ impl AgentService for Ingest {
                     let _ = ack_tx.send(Err(status)).await;
                     return;
                 }
+                let judging = std::time::Instant::now();
                 if let Err(e) = correlator.process(&acker_node, &p.events) {
                     tracing::error!(node = %acker_node, "judging stored events failed (judged again at the next start): {e}");
                 }
+                metrics
+                    .judge_seconds
+                    .observe(judging.elapsed().as_secs_f64());
+                metrics.stored(p.events.iter().map(crate::query::kind_of));
+                metrics.refused.inc_by(p.refused);
                 for e in p.events {
                     let _ = stored.send(e);
                 }
@@ -445,17 +472,24 @@ impl AgentService for Ingest {
         let durability = self.durability.clone();
         let correlator = self.correlator.clone();
         let links = self.links.clone();
+        let mut closing = self.closing.clone();
+        let streams = self.metrics.streams.clone();
+        streams.inc();
         tokio::spawn(async move {
-            let result = serve(
-                &store,
-                &correlator,
-                &durability,
-                &name,
-                &claim,
-                &mut inbound,
-                &pending_tx,
-            )
-            .await;
+            let result = tokio::select! {
+                r = serve(
+                    &store,
+                    &correlator,
+                    &durability,
+                    &name,
+                    &claim,
+                    &mut inbound,
+                    &pending_tx,
+                ) => r,
+                // What was written is still acked below; the agent sends
+                // the rest again to whichever collector it reaches next.
+                _ = crate::closed(&mut closing) => Err(Status::unavailable("the collector is stopping; reconnect to resume")),
+            };
             {
                 let mut links = links
                     .lock()
@@ -489,6 +523,7 @@ impl AgentService for Ingest {
                 }
             }
             tracing::info!(node = %name, "agent disconnected");
+            streams.dec();
             // With the policy task gone this was the last sender: the
             // answer stream ends with an OK status.
             drop(ended);
@@ -564,6 +599,11 @@ fn handle(
                 generation,
                 through: done.through,
                 events,
+                refused: done
+                    .quarantined
+                    .iter()
+                    .map(|g| g.to_seq - g.from_seq + 1)
+                    .sum(),
                 error: done.refused.map(|e| status_of(&e)),
             }))
         }
@@ -604,6 +644,7 @@ fn handle(
                 generation: durability.wrote(),
                 through,
                 events: Vec::new(),
+                refused: 0,
                 error: None,
             }))
         }

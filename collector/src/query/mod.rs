@@ -185,6 +185,9 @@ pub struct Query {
     store: Store,
     stored: broadcast::Sender<Event>,
     audit: Arc<Audit>,
+    /// Becomes true when the collector stops: a follow then ends with
+    /// UNAVAILABLE instead of holding the stop open.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Query {
@@ -194,7 +197,14 @@ impl Query {
             store,
             stored,
             audit,
+            closing: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends every follow once `closing` turns true.
+    pub fn closing_on(mut self, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.closing = closing;
+        self
     }
 }
 
@@ -208,6 +218,7 @@ impl QueryService for Query {
         let r = request.into_inner();
         // Subscribe before reading the store, so nothing falls between the two.
         let mut live = r.follow.then(|| self.stored.subscribe());
+        let mut closing = self.closing.clone();
         let (tx, rx) = mpsc::channel(PAGE);
         let store = self.store.clone();
         let req = r.clone();
@@ -239,7 +250,14 @@ impl QueryService for Query {
             };
             let Some(live) = live.as_mut() else { return };
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    _ = crate::closed(&mut closing) => {
+                        let _ = tx.send(Err(Status::unavailable("the collector is stopping; follow again once it is back"))).await;
+                        return;
+                    }
+                };
+                match next {
                     Ok(e) => {
                         if !matches(&r, &e) || last.get(&e.node).is_some_and(|l| e.seq <= *l) {
                             continue;

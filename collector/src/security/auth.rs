@@ -142,6 +142,10 @@ pub fn need(path: &str) -> Option<Need> {
         ("driftwatch.v1.ApprovalService", "Decide") => Need::Role(Role::Approver),
         ("driftwatch.v1.BaselineService", "Import" | "Scan") => Need::Role(Role::Admin),
         ("grpc.health.v1.Health", _) => Need::Nothing,
+        // The API's shape, for grpcurl and the like: only to those who may read.
+        ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => {
+            Need::Role(Role::Viewer)
+        }
         _ => return None,
     })
 }

@@ -933,7 +933,12 @@ impl Store {
         Ok(dirs)
     }
 
-    /// Number of stored blocks (cheap).
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Number of stored blocks (walks the tree: not for every scrape).
     pub fn block_count(&self) -> usize {
         self.blocks.len()
     }
