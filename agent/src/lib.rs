@@ -14,6 +14,7 @@ pub mod clock;
 pub mod digest;
 pub mod event;
 pub mod identity;
+pub mod metrics;
 pub use driftwatch_proto::policy;
 pub mod sensors;
 pub mod stream;

@@ -1,5 +1,6 @@
 //! `driftwatch-agent`: the node agent's command line and event loop.
 
+use driftwatch_proto::ops::{init_logging, LogFormat};
 use std::{
     collections::BTreeMap,
     io::{BufWriter, Write},
@@ -125,6 +126,16 @@ struct Args {
     /// Log filter for standard error (`info`, `debug`, `driftwatch_agent=trace`, …).
     #[arg(long, env = "DRIFTWATCH_LOG", default_value = "info")]
     log: String,
+
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one
+    /// object per line, for a cluster's log collector).
+    #[arg(long, env = "DRIFTWATCH_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Serve `/metrics` (Prometheus, OpenMetrics text), `/healthz` and
+    /// `/readyz` (ready once the sensors are attached) on this address.
+    #[arg(long, env = "DRIFTWATCH_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
@@ -137,14 +148,10 @@ fn parse_ring_mib(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = init_logging(&args.log, args.log_format) {
+        eprintln!("driftwatch-agent: error: {e}");
+        return ExitCode::from(2);
+    }
     // aya-log forwards kernel-side log records through the `log` crate.
     let _ = tracing_log::LogTracer::init();
 
@@ -374,6 +381,32 @@ fn stats(sensors: &Sensors, user: &UserCounts, node: &str) -> anyhow::Result<Eve
     })
 }
 
+fn update_metrics(
+    metrics: &driftwatch_agent::metrics::Metrics,
+    sensors: &Sensors,
+    user: &UserCounts,
+    out: &Output,
+    delivery: &stream::Delivery,
+) -> anyhow::Result<()> {
+    let Event::Stats { counters, .. } = stats(sensors, user, &out.node)? else {
+        return Ok(());
+    };
+    let spool = out
+        .spool
+        .as_ref()
+        .map(|(s, _)| driftwatch_agent::metrics::SpoolState {
+            waiting: s.len() as u64,
+            evicted: s.evicted(),
+            last_seq: s.last_seq(),
+        });
+    let streaming = out
+        .spool
+        .as_ref()
+        .map(|_| (delivery.report(), delivery.connected()));
+    metrics.update(&counters, user.malformed, spool, streaming);
+    Ok(())
+}
+
 fn node_name(arg: Option<String>) -> String {
     arg.or_else(|| {
         nix::unistd::gethostname()
@@ -559,6 +592,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     let mut running = initial_policy(&args)?;
+    // Up before the sensors, so a probe sees "alive, not ready" meanwhile.
+    let ready = driftwatch_proto::ops::Ready::default();
+    let metrics = Arc::new(driftwatch_agent::metrics::Metrics::default());
+    if let Some(addr) = args.metrics_listen {
+        let registry = Arc::new(metrics.registry());
+        let bound =
+            driftwatch_proto::ops::serve_metrics(addr, registry, Arc::new(|| {}), ready.clone())
+                .await
+                .map_err(anyhow::Error::msg)?;
+        tracing::info!(addr = %bound, "metrics at /metrics, health at /healthz and /readyz");
+    }
     let cgroup_root = preflight::prepare()?;
     let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;
     let node = node_name(args.node_name.clone());
@@ -692,6 +736,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut user = UserCounts::default();
+    // Metrics are taken in each second, when they are served.
+    let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+    ready.set(true);
     let mut reported_drops: BTreeMap<String, u64> = BTreeMap::new();
 
     let handle = |bytes: &[u8],
@@ -800,6 +847,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 out.emit(e)?;
                 out.flush()?;
             }
+            _ = metrics_tick.tick(), if args.metrics_listen.is_some() => {
+                update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
+            }
             _ = sigusr1.recv() => {
                 let s = stats(&sensors, &user, &out.node)?;
                 out.emit(s.clone())?;
@@ -852,6 +902,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // was; then it is read to that end, and the sender delivers what is
     // spooled or leaves it on disk for the next start.
     let stopping = std::time::Instant::now();
+    ready.set(false);
     // While the hooks detach (RCU grace periods: seconds on a busy
     // machine) what they wrote is read, spooled and sent, not left waiting
     // behind the detach.

@@ -95,6 +95,7 @@ impl Histogram {
 pub struct Delivery {
     sent: AtomicU64,
     acked: AtomicU64,
+    connected: std::sync::atomic::AtomicBool,
     latency: Mutex<Histogram>,
 }
 
@@ -116,6 +117,16 @@ pub struct DeliveryReport {
 }
 
 impl Delivery {
+    /// Says whether a stream to the collector is open.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Whether a stream to the collector is open.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     /// Counts events sent.
     pub fn sent(&self, n: usize) {
         self.sent.fetch_add(n as u64, Ordering::Relaxed);

@@ -125,7 +125,9 @@ impl Sender {
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.stream_once().await {
+            let r = self.stream_once().await;
+            self.stats.set_connected(false);
+            match r {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     tracing::warn!(
@@ -222,6 +224,7 @@ impl Sender {
             );
         }
         self.spool.ack(acked)?;
+        self.stats.set_connected(true);
         self.stats.acked(acked, &mut VecDeque::new());
         let mut sent = acked;
         // Times of the events in flight, for their latency when acked.
