@@ -612,6 +612,26 @@ impl Collector {
         }
     }
 
+    /// The `grpc.health.v1` status of `service` ("" for the whole
+    /// collector), as a plaintext client asks it: 1 SERVING, 2 NOT_SERVING.
+    pub fn health(&self, service: &str) -> i32 {
+        let url = self.url.clone();
+        let service = service.to_owned();
+        block_on(async move {
+            let channel = tonic::transport::Channel::from_shared(url)
+                .expect("a URL")
+                .connect()
+                .await
+                .expect("connect for a health check");
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest { service })
+                .await
+                .expect("a health answer")
+                .into_inner()
+                .status
+        })
+    }
+
     /// `driftwatch timeline -o json ARGS…`, parsed.
     pub fn timeline(&self, args: &[&str]) -> Vec<Value> {
         let who = if self.pki.is_some() { "reader" } else { "" };
@@ -656,6 +676,20 @@ impl Agent {
     /// `spool` (with a certificate for `node` when the collector checks them).
     pub fn streaming(policy_yaml: &str, collector: &Collector, node: &str, spool: &Path) -> Self {
         let args = Self::streaming_args(collector, node, spool);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(Some(policy_yaml), &args)
+    }
+
+    /// As [`Agent::streaming`], with extra command-line arguments.
+    pub fn streaming_with(
+        policy_yaml: &str,
+        collector: &Collector,
+        node: &str,
+        spool: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = Self::streaming_args(collector, node, spool);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Self::spawn(Some(policy_yaml), &args)
     }
@@ -743,4 +777,48 @@ pub fn sha256_file(path: &str) -> String {
         .next()
         .expect("a digest")
         .to_owned()
+}
+
+/// `GET path` on a plain-HTTP server at `addr`: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

@@ -543,6 +543,9 @@ fn a_full_disk_is_refused_meanwhile_and_recovered_from_when_space_is_back() {
         "100 changes",
     );
 
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    assert_eq!(collector.health(""), SERVING);
     let filler = disk.fill();
     writes("during");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -553,8 +556,10 @@ fn a_full_disk_is_refused_meanwhile_and_recovered_from_when_space_is_back() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // Reads still answer while nothing can be written.
+    // Reads still answer while nothing can be written; health says so.
     assert!(!collector.json("", &["agents"]).is_empty());
+    assert_eq!(collector.health("driftwatch.v1.AgentService"), NOT_SERVING);
+    assert_eq!(collector.health(""), NOT_SERVING);
 
     std::fs::remove_file(filler).unwrap();
     writes("after");
@@ -578,6 +583,7 @@ fn a_full_disk_is_refused_meanwhile_and_recovered_from_when_space_is_back() {
     assert!(collector
         .log()
         .contains("restarting in place to reopen the store"));
+    assert_eq!(collector.health(""), SERVING);
     drop(agent);
     // SIGTERM still stops it.
     // SAFETY: kill(2) on the collector's pid.

@@ -105,6 +105,9 @@ const FUZZ_SECONDS_IN_TEST: u64 = 10;
 fn test(args: &[String]) -> Result<()> {
     setup::require_root("cargo xtask test")?;
     setup::ensure()?;
+    // Real servers the tests start on loopback: Prometheus scrapes both
+    // daemons' /metrics.
+    setup::apt(&["prometheus"])?;
     eprintln!("xtask: cargo fmt --check");
     setup::run(cargo().args(["fmt", "--all", "--check"]))?;
     eprintln!("xtask: cargo clippy --workspace --all-targets -- -D warnings");
