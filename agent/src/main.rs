@@ -381,6 +381,26 @@ fn stats(sensors: &Sensors, user: &UserCounts, node: &str) -> anyhow::Result<Eve
     })
 }
 
+/// Reads the policy file again and applies it; a bad one is refused and
+/// the running policy stays.
+fn reread_policy(
+    path: &Path,
+    sensors: &mut Sensors,
+    out: &mut Output,
+    digester: &Digester,
+    running: &mut Running,
+    only_if_changed: bool,
+) -> anyhow::Result<()> {
+    match from_file(path) {
+        Ok(next) if only_if_changed && next.version == running.version => Ok(()),
+        Ok(next) => apply_policy(sensors, out, digester, next, running),
+        Err(e) => {
+            tracing::error!("policy refused, the running policy stays in force: {e}");
+            Ok(())
+        }
+    }
+}
+
 fn update_metrics(
     metrics: &driftwatch_agent::metrics::Metrics,
     sensors: &Sensors,
@@ -736,8 +756,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut user = UserCounts::default();
-    // Metrics are taken in each second, when they are served.
-    let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+    // Each second: metrics taken in (when served), the policy file looked at.
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let policy_files: Vec<PathBuf> = args.policy.iter().cloned().collect();
+    let mut policy_seen = driftwatch_proto::ops::stamp(&policy_files);
     ready.set(true);
     let mut reported_drops: BTreeMap<String, u64> = BTreeMap::new();
 
@@ -789,10 +812,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 match (&args.policy, running.from_collector) {
                     (_, true) => tracing::info!("SIGHUP: the policy comes from the collector; nothing to re-read"),
                     (None, false) => tracing::info!("SIGHUP: no --policy file to re-read"),
-                    (Some(path), false) => match from_file(path) {
-                        Ok(next) => apply_policy(&mut sensors, &mut out, &digester, next, &mut running)?,
-                        Err(e) => tracing::error!("policy refused, the running policy stays in force: {e}"),
-                    },
+                    (Some(path), false) => {
+                        reread_policy(path, &mut sensors, &mut out, &digester, &mut running, false)?;
+                        policy_seen = driftwatch_proto::ops::stamp(&policy_files);
+                    }
                 }
             }
             Some(d) = downlink.recv() => match d {
@@ -847,8 +870,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 out.emit(e)?;
                 out.flush()?;
             }
-            _ = metrics_tick.tick(), if args.metrics_listen.is_some() => {
-                update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
+            _ = second.tick() => {
+                if args.metrics_listen.is_some() {
+                    update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
+                }
+                // The policy file changed on disk (an edit, or a ConfigMap
+                // update swapping its `..data` symlink): read it again.
+                if let (Some(path), false) = (&args.policy, running.from_collector) {
+                    let now = driftwatch_proto::ops::stamp(&policy_files);
+                    if now != policy_seen {
+                        policy_seen = now;
+                        tracing::info!(file = %path.display(), "the policy file changed; reading it again");
+                        reread_policy(path, &mut sensors, &mut out, &digester, &mut running, true)?;
+                    }
+                }
             }
             _ = sigusr1.recv() => {
                 let s = stats(&sensors, &user, &out.node)?;

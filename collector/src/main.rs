@@ -353,7 +353,11 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let ingest = Ingest::new(store.clone(), correlator.clone()).closing_on(closing.clone());
     let audit = std::sync::Arc::new(Audit::open(&store).context("opening the audit log")?);
-    tokio::spawn(reload_on_hangup(policies.clone(), audit.clone()));
+    tokio::spawn(reload_policy(
+        policies.clone(),
+        args.policy.clone(),
+        audit.clone(),
+    ));
     let control = Control::new(correlator.clone(), ingest.clone(), audit.clone());
     let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone()).closing_on(closing);
     let ingest_failure = ingest.store_failure();
@@ -613,15 +617,41 @@ fn auth_of(args: &Args) -> anyhow::Result<Auth> {
 /// CLI a few).
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
-async fn reload_on_hangup(policies: Policies, audit: std::sync::Arc<Audit>) {
+/// Re-reads the policy on SIGHUP, and when its file changes on disk
+/// (checked each second: an edit, or a ConfigMap update swapping the
+/// `..data` symlink), and pushes a new version to every agent.
+async fn reload_policy(policies: Policies, file: Option<PathBuf>, audit: std::sync::Arc<Audit>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
-    while hup.recv().await.is_some() {
+    let files: Vec<PathBuf> = file.into_iter().collect();
+    let mut seen = driftwatch_proto::ops::stamp(&files);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Whoever could signal the collector or write its policy file
+        // changed the policy: recorded as the local operator.
+        let who = tokio::select! {
+            r = hup.recv() => match r {
+                Some(()) => "local operator (SIGHUP)",
+                None => return,
+            },
+            _ = tick.tick(), if !files.is_empty() => {
+                let now = driftwatch_proto::ops::stamp(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "local operator (policy file changed)"
+            }
+        };
+        seen = driftwatch_proto::ops::stamp(&files);
         let outcome = match policies.reload() {
             Ok(Some(version)) => {
-                tracing::info!(%version, "policy reloaded; agents are sent the new version");
+                if policies.current().is_some_and(|p| p.version == version) {
+                    tracing::info!(%version, by = who, "policy in force; agents are sent any new version");
+                }
                 format!("ok: version {version}")
             }
             Ok(None) => {
@@ -633,8 +663,6 @@ async fn reload_on_hangup(policies: Policies, audit: std::sync::Arc<Audit>) {
                 format!("refused: {e}")
             }
         };
-        // Whoever could signal the collector changed the policy: recorded
-        // as the local operator.
         let audit = audit.clone();
         let file = policies
             .current()
@@ -642,7 +670,7 @@ async fn reload_on_hangup(policies: Policies, audit: std::sync::Arc<Audit>) {
             .unwrap_or_default();
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = audit.record(
-                "local operator (SIGHUP)",
+                who,
                 "PolicyReload",
                 serde_json::json!({ "file": file }),
                 &outcome,

@@ -11,6 +11,28 @@ use std::{
 
 use prometheus_client::{encoding::text::encode, registry::Registry};
 
+/// What tells a file changed: (modification time, size, inode) of each
+/// path, following symlinks, so that a Kubernetes ConfigMap or Secret
+/// update (a `..data` symlink swapped to a new directory) is seen as one.
+pub type Stamp = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
+/// The [`Stamp`] of `paths` now (`None` for a path that does not stat).
+pub fn stamp(paths: &[std::path::PathBuf]) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p).ok().map(|m| {
+                (
+                    m.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+                    m.len(),
+                    m.ino(),
+                )
+            })
+        })
+        .collect()
+}
+
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {

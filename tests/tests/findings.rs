@@ -694,6 +694,49 @@ fn a_policy_change_reaches_the_agent_and_a_bad_one_is_refused() {
 }
 
 #[test]
+fn a_configmap_update_of_the_policy_is_applied_without_a_signal() {
+    let dir = Dir::new();
+    let a = dir.join("a");
+    let b = dir.join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    // A ConfigMap volume as kubelet lays it out: the file is a symlink
+    // through `..data`, itself a symlink to a timestamped directory.
+    let volume = dir.path.join("config");
+    let version = |name: &str, text: &str| {
+        let d = volume.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("policy.yaml"), text).unwrap();
+    };
+    version("..2026_12_03_01_00_00.1", &config_policy(&a, "[]"));
+    std::os::unix::fs::symlink("..2026_12_03_01_00_00.1", volume.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.yaml", volume.join("policy.yaml")).unwrap();
+    let file = volume.join("policy.yaml").display().to_string();
+    let c = Collector::secured(&["--policy", &file]);
+    let mut agent = Agent::managed(&c, "node-cm", &dir.path.join("spool"));
+    // The update: a new directory, `..data_tmp` pointing at it, renamed
+    // over `..data` (AtomicWriter's swap). No SIGHUP.
+    version("..2026_12_03_02_00_00.2", &config_policy(&b, "[]"));
+    std::os::unix::fs::symlink("..2026_12_03_02_00_00.2", volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    agent.wait_for(
+        |e| {
+            e["kind"] == "policy_applied"
+                && e["watched_paths"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x == &Value::from(format!("{b}/"))))
+        },
+        "the updated policy applied",
+    );
+    let audit = c.json("", &["audit"]);
+    assert!(
+        audit.iter().any(|r| r["call"] == "PolicyReload"
+            && r["principal"] == "local operator (policy file changed)"),
+        "{audit:?}"
+    );
+}
+
+#[test]
 fn a_large_model_is_digested_off_the_event_path() {
     let dir = Dir::new();
     let models = dir.join("models");

@@ -395,6 +395,45 @@ fn a_directory_moved_or_mounted_into_a_watched_tree_is_watched_at_once() {
 }
 
 #[test]
+fn a_policy_file_changed_on_disk_is_applied_without_a_signal() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    let a = format!("{}/", dir.join("a"));
+    let b = format!("{}/", dir.join("b"));
+    let mut agent = Agent::start(&policy(std::slice::from_ref(&a), &[]));
+    // Replaced as an editor or a ConfigMap update does: a new file
+    // renamed over the old one. No SIGHUP.
+    let next = agent.policy.with_extension("new");
+    std::fs::write(&next, policy(std::slice::from_ref(&b), &[])).unwrap();
+    std::fs::rename(&next, &agent.policy).unwrap();
+    agent.wait_for(
+        |e| {
+            e["kind"] == "policy_applied"
+                && e["watched_paths"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(b.as_str())))
+        },
+        "policy_applied with b",
+    );
+    let after = dir.join("b/after.conf");
+    std::fs::write(&after, "y").unwrap();
+    agent.wait_for(
+        |e| e["kind"] == "file" && e["path"] == after.as_str(),
+        "a change under the newly watched tree",
+    );
+    let events = agent.stop();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "policy_applied")
+            .count(),
+        2,
+        "applied at start and once after the change"
+    );
+}
+
+#[test]
 fn the_watched_set_changes_at_run_time_without_reloading_programs() {
     let dir = Dir::new();
     std::fs::create_dir_all(dir.join("a")).unwrap();

@@ -9,26 +9,10 @@
 use std::{
     path::PathBuf,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-type Stamp = Vec<Option<(SystemTime, u64, u64)>>;
-
-fn stamp(paths: &[PathBuf]) -> Stamp {
-    use std::os::unix::fs::MetadataExt as _;
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p).ok().map(|m| {
-                (
-                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    m.len(),
-                    m.ino(),
-                )
-            })
-        })
-        .collect()
-}
+use driftwatch_proto::ops::stamp;
 
 /// A value loaded from files, kept current.
 pub struct Watched<T> {
