@@ -556,6 +556,16 @@ fn apply_policy(
         return out.flush();
     }
     tracing::info!(version = %next.version, source = %next.source, "policy applied; watch maps updated in place");
+    let user = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
+    let host = driftwatch_proto::policy::HostFacts {
+        user_exists: &|name| user(name).is_some(),
+        uid_of: &|name| user(name).map(|u| u.uid.as_raw()),
+        exe_exists: &|path| Path::new(path).exists(),
+        kubernetes: false,
+    };
+    for w in next.policy.warnings(&host) {
+        tracing::warn!(source = %next.source, "{w}");
+    }
     out.emit(policy_applied(sensors, &out.node, &next))?;
     out.flush()?;
     scan_watched(digester, &next.policy);

@@ -642,7 +642,6 @@ async fn reload_policy(policies: Policies, file: Option<PathBuf>, audit: std::sy
                 if now == seen {
                     continue;
                 }
-                seen = now;
                 "local operator (policy file changed)"
             }
         };

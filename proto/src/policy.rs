@@ -140,6 +140,18 @@ pub struct Policy {
     pub resources: Vec<Resource>,
 }
 
+/// What [`Policy::warnings`] knows of the install it checks for.
+pub struct HostFacts<'a> {
+    /// Whether a user of this name exists.
+    pub user_exists: &'a dyn Fn(&str) -> bool,
+    /// The uid of a user name, when it exists.
+    pub uid_of: &'a dyn Fn(&str) -> Option<u32>,
+    /// Whether an executable path exists.
+    pub exe_exists: &'a dyn Fn(&str) -> bool,
+    /// Whether the agents get pod metadata from a Kubernetes API server.
+    pub kubernetes: bool,
+}
+
 /// The API version this parser reads.
 pub const API_VERSION: &str = "driftwatch.dev/v1";
 
@@ -320,6 +332,67 @@ impl Policy {
         })?;
         policy.validate(file)?;
         Ok(policy)
+    }
+
+    /// What in a valid policy will not do what it seems to on an install
+    /// described by `host`: selectors that can never match, modes not
+    /// acted on. Each names the field, as errors do.
+    pub fn warnings(&self, host: &HostFacts<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            if r.mode == Mode::Enforce {
+                out.push(format!(
+                    "resources[{i}].mode: enforce is not acted on by this version; {:?} is reported, never blocked",
+                    r.name
+                ));
+            }
+            for (list, sels) in [("writers", &r.writers), ("clients", &r.clients)] {
+                for (j, s) in sels.iter().enumerate() {
+                    let at = |f: &str| format!("resources[{i}].{list}[{j}].{f}");
+                    if let Some(u) = &s.user {
+                        if !(host.user_exists)(u) {
+                            out.push(format!(
+                                "{}: no user {u:?} on this host; the selector never matches here",
+                                at("user")
+                            ));
+                        }
+                    }
+                    if let Some(u) = &s.login_user {
+                        if !(host.user_exists)(u) {
+                            out.push(format!(
+                                "{}: no user {u:?} on this host; the selector never matches here",
+                                at("loginUser")
+                            ));
+                        }
+                    }
+                    if let Some(exe) = &s.exe {
+                        if !(host.exe_exists)(exe) {
+                            out.push(format!("{}: {exe} does not exist on this host; the selector never matches here", at("exe")));
+                        }
+                    }
+                    if !host.kubernetes {
+                        for (field, named) in [
+                            ("namespace", s.namespace.is_some()),
+                            ("labels", !s.labels.is_empty()),
+                            ("serviceAccount", s.service_account.is_some()),
+                        ] {
+                            if named {
+                                out.push(format!(
+                                    "{}: pod metadata comes from the Kubernetes API, which this install does not reach; the selector never matches",
+                                    at(field)
+                                ));
+                            }
+                        }
+                    }
+                    if let (Some(u), Some(uid)) = (&s.user, s.uid) {
+                        if let Some(id) = (host.uid_of)(u).filter(|id| *id != uid) {
+                            out.push(format!("{}: user {u:?} is uid {id} here, not {uid}; the selector never matches here", at("uid")));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn validate(&self, file: &str) -> Result<(), PolicyError> {

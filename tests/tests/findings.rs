@@ -694,6 +694,79 @@ fn a_policy_change_reaches_the_agent_and_a_bad_one_is_refused() {
 }
 
 #[test]
+fn policy_check_validates_offline_and_warns_about_selectors_that_cannot_match() {
+    let dir = Dir::new();
+    let check = |file: &str, extra: &[&str]| {
+        let out = Command::new(driftwatch_tests::bin("driftwatch"))
+            // No collector listens there: the check must not need one.
+            .args(["--collector", "http://127.0.0.1:1", "policy", "check", file])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let clean = dir.join("clean.yaml");
+    std::fs::write(
+        &clean,
+        config_policy("/etc/app", "[ { exe: /usr/bin/sed, user: root, uid: 0 } ]"),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = check(&clean, &["--strict"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("valid") && stdout.contains("0 warnings"),
+        "{stdout}"
+    );
+
+    let doubtful = dir.join("doubtful.yaml");
+    std::fs::write(
+        &doubtful,
+        format!(
+            "{}    mode: enforce
+",
+            config_policy(
+                "/etc/app",
+                "[ { user: no-such-user-here }, { exe: /no/such/binary }, { namespace: payments }, { user: root, uid: 1234 } ]"
+            )
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = check(&doubtful, &[]);
+    assert!(ok, "warnings alone do not fail: {stderr}");
+    assert!(stdout.contains("5 warnings"), "{stdout}");
+    for want in [
+        "resources[0].mode: enforce is not acted on",
+        "resources[0].writers[0].user: no user \"no-such-user-here\"",
+        "resources[0].writers[1].exe: /no/such/binary does not exist",
+        "resources[0].writers[2].namespace: pod metadata comes from the Kubernetes API",
+        "resources[0].writers[3].uid: user \"root\" is uid 0 here, not 1234",
+    ] {
+        assert!(stderr.contains(want), "{want:?} not in {stderr}");
+    }
+    let (ok, _, stderr) = check(&doubtful, &["--kubernetes"]);
+    assert!(ok);
+    assert!(!stderr.contains("Kubernetes API"), "{stderr}");
+    let (ok, _, stderr) = check(&doubtful, &["--strict"]);
+    assert!(!ok && stderr.contains("5 warnings (--strict)"), "{stderr}");
+
+    // Invalid: the collector's own message, and a failure.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, config_policy("/etc/app", "[ { exe: bin/sed } ]")).unwrap();
+    let (ok, _, stderr) = check(&bad, &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.yaml: resources[0].writers[0].exe: must be an absolute path"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check(&dir.join("missing.yaml"), &[]);
+    assert!(!ok && stderr.contains("missing.yaml"), "{stderr}");
+}
+
+#[test]
 fn a_configmap_update_of_the_policy_is_applied_without_a_signal() {
     let dir = Dir::new();
     let a = dir.join("a");

@@ -148,12 +148,67 @@ enum Cmd {
     /// Desired state: import a manifest, scan a reference host, list.
     #[command(subcommand)]
     Baseline(changes::Baselines),
+    /// Policies, checked offline.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Agents, their last heartbeat, sensor set and lag.
     Agents {
         /// Output format.
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy file with the collector's own messages (file,
+    /// field, reason), then warn about what will not do what it seems to
+    /// on this host: users and executables that do not exist here, pod
+    /// selectors without Kubernetes, modes not acted on. Exit status 1 when
+    /// the policy is invalid (or has warnings, with --strict). No collector
+    /// is contacted.
+    Check {
+        /// The policy file.
+        file: std::path::PathBuf,
+        /// The agents run on Kubernetes nodes and read pod metadata from
+        /// its API (pod selectors can match).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Fail on warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+/// `driftwatch policy check`.
+fn policy_check(file: &std::path::Path, kubernetes: bool, strict: bool) -> Result<(), String> {
+    let (policy, text) = driftwatch_proto::policy::Policy::read(file).map_err(|e| e.to_string())?;
+    let user = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
+    let host = driftwatch_proto::policy::HostFacts {
+        user_exists: &|name| user(name).is_some(),
+        uid_of: &|name| user(name).map(|u| u.uid.as_raw()),
+        exe_exists: &|path| std::path::Path::new(path).exists(),
+        kubernetes,
+    };
+    let warnings = policy.warnings(&host);
+    for w in &warnings {
+        eprintln!("driftwatch: warning: {}: {w}", file.display());
+    }
+    println!(
+        "{}: valid, version {}, {} resources, {} warnings",
+        file.display(),
+        driftwatch_proto::policy::version(&text),
+        policy.resources.len(),
+        warnings.len()
+    );
+    if strict && !warnings.is_empty() {
+        return Err(format!(
+            "{}: {} warnings (--strict)",
+            file.display(),
+            warnings.len()
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn when(s: &str) -> Result<i64, String> {
@@ -454,6 +509,14 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         return Ok(());
     }
+    if let Cmd::Policy(PolicyCmd::Check {
+        file,
+        kubernetes,
+        strict,
+    }) = &cli.cmd
+    {
+        return policy_check(file, *kubernetes, *strict);
+    }
     let tls = driftwatch_proto::client::ClientTls {
         ca: cli.ca.clone(),
         cert: cli.cert.clone(),
@@ -619,6 +682,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             limit,
             output,
         } => evidence::audit(&mut client, since, limit, output, &mut out).await?,
+        Cmd::Policy(PolicyCmd::Check {
+            file,
+            kubernetes,
+            strict,
+        }) => policy_check(&file, kubernetes, strict)?,
         Cmd::Agents { output } => {
             let agents = client
                 .agents(AgentsRequest {})
