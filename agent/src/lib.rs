@@ -15,6 +15,7 @@ pub mod digest;
 pub mod event;
 pub mod identity;
 pub mod metrics;
+pub mod pods;
 pub use driftwatch_proto::policy;
 pub mod sensors;
 pub mod stream;

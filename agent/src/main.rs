@@ -104,6 +104,17 @@ struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     heartbeat_interval: u64,
 
+    /// Pod metadata from the Kubernetes API: `auto` watches this node's
+    /// pods when running in a cluster (the service account's credentials,
+    /// or KUBECONFIG), `off` never does.
+    #[arg(long, env = "DRIFTWATCH_KUBERNETES", default_value = "auto", value_parser = ["auto", "off"])]
+    kubernetes: String,
+
+    /// The Kubernetes API's URL, instead of finding it (a `kubectl proxy`,
+    /// or a test's stand-in server).
+    #[arg(long, env = "DRIFTWATCH_KUBE_API", value_name = "URL")]
+    kube_api: Option<String>,
+
     /// Node name put on every event [default: the host name].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -561,7 +572,7 @@ fn apply_policy(
         user_exists: &|name| user(name).is_some(),
         uid_of: &|name| user(name).map(|u| u.uid.as_raw()),
         exe_exists: &|path| Path::new(path).exists(),
-        kubernetes: false,
+        kubernetes: driftwatch_agent::pods::api_configured(),
     };
     for w in next.policy.warnings(&host) {
         tracing::warn!(source = %next.source, "{w}");
@@ -648,6 +659,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut table = ProcessTable::new(Some(cgroup_root), clock);
     let seeded = table.seed();
     tracing::info!(processes = seeded, "process table seeded from /proc");
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some();
+    let kube_source = match (&args.kube_api, args.kubernetes.as_str()) {
+        (_, "off") => None,
+        (Some(url), _) => Some(driftwatch_agent::pods::Source::Url(url.clone())),
+        (None, _) if in_cluster => Some(driftwatch_agent::pods::Source::Infer),
+        (None, _) => {
+            tracing::info!("not in a Kubernetes cluster (no KUBERNETES_SERVICE_HOST, KUBECONFIG or --kube-api): events carry no pod metadata");
+            None
+        }
+    };
+    if let Some(source) = kube_source {
+        tokio::spawn(driftwatch_agent::pods::watch(
+            table.pods.clone(),
+            node.clone(),
+            source,
+        ));
+    }
     let mut decoder = Decoder {
         node: node.clone(),
         clock,

@@ -111,6 +111,24 @@ pub struct Identity {
     pub info: Arc<ProcInfo>,
     /// Parent, grandparent, …
     pub ancestors: Arc<Vec<Ancestor>>,
+    /// The pod, when the process runs in one the API told of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Arc<crate::pods::PodMeta>>,
+    /// Whether the pod's metadata is there (for a process in a pod).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<crate::pods::PodState>,
+    /// The container's name and image, from the pod's status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_meta: Option<ContainerMeta>,
+}
+
+/// A container's name and image, as its pod's status lists them.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ContainerMeta {
+    /// Container name.
+    pub name: String,
+    /// Image.
+    pub image: String,
 }
 
 /// The process table and the caches identities are built from.
@@ -124,6 +142,8 @@ pub struct ProcessTable {
     cgroup_paths: HashMap<u64, String>,
     cgroup_scanned: Option<Instant>,
     clock: Clock,
+    /// Pod metadata from the Kubernetes API (empty without one).
+    pub pods: crate::pods::Pods,
 }
 
 /// FNV-1a, 64-bit: a hash that never changes between builds, so ids do not.
@@ -177,6 +197,7 @@ impl ProcessTable {
             cgroup_paths: HashMap::new(),
             cgroup_scanned: None,
             clock,
+            pods: crate::pods::Pods::default(),
         }
     }
 
@@ -445,6 +466,21 @@ impl ProcessTable {
             }
         };
         let loginuid = (h.loginuid != u32::MAX).then_some(h.loginuid);
+        let (pod, pod_metadata) = match proc.info.placement.pod_uid.as_deref() {
+            Some(uid) => {
+                let (meta, state) = self.pods.lookup(uid);
+                (meta, Some(state))
+            }
+            None => (None, None),
+        };
+        let container_meta = pod.as_ref().and_then(|p| {
+            let id = &proc.info.placement.container.as_ref()?.id;
+            let (name, image) = p.containers.get(id)?;
+            Some(ContainerMeta {
+                name: name.clone(),
+                image: image.clone(),
+            })
+        });
         Identity {
             pid: h.tgid,
             tid: h.pid,
@@ -458,6 +494,9 @@ impl ProcessTable {
             comm: cstr(&h.comm),
             info: proc.info,
             ancestors,
+            pod,
+            pod_metadata,
+            container_meta,
         }
     }
 }

@@ -63,6 +63,32 @@ fn process_dynamic(p: &Identity) -> v1::Process {
                 exe: a.exe.clone(),
             })
             .collect(),
+        pod_name: p.pod.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+        pod_namespace: p
+            .pod
+            .as_ref()
+            .map(|m| m.namespace.clone())
+            .unwrap_or_default(),
+        pod_labels: p
+            .pod
+            .as_ref()
+            .map(|m| m.labels.clone().into_iter().collect())
+            .unwrap_or_default(),
+        service_account: p
+            .pod
+            .as_ref()
+            .map(|m| m.service_account.clone())
+            .unwrap_or_default(),
+        pod_metadata: p
+            .pod_metadata
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        // Merged with the static part's id and runtime on decoding.
+        container: p.container_meta.as_ref().map(|c| v1::Container {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -83,6 +109,9 @@ struct Varying {
     user: Option<Arc<str>>,
     login_user: Option<Arc<str>>,
     ancestors: Arc<Vec<crate::identity::Ancestor>>,
+    pod: Option<Arc<crate::pods::PodMeta>>,
+    pod_metadata: Option<crate::pods::PodState>,
+    container_meta: Option<crate::identity::ContainerMeta>,
 }
 
 fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
@@ -107,6 +136,9 @@ impl Varying {
             user: p.user.clone(),
             login_user: p.login_user.clone(),
             ancestors: p.ancestors.clone(),
+            pod: p.pod.clone(),
+            pod_metadata: p.pod_metadata,
+            container_meta: p.container_meta.clone(),
         }
     }
 
@@ -124,6 +156,13 @@ impl Varying {
             && same_name(&self.user, &p.user)
             && same_name(&self.login_user, &p.login_user)
             && Arc::ptr_eq(&self.ancestors, &p.ancestors)
+            && self.pod_metadata == p.pod_metadata
+            && match (&self.pod, &p.pod) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.container_meta == p.container_meta
     }
 }
 
@@ -427,6 +466,19 @@ mod tests {
                 exec_id: "e0".into(),
                 exe: "/sbin/init".into(),
             }]),
+            pod: Some(Arc::new(crate::pods::PodMeta {
+                name: "api-7d9".into(),
+                namespace: "payments".into(),
+                uid: "pod1".into(),
+                labels: [("app".to_owned(), "api".to_owned())].into(),
+                service_account: "api".into(),
+                containers: Default::default(),
+            })),
+            pod_metadata: Some(crate::pods::PodState::Known),
+            container_meta: Some(crate::identity::ContainerMeta {
+                name: "main".into(),
+                image: "registry.local/api:1".into(),
+            }),
         }
     }
 
@@ -466,13 +518,22 @@ mod tests {
             u.user = Some("root".into());
             u.comm = "sudo".into();
         }
+        // The same process before its pod was known.
+        let mut pending = file.clone();
+        if let Event::File { process: p, .. } = &mut pending {
+            p.pod = None;
+            p.pod_metadata = Some(crate::pods::PodState::Pending);
+            p.container_meta = None;
+        }
         for (e, seq) in [
+            (&pending, 6),
             (&file, 7),
             (&file, 8),
             (&loss, 9),
             (&other_thread, 10),
             (&other_user, 11),
             (&file, 12),
+            (&pending, 13),
         ] {
             let mut want = to_proto(e).unwrap();
             want.seq = seq;
@@ -487,6 +548,14 @@ mod tests {
         let mut want = to_proto(&file).unwrap();
         want.seq = 11;
         assert_eq!(v1::Event::decode(&*buf).unwrap(), want);
-        assert_eq!(want.process.as_ref().unwrap().exe, "/usr/bin/vim");
+        let p = want.process.as_ref().unwrap();
+        assert_eq!(p.exe, "/usr/bin/vim");
+        // The container's id (per process) and name (from the pod) merge.
+        let c = p.container.as_ref().unwrap();
+        assert_eq!((c.id.len(), c.name.as_str()), (64, "main"));
+        assert_eq!(
+            (p.pod_namespace.as_str(), p.pod_metadata.as_str()),
+            ("payments", "known")
+        );
     }
 }

@@ -238,8 +238,10 @@ pub(crate) fn event_json(e: &Event) -> Value {
             "start_time": time(p.start_time_unix_nanos), "uid": p.uid, "user": p.user,
             "gid": p.gid, "euid": p.euid, "loginuid": p.loginuid, "login_user": p.login_user,
             "comm": p.comm, "exe": p.exe, "args": p.args, "cgroup": p.cgroup,
-            "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime})),
-            "pod_uid": p.pod_uid,
+            "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime, "name": c.name, "image": c.image})),
+            "pod_uid": p.pod_uid, "pod_name": p.pod_name, "pod_namespace": p.pod_namespace,
+            "pod_labels": p.pod_labels, "service_account": p.service_account,
+            "pod_metadata": p.pod_metadata,
             "ancestors": p.ancestors.iter().map(|a| json!({"pid": a.pid, "exec_id": a.exec_id, "exe": a.exe})).collect::<Vec<_>>(),
         });
     }
