@@ -438,6 +438,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         health,
         ingest_failure.clone(),
         stop_rx.clone(),
+        ready.clone(),
     ));
     tokio::spawn(stop_on_signal(stop_tx.clone()));
     tokio::spawn(reopen_when_writable(
@@ -447,14 +448,11 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     ));
     let stopping = {
         let mut rx = stop_rx.clone();
-        let ready = ready.clone();
         async move {
             let _ = rx.wait_for(Option::is_some).await;
-            ready.set(false);
             closing_tx.send_replace(true);
         }
     };
-    ready.set(true);
     let serving = async {
         match tls {
             Some(config) => router
@@ -493,16 +491,20 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     Ok(Stop::Exit)
 }
 
-/// Keeps `grpc.health.v1` current: SERVING (overall and for the agent
-/// stream) while the store takes writes and the collector is not stopping.
+/// Keeps `grpc.health.v1` and `/readyz` current: SERVING (overall and for
+/// the agent stream) while the store takes writes and the collector is not
+/// stopping.
 async fn report_health(
     health: tonic_health::server::HealthReporter,
     mut failure: tokio::sync::watch::Receiver<Option<String>>,
     mut stop: tokio::sync::watch::Receiver<Option<Stop>>,
+    ready: driftwatch_proto::ops::Ready,
 ) {
     const AGENTS: &str = "driftwatch.v1.AgentService";
     loop {
         let serving = stop.borrow_and_update().is_none() && failure.borrow_and_update().is_none();
+        // /readyz says the same, for probes that do not speak gRPC over TLS.
+        ready.set(serving);
         let status = if serving {
             tonic_health::ServingStatus::Serving
         } else {

@@ -108,6 +108,9 @@ fn test(args: &[String]) -> Result<()> {
     // Real servers the tests start on loopback: Prometheus scrapes both
     // daemons' /metrics.
     setup::apt(&["prometheus"])?;
+    // The manifests under deploy/ are validated against the Kubernetes
+    // API's schemas.
+    setup::pip(&["kubernetes-validate"])?;
     eprintln!("xtask: cargo fmt --check");
     setup::run(cargo().args(["fmt", "--all", "--check"]))?;
     eprintln!("xtask: cargo clippy --workspace --all-targets -- -D warnings");
@@ -125,6 +128,7 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--"])
         .args(args)
         .env("DRIFTWATCH_AGENT_BIN", &agent)
+        .env("DRIFTWATCH_VENV", setup::venv())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     // Pass the output through, and add up the per-binary results so the

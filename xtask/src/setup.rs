@@ -143,3 +143,39 @@ pub fn require_root(what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The virtual environment of the Python tools the tests run.
+pub fn venv() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/driftwatch/venv")
+}
+
+/// Installs `packages` from PyPI into [`venv`] (made if missing), each
+/// only when absent.
+pub fn pip(packages: &[&str]) -> Result<()> {
+    apt(&["python3-venv"])?;
+    let venv = venv();
+    let python = venv.join("bin/python3");
+    if !python.exists() {
+        say(&format!(
+            "making a Python environment in {}",
+            venv.display()
+        ));
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new(&python).args(["-m", "pip", "show", "-q", p])))
+        .collect();
+    if missing.is_empty() {
+        say(&format!("Python packages present: {}", packages.join(" ")));
+        return Ok(());
+    }
+    say(&format!("installing from PyPI: {}", missing.join(" ")));
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(&missing))
+}
