@@ -11,6 +11,7 @@ mod bench_pipeline;
 mod demo;
 mod floor;
 mod fuzz;
+mod image;
 mod setup;
 
 use std::{
@@ -50,6 +51,14 @@ enum Cmd {
         /// Seconds per target.
         #[arg(default_value_t = 60)]
         seconds: u64,
+    },
+    /// Build the agent's and the collector's container images (FROM
+    /// scratch, with buildah; nothing pulled) and check that each binary
+    /// starts from its image's root.
+    Image {
+        /// From the debug binaries (as `cargo xtask test` does), not release.
+        #[arg(long)]
+        debug: bool,
     },
     /// Benchmarks, reported as ratios measured in one run.
     Bench {
@@ -162,9 +171,11 @@ fn test(args: &[String]) -> Result<()> {
     if passed == 0 {
         anyhow::bail!("no tests ran");
     }
-    // A short run of every fuzz target, when the whole suite ran.
+    // A short run of every fuzz target, and the container images (from
+    // the binaries just tested), when the whole suite ran.
     if args.is_empty() {
         fuzz::run(FUZZ_SECONDS_IN_TEST)?;
+        image::build(&root().join("target/debug"))?;
     }
     Ok(())
 }
@@ -177,6 +188,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
+        Cmd::Image { debug } => image::run(debug),
         Cmd::Bench {
             which: bench::Which::Collector,
         } => bench_collector::run(),
