@@ -110,6 +110,11 @@ static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
+/// The most bytes seen waiting in the ring after a submit, per CPU, since
+/// the agent last read and cleared it: how close the ring came to full.
+#[map]
+static RING_PEAK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU work area for building paths (too large for the 512-byte stack).
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -138,7 +143,16 @@ const WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[inline(always)]
 fn wake_flags() -> u64 {
-    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    let waiting = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
+    if let Some(p) = RING_PEAK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            if waiting > *p {
+                *p = waiting;
+            }
+        }
+    }
+    if waiting >= WAKEUP_BYTES {
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64

@@ -912,6 +912,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = second.tick() => {
                 if args.metrics_listen.is_some() {
                     update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
+                    match sensors.take_ring_peak() {
+                        Ok(peak) => metrics.ring(u64::from(args.ring_mib) << 20, peak),
+                        Err(e) => tracing::debug!("reading the ring's peak: {e}"),
+                    }
                 }
                 // The policy file changed on disk (an edit, or a ConfigMap
                 // update swapping its `..data` symlink): read it again.

@@ -39,6 +39,8 @@ pub struct Metrics {
     lost: Family<Kind, Counter>,
     received: Family<Kind, Counter>,
     malformed: Counter,
+    ring_size: Gauge,
+    ring_peak: Gauge,
     spool_waiting: Gauge,
     spool_evicted: Counter,
     spool_last_seq: Gauge,
@@ -103,6 +105,16 @@ impl Metrics {
             self.malformed.clone(),
         );
         r.register(
+            "ring_size_bytes",
+            "Size of the kernel's event ring buffer",
+            self.ring_size.clone(),
+        );
+        r.register(
+            "ring_peak_waiting_bytes",
+            "Most bytes waiting in the ring buffer during the last second (records are lost once it is full)",
+            self.ring_peak.clone(),
+        );
+        r.register(
             "spool_waiting_events",
             "Events spooled and not yet acknowledged by the collector",
             self.spool_waiting.clone(),
@@ -148,6 +160,12 @@ impl Metrics {
             self.latency_p99.clone(),
         );
         r
+    }
+
+    /// Takes in the ring buffer's size and the most it held lately.
+    pub fn ring(&self, size: u64, peak: u64) {
+        self.ring_size.set(size as i64);
+        self.ring_peak.set(peak as i64);
     }
 
     /// Takes in the current totals.

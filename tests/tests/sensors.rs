@@ -545,8 +545,20 @@ fn ring_buffer_overflow_is_counted_and_reported_as_loss() {
         .into_iter()
         .filter(|e| e["op"] == "chmod")
         .count() as u64;
-    // Every change is either delivered or counted as lost: nothing vanishes.
-    assert_eq!(chmods + file["dropped"].as_u64().unwrap(), n, "{file}");
+    // Every change is either delivered or counted as lost: nothing
+    // vanishes. On a loaded machine the stop can come before the agent has
+    // read the whole ring; what it left is counted too (`unread_at_stop`,
+    // records of any kind).
+    let unread: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "loss")
+        .map(|e| e["dropped"]["unread_at_stop"].as_u64().unwrap_or(0))
+        .sum();
+    let counted = chmods + file["dropped"].as_u64().unwrap();
+    assert!(
+        counted <= n && counted + unread >= n,
+        "{chmods} delivered + {file} + {unread} unread at stop, of {n}"
+    );
     assert_eq!(lost_reported, file["dropped"].as_u64().unwrap(), "{file}");
     assert!(chmods < n);
 }

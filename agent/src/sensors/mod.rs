@@ -469,6 +469,47 @@ impl Sensors {
         Ok(())
     }
 
+    /// The most bytes that waited in the ring buffer since the last call
+    /// (the peak over every CPU), and clears it.
+    pub fn take_ring_peak(&mut self) -> Result<u64, SensorError> {
+        let map_err = |source| SensorError::Map {
+            name: "RING_PEAK",
+            source,
+        };
+        let map = self.ebpf.map_mut("RING_PEAK").ok_or(SensorError::Map {
+            name: "RING_PEAK",
+            source: MapError::InvalidName {
+                name: "RING_PEAK".into(),
+            },
+        })?;
+        let mut arr: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err)?;
+        let peak = arr
+            .get(&0, 0)
+            .map_err(map_err)?
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| SensorError::Map {
+            name: "RING_PEAK",
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
+        })?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| SensorError::Map {
+                name: "RING_PEAK",
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "clearing",
+                    io_error: e,
+                }),
+            })?;
+        arr.set(0, zeros, 0).map_err(map_err)?;
+        Ok(peak)
+    }
+
     /// Kernel counters summed over CPUs, by kind name.
     pub fn counters(&self) -> Result<BTreeMap<String, KindCounters>, SensorError> {
         let map_err = |source| SensorError::Map {
