@@ -640,7 +640,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let registry = Arc::new(metrics.registry());
         let bound =
             driftwatch_proto::ops::serve_metrics(addr, registry, Arc::new(|| {}), ready.clone())
-                .await
                 .map_err(anyhow::Error::msg)?;
         tracing::info!(addr = %bound, "metrics at /metrics, health at /healthz and /readyz");
     }

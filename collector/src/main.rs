@@ -371,7 +371,6 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
             metrics.refresh(&store, &correlator, failure.borrow().is_some())
         });
         let bound = driftwatch_proto::ops::serve_metrics(addr, registry, refresh, ready.clone())
-            .await
             .map_err(anyhow::Error::msg)?;
         tracing::info!(addr = %bound, "metrics at /metrics, health at /healthz and /readyz");
     }

@@ -101,9 +101,11 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 /// Serves `/metrics` (OpenMetrics text from `registry`, with `refresh`
 /// run first to sample gauges), `/healthz` (the process answers) and
-/// `/readyz` (`ready`), until the process exits. Binding is done before it
+/// `/readyz` (`ready`), until the process exits, on a thread and runtime of
+/// its own: probes and scrapes are answered while the daemon's own loop is
+/// busy (attaching programs, draining a burst). Binding is done before it
 /// returns, so a port in use is an error here.
-pub async fn serve_metrics(
+pub fn serve_metrics(
     addr: SocketAddr,
     registry: Arc<Registry>,
     refresh: Arc<dyn Fn() + Send + Sync>,
@@ -140,16 +142,38 @@ pub async fn serve_metrics(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
     let bound = listener
         .local_addr()
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the metrics endpoint stopped: {e}");
-        }
-    });
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("the metrics endpoint's runtime: {e}");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("the metrics listener: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("the metrics endpoint stopped: {e}");
+                }
+            });
+        })
+        .map_err(|e| format!("starting the metrics thread: {e}"))?;
     Ok(bound)
 }

@@ -325,3 +325,51 @@ fn sigterm_ends_open_streams_and_follows_within_the_bound() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("stopping"), "{err}");
 }
+
+#[test]
+fn the_agent_is_ready_only_while_its_sensors_are_attached() {
+    require_root();
+    let dir = Dir::new();
+    let pol = dir.path.join("policy.yaml");
+    std::fs::write(&pol, policy(&[format!("{}/", dir.join("w"))], &[])).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut agent = Command::new(agent_bin())
+        .args(["--stdout", "--metrics-listen", &metrics, "--policy"])
+        .arg(&pol)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Attaching some sixty programs takes the agent a while: the endpoint
+    // answers meanwhile, and says "not ready".
+    let mut answers = Vec::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((code, _)) = http_get(&metrics, "/readyz") {
+            if answers.last() != Some(&code) {
+                answers.push(code);
+            }
+            if code == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < until, "never ready: {answers:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(answers, [503, 200], "not ready, then ready");
+    assert_eq!(http_get(&metrics, "/healthz").unwrap().0, 200);
+    // Stopping: not ready while the programs detach.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut saw_not_ready = false;
+    while agent.try_wait().unwrap().is_none() && Instant::now() < until {
+        if http_get(&metrics, "/readyz").is_ok_and(|(c, _)| c == 503) {
+            saw_not_ready = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(saw_not_ready, "ready until the end of a stop");
+}
