@@ -131,7 +131,12 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let agent = build_agent(false)?;
+    // Everything the tests run, built once: with --all-targets the binaries
+    // get the same features as the test build below, which then reuses
+    // them instead of compiling the dependency tree a second time.
+    eprintln!("xtask: building the workspace (debug, all targets)");
+    setup::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    let agent = root().join("target/debug/driftwatch-agent");
     eprintln!("xtask: cargo test --workspace (kernel tests load real programs)");
     let mut child = cargo()
         .args(["test", "--workspace", "--"])
