@@ -111,7 +111,7 @@ impl Metrics {
         );
         r.register(
             "ring_peak_waiting_bytes",
-            "Most bytes waiting in the ring buffer during the last second (records are lost once it is full)",
+            "Most bytes waiting in the ring buffer since the agent started (records are lost once it is full)",
             self.ring_peak.clone(),
         );
         r.register(
@@ -162,10 +162,15 @@ impl Metrics {
         r
     }
 
-    /// Takes in the ring buffer's size and the most it held lately.
+    /// Takes in the ring buffer's size and the most it held lately (the
+    /// metric keeps the highest ever: a one-second burst between two
+    /// scrapes is not missed).
     pub fn ring(&self, size: u64, peak: u64) {
         self.ring_size.set(size as i64);
-        self.ring_peak.set(peak as i64);
+        let peak = peak as i64;
+        if peak > self.ring_peak.get() {
+            self.ring_peak.set(peak);
+        }
     }
 
     /// Takes in the current totals.

@@ -137,6 +137,20 @@ impl Agent {
         agent
     }
 
+    /// Waits for a `policy_applied` whose watched paths include `path`
+    /// (the start applies the first policy too).
+    pub fn wait_policy_watching(&mut self, path: &str) -> Value {
+        self.wait_for(
+            |e| {
+                e["kind"] == "policy_applied"
+                    && e["watched_paths"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(path)))
+            },
+            &format!("a policy watching {path} applied"),
+        )
+    }
+
     /// Events printed so far.
     pub fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.out).expect("read output");

@@ -638,15 +638,7 @@ fn a_policy_change_reaches_the_agent_and_a_bad_one_is_refused() {
 
     std::fs::write(&policy, config_policy(&b, "[]")).unwrap();
     signal(libc::SIGHUP);
-    agent.wait_for(
-        |e| {
-            e["kind"] == "policy_applied"
-                && e["watched_paths"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|x| x == &Value::from(format!("{b}/"))))
-        },
-        "the new policy applied",
-    );
+    agent.wait_policy_watching(&format!("{b}/"));
     std::fs::write(format!("{b}/new.conf"), "x").unwrap();
     agent.wait_for(
         |e| e["kind"] == "file" && e["path"] == format!("{b}/new.conf").as_str(),
@@ -792,15 +784,7 @@ fn a_configmap_update_of_the_policy_is_applied_without_a_signal() {
     version("..2026_12_03_02_00_00.2", &config_policy(&b, "[]"));
     std::os::unix::fs::symlink("..2026_12_03_02_00_00.2", volume.join("..data_tmp")).unwrap();
     std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
-    agent.wait_for(
-        |e| {
-            e["kind"] == "policy_applied"
-                && e["watched_paths"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|x| x == &Value::from(format!("{b}/"))))
-        },
-        "the updated policy applied",
-    );
+    agent.wait_policy_watching(&format!("{b}/"));
     let audit = c.json("", &["audit"]);
     assert!(
         audit.iter().any(|r| r["call"] == "PolicyReload"

@@ -70,6 +70,15 @@ impl ApiServer {
         );
     }
 
+    /// Waits until an agent has listed and started to watch.
+    fn wait_watched(&self) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.requests()["watch"].as_u64().unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < until, "the agent never watched");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     fn requests(&self) -> Value {
         serde_json::from_str(&http_get(&self.addr, "/test/requests").unwrap().1).unwrap()
     }
@@ -199,11 +208,7 @@ fn pod_metadata_from_the_api_fills_real_events_and_survives_a_relist() {
     let b = PodCgroup::new(uid_b, &ctr_b);
     let c = PodCgroup::new(uid_c, &ctr_c);
     // Wait for the first list to be in.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while api.requests()["watch"].as_u64().unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < until, "the agent never watched");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    api.wait_watched();
 
     let in_a = format!("{tree}/in-a.conf");
     a.run(&format!("echo x > {in_a}"));
@@ -341,11 +346,7 @@ fn a_namespace_selector_is_judged_from_pod_metadata_at_the_collector() {
     );
     let inside = PodCgroup::new(uid_in, &ctr_in);
     let outside = PodCgroup::new(uid_out, &ctr_out);
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while api.requests()["watch"].as_u64().unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < until, "the agent never watched");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    api.wait_watched();
     let allowed = format!("{tree}/by-payments.conf");
     let refused = format!("{tree}/by-sandbox.conf");
     inside.run(&format!("echo x > {allowed}"));

@@ -407,15 +407,7 @@ fn a_policy_file_changed_on_disk_is_applied_without_a_signal() {
     let next = agent.policy.with_extension("new");
     std::fs::write(&next, policy(std::slice::from_ref(&b), &[])).unwrap();
     std::fs::rename(&next, &agent.policy).unwrap();
-    agent.wait_for(
-        |e| {
-            e["kind"] == "policy_applied"
-                && e["watched_paths"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(b.as_str())))
-        },
-        "policy_applied with b",
-    );
+    agent.wait_policy_watching(&b);
     let after = dir.join("b/after.conf");
     std::fs::write(&after, "y").unwrap();
     agent.wait_for(
@@ -446,16 +438,7 @@ fn the_watched_set_changes_at_run_time_without_reloading_programs() {
 
     std::fs::write(&agent.policy, policy(std::slice::from_ref(&b), &[])).unwrap();
     agent.reload();
-    // The start applied the first policy too: wait for the one naming b.
-    agent.wait_for(
-        |e| {
-            e["kind"] == "policy_applied"
-                && e["watched_paths"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|x| x.as_str() == Some(b.as_str())))
-        },
-        "policy_applied with b",
-    );
+    agent.wait_policy_watching(&b);
     let after = dir.join("b/after.conf");
     std::fs::write(&after, "y").unwrap();
     let no_longer = dir.join("a/no-longer.conf");

@@ -42,6 +42,10 @@ pub enum PreflightError {
     },
 }
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -69,6 +73,33 @@ pub fn check_privileges() -> Result<(), PreflightError> {
     .filter(|(bit, _)| have & (1 << bit) == 0)
     .map(|(_, n)| *n)
     .collect();
+    // Not needed to start, but each missing one costs something, said once.
+    for (bit, name, without) in [
+        (
+            CAP_SYS_RESOURCE,
+            "CAP_SYS_RESOURCE",
+            "the memlock limit cannot be raised for maps on kernels that charge it",
+        ),
+        (
+            CAP_SYS_PTRACE,
+            "CAP_SYS_PTRACE",
+            "other users' processes show no executable or command line when read from /proc",
+        ),
+        (
+            CAP_DAC_READ_SEARCH,
+            "CAP_DAC_READ_SEARCH",
+            "watched files the agent may not read get no digest",
+        ),
+        (
+            CAP_NET_ADMIN,
+            "CAP_NET_ADMIN",
+            "connect hooks may not attach to the cgroup root",
+        ),
+    ] {
+        if have & (1 << bit) == 0 {
+            tracing::warn!("{name} is missing: {without}");
+        }
+    }
     if missing.is_empty() {
         Ok(())
     } else {
