@@ -31,9 +31,10 @@ pub struct PodMeta {
     pub labels: BTreeMap<String, String>,
     /// Service account.
     pub service_account: String,
-    /// Container id (without the `containerd://` scheme) → (name, image).
+    /// Container id (without the `containerd://` scheme) → name and image,
+    /// shared with every event of the container's processes.
     #[serde(skip)]
-    pub containers: HashMap<String, (String, String)>,
+    pub containers: HashMap<String, Arc<crate::identity::ContainerMeta>>,
 }
 
 /// Whether a process's pod metadata is there.
@@ -132,7 +133,10 @@ pub fn meta_of(pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodMeta> {
                 if let Some(id) = c.container_id.as_deref().filter(|id| !id.is_empty()) {
                     containers.insert(
                         bare_container_id(id).to_owned(),
-                        (c.name.clone(), c.image.clone()),
+                        Arc::new(crate::identity::ContainerMeta {
+                            name: c.name.clone(),
+                            image: c.image.clone(),
+                        }),
                     );
                 }
             }

@@ -119,7 +119,7 @@ pub struct Identity {
     pub pod_metadata: Option<crate::pods::PodState>,
     /// The container's name and image, from the pod's status.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_meta: Option<ContainerMeta>,
+    pub container_meta: Option<Arc<ContainerMeta>>,
 }
 
 /// A container's name and image, as its pod's status lists them.
@@ -475,11 +475,7 @@ impl ProcessTable {
         };
         let container_meta = pod.as_ref().and_then(|p| {
             let id = &proc.info.placement.container.as_ref()?.id;
-            let (name, image) = p.containers.get(id)?;
-            Some(ContainerMeta {
-                name: name.clone(),
-                image: image.clone(),
-            })
+            p.containers.get(id).cloned()
         });
         Identity {
             pid: h.tgid,

@@ -111,7 +111,7 @@ struct Varying {
     ancestors: Arc<Vec<crate::identity::Ancestor>>,
     pod: Option<Arc<crate::pods::PodMeta>>,
     pod_metadata: Option<crate::pods::PodState>,
-    container_meta: Option<crate::identity::ContainerMeta>,
+    container_meta: Option<Arc<crate::identity::ContainerMeta>>,
 }
 
 fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
@@ -475,10 +475,10 @@ mod tests {
                 containers: Default::default(),
             })),
             pod_metadata: Some(crate::pods::PodState::Known),
-            container_meta: Some(crate::identity::ContainerMeta {
+            container_meta: Some(Arc::new(crate::identity::ContainerMeta {
                 name: "main".into(),
                 image: "registry.local/api:1".into(),
-            }),
+            })),
         }
     }
 
