@@ -545,8 +545,9 @@ impl Store {
                 // A redelivery: the same event again is skipped, another
                 // one under a stored sequence number is refused. An
                 // invalid one was kept out when it first came.
-                let kept_out = matches!(validate(node, e), Err(StoreError::Invalid { .. }));
-                if !kept_out && !self.same_as_stored(node, e, &mut stored)? {
+                if !self.same_as_stored(node, e, &mut stored)?
+                    && !matches!(validate(node, e), Err(StoreError::Invalid { .. }))
+                {
                     refused = Some(StoreError::Conflict { seq: e.seq });
                     break;
                 }
