@@ -94,7 +94,8 @@ fn process_dynamic(p: &Identity) -> v1::Process {
 }
 
 /// What can differ between two events of one process: the key of
-/// [`WireProcess`]. Names and ancestry are shared values, held here so
+/// [`WireProcess`] (the container's name and image follow from the pod and
+/// the process's container id, so the pod stands for them). Names and ancestry are shared values, held here so
 /// that the same pointer keeps meaning the same text.
 #[derive(Debug)]
 struct Varying {
@@ -111,7 +112,6 @@ struct Varying {
     ancestors: Arc<Vec<crate::identity::Ancestor>>,
     pod: Option<Arc<crate::pods::PodMeta>>,
     pod_metadata: Option<crate::pods::PodState>,
-    container_meta: Option<Arc<crate::identity::ContainerMeta>>,
 }
 
 fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
@@ -138,7 +138,6 @@ impl Varying {
             ancestors: p.ancestors.clone(),
             pod: p.pod.clone(),
             pod_metadata: p.pod_metadata,
-            container_meta: p.container_meta.clone(),
         }
     }
 
@@ -162,7 +161,6 @@ impl Varying {
                 (None, None) => true,
                 _ => false,
             }
-            && self.container_meta == p.container_meta
     }
 }
 
