@@ -193,6 +193,10 @@ pub struct FileEvent {
     pub gid: u32,
     /// `PATH_*` flags for `path`, and shifted by [`PATH2_SHIFT`] for `path2`.
     pub path_flags: u32,
+    /// A `VERDICT_*`: what the guardrail of the path's resource decided.
+    pub verdict: u32,
+    /// Explicit padding.
+    pub _pad: u32,
     /// Absolute path, NUL-terminated.
     pub path: [u8; PATH_LEN],
     /// Second path (rename/link target), NUL-terminated; empty otherwise.
@@ -213,6 +217,12 @@ pub struct ConnectEvent {
     pub ret: i32,
     /// Destination address: 4 bytes for IPv4, 16 for IPv6, network order.
     pub addr: [u8; 16],
+    /// A `VERDICT_*`: what the guardrail of the port's resource decided.
+    pub verdict: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The grant that let the connect through (`VERDICT_GRANTED`), else 0.
+    pub grant: u64,
 }
 
 /// A connect seen by the cgroup hook, waiting for the syscall's result.
@@ -223,10 +233,12 @@ pub struct PendingConnect {
     pub family: u16,
     /// Destination port, host byte order.
     pub port: u16,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// A `VERDICT_*`.
+    pub verdict: u32,
     /// Destination address, network order.
     pub addr: [u8; 16],
+    /// The grant that let the connect through, else 0.
+    pub grant: u64,
 }
 
 /// A file syscall's arguments, kept from its entry to its exit.
@@ -394,6 +406,14 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     /// `inode.i_generation`
     pub inode_i_generation: u32,
+    /// `mm_struct.exe_file`
+    pub mm_exe_file: u32,
+    /// `file.f_inode`
+    pub file_f_inode: u32,
+    /// `inode.i_sb`
+    pub inode_i_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_s_dev: u32,
     /// 1 once the agent has filled this struct; programs do nothing before.
     pub ready: u32,
 }
@@ -403,6 +423,92 @@ impl KernelOffsets {
     pub const fn zeroed() -> Self {
         // SAFETY: every field is a u32, for which zero is valid.
         unsafe { core::mem::zeroed() }
+    }
+}
+
+// ---------------------------------------------------------------- guardrails
+
+/// No guardrail covers the resource (mode `monitor`), or none was consulted.
+pub const VERDICT_NONE: u32 = 0;
+/// The policy allows the identity.
+pub const VERDICT_ALLOWED: u32 = 1;
+/// An approved, unexpired grant allows the identity.
+pub const VERDICT_GRANTED: u32 = 2;
+/// Refused: a connect returned EPERM; a file call's caller was sent SIGKILL.
+pub const VERDICT_BLOCKED: u32 = 3;
+/// Mode `audit`: it would have been refused; nothing was stopped.
+pub const VERDICT_WOULD_BLOCK: u32 = 4;
+
+/// A resource's guardrail mode in [`GateRule::mode`].
+pub const GATE_MONITOR: u32 = 0;
+/// Report `would_block`, stop nothing.
+pub const GATE_AUDIT: u32 = 1;
+/// Refuse.
+pub const GATE_ENFORCE: u32 = 2;
+
+/// The facts of a process the kernel checks a selector against, as
+/// [`GateKey::kind`] and the index of [`GateRule::free`].
+pub const FACT_UID: u32 = 0;
+/// Audit login uid.
+pub const FACT_LOGINUID: u32 = 1;
+/// The executable: `a` is the kernel's device number, `b` the inode number.
+pub const FACT_EXE: u32 = 2;
+/// cgroup v2 id (a container's or a pod's).
+pub const FACT_CGROUP: u32 = 3;
+/// `comm`, 16 bytes NUL-padded, in `a` and `b`.
+pub const FACT_COMM: u32 = 4;
+/// Number of fact kinds.
+pub const FACTS: usize = 5;
+/// Selector bits below this are the policy's; the bits from here up are grants.
+pub const GRANT_BIT0: u32 = 48;
+/// Grants a resource can hold at once.
+pub const GRANT_SLOTS: usize = 16;
+/// Resources the gate table holds.
+pub const GATE_RESOURCES: u32 = 1024;
+
+/// One fact of one resource's selectors: "a process whose `kind` is
+/// `(a, b)` satisfies this fact of the selectors in the value's bits".
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GateKey {
+    /// Resource index.
+    pub resource: u32,
+    /// A `FACT_*`.
+    pub kind: u32,
+    /// The fact's value (see the `FACT_*` constants).
+    pub a: u64,
+    /// Second half of the value, else 0.
+    pub b: u64,
+}
+
+/// A resource's guardrail: a process is allowed when, for every fact kind,
+/// its fact's bits (from `GATES`) or the kind's `free` bits hold a common
+/// selector bit. Bits from [`GRANT_BIT0`] are grants, valid until their
+/// expiry on the kernel's boot clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GateRule {
+    /// A `GATE_*` mode.
+    pub mode: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Per fact kind: the selectors that do not constrain it.
+    pub free: [u64; FACTS],
+    /// Per grant slot: the grant's id (0: empty slot).
+    pub grant_id: [u64; GRANT_SLOTS],
+    /// Per grant slot: `bpf_ktime_get_boot_ns` at which it expires.
+    pub grant_until_ns: [u64; GRANT_SLOTS],
+}
+
+impl Default for GateRule {
+    fn default() -> Self {
+        Self {
+            mode: GATE_MONITOR,
+            _pad: 0,
+            free: [0; FACTS],
+            grant_id: [0; GRANT_SLOTS],
+            grant_until_ns: [0; GRANT_SLOTS],
+        }
     }
 }
 
@@ -422,6 +528,8 @@ mod pod {
     unsafe impl aya::Pod for DirKey {}
     unsafe impl aya::Pod for WatchValue {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for GateKey {}
+    unsafe impl aya::Pod for GateRule {}
 }
 
 #[cfg(test)]
@@ -440,9 +548,12 @@ mod tests {
         );
         assert_eq!(
             size_of::<FileEvent>(),
-            size_of::<Header>() + 8 + 24 + 2 * PATH_LEN
+            size_of::<Header>() + 8 + 32 + 2 * PATH_LEN
         );
-        assert_eq!(size_of::<ConnectEvent>(), size_of::<Header>() + 8 + 16);
+        assert_eq!(size_of::<ConnectEvent>(), size_of::<Header>() + 8 + 16 + 16);
+        assert_eq!(size_of::<PendingConnect>(), 8 + 16 + 8);
+        assert_eq!(size_of::<GateKey>(), 24);
+        assert_eq!(size_of::<GateRule>(), 8 + 8 * FACTS + 16 * GRANT_SLOTS);
         assert_eq!(size_of::<PendingFile>(), 8 * 4 + 16 + 8);
     }
 }

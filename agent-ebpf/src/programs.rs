@@ -10,14 +10,16 @@
 //! Filtering happens here: a file call is reported only when its resolved
 //! absolute path matches the `WATCH_PATHS` trie, a connect only when its port
 //! is in `WATCH_PORTS`. Anything else only bumps a counter.
+mod gate;
 mod path;
 mod task;
 
 use agent_common::{
     ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
-    KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN, ARGV_TRUNCATED,
-    COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED, COUNTER_SEEN,
-    COUNTER_SLOTS, EXE_TRUNCATED, PATH2_SHIFT, PATH_LEN,
+    GateKey, GateRule, KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
+    ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
+    COUNTER_SEEN, COUNTER_SLOTS, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
+    VERDICT_BLOCKED,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -92,6 +94,14 @@ fn step_watch_gen() {
 #[map]
 static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
 
+/// Guardrails by resource index (see `gate`).
+#[map]
+pub(crate) static GATE_RULES: Array<GateRule> = Array::with_max_entries(GATE_RESOURCES, 0);
+
+/// Facts of processes, by resource, to the selector bits they satisfy.
+#[map]
+pub(crate) static GATES: HashMap<GateKey, u64> = HashMap::with_max_entries(65536, 0);
+
 /// Arguments of a file call between its entry and exit, in the calling
 /// thread's own storage (see [`TaskStorage`]).
 #[btf_map]
@@ -127,6 +137,7 @@ const O_CREAT: u32 = 0o100;
 const O_TRUNC: u32 = 0o1000;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const SIGKILL: u32 = 9;
 
 #[inline(always)]
 fn count(kind: EventKind, slot: u32) {
@@ -574,6 +585,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         hit2 = path::matches(s, &mut flags2, p.odd & 2 != 0);
         path::save_key(s);
     }
+    let resource2 = s.hit_resource;
 
     let mut hit1 = false;
     let flags1 = if op == FileOp::Symlink as u32 {
@@ -609,6 +621,25 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         count(EventKind::File, COUNTER_FILTERED);
         return;
     }
+    // The guardrail: the new name first (a rename or link into a protected
+    // tree), then the file acted on. The call has run by now; a refused
+    // caller is killed before it returns to user space, so it never writes
+    // through the fd it got or goes on to its next step.
+    let mut verdict = if hit2 {
+        gate::decide(resource2 as u32) as u32 & 0xf
+    } else {
+        0
+    };
+    if hit1 && verdict != VERDICT_BLOCKED {
+        let v = gate::decide(s.hit_resource as u32) as u32 & 0xf;
+        if v > verdict {
+            verdict = v;
+        }
+    }
+    if verdict == VERDICT_BLOCKED {
+        // SAFETY: signals the current process.
+        unsafe { gen::bpf_send_signal(SIGKILL) };
+    }
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
@@ -619,6 +650,8 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         (*e).uid = p.uid;
         (*e).gid = p.gid;
         (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
+        (*e).verdict = verdict;
+        (*e)._pad = 0;
         path::copy_key(s, (*e).path.as_mut_ptr());
         if two_paths || op == FileOp::Symlink as u32 {
             path::copy_saved(s, (*e).path2.as_mut_ptr());
@@ -681,6 +714,8 @@ unsafe fn on_close(fd: i32, expected: u64) {
         (*e).uid = u32::MAX;
         (*e).gid = u32::MAX;
         (*e).path_flags = flags;
+        (*e).verdict = 0;
+        (*e)._pad = 0;
         path::copy_key(s, (*e).path.as_mut_ptr());
         (*e).path2[0] = 0;
     });
@@ -694,8 +729,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-    on_connect(sa, AF_INET, addr);
-    1
+    on_connect(sa, AF_INET, addr)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -706,30 +740,39 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     for (i, w) in sa.user_ip6.iter().enumerate() {
         addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
     }
-    on_connect(sa, AF_INET6, addr);
-    1
+    on_connect(sa, AF_INET6, addr)
 }
 
+/// Records a connect to a watched port and returns the hook's answer:
+/// 1 lets it proceed, 0 makes `connect()` fail with EPERM before any
+/// packet leaves (the guardrail of an enforced resource).
 #[inline(always)]
-fn on_connect(sa: &bpf_sock_addr, family: u16, addr: [u8; 16]) {
+fn on_connect(sa: &bpf_sock_addr, family: u16, addr: [u8; 16]) -> i32 {
     if !ready() {
-        return;
+        return 1;
     }
     count(EventKind::Connect, COUNTER_SEEN);
     // user_port holds the port in network order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
     // SAFETY: read-only lookup of a plain value.
-    if unsafe { WATCH_PORTS.get(&port) }.is_none() {
+    let Some(resource) = (unsafe { WATCH_PORTS.get(&port) }).copied() else {
         count(EventKind::Connect, COUNTER_FILTERED);
-        return;
-    }
+        return 1;
+    };
+    let decided = gate::decide(resource);
     let p = PendingConnect {
         family,
         port,
-        _pad: 0,
+        verdict: decided as u32 & 0xf,
         addr,
+        grant: decided >> 4,
     };
     let _ = PENDING_CONNECT.insert(&bpf_get_current_pid_tgid(), &p, 0);
+    if p.verdict == VERDICT_BLOCKED {
+        0
+    } else {
+        1
+    }
 }
 
 #[tracepoint]
@@ -749,6 +792,9 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
         (*e).port = p.port;
         (*e).ret = ret as i32;
         (*e).addr = p.addr;
+        (*e).verdict = p.verdict;
+        (*e)._pad = 0;
+        (*e).grant = p.grant;
     });
     0
 }

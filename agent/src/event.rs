@@ -203,6 +203,9 @@ pub enum Event {
         path_truncated: bool,
         /// Success, or the errno.
         result: Outcome,
+        /// What the guardrail decided (see `v1::FileChange.guardrail`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        guardrail: Option<&'static str>,
         /// Who.
         process: Identity,
     },
@@ -223,6 +226,12 @@ pub enum Event {
         resource: Option<String>,
         /// Success, `EINPROGRESS` (non-blocking), or the errno.
         result: Outcome,
+        /// What the guardrail decided (see `v1::Connect.guardrail`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        guardrail: Option<&'static str>,
+        /// The grant that let it through.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        grant_id: Option<u64>,
         /// Who.
         process: Identity,
     },

@@ -8,11 +8,13 @@
 //! - [`policy`]: the policy file (shared with the collector);
 //! - [`digest`]: content digests, mode and owner of watched files;
 //! - [`event`]: the events as emitted;
+//! - [`guard`]: the guardrails compiled for the kernel;
 //! - [`stream`]: the spool and the stream to the collector.
 
 pub mod clock;
 pub mod digest;
 pub mod event;
+pub mod guard;
 pub mod identity;
 pub mod metrics;
 pub mod pods;

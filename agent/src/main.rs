@@ -17,6 +17,7 @@ use driftwatch_agent::stream::{self, Downlink, Spool};
 use driftwatch_agent::{
     clock::Clock,
     event::{Event, KindCounters},
+    guard,
     identity::ProcessTable,
     policy::{self, Policy, PolicyError},
     sensors::{
@@ -584,6 +585,58 @@ fn apply_policy(
     Ok(())
 }
 
+/// Compiles the guardrails of the running policy and the grants in force,
+/// and writes what changed into the kernel. A failure leaves the tables
+/// as they were and is logged; the agent goes on reporting.
+fn refresh_gates(
+    sensors: &mut Sensors,
+    policy: &Policy,
+    grants: &mut Vec<guard::Grant>,
+    cgroup_root: &Path,
+    pods: &driftwatch_agent::pods::Pods,
+) {
+    let now = driftwatch_proto::time::now_unix_nanos();
+    grants.retain(|g| {
+        let open = g.until_unix_nanos > now;
+        if !open {
+            tracing::info!(grant = g.id, resource = %g.resource, who = %g.who.to_text(), "access grant expired; its gate is closed");
+        }
+        open
+    });
+    let host = guard::LiveHost { cgroup_root, pods };
+    let next = guard::Gates::compile(policy, grants, &host, now, Clock::boot_ns());
+    if &next == sensors.gates() {
+        return;
+    }
+    let (rules, facts) = (next.rules.len(), next.facts.len());
+    let guarded: Vec<String> = next
+        .rules
+        .iter()
+        .filter_map(|(i, r)| {
+            let name = policy.resources.get(*i as usize)?.name.as_str();
+            let mode = if r.mode == agent_common::GATE_ENFORCE {
+                "enforce"
+            } else {
+                "audit"
+            };
+            Some(format!("{name}={mode}"))
+        })
+        .collect();
+    let changed_rules = next.rules.keys().ne(sensors.gates().rules.keys())
+        || next
+            .rules
+            .values()
+            .map(|r| r.mode)
+            .ne(sensors.gates().rules.values().map(|r| r.mode));
+    match sensors.apply_gates(next) {
+        Ok(()) if changed_rules => {
+            tracing::info!(rules, facts, guarded = ?guarded, "guardrails in force")
+        }
+        Ok(()) => tracing::debug!(rules, facts, "guardrail tables updated"),
+        Err(e) => tracing::error!("the guardrail tables could not be updated: {e:#}"),
+    }
+}
+
 /// The state reads a change event calls for (their `trigger_seq` is set
 /// once the event has its sequence number).
 fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
@@ -655,7 +708,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     sensors.apply(WatchSet::from_policy(&running.policy))?;
 
     let clock = Clock::new();
-    let mut table = ProcessTable::new(Some(cgroup_root), clock);
+    let mut table = ProcessTable::new(Some(cgroup_root.clone()), clock);
     let seeded = table.seed();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
@@ -681,6 +734,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         clock,
         table,
     };
+    let mut grants: Vec<guard::Grant> = Vec::new();
+    refresh_gates(
+        &mut sensors,
+        &running.policy,
+        &mut grants,
+        &cgroup_root,
+        &decoder.table.pods,
+    );
+    tracing::info!(
+        guardrails = guard::GUARD_SET,
+        "guardrails: {}",
+        guard::GUARD_SET
+    );
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -715,6 +781,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         .unwrap_or_default(),
                     sensor_set: SENSOR_SET.into(),
                     probes: sensors.probes.clone().into_iter().collect(),
+                    guardrails: guard::GUARD_SET.into(),
                 },
                 started: driftwatch_proto::time::now_unix_nanos(),
                 heartbeat: Duration::from_secs(args.heartbeat_interval),
@@ -884,6 +951,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         }
                     }
                 }
+                Downlink::Grants(list) => {
+                    let mut next = Vec::new();
+                    for g in &list.grants {
+                        match guard::Grant::from_wire(g) {
+                            Ok(g) => next.push(g),
+                            Err(e) => tracing::error!("an access grant from the collector was refused: {e}"),
+                        }
+                    }
+                    for g in next.iter().filter(|g| !grants.iter().any(|o| o.id == g.id)) {
+                        tracing::info!(grant = g.id, resource = %g.resource, who = %g.who.to_text(), until = %driftwatch_proto::time::rfc3339(i128::from(g.until_unix_nanos)), "access grant in force; its gate is open until then");
+                    }
+                    grants = next;
+                    refresh_gates(&mut sensors, &running.policy, &mut grants, &cgroup_root, &decoder.table.pods);
+                }
                 Downlink::Scan(req) => {
                     tracing::info!(scan = %req.scan_id, path = %req.path, "baseline scan requested by the collector");
                     let policy = running.policy.clone();
@@ -909,6 +990,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 out.flush()?;
             }
             _ = second.tick() => {
+                refresh_gates(&mut sensors, &running.policy, &mut grants, &cgroup_root, &decoder.table.pods);
                 if args.metrics_listen.is_some() {
                     update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
                     match sensors.take_ring_peak() {

@@ -216,8 +216,73 @@ impl ApprovalService for Control {
     ) -> Result<Response<Approval>, Status> {
         let principal = caller(&request).principal()?.to_owned();
         let r = request.into_inner();
-        let args = serde_json::json!({"resource": r.resource, "host": r.host, "sha256": r.sha256, "window_seconds": r.window_seconds, "reason": r.reason});
+        let args = serde_json::json!({"kind": r.kind, "resource": r.resource, "who": r.who, "host": r.host, "sha256": r.sha256, "window_seconds": r.window_seconds, "reason": r.reason});
         let result: Result<Response<Approval>, Status> = async {
+            let access = match r.kind.as_str() {
+                "" | "change" => false,
+                "access" => true,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "kind: {other:?} is neither \"change\" nor \"access\""
+                    )))
+                }
+            };
+            if access {
+                let who = driftwatch_proto::policy::Selector::parse_text(&r.who)
+                    .map_err(|e| Status::invalid_argument(format!("who: {e}")))?;
+                let policy = self.correlator.policies.current();
+                let guarded = policy.as_deref().and_then(|p| p.policy.resource(&r.resource));
+                match guarded {
+                    None => {
+                        return Err(Status::invalid_argument(format!(
+                            "access: no resource named {:?} in the policy",
+                            r.resource
+                        )))
+                    }
+                    Some(res) if res.ports.is_empty() => {
+                        return Err(Status::invalid_argument(format!(
+                            "access: {:?} has no ports; access grants open connects to a database resource",
+                            r.resource
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                if !r.sha256.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "digest: an access grant names who, not a content digest",
+                    ));
+                }
+                if r.window_seconds <= 0 || r.window_seconds > 86_400 {
+                    return Err(Status::invalid_argument(
+                        "for: an access grant lasts between 1 second and 24 hours",
+                    ));
+                }
+                if r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument("reason: say why the access is needed"));
+                }
+                let a = Approval {
+                    kind: "access".into(),
+                    resource: r.resource,
+                    who: who.to_text(),
+                    host: if r.host.is_empty() { "*".into() } else { r.host },
+                    window_seconds: r.window_seconds,
+                    reason: r.reason,
+                    requester: principal.clone(),
+                    requested_unix_nanos: now_unix_nanos(),
+                    ..Default::default()
+                };
+                let a = {
+                    let mut engine = self.correlator.lock();
+                    engine.approvals.request(a).map_err(approval_status)?
+                };
+                tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, who = %a.who, "access requested");
+                return Ok(Response::new(a));
+            }
+            if !r.who.is_empty() {
+                return Err(Status::invalid_argument(
+                    "who: only an access request names who (kind \"access\")",
+                ));
+            }
             if r.resource.is_empty() {
                 return Err(Status::invalid_argument(
                     "resource: name a policy resource or an absolute path",
@@ -256,6 +321,7 @@ impl ApprovalService for Control {
                 } else {
                     r.host
                 },
+                kind: "change".into(),
                 sha256: r.sha256.to_ascii_lowercase(),
                 window_seconds: r.window_seconds,
                 reason: r.reason,
@@ -299,6 +365,10 @@ impl ApprovalService for Control {
                 }
             }
             let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
+            drop(engine);
+            if a.kind == crate::correlate::approvals::ACCESS {
+                self.correlator.publish_grants();
+            }
             Ok(Response::new(a))
         }
         .await;

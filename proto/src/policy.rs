@@ -59,8 +59,22 @@ pub enum Mode {
     /// Report only (default).
     #[default]
     Monitor,
-    /// Report and refuse actions outside the rules.
+    /// Report what `enforce` would refuse as `would_block`; stop nothing.
+    Audit,
+    /// Refuse actions outside the rules in the kernel: a connect fails with
+    /// EPERM; a file call's caller is killed before the call returns to it.
     Enforce,
+}
+
+impl Mode {
+    /// As the policy spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Monitor => "monitor",
+            Self::Audit => "audit",
+            Self::Enforce => "enforce",
+        }
+    }
 }
 
 /// Who a rule lets act. Every field given must match.
@@ -122,7 +136,7 @@ pub struct Resource {
     /// Who may connect to the ports.
     #[serde(default)]
     pub clients: Vec<Selector>,
-    /// Monitor or enforce.
+    /// Monitor, audit or enforce.
     #[serde(default)]
     pub mode: Mode,
 }
@@ -169,7 +183,20 @@ pub fn version(text: &str) -> String {
 /// trailing `/` of a tree and the NUL.
 pub const MAX_PATH_LEN: usize = 254;
 
+/// Selectors a guarded resource can hold (the kernel gives each a bit).
+pub const MAX_GUARD_SELECTORS: usize = 48;
+
 impl Resource {
+    /// The selectors a guardrail on this resource lets through: `clients`
+    /// of a database, `writers` of anything else.
+    pub fn guarded_by(&self) -> &[Selector] {
+        if self.kind == ResourceKind::Database {
+            &self.clients
+        } else {
+            &self.writers
+        }
+    }
+
     /// True when `path` is one of the resource's files or inside one of its
     /// trees (a path ending in `/`).
     pub fn covers(&self, path: &str) -> bool {
@@ -188,6 +215,88 @@ pub fn covers(p: &str, path: &str) -> bool {
 }
 
 impl Selector {
+    /// Reads the text form `field=value[,field=value…]` (`user=app`,
+    /// `exe=/usr/bin/psql,uid=1000`, `namespace=payments,label.app=api`),
+    /// the fields named as in a policy. An empty selector is refused: it
+    /// would match everyone.
+    pub fn parse_text(text: &str) -> Result<Self, String> {
+        let mut s = Self::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected field=value"))?;
+            let (k, v) = (k.trim(), v.trim().to_owned());
+            if v.is_empty() {
+                return Err(format!("{k}: empty value"));
+            }
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{k}: {v:?} is not a number"))
+            };
+            match k {
+                "exe" if !v.starts_with('/') => {
+                    return Err(format!("exe: must be an absolute path, got {v:?}"))
+                }
+                "exe" => s.exe = Some(v),
+                "user" => s.user = Some(v),
+                "uid" => s.uid = Some(num(&v)?),
+                "loginUser" => s.login_user = Some(v),
+                "loginuid" => s.loginuid = Some(num(&v)?),
+                "comm" => s.comm = Some(v),
+                "image" => s.image = Some(v),
+                "container" => s.container = Some(v),
+                "namespace" => s.namespace = Some(v),
+                "serviceAccount" => s.service_account = Some(v),
+                _ => match k.strip_prefix("label.") {
+                    Some(l) if !l.is_empty() => {
+                        s.labels.insert(l.to_owned(), v);
+                    }
+                    _ => return Err(format!(
+                        "unknown field {k:?} (exe, user, uid, loginUser, loginuid, comm, image, container, namespace, serviceAccount, label.NAME)"
+                    )),
+                },
+            }
+        }
+        if s == Self::default() {
+            return Err("an empty selector would match everyone; name at least one field".into());
+        }
+        Ok(s)
+    }
+
+    /// The text form [`Selector::parse_text`] reads, fields in a fixed order.
+    pub fn to_text(&self) -> String {
+        let mut out = Vec::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                out.push(format!("{k}={v}"));
+            }
+        };
+        put("exe", self.exe.clone());
+        put("user", self.user.clone());
+        put("uid", self.uid.map(|u| u.to_string()));
+        put("loginUser", self.login_user.clone());
+        put("loginuid", self.loginuid.map(|u| u.to_string()));
+        put("comm", self.comm.clone());
+        put("image", self.image.clone());
+        put("container", self.container.clone());
+        put("namespace", self.namespace.clone());
+        put("serviceAccount", self.service_account.clone());
+        for (k, v) in &self.labels {
+            out.push(format!("label.{k}={v}"));
+        }
+        out.join(",")
+    }
+
+    /// True when the selector names a container or pod field: the kernel
+    /// checks those by the cgroups of the matching containers.
+    pub fn names_workload(&self) -> bool {
+        self.image.is_some()
+            || self.container.is_some()
+            || self.namespace.is_some()
+            || self.service_account.is_some()
+            || !self.labels.is_empty()
+    }
+
     /// True when every field the selector names matches the process.
     /// Fields the agent could not learn (pod labels without an API server,
     /// a container's image) never match: a selector fails closed.
@@ -340,9 +449,20 @@ impl Policy {
     pub fn warnings(&self, host: &HostFacts<'_>) -> Vec<String> {
         let mut out = Vec::new();
         for (i, r) in self.resources.iter().enumerate() {
-            if r.mode == Mode::Enforce {
+            if r.mode != Mode::Monitor && r.guarded_by().is_empty() {
+                let list = if r.kind == ResourceKind::Database {
+                    "clients"
+                } else {
+                    "writers"
+                };
                 out.push(format!(
-                    "resources[{i}].mode: enforce is not acted on by this version; {:?} is reported, never blocked",
+                    "resources[{i}].mode: {} with no {list}: every {} of {:?} is refused",
+                    r.mode.as_str(),
+                    if r.kind == ResourceKind::Database {
+                        "connect"
+                    } else {
+                        "change"
+                    },
                     r.name
                 ));
             }
@@ -366,7 +486,11 @@ impl Policy {
                         }
                     }
                     if let Some(exe) = &s.exe {
-                        if !(host.exe_exists)(exe) {
+                        let link = std::fs::symlink_metadata(exe)
+                            .is_ok_and(|m| m.file_type().is_symlink());
+                        if link {
+                            out.push(format!("{}: {exe} is a symlink; processes report the file it points to, so the selector never matches (name the target)", at("exe")));
+                        } else if !(host.exe_exists)(exe) {
                             out.push(format!("{}: {exe} does not exist on this host; the selector never matches here", at("exe")));
                         }
                     }
@@ -463,6 +587,21 @@ impl Policy {
                     ));
                 }
             }
+            if r.mode != Mode::Monitor && r.guarded_by().len() > MAX_GUARD_SELECTORS {
+                let list = if r.kind == ResourceKind::Database {
+                    "clients"
+                } else {
+                    "writers"
+                };
+                return Err(bad(
+                    at(&format!(".{list}")),
+                    format!(
+                        "a guarded resource (mode {}) holds at most {MAX_GUARD_SELECTORS} selectors, got {}",
+                        r.mode.as_str(),
+                        r.guarded_by().len()
+                    ),
+                ));
+            }
             for (list, sels) in [("writers", &r.writers), ("clients", &r.clients)] {
                 for (j, s) in sels.iter().enumerate() {
                     if *s == Selector::default() {
@@ -512,6 +651,26 @@ resources:
         match Policy::parse("p.yaml", text) {
             Ok(_) => panic!("policy should be refused:\n{text}"),
             Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn selector_text_round_trips_and_refuses_what_it_cannot_read() {
+        let s = Selector::parse_text("user=app, exe=/usr/bin/psql,label.app=api,uid=7").unwrap();
+        assert_eq!(s.user.as_deref(), Some("app"));
+        assert_eq!(s.uid, Some(7));
+        assert_eq!(s.labels.get("app").map(String::as_str), Some("api"));
+        assert_eq!(Selector::parse_text(&s.to_text()).unwrap(), s);
+        for (bad, says) in [
+            ("", "empty selector"),
+            ("user", "expected field=value"),
+            ("uid=x", "not a number"),
+            ("exe=psql", "absolute path"),
+            ("colour=red", "unknown field"),
+            ("user=", "empty value"),
+        ] {
+            let e = Selector::parse_text(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
 

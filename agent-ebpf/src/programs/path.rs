@@ -47,6 +47,8 @@ pub struct Scratch {
     key_len: u64,
     /// Bits of the ancestor marker the last miss ended on (0: none).
     miss_bits: u64,
+    /// Resource index of the last hit (`u32::MAX`: none known).
+    pub hit_resource: u64,
     /// The verdict cache's key for the file being resolved (see `dir_of`),
     /// its name's length, whether there is one, and the generation read
     /// before: kept here, not in registers, so that the verifier sees one
@@ -341,6 +343,7 @@ pub unsafe fn user_empty(upath: u64) -> bool {
 /// on with `PATH_UNNORMALISED` set, since a prefix test on it proves nothing.
 #[inline(always)]
 pub fn matches(s: &mut Scratch, flags: &mut u32, odd: bool) -> bool {
+    s.hit_resource = u32::MAX as u64;
     if s.key[0] == 0 {
         return false;
     }
@@ -348,7 +351,10 @@ pub fn matches(s: &mut Scratch, flags: &mut u32, odd: bool) -> bool {
     // SAFETY: `prefix_len` is immediately followed by the key bytes (repr(C)).
     let key = unsafe { &*(&s.prefix_len as *const u32 as *const Key<[u8; PATH_LEN]>) };
     match WATCH_PATHS.get(key) {
-        Some(v) if v.ancestor == 0 => return true,
+        Some(v) if v.ancestor == 0 => {
+            s.hit_resource = u64::from(v.resource);
+            return true;
+        }
         Some(v) => s.miss_bits = u64::from(v.bits),
         None => s.miss_bits = 0,
     }

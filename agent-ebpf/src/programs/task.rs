@@ -49,6 +49,21 @@ pub unsafe fn fill_header(h: &mut Header, kind: EventKind, task: u64) {
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
+/// The kernel's `(device, inode)` of `task`'s executable, or zeros (a
+/// kernel thread has none).
+#[inline(always)]
+pub unsafe fn exe_id(task: u64) -> (u64, u64) {
+    unsafe {
+        let mm: u64 = read(task, off!(task_mm));
+        let file: u64 = read(mm, off!(mm_exe_file));
+        let inode: u64 = read(file, off!(file_f_inode));
+        let ino: u64 = read(inode, off!(inode_i_ino));
+        let sb: u64 = read(inode, off!(inode_i_sb));
+        let dev: u32 = read(sb, off!(sb_s_dev));
+        (dev as u64, ino)
+    }
+}
+
 /// The `struct file *` behind `fd` in `task`'s table, or 0.
 #[inline(always)]
 pub unsafe fn fd_file(task: u64, fd: i32) -> u64 {

@@ -278,6 +278,10 @@ impl Btf {
             dentry_d_inode: self.offset("dentry", "d_inode")?,
             inode_i_ino: self.offset("inode", "i_ino")?,
             inode_i_generation: self.offset("inode", "i_generation")?,
+            mm_exe_file: self.offset("mm_struct", "exe_file")?,
+            file_f_inode: self.offset("file", "f_inode")?,
+            inode_i_sb: self.offset("inode", "i_sb")?,
+            sb_s_dev: self.offset("super_block", "s_dev")?,
             ready: 1,
         })
     }

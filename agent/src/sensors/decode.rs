@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
     ARGV_TRUNCATED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
+    VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK,
 };
 
 use super::watch::{normalise, WatchSet};
@@ -171,6 +172,8 @@ impl Decoder {
                     port: e.port,
                     resource: watch.resource_of_port(e.port).map(str::to_owned),
                     result: Outcome::from_ret(i64::from(e.ret)),
+                    guardrail: guardrail(e.verdict, "blocked"),
+                    grant_id: (e.verdict == VERDICT_GRANTED).then_some(e.grant),
                     process: self.table.identity(&e.hdr),
                 }))
             }
@@ -242,8 +245,20 @@ impl Decoder {
             },
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
             result: Outcome::from_ret(e.ret),
+            guardrail: guardrail(e.verdict, "killed"),
             process: self.table.identity(&e.hdr),
         })))
+    }
+}
+
+/// The name of a kernel verdict; `blocked` is what enforcement did.
+fn guardrail(verdict: u32, blocked: &'static str) -> Option<&'static str> {
+    match verdict {
+        VERDICT_ALLOWED => Some("allowed"),
+        VERDICT_GRANTED => Some("granted"),
+        VERDICT_BLOCKED => Some(blocked),
+        VERDICT_WOULD_BLOCK => Some("would_block"),
+        _ => None,
     }
 }
 

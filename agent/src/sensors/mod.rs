@@ -114,6 +114,7 @@ pub struct Sensors {
     /// Program types probed, and whether the kernel accepts them.
     pub probes: BTreeMap<String, bool>,
     watch: WatchSet,
+    gates: crate::guard::Gates,
     /// The attachments, owned so that [`Sensors::detach`] can undo them
     /// together.
     links: Vec<Box<dyn std::any::Any + Send>>,
@@ -338,6 +339,7 @@ impl Sensors {
             hooks,
             probes,
             watch: WatchSet::default(),
+            gates: crate::guard::Gates::default(),
             links,
         })
     }
@@ -466,6 +468,76 @@ impl Sensors {
             }
         }
         self.watch = next;
+        Ok(())
+    }
+
+    /// The guardrails in the kernel now.
+    pub fn gates(&self) -> &crate::guard::Gates {
+        &self.gates
+    }
+
+    /// Replaces the guardrail tables in place. New facts go in before the
+    /// rules that need them and old ones leave after, so a process allowed
+    /// before and after is never refused in between.
+    pub fn apply_gates(&mut self, next: crate::guard::Gates) -> Result<(), SensorError> {
+        if next == self.gates {
+            return Ok(());
+        }
+        let map_err = |name| move |source| SensorError::Map { name, source };
+        let missing = |name: &'static str| SensorError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        };
+        {
+            let mut facts: BpfHashMap<&mut MapData, agent_common::GateKey, u64> =
+                BpfHashMap::try_from(self.ebpf.map_mut("GATES").ok_or_else(|| missing("GATES"))?)
+                    .map_err(map_err("GATES"))?;
+            for (k, bits) in &next.facts {
+                if self.gates.facts.get(k) != Some(bits) {
+                    facts.insert(k, bits, 0).map_err(map_err("GATES"))?;
+                }
+            }
+        }
+        {
+            let mut rules: aya::maps::Array<&mut MapData, agent_common::GateRule> =
+                aya::maps::Array::try_from(
+                    self.ebpf
+                        .map_mut("GATE_RULES")
+                        .ok_or_else(|| missing("GATE_RULES"))?,
+                )
+                .map_err(map_err("GATE_RULES"))?;
+            for (i, rule) in &next.rules {
+                if self.gates.rules.get(i) != Some(rule) {
+                    rules
+                        .set(*i, rule.to_kernel(), 0)
+                        .map_err(map_err("GATE_RULES"))?;
+                }
+            }
+            for i in self
+                .gates
+                .rules
+                .keys()
+                .filter(|i| !next.rules.contains_key(i))
+            {
+                rules
+                    .set(*i, agent_common::GateRule::default(), 0)
+                    .map_err(map_err("GATE_RULES"))?;
+            }
+        }
+        {
+            let mut facts: BpfHashMap<&mut MapData, agent_common::GateKey, u64> =
+                BpfHashMap::try_from(self.ebpf.map_mut("GATES").ok_or_else(|| missing("GATES"))?)
+                    .map_err(map_err("GATES"))?;
+            for k in self
+                .gates
+                .facts
+                .keys()
+                .filter(|k| !next.facts.contains_key(k))
+            {
+                facts.remove(k).map_err(map_err("GATES"))?;
+            }
+        }
+        self.gates = next;
         Ok(())
     }
 

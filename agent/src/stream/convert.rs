@@ -277,6 +277,7 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
             resolved_from,
             path_truncated,
             result,
+            guardrail,
             process,
         } => (
             K::File(v1::FileChange {
@@ -292,6 +293,7 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
                 resolved_from: resolved_from.to_owned(),
                 path_truncated,
                 result: Some(outcome(result)),
+                guardrail: guardrail.unwrap_or_default().to_owned(),
             }),
             time,
             node,
@@ -305,6 +307,8 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
             port,
             resource,
             result,
+            guardrail,
+            grant_id,
             process,
         } => (
             K::Connect(v1::Connect {
@@ -313,6 +317,8 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
                 port: u32::from(port),
                 resource: resource.unwrap_or_default(),
                 result: Some(outcome(result)),
+                guardrail: guardrail.unwrap_or_default().to_owned(),
+                grant_id: grant_id.unwrap_or_default(),
             }),
             time,
             node,
@@ -497,6 +503,7 @@ mod tests {
             resolved_from: "file",
             path_truncated: false,
             result: Outcome::from_ret(-13),
+            guardrail: Some("killed"),
             process: identity(),
         };
         let loss = Event::Loss {

@@ -111,6 +111,8 @@ pub enum Downlink {
     Policy(driftwatch_proto::v1::PolicyUpdate),
     /// Digest a path for a baseline.
     Scan(driftwatch_proto::v1::ScanRequest),
+    /// The access grants in force now.
+    Grants(driftwatch_proto::v1::Grants),
 }
 
 fn jitter(max: Duration) -> Duration {
@@ -152,6 +154,7 @@ impl Sender {
         let d = match m {
             collector_message::Msg::Policy(p) => Downlink::Policy(p),
             collector_message::Msg::Scan(s) => Downlink::Scan(s),
+            collector_message::Msg::Grants(g) => Downlink::Grants(g),
             collector_message::Msg::Ack(_) => return,
         };
         let _ = self.downlink.send(d);

@@ -1,9 +1,11 @@
-//! Change requests: filed by one principal, approved or denied by another.
+//! Change requests and access grants: filed by one principal, approved or
+//! denied by another. An approved access request is a grant: the agents
+//! open their kernel gate for its identity until it expires.
 //!
 //! Tree `approvals`: id (u64, big-endian) → `Approval`, with the changes
 //! recorded under it. All of them are also kept in memory.
 
-use driftwatch_proto::v1::{Approval, ApprovedChange};
+use driftwatch_proto::v1::{Approval, ApprovedChange, EvidenceRef, Grant};
 use prost::Message as _;
 
 use super::baselines::host_matches;
@@ -18,6 +20,10 @@ pub const DENIED: &str = "denied";
 
 /// Changes kept per approval.
 const CHANGES_MAX: usize = 1000;
+/// Events kept per access grant (the latest).
+const USES_KEPT: usize = 20;
+/// The kind of an access request.
+pub const ACCESS: &str = "access";
 
 /// Why a request or a decision was refused.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +157,7 @@ impl Approvals {
     ) -> Option<&Approval> {
         self.all.iter().rev().find(|a| {
             a.status == APPROVED
+                && a.kind != ACCESS
                 && host_matches(&a.host, node)
                 && covers(a, name, path)
                 && time >= a.requested_unix_nanos
@@ -167,6 +174,54 @@ impl Approvals {
         if let Some(a) = self.all.iter_mut().find(|a| a.id == id) {
             if a.changes.len() < CHANGES_MAX {
                 a.changes.push(c);
+            }
+            let a = a.clone();
+            self.save(&a)?;
+        }
+        Ok(())
+    }
+
+    /// The access grants in force at `now`.
+    pub fn grants(&self, now: i64) -> Vec<Grant> {
+        self.all
+            .iter()
+            .filter(|a| a.kind == ACCESS && a.status == APPROVED && a.valid_until_unix_nanos > now)
+            .map(|a| Grant {
+                id: a.id,
+                resource: a.resource.clone(),
+                who: a.who.clone(),
+                valid_until_unix_nanos: a.valid_until_unix_nanos,
+                host: a.host.clone(),
+            })
+            .collect()
+    }
+
+    /// The access grant `id` when it covers an act on `resource` by `node`
+    /// at `time`.
+    pub fn grant_covering(
+        &self,
+        id: u64,
+        node: &str,
+        resource: &str,
+        time: i64,
+    ) -> Option<&Approval> {
+        self.get(id).filter(|a| {
+            a.kind == ACCESS
+                && a.status == APPROVED
+                && a.resource == resource
+                && host_matches(&a.host, node)
+                && time >= a.decided_unix_nanos
+                && time <= a.valid_until_unix_nanos
+        })
+    }
+
+    /// Records an act under access grant `id`.
+    pub fn add_use(&mut self, id: u64, e: EvidenceRef) -> Result<(), StoreError> {
+        if let Some(a) = self.all.iter_mut().find(|a| a.id == id) {
+            a.uses += 1;
+            a.use_evidence.push(e);
+            if a.use_evidence.len() > USES_KEPT {
+                a.use_evidence.remove(0);
             }
             let a = a.clone();
             self.save(&a)?;

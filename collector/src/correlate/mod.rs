@@ -19,6 +19,11 @@
 //! - without desired state, the first state seen is learned;
 //! - a connect to a watched port by an identity outside `clients` is
 //!   `unauthorized_connect`; refused attempts count;
+//! - what a guardrail refused (a connect the kernel failed with EPERM, a
+//!   file call whose caller it killed) is `blocked`, and what a guardrail
+//!   in mode `audit` would have refused is `would_block`, in place of the
+//!   `unauthorized_*` finding; a connect an access grant let through is
+//!   recorded under the grant, not flagged;
 //! - records lost in the kernel, ranges the agent dropped and windows when
 //!   no agent ran are `blind_spot`; an agent without heartbeats for
 //!   `silent_after` is `agent_silent`, resolved when it is back.
@@ -123,6 +128,8 @@ pub struct Correlator {
     engine: Mutex<Engine>,
     /// The policy.
     pub policies: Policies,
+    /// The access grants in force, for the agents' streams.
+    pub grants: tokio::sync::watch::Sender<Vec<driftwatch_proto::v1::Grant>>,
 }
 
 fn state_key(node: &str, path: &str) -> Vec<u8> {
@@ -219,10 +226,25 @@ impl Correlator {
                 },
             );
         }
+        let grants = engine.approvals.grants(now_unix_nanos());
         Ok(Self {
             engine: Mutex::new(engine),
             policies,
+            grants: tokio::sync::watch::channel(grants).0,
         })
+    }
+
+    /// Publishes the access grants in force now to the agents' streams
+    /// (when they changed: one was decided, or one expired).
+    pub fn publish_grants(&self) {
+        let now = self.lock().approvals.grants(now_unix_nanos());
+        self.grants.send_if_modified(|g| {
+            if *g == now {
+                return false;
+            }
+            *g = now;
+            true
+        });
     }
 
     /// The engine, for the control API.
@@ -511,6 +533,10 @@ impl Engine {
         else {
             return Ok(());
         };
+        if matches!(f.guardrail.as_str(), "killed" | "would_block") {
+            let what = format!("{} of {target}", f.op);
+            return self.guarded(e, actor, &r.name, target, &what, &f.guardrail, ("", 0));
+        }
         if r.writers.is_empty() || r.writers.iter().any(|s| s.matches(actor)) {
             return Ok(());
         }
@@ -879,6 +905,33 @@ impl Engine {
         else {
             return Ok(());
         };
+        match c.guardrail.as_str() {
+            "granted" => {
+                if self
+                    .approvals
+                    .grant_covering(c.grant_id, &e.node, &r.name, e.time_unix_nanos)
+                    .is_some()
+                {
+                    return self.approvals.add_use(c.grant_id, evidence(e));
+                }
+                // A grant this collector does not know as in force: judged
+                // as if there were none.
+                tracing::warn!(node = %e.node, grant = c.grant_id, resource = %r.name, "a connect let through under a grant not in force here");
+            }
+            "blocked" | "would_block" => {
+                let what = format!("a connect to {}:{}", c.address, c.port);
+                return self.guarded(
+                    e,
+                    actor,
+                    &r.name,
+                    "",
+                    &what,
+                    &c.guardrail,
+                    (&c.address, c.port),
+                );
+            }
+            _ => {}
+        }
         if r.clients.is_empty() || r.clients.iter().any(|s| s.matches(actor)) {
             return Ok(());
         }
@@ -920,6 +973,66 @@ impl Engine {
                 failed: u64::from(failed),
                 address: c.address.clone(),
                 port: c.port,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// A `blocked` or `would_block` finding: one per node, resource and
+    /// identity, counting every attempt.
+    #[allow(clippy::too_many_arguments)]
+    fn guarded(
+        &mut self,
+        e: &Event,
+        actor: &Process,
+        resource: &str,
+        path: &str,
+        what: &str,
+        guardrail: &str,
+        (address, port): (&str, u32),
+    ) -> Result<(), StoreError> {
+        let kind = if guardrail == "would_block" {
+            "would_block"
+        } else {
+            "blocked"
+        };
+        let key = format!(
+            "{kind}\0{}\0{resource}\0{}\0{}",
+            e.node, actor.exe, actor.uid
+        );
+        let summary = match guardrail {
+            "would_block" => format!(
+                "{} made {what} on {}; the guardrail of {resource} (mode audit) would have refused it",
+                who(actor),
+                e.node
+            ),
+            "killed" => format!(
+                "{} was killed for {what} on {}: not a writer of {resource} (the call itself ran; nothing was written through it after)",
+                who(actor),
+                e.node
+            ),
+            _ => format!(
+                "{} was refused {what} on {} (EPERM): not a client of {resource}",
+                who(actor),
+                e.node
+            ),
+        };
+        self.findings.record(
+            &key,
+            Occurrence {
+                kind,
+                node: e.node.clone(),
+                resource: resource.to_owned(),
+                path: path.to_owned(),
+                actor: Some(actor.clone()),
+                summary,
+                time: e.time_unix_nanos,
+                evidence: vec![evidence(e)],
+                count: 1,
+                failed: u64::from(kind == "blocked"),
+                address: address.to_owned(),
+                port,
                 ..Default::default()
             },
         )?;
@@ -973,6 +1086,9 @@ impl Engine {
         let Some(a) = self.approvals.get(id).cloned() else {
             return Ok(Vec::new());
         };
+        if a.kind == approvals::ACCESS {
+            return Ok(Vec::new());
+        }
         let mut resolved = Vec::new();
         for f in self.findings.unresolved()? {
             if !matches!(f.kind.as_str(), "drift" | "deleted" | "unauthorized_write")
@@ -1024,6 +1140,9 @@ pub fn spawn_silence_check(c: Arc<Correlator>) {
             if let Err(e) = c.check_silent(now_unix_nanos()) {
                 tracing::error!("checking for silent agents failed: {e}");
             }
+            // Expired grants leave the set the agents hold (their kernels
+            // close the gate at the expiry on their own).
+            c.publish_grants();
         }
     });
 }

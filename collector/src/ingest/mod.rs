@@ -414,19 +414,47 @@ impl AgentService for Ingest {
             .insert(name.clone(), tx.clone());
         // The policy follows the first ack, and every change after it,
         // until the agent's side of the stream ends.
+        // So do the access grants for this node.
         let mut policies = self.correlator.policies.subscribe();
+        let mut grants = self.correlator.grants.subscribe();
         let policy_tx = tx.clone();
+        let grants_node = name.clone();
         let (ended, mut ended_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            let mut sent_policy = None;
+            let mut sent_grants = None;
             loop {
                 let current = policies.borrow_and_update().clone();
                 if let Some(p) = current {
-                    if policy_tx.send(Ok(policy_message(&p))).await.is_err() {
+                    if sent_policy.as_ref() != Some(&p.version) {
+                        if policy_tx.send(Ok(policy_message(&p))).await.is_err() {
+                            return;
+                        }
+                        sent_policy = Some(p.version.clone());
+                    }
+                }
+                let mine: Vec<_> = grants
+                    .borrow_and_update()
+                    .iter()
+                    .filter(|g| crate::correlate::baselines::host_matches(&g.host, &grants_node))
+                    .cloned()
+                    .collect();
+                if sent_grants.as_ref() != Some(&mine) {
+                    let m = CollectorMessage {
+                        msg: Some(collector_message::Msg::Grants(
+                            driftwatch_proto::v1::Grants {
+                                grants: mine.clone(),
+                            },
+                        )),
+                    };
+                    if policy_tx.send(Ok(m)).await.is_err() {
                         return;
                     }
+                    sent_grants = Some(mine);
                 }
                 tokio::select! {
                     r = policies.changed() => if r.is_err() { return },
+                    r = grants.changed() => if r.is_err() { return },
                     _ = policy_tx.closed() => return,
                     _ = &mut ended_rx => return,
                 }

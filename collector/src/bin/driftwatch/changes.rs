@@ -26,8 +26,9 @@ pub enum Findings {
     /// Findings, newest first.
     List {
         /// Only these kinds (drift, deleted, unauthorized_write,
-        /// unauthorized_connect, agent_silent, blind_spot); repeatable.
-        #[arg(long = "kind", value_parser = ["drift", "deleted", "unauthorized_write", "unauthorized_connect", "agent_silent", "blind_spot"])]
+        /// unauthorized_connect, agent_silent, blind_spot, blocked,
+        /// would_block); repeatable.
+        #[arg(long = "kind", value_parser = ["drift", "deleted", "unauthorized_write", "unauthorized_connect", "agent_silent", "blind_spot", "blocked", "would_block"])]
         kinds: Vec<String>,
         /// Only this host.
         #[arg(long)]
@@ -83,16 +84,30 @@ pub enum Findings {
 
 #[derive(Subcommand)]
 pub enum Approvals {
-    /// File a change request (you are the requester).
+    /// Ask for a change (`--resource`) or a time-boxed access (`--access`);
+    /// you are the requester, and another principal must approve it.
+    ///
+    /// An approved access request opens the guardrail of a database
+    /// resource for exactly the `--who` identity until `--for` runs out;
+    /// the agents' kernels close it then on their own clock.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["resource", "access"]))]
     Request {
-        /// Policy resource name, or an absolute path (a tree ends in `/`).
+        /// A change: policy resource name, or an absolute path (a tree ends in `/`).
         #[arg(long)]
-        resource: String,
+        resource: Option<String>,
+        /// An access: the database resource the identity may connect to.
+        #[arg(long, requires = "who")]
+        access: Option<String>,
+        /// The identity an access is for, as `field=value,…`: `user=app`,
+        /// `exe=/usr/bin/psql,user=app`, `loginUser=alice`,
+        /// `namespace=payments,serviceAccount=api`, `label.app=reports`.
+        #[arg(long, requires = "access")]
+        who: Option<String>,
         /// Expected SHA-256 of the new content (any content when absent).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "access")]
         digest: Option<String>,
-        /// How long the change may take once approved (`30m`, `2h`).
-        #[arg(long, default_value = "2h")]
+        /// How long the change or access may last once approved (`30m`, `2h`).
+        #[arg(long, visible_alias = "for", default_value = "2h")]
         window: String,
         /// Hosts it applies to: a name or a glob.
         #[arg(long, default_value = "*")]
@@ -260,6 +275,10 @@ fn approval_json(a: &Approval) -> Value {
         "decided": (a.decided_unix_nanos != 0).then(|| time(a.decided_unix_nanos)),
         "valid_until": (a.valid_until_unix_nanos != 0).then(|| time(a.valid_until_unix_nanos)),
         "note": a.note, "resolved_findings": a.resolved_findings,
+        "kind": if a.kind.is_empty() { "change" } else { a.kind.as_str() },
+        "who": (!a.who.is_empty()).then_some(&a.who),
+        "uses": a.uses,
+        "use_evidence": a.use_evidence.iter().map(|e| json!({"seq": e.seq, "node": e.node, "time": time(e.time_unix_nanos)})).collect::<Vec<_>>(),
         "changes": a.changes.iter().map(change_json).collect::<Vec<_>>(),
     })
 }
@@ -466,6 +485,10 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
         Output::Table => {
             let _ = writeln!(out, "approval {} ({})", a.id, a.status);
             let _ = writeln!(out, "  resource:  {} on {}", a.resource, a.host);
+            if a.kind == "access" {
+                let _ = writeln!(out, "  access:    {} for {}s", a.who, a.window_seconds);
+                let _ = writeln!(out, "  uses:      {}", a.uses);
+            }
             if !a.sha256.is_empty() {
                 let _ = writeln!(out, "  digest:    {}", a.sha256);
             }
@@ -534,6 +557,8 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
     match cmd {
         Approvals::Request {
             resource,
+            access,
+            who,
             digest,
             window,
             host,
@@ -541,13 +566,20 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
             output,
         } => {
             let window = units::parse_duration(&window).map_err(|e| format!("--window: {e}"))?;
+            if let Some(who) = &who {
+                driftwatch_proto::policy::Selector::parse_text(who)
+                    .map_err(|e| format!("--who: {e}"))?;
+            }
+            let kind = if access.is_some() { "access" } else { "change" };
             let a = client
                 .request(Request::new(RequestApprovalRequest {
-                    resource,
+                    resource: access.or(resource).unwrap_or_default(),
                     host,
                     sha256: digest.unwrap_or_default(),
                     window_seconds: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
                     reason,
+                    kind: kind.into(),
+                    who: who.unwrap_or_default(),
                 }))
                 .await
                 .map_err(|s| status_err("approvals request", s))?
@@ -559,14 +591,26 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 Output::Table => {
                     let _ = writeln!(
                         out,
-                        "approval {} requested by {}; another principal must approve it",
-                        a.id, a.requester
+                        "approval {} requested by {}; another principal must approve it: driftwatch approvals approve {} (or deny {})",
+                        a.id, a.requester, a.id, a.id
                     );
                 }
             }
         }
         Approvals::Approve { id, note } => {
             let a = decide(&mut client, id, true, note).await?;
+            if a.kind == "access" {
+                let _ = writeln!(
+                    out,
+                    "approval {} approved by {}: {} may connect to {} until {}",
+                    a.id,
+                    a.approver,
+                    a.who,
+                    a.resource,
+                    time(a.valid_until_unix_nanos)
+                );
+                return Ok(());
+            }
             let _ = writeln!(
                 out,
                 "approval {} approved by {}; changes until {} are recorded, not flagged{}",

@@ -273,6 +273,9 @@ pub(crate) fn event_json(e: &Event) -> Value {
             v["owner_gid"] = json!(f.owner_gid);
             v["resolved_from"] = json!(f.resolved_from);
             v["result"] = json!(outcome(&f.result));
+            if !f.guardrail.is_empty() {
+                v["guardrail"] = json!(f.guardrail);
+            }
         }
         Some(event::Event::Connect(c)) => {
             v["family"] = json!(c.family);
@@ -280,6 +283,12 @@ pub(crate) fn event_json(e: &Event) -> Value {
             v["port"] = json!(c.port);
             v["resource"] = json!(c.resource);
             v["result"] = json!(outcome(&c.result));
+            if !c.guardrail.is_empty() {
+                v["guardrail"] = json!(c.guardrail);
+            }
+            if c.grant_id != 0 {
+                v["grant_id"] = json!(c.grant_id);
+            }
         }
         Some(event::Event::Loss(l)) => v["dropped"] = json!(l.dropped),
         Some(event::Event::Digest(d)) => {
