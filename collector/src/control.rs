@@ -12,10 +12,10 @@ use driftwatch_proto::{
     v1::{
         approval_service_server::ApprovalService, baseline_service_server::BaselineService,
         finding_service_server::FindingService, Approval, Baseline, DecideApprovalRequest,
-        FindingDetail, GetFindingRequest, ImportBaselineRequest, ImportBaselineResponse,
-        ListApprovalsRequest, ListApprovalsResponse, ListBaselinesRequest, ListBaselinesResponse,
-        ListFindingsRequest, ListFindingsResponse, RequestApprovalRequest, ScanBaselineRequest,
-        ScanBaselineResponse, UpdateFindingRequest,
+        FindingChange, FindingDetail, GetFindingRequest, ImportBaselineRequest,
+        ImportBaselineResponse, ListApprovalsRequest, ListApprovalsResponse, ListBaselinesRequest,
+        ListBaselinesResponse, ListFindingsRequest, ListFindingsResponse, RequestApprovalRequest,
+        ScanBaselineRequest, ScanBaselineResponse, UpdateFindingRequest, WatchFindingsRequest,
     },
 };
 use tonic::{Request, Response, Status};
@@ -33,6 +33,7 @@ pub struct Control {
     correlator: Arc<Correlator>,
     ingest: Ingest,
     audit: Arc<Audit>,
+    notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 impl Control {
@@ -42,6 +43,19 @@ impl Control {
             correlator,
             ingest,
             audit,
+            notifier: None,
+        }
+    }
+
+    /// Tells `notifier` of approval requests and decisions.
+    pub fn with_notifier(mut self, notifier: Arc<crate::notify::Notifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    fn tell(&self, a: &Approval, decided: bool) {
+        if let Some(n) = &self.notifier {
+            n.notify(&crate::notify::approval_notice(a, decided));
         }
     }
 
@@ -92,8 +106,92 @@ fn valid_sha(field: &str, s: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Changes read from the log per turn of a watch.
+const WATCH_PAGE: usize = 256;
+
+type Changes =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<FindingChange, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl FindingService for Control {
+    type WatchStream = Changes;
+
+    async fn watch(
+        &self,
+        request: Request<WatchFindingsRequest>,
+    ) -> Result<Response<Changes>, Status> {
+        let r = request.into_inner();
+        if !r.min_severity.is_empty() && !findings::SEVERITIES.contains(&r.min_severity.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "min_severity: {:?} is not one of {}",
+                r.min_severity,
+                findings::SEVERITIES.join(", ")
+            )));
+        }
+        let log = self.correlator.lock().findings.change_log();
+        let mut latest = log.latest.subscribe();
+        let mut cursor = if r.from_now {
+            *latest.borrow()
+        } else {
+            r.after
+        };
+        let mut closing = self.ingest.closing();
+        let min = findings::severity_rank(&r.min_severity);
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_PAGE);
+        tokio::spawn(async move {
+            loop {
+                let l = log.clone();
+                let page =
+                    match tokio::task::spawn_blocking(move || l.after(cursor, WATCH_PAGE)).await {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(status_of(&e))).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(Status::internal(format!(
+                                    "reading the change log: {e}"
+                                ))))
+                                .await;
+                            return;
+                        }
+                    };
+                let full = page.len() == WATCH_PAGE;
+                for (at, f) in page {
+                    cursor = at;
+                    let wanted = (r.kinds.is_empty() || r.kinds.contains(&f.kind))
+                        && findings::severity_rank(&f.severity) >= min;
+                    if wanted
+                        && tx
+                            .send(Ok(FindingChange {
+                                cursor: at,
+                                finding: Some(f),
+                            }))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    r = latest.changed() => if r.is_err() { return },
+                    _ = crate::closed(&mut closing) => {
+                        let _ = tx.send(Err(Status::unavailable("the collector is stopping; resume with --after the last cursor"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list(
         &self,
         request: Request<ListFindingsRequest>,
@@ -276,6 +374,7 @@ impl ApprovalService for Control {
                     engine.approvals.request(a).map_err(approval_status)?
                 };
                 tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, who = %a.who, "access requested");
+                self.tell(&a, false);
                 return Ok(Response::new(a));
             }
             if !r.who.is_empty() {
@@ -334,6 +433,7 @@ impl ApprovalService for Control {
                 engine.approvals.request(a).map_err(approval_status)?
             };
             tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
+            self.tell(&a, false);
             Ok(Response::new(a))
         }
         .await;
@@ -369,6 +469,7 @@ impl ApprovalService for Control {
             if a.kind == crate::correlate::approvals::ACCESS {
                 self.correlator.publish_grants();
             }
+            self.tell(&a, true);
             Ok(Response::new(a))
         }
         .await;

@@ -17,6 +17,7 @@ pub mod control;
 pub mod correlate;
 pub mod ingest;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod query;
 pub mod security;

@@ -160,6 +160,12 @@ struct Args {
     /// `/readyz` on this address (plain HTTP; keep it inside the cluster).
     #[arg(long, env = "DRIFTWATCH_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Webhooks to notify (YAML): approval requests with the command that
+    /// decides them, decisions, new findings above a severity, blocked
+    /// actions; `json`, `slack` or `teams` payloads, filtered per
+    /// destination. Queued in the store, retried with backoff.
+    #[arg(long, env = "DRIFTWATCH_NOTIFY", value_name = "FILE")]
+    notify: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -343,6 +349,22 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
             silent_after: args.silent_after,
         },
     )?);
+    let notify_config = match &args.notify {
+        Some(path) => {
+            driftwatch_collector::notify::Config::read(path).map_err(anyhow::Error::msg)?
+        }
+        None => driftwatch_collector::notify::Config::default(),
+    };
+    let destinations = notify_config.destinations.len();
+    let notifier = driftwatch_collector::notify::Notifier::open(&store, notify_config)?;
+    if destinations > 0 {
+        tracing::info!(destinations, "notifications on");
+        let n = notifier.clone();
+        correlator.lock().findings.on_open = Some(Box::new(move |f| {
+            n.notify(&driftwatch_collector::notify::finding_notice(f))
+        }));
+        notifier.spawn();
+    }
     let judged = correlator.recover()?;
     if judged > 0 {
         tracing::info!(events = judged, "judged events stored before the last stop");
@@ -358,13 +380,16 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         args.policy.clone(),
         audit.clone(),
     ));
-    let control = Control::new(correlator.clone(), ingest.clone(), audit.clone());
+    let control = Control::new(correlator.clone(), ingest.clone(), audit.clone())
+        .with_notifier(notifier.clone());
     let query = Query::new(store.clone(), ingest.stored.clone(), audit.clone()).closing_on(closing);
     let ingest_failure = ingest.store_failure();
     let ready = driftwatch_proto::ops::Ready::default();
     if let Some(addr) = args.metrics_listen {
         let metrics = ingest.metrics();
-        let registry = std::sync::Arc::new(metrics.registry());
+        let mut registry = metrics.registry();
+        notifier.register(&mut registry);
+        let registry = std::sync::Arc::new(registry);
         let (store, correlator, failure) =
             (store.clone(), correlator.clone(), ingest_failure.clone());
         let refresh = std::sync::Arc::new(move || {

@@ -139,6 +139,52 @@ pub struct Resource {
     /// Monitor, audit or enforce.
     #[serde(default)]
     pub mode: Mode,
+    /// Severity of the resource's findings: `low`, `medium`, `high` or
+    /// `critical` (default: from the kind of finding and of resource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+}
+
+/// How urgent a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth a look.
+    Low,
+    /// Look today.
+    Medium,
+    /// Look now.
+    High,
+    /// Wake someone up.
+    Critical,
+}
+
+impl Severity {
+    /// As the policy spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// The severity of a finding of `kind` on resource `r`: the resource's own
+/// when the policy gives one; else drift on a model or a database, and any
+/// blocked or unauthorized act, is `high`; other drift and what only would
+/// have been blocked is `medium`.
+pub fn severity_of(kind: &str, r: &Resource) -> &'static str {
+    if let Some(s) = r.severity {
+        return s.as_str();
+    }
+    match kind {
+        "blocked" | "unauthorized_write" | "unauthorized_connect" | "deleted" => "high",
+        "drift" if r.kind != ResourceKind::Config => "high",
+        "drift" | "would_block" => "medium",
+        _ => "low",
+    }
 }
 
 /// A whole policy document.
@@ -652,6 +698,21 @@ resources:
             Ok(_) => panic!("policy should be refused:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn severity_comes_from_the_policy_then_the_kinds() {
+        let p = Policy::parse(
+            "p.yaml",
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - { name: c, kind: config, paths: [/etc/a/] }\n  - { name: m, kind: model, paths: [/m/] }\n  - { name: d, kind: database, ports: [5432], severity: critical }\n",
+        )
+        .unwrap();
+        assert_eq!(severity_of("drift", &p.resources[0]), "medium");
+        assert_eq!(severity_of("drift", &p.resources[1]), "high");
+        assert_eq!(severity_of("blocked", &p.resources[0]), "high");
+        assert_eq!(severity_of("would_block", &p.resources[0]), "medium");
+        assert_eq!(severity_of("blocked", &p.resources[2]), "critical");
+        assert!(Policy::parse("p.yaml", "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - { name: d, kind: database, ports: [1], severity: urgent }\n").is_err());
     }
 
     #[test]

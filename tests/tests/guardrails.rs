@@ -153,6 +153,7 @@ fn enforce_refuses_non_clients_in_the_kernel_over_ipv4_ipv6_and_mapped_addresses
     );
     let b = findings_of(&f, "blocked", "nobody")[0];
     assert_eq!(b["resource"], "postgres");
+    assert_eq!(b["severity"], "high");
     assert_eq!(b["actor"]["exe"], py.as_str());
     assert!(b["summary"].as_str().unwrap().contains("EPERM"), "{b:#}");
     // Clients are neither blocked nor unauthorized.

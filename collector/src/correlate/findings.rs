@@ -55,6 +55,8 @@ pub struct Occurrence {
     pub address: String,
     /// Connect port.
     pub port: u32,
+    /// Severity (empty: the kind's default).
+    pub severity: String,
 }
 
 /// The findings trees, with the open keys in memory. Updates within a
@@ -64,6 +66,79 @@ pub struct Findings {
     keys: sled::Tree,
     open: HashMap<String, u64>,
     pending: HashMap<u64, Finding>,
+    log: ChangeLog,
+    /// Told of every finding opened.
+    pub on_open: Option<OnOpen>,
+    /// The severity the policy gives a finding (kind, resource), if any.
+    pub policy_severity: Option<PolicySeverity>,
+}
+
+/// A hook told of every finding opened.
+pub type OnOpen = Box<dyn Fn(&Finding) + Send>;
+/// The policy's severity for a finding of a kind on a resource.
+pub type PolicySeverity = Box<dyn Fn(&str, &str) -> Option<String> + Send>;
+
+/// The change log behind `findings watch`: cursor → finding id, one entry
+/// per finding (its latest change), so a reader that resumes sees each
+/// changed finding once, as it is now.
+#[derive(Clone)]
+pub struct ChangeLog {
+    /// Cursor (u64, big-endian) → finding id (u64, big-endian).
+    pub log: sled::Tree,
+    /// Finding id → its cursor.
+    pos: sled::Tree,
+    /// The findings.
+    pub findings: sled::Tree,
+    /// The newest cursor.
+    pub latest: tokio::sync::watch::Sender<u64>,
+}
+
+impl ChangeLog {
+    fn append(&self, id: u64) -> Result<(), StoreError> {
+        let next = *self.latest.borrow() + 1;
+        if let Some(old) = self.pos.insert(id.to_be_bytes(), &next.to_be_bytes())? {
+            self.log.remove(old)?;
+        }
+        self.log.insert(next.to_be_bytes(), &id.to_be_bytes())?;
+        self.latest.send_replace(next);
+        Ok(())
+    }
+
+    /// Changes after `cursor`, oldest first, at most `limit`.
+    pub fn after(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Finding)>, StoreError> {
+        let mut out = Vec::new();
+        let start = cursor.saturating_add(1).to_be_bytes();
+        for kv in self.log.range(start..).take(limit) {
+            let (k, v) = kv?;
+            let (Ok(k), Ok(v)) = (<[u8; 8]>::try_from(&*k), <[u8; 8]>::try_from(&*v)) else {
+                continue;
+            };
+            if let Some(f) = self.findings.get(v)? {
+                out.push((
+                    u64::from_be_bytes(k),
+                    Finding::decode(&*f).map_err(corrupt)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The severities, lowest first.
+pub const SEVERITIES: [&str; 4] = ["low", "medium", "high", "critical"];
+
+/// A severity's rank (unknown: 0).
+pub fn severity_rank(s: &str) -> usize {
+    SEVERITIES.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+/// The severity of a finding of `kind` when the policy says nothing.
+pub fn default_severity(kind: &str) -> &'static str {
+    match kind {
+        "blocked" | "unauthorized_write" | "unauthorized_connect" | "deleted" => "high",
+        "drift" | "would_block" | "agent_silent" | "blind_spot" => "medium",
+        _ => "low",
+    }
 }
 
 fn corrupt(source: prost::DecodeError) -> StoreError {
@@ -100,12 +175,31 @@ impl Findings {
                 u64::from_be_bytes(id),
             );
         }
+        let log = store.tree("finding_log")?;
+        let latest = match log.last()? {
+            Some((k, _)) => <[u8; 8]>::try_from(&*k).map_or(0, u64::from_be_bytes),
+            None => 0,
+        };
+        let log = ChangeLog {
+            log,
+            pos: store.tree("finding_log_pos")?,
+            findings: tree.clone(),
+            latest: tokio::sync::watch::channel(latest).0,
+        };
         Ok(Self {
             tree,
             keys,
             open,
             pending: HashMap::new(),
+            log,
+            on_open: None,
+            policy_severity: None,
         })
+    }
+
+    /// The change log, for readers.
+    pub fn change_log(&self) -> ChangeLog {
+        self.log.clone()
     }
 
     /// One finding.
@@ -126,8 +220,13 @@ impl Findings {
 
     /// Writes the findings changed since the last call.
     pub fn write_back(&mut self) -> Result<(), StoreError> {
-        for (id, f) in self.pending.drain() {
-            self.tree.insert(id.to_be_bytes(), f.encode_to_vec())?;
+        let mut ids: Vec<u64> = self.pending.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(f) = self.pending.remove(&id) {
+                self.tree.insert(id.to_be_bytes(), f.encode_to_vec())?;
+                self.log.append(id)?;
+            }
         }
         Ok(())
     }
@@ -223,6 +322,17 @@ impl Findings {
         let id = stored.max(self.pending.keys().copied().max().unwrap_or(0)) + 1;
         let mut evidence = Vec::new();
         push_evidence(&mut evidence, o.evidence);
+        let severity = if !o.severity.is_empty() {
+            o.severity
+        } else if let Some(s) = self
+            .policy_severity
+            .as_ref()
+            .and_then(|p| p(o.kind, &o.resource))
+        {
+            s
+        } else {
+            default_severity(o.kind).to_owned()
+        };
         let f = Finding {
             id,
             kind: o.kind.to_owned(),
@@ -249,13 +359,17 @@ impl Findings {
             address: o.address,
             port: o.port,
             failed: o.failed,
+            severity,
         };
         self.put(&f)?;
         // A new finding is written at once: it is what a reader waits for.
         self.write_back()?;
         self.keys.insert(key.as_bytes(), &id.to_be_bytes())?;
         self.open.insert(key.to_owned(), id);
-        tracing::info!(id, kind = %f.kind, node = %f.node, summary = %f.summary, "finding opened");
+        tracing::info!(id, kind = %f.kind, node = %f.node, severity = %f.severity, summary = %f.summary, "finding opened");
+        if let Some(tell) = &self.on_open {
+            tell(&f);
+        }
         Ok(id)
     }
 

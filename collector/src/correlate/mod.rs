@@ -226,6 +226,12 @@ impl Correlator {
                 },
             );
         }
+        let by_policy = policies.clone();
+        engine.findings.policy_severity = Some(Box::new(move |kind: &str, resource: &str| {
+            let loaded = by_policy.current()?;
+            let r = loaded.policy.resource(resource)?;
+            Some(driftwatch_proto::policy::severity_of(kind, r).to_owned())
+        }));
         let grants = engine.approvals.grants(now_unix_nanos());
         Ok(Self {
             engine: Mutex::new(engine),

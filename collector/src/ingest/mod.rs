@@ -222,6 +222,11 @@ impl Ingest {
         self
     }
 
+    /// Turns true when the collector stops.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.clone()
+    }
+
     /// Why the store cannot write, while it cannot.
     pub fn store_failure(&self) -> watch::Receiver<Option<String>> {
         self.durability.failure()

@@ -134,7 +134,7 @@ pub fn need(path: &str) -> Option<Need> {
     Some(match (service, method) {
         ("driftwatch.v1.AgentService", "Stream") => Need::Agent,
         ("driftwatch.v1.QueryService", "Timeline" | "Agents" | "Audit") => Need::Role(Role::Viewer),
-        ("driftwatch.v1.FindingService", "List" | "Get") => Need::Role(Role::Viewer),
+        ("driftwatch.v1.FindingService", "List" | "Get" | "Watch") => Need::Role(Role::Viewer),
         ("driftwatch.v1.ApprovalService", "List") => Need::Role(Role::Viewer),
         ("driftwatch.v1.BaselineService", "List") => Need::Role(Role::Viewer),
         ("driftwatch.v1.FindingService", "Update") => Need::Role(Role::Responder),

@@ -9,10 +9,10 @@ use driftwatch_proto::v1::{
     finding_service_client::FindingServiceClient, Approval, ApprovedChange, Baseline,
     DecideApprovalRequest, FileState, Finding, GetFindingRequest, ImportBaselineRequest,
     ListApprovalsRequest, ListBaselinesRequest, ListFindingsRequest, Process,
-    RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest,
+    RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest, WatchFindingsRequest,
 };
 use serde_json::{json, Value};
-use tonic::Request;
+use tonic::{Request, Status};
 
 use crate::Conn;
 
@@ -49,6 +49,27 @@ pub enum Findings {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Follow new and changed findings as they happen, one line each, for
+    /// a SIEM or a chat bot. Each line carries a cursor; `--after CURSOR`
+    /// resumes after it. When the collector goes away the watch reconnects
+    /// and resumes from the last cursor it printed, so nothing is missed.
+    Watch {
+        /// Resume after this cursor (default: replay every change kept).
+        #[arg(long, conflicts_with = "from_now")]
+        after: Option<u64>,
+        /// Only changes from now on.
+        #[arg(long)]
+        from_now: bool,
+        /// Only these kinds; repeatable.
+        #[arg(long = "kind", value_parser = ["drift", "deleted", "unauthorized_write", "unauthorized_connect", "agent_silent", "blind_spot", "blocked", "would_block"])]
+        kinds: Vec<String>,
+        /// Only findings at or above this severity.
+        #[arg(long, value_parser = ["low", "medium", "high", "critical"])]
+        min_severity: Option<String>,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
@@ -246,7 +267,7 @@ fn finding_json(f: &Finding) -> Value {
         "path": f.path, "actor": process_json(&f.actor), "desired": state_json(&f.desired),
         "actual": state_json(&f.actual), "differences": f.differences, "summary": f.summary,
         "first_seen": time(f.first_seen_unix_nanos), "last_seen": time(f.last_seen_unix_nanos),
-        "count": f.count, "failed": f.failed,
+        "count": f.count, "failed": f.failed, "severity": f.severity,
         "address": (!f.address.is_empty()).then_some(&f.address),
         "port": (f.port != 0).then_some(f.port),
         "evidence": f.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq, "time": time(e.time_unix_nanos)})).collect::<Vec<_>>(),
@@ -309,6 +330,71 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
     let mut client =
         FindingServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
+        Findings::Watch {
+            after,
+            from_now,
+            kinds,
+            min_severity,
+            output,
+        } => {
+            let mut cursor = after.unwrap_or(0);
+            let mut from_now = from_now;
+            let mut backoff = std::time::Duration::from_millis(500);
+            loop {
+                let req = WatchFindingsRequest {
+                    after: cursor,
+                    kinds: kinds.clone(),
+                    min_severity: min_severity.clone().unwrap_or_default(),
+                    from_now,
+                };
+                let ended = match client.watch(req).await {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(c)) => {
+                                    backoff = std::time::Duration::from_millis(500);
+                                    cursor = c.cursor;
+                                    from_now = false;
+                                    let Some(f) = c.finding else { continue };
+                                    let line = match output {
+                                        Output::Json => {
+                                            let mut v = finding_json(&f);
+                                            v["cursor"] = json!(c.cursor);
+                                            v.to_string()
+                                        }
+                                        Output::Table => format!(
+                                            "{:>8} {:>5} {:<20} {:<8} {:<12} {}",
+                                            c.cursor, f.id, f.kind, f.severity, f.status, f.summary
+                                        ),
+                                    };
+                                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                                        return Ok(());
+                                    }
+                                }
+                                Ok(None) => break Status::unavailable("the watch ended"),
+                                Err(s) => break s,
+                            }
+                        }
+                    }
+                    Err(s) => s,
+                };
+                // Only a collector that is away is waited for; a refusal is final.
+                if !matches!(
+                    ended.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    return Err(status_err("findings watch", ended));
+                }
+                eprintln!(
+                    "driftwatch: the watch ended ({}); resuming after cursor {cursor} in {:?}",
+                    ended.message(),
+                    backoff
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
         Findings::List {
             kinds,
             host,
