@@ -31,6 +31,8 @@ pub enum Which {
     Pipeline,
     /// Unwatched work with driftwatch, auditd, bpftrace and fatrace.
     Peers,
+    /// What a guardrail adds to the connects and writes it judges.
+    Guardrails,
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -221,16 +223,185 @@ fn throughput(
     })
 }
 
+/// Median ns per operation of each guardrail configuration.
+struct GuardCost {
+    connect_off: f64,
+    connect_monitor: f64,
+    connect_enforce: f64,
+    write_monitor: f64,
+    write_enforce: f64,
+    /// Best rounds: connect off, monitor, enforce; write monitor, enforce.
+    best: [f64; 5],
+}
+
+/// ns per connect+close to `port` on loopback, where nothing listens: the
+/// cgroup hook (and the guardrail) runs before the SYN, and the answer
+/// (ECONNREFUSED) takes no accept on a busy machine's scheduler.
+fn connect_round(port: u16, iters: u32) -> Result<f64> {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let t = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: plain socket calls on our own fd, with valid pointers and sizes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let rc = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc == 0 || e.raw_os_error() != Some(libc::ECONNREFUSED) {
+                bail!("connect to 127.0.0.1:{port}: expected ECONNREFUSED, got {e}");
+            }
+        }
+    }
+    Ok(t.elapsed().as_nanos() as f64 / f64::from(iters))
+}
+
+/// ns per open(O_WRONLY|O_TRUNC)+write+close of a watched file.
+fn write_round(file: &Path, iters: u32) -> Result<f64> {
+    let c = cpath(file)?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: our own file and fd.
+        unsafe {
+            let fd = libc::open(
+                c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                0o644,
+            );
+            if fd < 0 {
+                bail!("open failed: {}", std::io::Error::last_os_error());
+            }
+            libc::write(fd, b"x".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+    Ok(t.elapsed().as_nanos() as f64 / f64::from(iters))
+}
+
+/// What a guardrail adds to the calls it judges: connects to a watched
+/// port and writes of a watched file by an allowed process (this one), the
+/// agent off, in mode monitor and in mode enforce, in alternating rounds.
+fn guard_cost(bin: &Path, dir: &Path) -> Result<GuardCost> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let me = std::env::current_exe()?.canonicalize()?;
+    let tree = dir.join("guarded");
+    std::fs::create_dir_all(&tree)?;
+    let file = tree.join("settings.yaml");
+    let policy = |mode: &str| -> Result<std::path::PathBuf> {
+        let p = dir.join(format!("guard-{mode}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: db, kind: database, ports: [{port}], mode: {mode}, clients: [ {{ exe: \"{me}\" }} ] }}\n  - {{ name: cfg, kind: config, paths: [\"{tree}/\"], mode: {mode}, writers: [ {{ exe: \"{me}\" }} ] }}\n",
+                me = me.display(),
+                tree = tree.display()
+            ),
+        )?;
+        Ok(p)
+    };
+    let (monitor, enforce) = (policy("monitor")?, policy("enforce")?);
+    let (iters, writes, rounds) = (20_000, 5_000, 7);
+    eprintln!("bench: guardrail cost, connects and writes: off, monitor, enforce ({rounds} alternating rounds)");
+    connect_round(port, iters / 4)?;
+    let mut c = [Vec::new(), Vec::new(), Vec::new()];
+    let mut w = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        c[0].push(connect_round(port, iters)?);
+        for (i, p) in [&monitor, &enforce].into_iter().enumerate() {
+            let agent = Agent::start(
+                bin,
+                p,
+                Path::new("/dev/null"),
+                &["--log", "warn", "--ring-mib", "64"],
+            )?;
+            // The gates are in before the agent reports ready; a refused
+            // connect here would fail the round.
+            c[i + 1].push(connect_round(port, iters)?);
+            w[i].push(write_round(&file, writes)?);
+            agent.stop_quiet()?;
+        }
+        eprintln!(
+            "bench:   round {round}: connect off {:.0} / monitor {:.0} / enforce {:.0} ns, write monitor {:.0} / enforce {:.0} ns",
+            c[0][round], c[1][round], c[2][round], w[0][round], w[1][round]
+        );
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(GuardCost {
+        connect_off: median(&c[0]),
+        connect_monitor: median(&c[1]),
+        connect_enforce: median(&c[2]),
+        write_monitor: median(&w[0]),
+        write_enforce: median(&w[1]),
+        best: [
+            best(&c[0]),
+            best(&c[1]),
+            best(&c[2]),
+            best(&w[0]),
+            best(&w[1]),
+        ],
+    })
+}
+
+fn print_guard(g: &GuardCost) {
+    println!(
+        "guardrails, connect to a watched port by an allowed client (median of rounds): off {:.0} ns, monitor {:.0} ns ({:.3}x), enforce {:.0} ns ({:.3}x); enforce vs monitor {:.3}x",
+        g.connect_off,
+        g.connect_monitor,
+        g.connect_monitor / g.connect_off,
+        g.connect_enforce,
+        g.connect_enforce / g.connect_off,
+        g.connect_enforce / g.connect_monitor
+    );
+    println!(
+        "guardrails, connect, best rounds: off {:.0} ns, monitor {:.0} ns, enforce {:.0} ns; enforce vs monitor {:.3}x",
+        g.best[0],
+        g.best[1],
+        g.best[2],
+        g.best[2] / g.best[1]
+    );
+    println!(
+        "guardrails, open(O_WRONLY|O_TRUNC)+write+close of a watched file by an allowed writer: monitor {:.0} ns, enforce {:.0} ns ({:.3}x); best rounds {:.0} / {:.0} ns ({:.3}x)",
+        g.write_monitor,
+        g.write_enforce,
+        g.write_enforce / g.write_monitor,
+        g.best[3],
+        g.best[4],
+        g.best[4] / g.best[3]
+    );
+}
+
 /// Runs a benchmark.
 pub fn run(which: Which) -> Result<()> {
-    if !matches!(which, Which::Sensors) {
-        bail!("bench::run handles the sensors benchmark only");
+    if !matches!(which, Which::Sensors | Which::Guardrails) {
+        bail!("bench::run handles the sensors and guardrails benchmarks only");
     }
     setup::require_root("cargo xtask bench")?;
     setup::ensure()?;
     let bin = build_agent(true)?;
     let dir = Path::new("/tmp/driftwatch-bench");
     let _ = std::fs::remove_dir_all(dir);
+    if matches!(which, Which::Guardrails) {
+        std::fs::create_dir_all(dir)?;
+        let g = guard_cost(&bin, dir)?;
+        println!();
+        print_guard(&g);
+        return Ok(());
+    }
     std::fs::create_dir_all(dir.join("watched"))?;
     std::fs::create_dir_all(dir.join("unwatched"))?;
     let policy = dir.join("policy.yaml");
@@ -265,6 +436,8 @@ pub fn run(which: Which) -> Result<()> {
     let (off_min, on_min) = (min(&off), min(&on));
     let (off_m, on_m) = (median(&off), median(&on));
 
+    let guard = guard_cost(&bin, dir)?;
+
     eprintln!("bench: watched events, unpaced burst of 1,000,000");
     let burst = throughput(&bin, &policy, dir, 1_000_000, None)?;
     eprintln!("bench: watched events, paced at 200,000/s for 3 s");
@@ -283,6 +456,7 @@ pub fn run(which: Which) -> Result<()> {
         on_m / off_m,
         on_min / off_min
     );
+    print_guard(&guard);
     for (name, t) in [("unpaced burst", &burst), ("paced 200k/s", &paced)] {
         println!(
             "watched events, {name}: offered {:.0}/s, end to end {:.0}/s, emitted {}, received {}, lost {}{}",

@@ -55,6 +55,14 @@ pub fn run() -> Result<()> {
     let db_port = db.local_addr()?.port();
     let other = TcpListener::bind("127.0.0.1:0")?;
     let other_port = other.local_addr()?.port();
+    // A production database behind a guardrail (mode: enforce).
+    let prod = TcpListener::bind("127.0.0.1:0")?;
+    let prod_port = prod.local_addr()?.port();
+    std::thread::spawn(move || {
+        for c in prod.incoming().flatten() {
+            drop(c)
+        }
+    });
     std::thread::spawn(move || {
         for c in db.incoming().flatten() {
             drop(c)
@@ -85,6 +93,11 @@ resources:
     kind: database
     ports: [{db_port}]
     clients: [ {{ exe: /usr/bin/psql, user: app }} ]
+  - name: prod-db
+    kind: database
+    ports: [{prod_port}]
+    mode: enforce
+    clients: [ {{ user: app }} ]
 "#,
             d = dir.display()
         ),
@@ -260,6 +273,46 @@ resources:
             &format!("import os, shutil; shutil.copy('{d}/scratch/candidate.bin', '{d}/models/.model.tmp'); os.replace('{d}/models/.model.tmp','{d}/models/model.bin')"),
         ]),
     )?;
+    let connect = format!(
+        "import socket, sys, time\nfor i in range(20):\n  try:\n    socket.create_connection(('127.0.0.1', {prod_port})).close(); print('connected'); sys.exit(0)\n  except PermissionError as e:\n    if i == 0 and len(sys.argv) < 2: print('refused:', e); sys.exit(1)\n    time.sleep(0.25)\nprint('still refused'); sys.exit(1)"
+    );
+    step(
+        &format!("4. guardrail: python, as root, connects to prod-db (port {prod_port}, mode enforce, clients: user app): refused in the kernel before any packet"),
+        Command::new("python3").args(["-c", &connect]),
+    )?;
+    let grant = as_user(
+        "alice",
+        &[
+            "approvals",
+            "request",
+            "--access",
+            "prod-db",
+            "--who",
+            "user=root",
+            "--for",
+            "20s",
+            "--reason",
+            "INC-42: check the replication lag",
+            "-o",
+            "json",
+        ],
+    )?;
+    let grant: Value = serde_json::from_slice(&grant.stdout).with_context(|| {
+        format!(
+            "approvals request --access: {}",
+            String::from_utf8_lossy(&grant.stderr)
+        )
+    })?;
+    let grant_id = grant["id"].as_u64().unwrap_or(0).to_string();
+    let ok = as_user("bob", &["approvals", "approve", &grant_id])?;
+    eprintln!(
+        "demo:    alice asks for 20 s of access for user root; bob approves: {}",
+        String::from_utf8_lossy(&ok.stdout).trim()
+    );
+    step(
+        "   the same connect under the grant (the agent opens the kernel gate for root until the grant ends)",
+        Command::new("python3").args(["-c", &connect, "retry"]),
+    )?;
     step(
         "write a file outside every watched path (filtered in the kernel)",
         &mut sh(&format!("echo x > {d}/scratch/notes.txt")),
@@ -289,6 +342,7 @@ resources:
         ])?;
     }
     show(&["approvals", "show", &id])?;
+    show(&["approvals", "show", &grant_id])?;
     show(&[
         "timeline",
         "--host",
