@@ -425,17 +425,18 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
             if matches!(output, Output::Table) {
                 let _ = writeln!(
                     out,
-                    "{:>5} {:<21} {:<13} {:<12} {:<14} {:>5} {:<30} SUMMARY",
-                    "ID", "KIND", "STATUS", "HOST", "RESOURCE", "COUNT", "LAST SEEN"
+                    "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} SUMMARY",
+                    "ID", "KIND", "SEVERITY", "STATUS", "HOST", "RESOURCE", "COUNT", "LAST SEEN"
                 );
             }
             for f in &list {
                 let line = match output {
                     Output::Json => finding_json(f).to_string(),
                     Output::Table => format!(
-                        "{:>5} {:<21} {:<13} {:<12} {:<14} {:>5} {:<30} {}",
+                        "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} {}",
                         f.id,
                         f.kind,
+                        f.severity,
                         f.status,
                         f.node,
                         f.resource,
@@ -464,7 +465,11 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                     let _ = writeln!(out, "{v}");
                 }
                 Output::Table => {
-                    let _ = writeln!(out, "finding {} ({}), {}", f.id, f.kind, f.status);
+                    let _ = writeln!(
+                        out,
+                        "finding {} ({}, {}), {}",
+                        f.id, f.kind, f.severity, f.status
+                    );
                     let _ = writeln!(out, "  what:      {}", f.summary);
                     let _ = writeln!(out, "  host:      {}", f.node);
                     let _ = writeln!(out, "  resource:  {} {}", f.resource, f.path);

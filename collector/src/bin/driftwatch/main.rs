@@ -362,10 +362,14 @@ pub(crate) fn detail(e: &Event) -> String {
                     }
                 })
                 .unwrap_or_default();
+            let guard = match f.guardrail.as_str() {
+                "" | "allowed" => String::new(),
+                g => format!(" (guardrail: {g})"),
+            };
             if f.new_path.is_empty() {
-                format!("{} {}{res}", f.op, f.path)
+                format!("{} {}{res}{guard}", f.op, f.path)
             } else {
-                format!("{} {} -> {}{res}", f.op, f.path, f.new_path)
+                format!("{} {} -> {}{res}{guard}", f.op, f.path, f.new_path)
             }
         }
         Some(event::Event::Connect(c)) => {
@@ -380,7 +384,12 @@ pub(crate) fn detail(e: &Event) -> String {
                     }
                 })
                 .unwrap_or_default();
-            format!("connect {}:{} {res}", c.address, c.port)
+            let guard = match c.guardrail.as_str() {
+                "" | "allowed" => String::new(),
+                "granted" => format!(" (guardrail: granted by approval {})", c.grant_id),
+                g => format!(" (guardrail: {g})"),
+            };
+            format!("connect {}:{} {res}{guard}", c.address, c.port)
         }
         Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
         Some(event::Event::Digest(d)) if !d.exists => {
