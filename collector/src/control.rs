@@ -53,6 +53,19 @@ impl Control {
         self
     }
 
+    /// Files a request and tells whoever is to decide it.
+    fn file(&self, a: Approval) -> Result<Approval, Status> {
+        let a = self
+            .correlator
+            .lock()
+            .approvals
+            .request(a)
+            .map_err(approval_status)?;
+        tracing::info!(id = a.id, kind = %a.kind, requester = %a.requester, resource = %a.resource, who = %a.who, "approval requested");
+        self.tell(&a, false);
+        Ok(a)
+    }
+
     fn tell(&self, a: &Approval, decided: bool) {
         if let Some(n) = &self.notifier {
             n.notify(&crate::notify::approval_notice(a, decided));
@@ -369,13 +382,7 @@ impl ApprovalService for Control {
                     requested_unix_nanos: now_unix_nanos(),
                     ..Default::default()
                 };
-                let a = {
-                    let mut engine = self.correlator.lock();
-                    engine.approvals.request(a).map_err(approval_status)?
-                };
-                tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, who = %a.who, "access requested");
-                self.tell(&a, false);
-                return Ok(Response::new(a));
+                return self.file(a).map(Response::new);
             }
             if !r.who.is_empty() {
                 return Err(Status::invalid_argument(
@@ -428,13 +435,7 @@ impl ApprovalService for Control {
                 requested_unix_nanos: now_unix_nanos(),
                 ..Default::default()
             };
-            let a = {
-                let mut engine = self.correlator.lock();
-                engine.approvals.request(a).map_err(approval_status)?
-            };
-            tracing::info!(id = a.id, requester = %a.requester, resource = %a.resource, "change requested");
-            self.tell(&a, false);
-            Ok(Response::new(a))
+            self.file(a).map(Response::new)
         }
         .await;
         self.audited(&principal, "ApprovalService/Request", args, result)

@@ -525,6 +525,28 @@ impl Collector {
         cmd
     }
 
+    /// `driftwatch approvals request --access RESOURCE --who WHO --for FOR`
+    /// as alice; returns the request's id.
+    pub fn request_access(&self, resource: &str, who: &str, window: &str) -> String {
+        let r = self.json(
+            "alice",
+            &[
+                "approvals",
+                "request",
+                "--access",
+                resource,
+                "--who",
+                who,
+                "--for",
+                window,
+                "--reason",
+                "INC-42: a look at the replica",
+            ],
+        );
+        assert_eq!(r[0]["kind"], "access");
+        r[0]["id"].as_u64().expect("an id").to_string()
+    }
+
     /// `driftwatch ARGS… -o json` as `who` (`reader` when empty and the
     /// collector asks for credentials), which must succeed, parsed per line.
     pub fn json(&self, who: &str, args: &[&str]) -> Vec<Value> {

@@ -81,6 +81,32 @@ fn db_policy(port: u16, mode: &str, clients: &str) -> String {
     )
 }
 
+/// A listener on a free port, a collector judging a database policy on
+/// it, and an agent of its own for `node`.
+struct Guarded {
+    port: u16,
+    accepted: Arc<AtomicU64>,
+    c: Collector,
+    _agent: Agent,
+    _dir: Dir,
+}
+
+fn guarded(mode: &str, clients: &str, node: &str) -> Guarded {
+    let dir = Dir::new();
+    let port = free_port();
+    let accepted = listener(port);
+    let policy = db_policy(port, mode, clients);
+    let c = Collector::judging(&policy, &[]);
+    let agent = Agent::streaming(&policy, &c, node, &dir.path.join("spool"));
+    Guarded {
+        port,
+        accepted,
+        c,
+        _agent: agent,
+        _dir: dir,
+    }
+}
+
 fn findings_of<'a>(f: &'a [Value], kind: &str, user: &str) -> Vec<&'a Value> {
     f.iter()
         .filter(|x| x["kind"] == kind && x["actor"]["user"] == user)
@@ -97,17 +123,19 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn enforce_refuses_non_clients_in_the_kernel_over_ipv4_ipv6_and_mapped_addresses() {
-    let dir = Dir::new();
-    let port = free_port();
-    let accepted = listener(port);
     let py = system_python();
-    let policy = db_policy(
+    // Every field bound: what is left out of a pattern drops at once (the agent).
+    let Guarded {
         port,
+        accepted,
+        c,
+        _agent,
+        _dir,
+    } = guarded(
         "enforce",
         &format!("[ {{ exe: {py}, user: root }}, {{ user: daemon }} ]"),
+        "node-db",
     );
-    let c = Collector::judging(&policy, &[]);
-    let _agent = Agent::streaming(&policy, &c, "node-db", &dir.path.join("spool"));
 
     let addrs = ["127.0.0.1", "::1", "::ffff:127.0.0.1"];
     for a in addrs {
@@ -188,12 +216,14 @@ fn enforce_refuses_non_clients_in_the_kernel_over_ipv4_ipv6_and_mapped_addresses
 
 #[test]
 fn audit_lets_the_connect_through_and_reports_would_block() {
-    let dir = Dir::new();
-    let port = free_port();
-    let accepted = listener(port);
-    let policy = db_policy(port, "audit", "[ { user: daemon } ]");
-    let c = Collector::judging(&policy, &[]);
-    let _agent = Agent::streaming(&policy, &c, "node-audit", &dir.path.join("spool"));
+    // Every field bound: what is left out of a pattern drops at once (the agent).
+    let Guarded {
+        port,
+        accepted,
+        c,
+        _agent,
+        _dir,
+    } = guarded("audit", "[ { user: daemon } ]", "node-audit");
 
     assert_eq!(py_connect(Some("nobody"), "127.0.0.1", port), "ok");
     wait_until(10, "the connect accepted", || {
@@ -217,36 +247,27 @@ fn audit_lets_the_connect_through_and_reports_would_block() {
 
 #[test]
 fn an_access_grant_opens_the_gate_for_its_identity_and_window_only() {
-    let dir = Dir::new();
-    let port = free_port();
-    let _accepted = listener(port);
     let py = system_python();
-    let policy = db_policy(port, "enforce", &format!("[ {{ exe: {py}, user: root }} ]"));
-    let mut c = Collector::judging(&policy, &[]);
-    let _agent = Agent::streaming(&policy, &c, "node-grant", &dir.path.join("spool"));
+    let Guarded {
+        port,
+        mut c,
+        _agent,
+        _dir,
+        ..
+    } = guarded(
+        "enforce",
+        &format!("[ {{ exe: {py}, user: root }} ]"),
+        "node-grant",
+    );
     assert_eq!(
         py_connect(Some("nobody"), "127.0.0.1", port),
         "PermissionError"
     );
 
-    let req = c.json(
-        "alice",
-        &[
-            "approvals",
-            "request",
-            "--access",
-            "postgres",
-            "--who",
-            "user=nobody",
-            "--for",
-            "6s",
-            "--reason",
-            "INC-42: read-only check",
-        ],
-    );
-    let id = req[0]["id"].as_u64().unwrap().to_string();
-    assert_eq!(req[0]["kind"], "access");
-    assert_eq!(req[0]["who"], "user=nobody");
+    let id = c.request_access("postgres", "user=nobody", "6s");
+    let shown = c.json("", &["approvals", "show", &id]);
+    assert_eq!(shown[0]["who"], "user=nobody");
+    assert_eq!(shown[0]["status"], "pending");
     // Pending: still closed.
     assert_eq!(
         py_connect(Some("nobody"), "127.0.0.1", port),
@@ -317,28 +338,14 @@ fn an_access_grant_opens_the_gate_for_its_identity_and_window_only() {
 
 #[test]
 fn a_denied_grant_leaves_the_gate_closed() {
-    let dir = Dir::new();
-    let port = free_port();
-    let _accepted = listener(port);
-    let policy = db_policy(port, "enforce", "[ { user: daemon } ]");
-    let c = Collector::judging(&policy, &[]);
-    let _agent = Agent::streaming(&policy, &c, "node-deny", &dir.path.join("spool"));
-    let req = c.json(
-        "alice",
-        &[
-            "approvals",
-            "request",
-            "--access",
-            "postgres",
-            "--who",
-            "user=nobody",
-            "--for",
-            "1m",
-            "--reason",
-            "nope",
-        ],
-    );
-    let id = req[0]["id"].as_u64().unwrap().to_string();
+    let Guarded {
+        port,
+        c,
+        _agent,
+        _dir,
+        ..
+    } = guarded("enforce", "[ { user: daemon } ]", "node-deny");
+    let id = c.request_access("postgres", "user=nobody", "1m");
     let no = c.cli("bob", &["approvals", "deny", &id]);
     assert!(no.status.success());
     std::thread::sleep(Duration::from_secs(2));

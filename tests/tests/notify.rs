@@ -131,25 +131,6 @@ fn db_policy(port: u16) -> String {
     )
 }
 
-fn request_access(c: &Collector) -> String {
-    let r = c.json(
-        "alice",
-        &[
-            "approvals",
-            "request",
-            "--access",
-            "postgres",
-            "--who",
-            "user=nobody",
-            "--for",
-            "1m",
-            "--reason",
-            "INC-7",
-        ],
-    );
-    r[0]["id"].as_u64().unwrap().to_string()
-}
-
 /// A refused connect by nobody (bash's /dev/tcp): a `blocked` finding.
 fn blocked_connect(port: u16, user: &str) {
     let _ = Command::new("setpriv")
@@ -175,7 +156,7 @@ fn webhooks_arrive_in_three_shapes_are_retried_and_survive_a_restart() {
     let _agent = Agent::streaming(&policy, &c, "node-notify", &dir.path.join("spool"));
 
     // An access request: JSON (after two 500s) and Slack, with the command.
-    let id = request_access(&c);
+    let id = c.request_access("postgres", "user=nobody", "1m");
     let json = hooks.wait("/json", "the request", |v| {
         v.iter().any(|b| b["type"] == "approval_requested")
     });
@@ -225,7 +206,7 @@ fn webhooks_arrive_in_three_shapes_are_retried_and_survive_a_restart() {
     // The receiver fails while a request is made; the collector is killed
     // before it could deliver; once both are back the request arrives.
     *hooks.fail_first.lock().unwrap() = 1_000;
-    let id2 = request_access(&c);
+    let id2 = c.request_access("postgres", "user=nobody", "1m");
     std::thread::sleep(Duration::from_millis(500));
     c.kill();
     *hooks.fail_first.lock().unwrap() = 0;
