@@ -502,14 +502,19 @@ impl Policy {
                     "writers"
                 };
                 out.push(format!(
-                    "resources[{i}].mode: {} with no {list}: every {} of {:?} is refused",
+                    "resources[{i}].mode: {} with no {list}: every {} of {:?} {}",
                     r.mode.as_str(),
                     if r.kind == ResourceKind::Database {
                         "connect"
                     } else {
                         "change"
                     },
-                    r.name
+                    r.name,
+                    if r.mode == Mode::Enforce {
+                        "is refused"
+                    } else {
+                        "would be refused"
+                    }
                 ));
             }
             for (list, sels) in [("writers", &r.writers), ("clients", &r.clients)] {

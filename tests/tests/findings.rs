@@ -719,6 +719,7 @@ fn policy_check_validates_offline_and_warns_about_selectors_that_cannot_match() 
         &doubtful,
         format!(
             "{}    mode: enforce
+  - {{ name: models, kind: model, paths: [/srv/models/], mode: audit }}
 ",
             config_policy(
                 "/etc/app",
@@ -731,7 +732,7 @@ fn policy_check_validates_offline_and_warns_about_selectors_that_cannot_match() 
     assert!(ok, "warnings alone do not fail: {stderr}");
     assert!(stdout.contains("5 warnings"), "{stdout}");
     for want in [
-        "resources[0].mode: enforce is not acted on",
+        "resources[1].mode: audit with no writers: every change of \"models\" would be refused",
         "resources[0].writers[0].user: no user \"no-such-user-here\"",
         "resources[0].writers[1].exe: /no/such/binary does not exist",
         "resources[0].writers[2].namespace: pod metadata comes from the Kubernetes API",

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{free_port, Agent, Collector, Dir};
+use driftwatch_tests::{free_port, http_get, Agent, Collector, Dir};
 use serde_json::Value;
 
 /// A webhook receiver: answers POSTs to `/json` with 500 while its
@@ -152,7 +152,8 @@ fn webhooks_arrive_in_three_shapes_are_retried_and_survive_a_restart() {
     let file = notify_file(&dir, hooks.port);
     let db = free_port();
     let policy = db_policy(db);
-    let mut c = Collector::judging(&policy, &["--notify", &file]);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut c = Collector::judging(&policy, &["--notify", &file, "--metrics-listen", &metrics]);
     let _agent = Agent::streaming(&policy, &c, "node-notify", &dir.path.join("spool"));
 
     // An access request: JSON (after two 500s) and Slack, with the command.
@@ -161,6 +162,14 @@ fn webhooks_arrive_in_three_shapes_are_retried_and_survive_a_restart() {
         v.iter().any(|b| b["type"] == "approval_requested")
     });
     assert!(hooks.tries("/json") >= 3, "not retried after the 500s");
+    // The failures show in the metrics, per destination.
+    let (_, text) = http_get(&metrics, "/metrics").expect("scrape /metrics");
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("driftwatch_notifications_failed_total{destination=\"siem\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(failed.is_some_and(|n| n >= 2.0), "{text}");
+    assert!(text.contains("driftwatch_notifications_delivered_total{destination=\"slack\"}"));
     let req = json
         .iter()
         .find(|b| b["type"] == "approval_requested")
