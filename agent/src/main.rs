@@ -321,6 +321,8 @@ struct UserCounts {
     received: BTreeMap<&'static str, u64>,
     filtered_user: BTreeMap<&'static str, u64>,
     malformed: u64,
+    /// Guardrail decisions by kind of event and verdict.
+    guardrail: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 struct Output {
@@ -436,6 +438,7 @@ fn update_metrics(
         .as_ref()
         .map(|_| (delivery.report(), delivery.connected()));
     metrics.update(&counters, user.malformed, spool, streaming);
+    metrics.guardrails(&user.guardrail);
     Ok(())
 }
 
@@ -888,6 +891,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         *user.received.entry(kind).or_default() += 1;
         match decoder.decode(bytes, sensors.watch()) {
             Ok(Decoded::Event(e)) => {
+                match &*e {
+                    Event::File {
+                        guardrail: Some(g), ..
+                    } => *user.guardrail.entry(("file", g)).or_default() += 1,
+                    Event::Connect {
+                        guardrail: Some(g), ..
+                    } => *user.guardrail.entry(("connect", g)).or_default() += 1,
+                    _ => {}
+                }
                 let jobs = digest_jobs(&e, policy);
                 let seq = out.emit(*e)?;
                 for mut job in jobs {

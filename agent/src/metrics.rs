@@ -29,6 +29,15 @@ pub struct Filtered {
     pub stage: String,
 }
 
+/// A guardrail decision's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Verdict {
+    /// `file` or `connect`.
+    pub kind: String,
+    /// `allowed`, `granted`, `blocked`, `killed` or `would_block`.
+    pub verdict: String,
+}
+
 /// The agent's metrics. Counts are taken from the kernel's counters and
 /// the event loop's at each refresh, so a scrape sees them as of then.
 #[derive(Default)]
@@ -50,6 +59,7 @@ pub struct Metrics {
     sent: Counter,
     latency_p50: Gauge<f64, std::sync::atomic::AtomicU64>,
     latency_p99: Gauge<f64, std::sync::atomic::AtomicU64>,
+    guardrail: Family<Verdict, Counter>,
 }
 
 /// Raises a counter to `to` (the sources are totals since start).
@@ -159,6 +169,11 @@ impl Metrics {
             "Kernel event time to durable acknowledgement, 99th percentile since start",
             self.latency_p99.clone(),
         );
+        r.register(
+            "guardrail_decisions",
+            "What the guardrails decided on the calls they judged, by event kind and verdict (killed and blocked were stopped)",
+            self.guardrail.clone(),
+        );
         r
     }
 
@@ -170,6 +185,17 @@ impl Metrics {
         let peak = peak as i64;
         if peak > self.ring_peak.get() {
             self.ring_peak.set(peak);
+        }
+    }
+
+    /// Takes in the guardrail decisions seen so far (totals since start).
+    pub fn guardrails(&self, totals: &BTreeMap<(&str, &str), u64>) {
+        for ((kind, verdict), n) in totals {
+            let v = Verdict {
+                kind: (*kind).to_owned(),
+                verdict: (*verdict).to_owned(),
+            };
+            advance(&self.guardrail.get_or_create(&v), *n);
         }
     }
 

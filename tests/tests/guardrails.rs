@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{free_port, sha256_file, Agent, Collector, Dir};
+use driftwatch_tests::{free_port, http_get, sha256_file, Agent, Collector, Dir};
 use serde_json::Value;
 
 /// The system Python, resolved (what a process reports as its exe).
@@ -85,6 +85,8 @@ fn db_policy(port: u16, mode: &str, clients: &str) -> String {
 /// it, and an agent of its own for `node`.
 struct Guarded {
     port: u16,
+    /// The agent's `/metrics` address.
+    metrics: String,
     accepted: Arc<AtomicU64>,
     c: Collector,
     _agent: Agent,
@@ -97,9 +99,17 @@ fn guarded(mode: &str, clients: &str, node: &str) -> Guarded {
     let accepted = listener(port);
     let policy = db_policy(port, mode, clients);
     let c = Collector::judging(&policy, &[]);
-    let agent = Agent::streaming(&policy, &c, node, &dir.path.join("spool"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::streaming_with(
+        &policy,
+        &c,
+        node,
+        &dir.path.join("spool"),
+        &["--metrics-listen", &metrics],
+    );
     Guarded {
         port,
+        metrics,
         accepted,
         c,
         _agent: agent,
@@ -127,6 +137,7 @@ fn enforce_refuses_non_clients_in_the_kernel_over_ipv4_ipv6_and_mapped_addresses
     // Every field bound: what is left out of a pattern drops at once (the agent).
     let Guarded {
         port,
+        metrics,
         accepted,
         c,
         _agent,
@@ -212,6 +223,24 @@ fn enforce_refuses_non_clients_in_the_kernel_over_ipv4_ipv6_and_mapped_addresses
     assert!(t
         .iter()
         .any(|e| e["guardrail"] == "allowed" && e["process"]["user"] == "daemon"));
+    // The agent counts its guardrails' decisions.
+    let line = |text: &str, verdict: &str| -> f64 {
+        let key = format!(
+            "driftwatch_agent_guardrail_decisions_total{{kind=\"connect\",verdict=\"{verdict}\"}}"
+        );
+        text.lines()
+            .find(|l| l.starts_with(&key))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut text = String::new();
+    wait_until(10, "the agent's guardrail metrics", || {
+        text = http_get(&metrics, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        line(&text, "blocked") >= 4.0
+    });
+    assert!(line(&text, "allowed") >= 6.0, "{text}");
 }
 
 #[test]
@@ -223,6 +252,7 @@ fn audit_lets_the_connect_through_and_reports_would_block() {
         c,
         _agent,
         _dir,
+        ..
     } = guarded("audit", "[ { user: daemon } ]", "node-audit");
 
     assert_eq!(py_connect(Some("nobody"), "127.0.0.1", port), "ok");

@@ -387,3 +387,102 @@ fn a_namespace_selector_is_judged_from_pod_metadata_at_the_collector() {
     drop(agent.stop());
     drop((inside, outside));
 }
+
+/// A shell line: Python connects to `port` and writes `ok` or the error's
+/// name into `out` (the program in a file of `dir`: no quoting through sh).
+fn connect_script(dir: &Dir, port: u16, out: &str) -> String {
+    let py = dir.join("connect.py");
+    std::fs::write(
+        &py,
+        format!(
+            "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port})).close()\n    print('ok')\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        ),
+    )
+    .unwrap();
+    format!("python3 {py} > {out}")
+}
+
+#[test]
+fn an_enforced_database_admits_a_namespace_by_its_pods_cgroups() {
+    const NODE: &str = "k8s-node-3";
+    let api = ApiServer::start();
+    let (uid_in, ctr_in) = ("0b6f9a52-1c1e-4a55-9d43-5a3a1f0c0021", "a".repeat(64));
+    let (uid_out, ctr_out) = ("0b6f9a52-1c1e-4a55-9d43-5a3a1f0c0022", "b".repeat(64));
+    let (uid_late, ctr_late) = ("0b6f9a52-1c1e-4a55-9d43-5a3a1f0c0023", "c".repeat(64));
+    api.add(&pod(NODE, "api", uid_in, &ctr_in), false);
+    let mut outsider = pod(NODE, "notebook", uid_out, &ctr_out);
+    outsider["metadata"]["namespace"] = json!("sandbox");
+    api.add(&outsider, false);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let dir = Dir::new();
+    let yaml = format!(
+        "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: postgres\n    kind: database\n    ports: [{port}]\n    mode: enforce\n    clients: [ {{ namespace: payments }} ]\n"
+    );
+    let c = Collector::judging(&yaml, &[]);
+    let agent = Agent::streaming_with(
+        &yaml,
+        &c,
+        NODE,
+        &dir.path.join("spool"),
+        &["--kube-api", &api.url()],
+    );
+    let inside = PodCgroup::new(uid_in, &ctr_in);
+    let outside = PodCgroup::new(uid_out, &ctr_out);
+    api.wait_watched();
+    let out = dir.join("answer");
+    let ask = |cg: &PodCgroup| -> String {
+        let _ = std::fs::remove_file(&out);
+        cg.run(&connect_script(&dir, port, &out));
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    // The payments pod's cgroup reaches the kernel's gate within a second
+    // of the pod and its cgroup being seen.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while ask(&inside) != "ok" {
+        assert!(
+            std::time::Instant::now() < until,
+            "the payments pod was never let through"
+        );
+    }
+    assert_eq!(ask(&outside), "PermissionError");
+    // Root on the host, outside every pod, is no client either.
+    let host = Command::new("sh")
+        .args(["-c", &connect_script(&dir, port, &out)])
+        .status()
+        .unwrap();
+    assert!(host.success());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim(),
+        "PermissionError"
+    );
+    // A payments pod scheduled later is admitted once the agent sees it.
+    api.add(&pod(NODE, "worker", uid_late, &ctr_late), false);
+    let late = PodCgroup::new(uid_late, &ctr_late);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while ask(&late) != "ok" {
+        assert!(
+            std::time::Instant::now() < until,
+            "the new payments pod was never let through"
+        );
+    }
+    let f = c.wait_findings(
+        30,
+        |f| {
+            f.iter()
+                .any(|x| x["kind"] == "blocked" && x["actor"]["pod_namespace"] == "sandbox")
+        },
+        "the sandbox pod's blocked connect",
+    );
+    let b = f
+        .iter()
+        .find(|x| x["kind"] == "blocked" && x["actor"]["pod_namespace"] == "sandbox")
+        .unwrap();
+    assert_eq!(b["actor"]["pod_name"], "notebook", "{b}");
+    drop(agent.stop());
+    drop((inside, outside, late));
+}

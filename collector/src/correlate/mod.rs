@@ -986,7 +986,7 @@ impl Engine {
     }
 
     /// A `blocked` or `would_block` finding: one per node, resource and
-    /// identity, counting every attempt.
+    /// identity (exe, uid, container), counting every attempt.
     #[allow(clippy::too_many_arguments)]
     fn guarded(
         &mut self,
@@ -1003,8 +1003,11 @@ impl Engine {
         } else {
             "blocked"
         };
+        // One per identity: the same binary and user in two containers are
+        // two identities (a pod's and a host's, a team's and another's).
+        let container = actor.container.as_ref().map_or("", |c| c.id.as_str());
         let key = format!(
-            "{kind}\0{}\0{resource}\0{}\0{}",
+            "{kind}\0{}\0{resource}\0{}\0{}\0{container}",
             e.node, actor.exe, actor.uid
         );
         let summary = match guardrail {
