@@ -77,7 +77,10 @@ impl Control {
     /// the change itself durable: a person is told a change is done only
     /// once it and its record are on disk. A change the log cannot record
     /// is reported as failed (it was made, but is not attributable).
-    fn audited<T>(
+    ///
+    /// The flush (an fsync) runs on a blocking thread, never on one of the
+    /// runtime's workers, where it would hold up every agent's acks.
+    async fn audited<T>(
         &self,
         principal: &str,
         call: &str,
@@ -88,7 +91,17 @@ impl Control {
             Ok(_) => "ok".to_owned(),
             Err(s) => format!("{:?}: {}", s.code(), s.message()),
         };
-        if let Err(e) = self.audit.record(principal, call, args, &outcome) {
+        let (audit, who, what, how) = (
+            self.audit.clone(),
+            principal.to_owned(),
+            call.to_owned(),
+            outcome.clone(),
+        );
+        let recorded = tokio::task::spawn_blocking(move || audit.record(&who, &what, args, &how))
+            .await
+            .map_err(|e| format!("the audit writer stopped: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = recorded {
             tracing::error!(%principal, call, %outcome, "the audit log could not record a call: {e}");
             if result.is_ok() {
                 return Err(Status::unavailable(format!(
@@ -316,6 +329,7 @@ impl FindingService for Control {
         }
         .await;
         self.audited(&principal, "FindingService/Update", args, result)
+            .await
     }
 }
 
@@ -439,6 +453,7 @@ impl ApprovalService for Control {
         }
         .await;
         self.audited(&principal, "ApprovalService/Request", args, result)
+            .await
     }
 
     async fn decide(
@@ -475,6 +490,7 @@ impl ApprovalService for Control {
         }
         .await;
         self.audited(&principal, "ApprovalService/Decide", args, result)
+            .await
     }
 
     async fn list(
@@ -553,6 +569,7 @@ impl BaselineService for Control {
         }
         .await;
         self.audited(&principal, "BaselineService/Import", args, result)
+            .await
     }
 
     async fn scan(
@@ -578,9 +595,15 @@ impl BaselineService for Control {
                 r.apply_to
             };
             let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
-            let done = self
-                .correlator
-                .start_scan(&scan_id, &apply_to, &principal)
+            let (correlator, id, to, who) = (
+                self.correlator.clone(),
+                scan_id.clone(),
+                apply_to.clone(),
+                principal.clone(),
+            );
+            let done = tokio::task::spawn_blocking(move || correlator.start_scan(&id, &to, &who))
+                .await
+                .map_err(|e| Status::internal(format!("starting the scan: {e}")))?
                 .map_err(|e| status_of(&e))?;
             if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
                 self.correlator.end_scan(&scan_id);
@@ -615,6 +638,7 @@ impl BaselineService for Control {
         }
         .await;
         self.audited(&principal, "BaselineService/Scan", args, result)
+            .await
     }
 
     async fn list(

@@ -356,22 +356,30 @@ impl Correlator {
         principal: &str,
     ) -> Result<oneshot::Receiver<(u64, u64, String)>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let mut engine = self.lock();
-        let saved = serde_json::json!({ "apply_to": apply_to, "principal": principal });
-        engine
-            .scan_tree
-            .insert(scan_id.as_bytes(), saved.to_string().into_bytes())?;
-        engine.store.flush_blocking()?;
-        engine.scans.insert(
-            scan_id.to_owned(),
-            Scan {
-                apply_to: apply_to.to_owned(),
-                principal: principal.to_owned(),
-                files: 0,
-                errors: 0,
-                done: Some(tx),
-            },
-        );
+        let store = {
+            let mut engine = self.lock();
+            let saved = serde_json::json!({ "apply_to": apply_to, "principal": principal });
+            engine
+                .scan_tree
+                .insert(scan_id.as_bytes(), saved.to_string().into_bytes())?;
+            engine.scans.insert(
+                scan_id.to_owned(),
+                Scan {
+                    apply_to: apply_to.to_owned(),
+                    principal: principal.to_owned(),
+                    files: 0,
+                    errors: 0,
+                    done: Some(tx),
+                },
+            );
+            engine.store.clone()
+        };
+        // Durable before the agent is asked, and outside the engine's lock:
+        // an fsync under it would hold up the judging of every stream.
+        if let Err(e) = store.flush_blocking() {
+            self.end_scan(scan_id);
+            return Err(e);
+        }
         Ok(rx)
     }
 
