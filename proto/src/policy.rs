@@ -171,18 +171,20 @@ impl Severity {
     }
 }
 
-/// The severity of a finding of `kind` on resource `r`: the resource's own
-/// when the policy gives one; else drift on a model or a database, and any
-/// blocked or unauthorized act, is `high`; other drift and what only would
-/// have been blocked is `medium`.
-pub fn severity_of(kind: &str, r: &Resource) -> &'static str {
-    if let Some(s) = r.severity {
+/// The severity of a finding of `kind` on resource `r` (none: a finding of
+/// no resource, or one the policy no longer has): the resource's own when
+/// the policy gives one; else drift on a model or a database, and any
+/// blocked or unauthorized act or deleted file, is `high`; other drift,
+/// what only would have been blocked, a silent agent and a blind spot are
+/// `medium`.
+pub fn severity_of(kind: &str, r: Option<&Resource>) -> &'static str {
+    if let Some(s) = r.and_then(|r| r.severity) {
         return s.as_str();
     }
     match kind {
         "blocked" | "unauthorized_write" | "unauthorized_connect" | "deleted" => "high",
-        "drift" if r.kind != ResourceKind::Config => "high",
-        "drift" | "would_block" => "medium",
+        "drift" if r.is_some_and(|r| r.kind != ResourceKind::Config) => "high",
+        "drift" | "would_block" | "agent_silent" | "blind_spot" => "medium",
         _ => "low",
     }
 }
@@ -712,11 +714,13 @@ resources:
             "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - { name: c, kind: config, paths: [/etc/a/] }\n  - { name: m, kind: model, paths: [/m/] }\n  - { name: d, kind: database, ports: [5432], severity: critical }\n",
         )
         .unwrap();
-        assert_eq!(severity_of("drift", &p.resources[0]), "medium");
-        assert_eq!(severity_of("drift", &p.resources[1]), "high");
-        assert_eq!(severity_of("blocked", &p.resources[0]), "high");
-        assert_eq!(severity_of("would_block", &p.resources[0]), "medium");
-        assert_eq!(severity_of("blocked", &p.resources[2]), "critical");
+        assert_eq!(severity_of("drift", Some(&p.resources[0])), "medium");
+        assert_eq!(severity_of("drift", Some(&p.resources[1])), "high");
+        assert_eq!(severity_of("blocked", Some(&p.resources[0])), "high");
+        assert_eq!(severity_of("would_block", Some(&p.resources[0])), "medium");
+        assert_eq!(severity_of("blocked", Some(&p.resources[2])), "critical");
+        assert_eq!(severity_of("blind_spot", None), "medium");
+        assert_eq!(severity_of("drift", None), "medium");
         assert!(Policy::parse("p.yaml", "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - { name: d, kind: database, ports: [1], severity: urgent }\n").is_err());
     }
 

@@ -161,9 +161,11 @@ fn logs_are_json_line_by_line_when_asked() {
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(60);
+    // Three lines at least (the process table is seeded after the sensors
+    // attach): a SIGTERM any earlier may end it before it says more.
     while !std::fs::read_to_string(&err)
         .unwrap_or_default()
-        .contains("sensors attached")
+        .contains("process table seeded")
     {
         assert!(
             Instant::now() < until,

@@ -132,15 +132,6 @@ pub fn severity_rank(s: &str) -> usize {
     SEVERITIES.iter().position(|x| *x == s).unwrap_or(0)
 }
 
-/// The severity of a finding of `kind` when the policy says nothing.
-pub fn default_severity(kind: &str) -> &'static str {
-    match kind {
-        "blocked" | "unauthorized_write" | "unauthorized_connect" | "deleted" => "high",
-        "drift" | "would_block" | "agent_silent" | "blind_spot" => "medium",
-        _ => "low",
-    }
-}
-
 fn corrupt(source: prost::DecodeError) -> StoreError {
     StoreError::Corrupt {
         tree: "findings",
@@ -331,7 +322,7 @@ impl Findings {
         {
             s
         } else {
-            default_severity(o.kind).to_owned()
+            driftwatch_proto::policy::severity_of(o.kind, None).to_owned()
         };
         let f = Finding {
             id,

@@ -230,7 +230,7 @@ impl Correlator {
         engine.findings.policy_severity = Some(Box::new(move |kind: &str, resource: &str| {
             let loaded = by_policy.current()?;
             let r = loaded.policy.resource(resource)?;
-            Some(driftwatch_proto::policy::severity_of(kind, r).to_owned())
+            Some(driftwatch_proto::policy::severity_of(kind, Some(r)).to_owned())
         }));
         let grants = engine.approvals.grants(now_unix_nanos());
         Ok(Self {
