@@ -177,6 +177,14 @@ impl Syscalls<'_> {
     }
 }
 
+/// The error for a map the object does not have.
+fn missing_map(name: &'static str) -> SensorError {
+    SensorError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    }
+}
+
 fn program_err(name: &str) -> impl FnOnce(ProgramError) -> SensorError + '_ {
     move |source| SensorError::Program {
         name: name.to_owned(),
@@ -370,12 +378,10 @@ impl Sensors {
 
     /// The ring buffer to read events from (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, SensorError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(SensorError::Map {
-            name: "EVENTS",
-            source: MapError::InvalidName {
-                name: "EVENTS".into(),
-            },
-        })?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| missing_map("EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| SensorError::Map {
             name: "EVENTS",
             source,
@@ -401,12 +407,11 @@ impl Sensors {
                 &mut MapData,
                 [u8; agent_common::PATH_LEN],
                 agent_common::WatchValue,
-            > = LpmTrie::try_from(self.ebpf.map_mut("WATCH_PATHS").ok_or(SensorError::Map {
-                name: "WATCH_PATHS",
-                source: MapError::InvalidName {
-                    name: "WATCH_PATHS".into(),
-                },
-            })?)
+            > = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut("WATCH_PATHS")
+                    .ok_or_else(|| missing_map("WATCH_PATHS"))?,
+            )
             .map_err(map_err("WATCH_PATHS"))?;
             let wanted = next.kernel_entries();
             for (key, value) in &wanted {
@@ -431,12 +436,9 @@ impl Sensors {
             // the old set: the generation gets a value it never had, the
             // boot clock's now (as the programs do on renames and mounts).
             let mut gen: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(
-                self.ebpf.map_mut("WATCH_GEN").ok_or(SensorError::Map {
-                    name: "WATCH_GEN",
-                    source: MapError::InvalidName {
-                        name: "WATCH_GEN".into(),
-                    },
-                })?,
+                self.ebpf
+                    .map_mut("WATCH_GEN")
+                    .ok_or_else(|| missing_map("WATCH_GEN"))?,
             )
             .map_err(map_err("WATCH_GEN"))?;
             let now = crate::clock::Clock::boot_ns();
@@ -445,14 +447,12 @@ impl Sensors {
                 .map_err(map_err("WATCH_GEN"))?;
         }
         {
-            let mut ports: BpfHashMap<&mut MapData, u16, u32> =
-                BpfHashMap::try_from(self.ebpf.map_mut("WATCH_PORTS").ok_or(SensorError::Map {
-                    name: "WATCH_PORTS",
-                    source: MapError::InvalidName {
-                        name: "WATCH_PORTS".into(),
-                    },
-                })?)
-                .map_err(map_err("WATCH_PORTS"))?;
+            let mut ports: BpfHashMap<&mut MapData, u16, u32> = BpfHashMap::try_from(
+                self.ebpf
+                    .map_mut("WATCH_PORTS")
+                    .ok_or_else(|| missing_map("WATCH_PORTS"))?,
+            )
+            .map_err(map_err("WATCH_PORTS"))?;
             for (port, resource) in &next.ports {
                 ports
                     .insert(port, *resource as u32, 0)
@@ -484,14 +484,14 @@ impl Sensors {
             return Ok(());
         }
         let map_err = |name| move |source| SensorError::Map { name, source };
-        let missing = |name: &'static str| SensorError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        };
         {
             let mut facts: BpfHashMap<&mut MapData, agent_common::GateKey, u64> =
-                BpfHashMap::try_from(self.ebpf.map_mut("GATES").ok_or_else(|| missing("GATES"))?)
-                    .map_err(map_err("GATES"))?;
+                BpfHashMap::try_from(
+                    self.ebpf
+                        .map_mut("GATES")
+                        .ok_or_else(|| missing_map("GATES"))?,
+                )
+                .map_err(map_err("GATES"))?;
             for (k, bits) in &next.facts {
                 if self.gates.facts.get(k) != Some(bits) {
                     facts.insert(k, bits, 0).map_err(map_err("GATES"))?;
@@ -503,7 +503,7 @@ impl Sensors {
                 aya::maps::Array::try_from(
                     self.ebpf
                         .map_mut("GATE_RULES")
-                        .ok_or_else(|| missing("GATE_RULES"))?,
+                        .ok_or_else(|| missing_map("GATE_RULES"))?,
                 )
                 .map_err(map_err("GATE_RULES"))?;
             for (i, rule) in &next.rules {
@@ -526,8 +526,12 @@ impl Sensors {
         }
         {
             let mut facts: BpfHashMap<&mut MapData, agent_common::GateKey, u64> =
-                BpfHashMap::try_from(self.ebpf.map_mut("GATES").ok_or_else(|| missing("GATES"))?)
-                    .map_err(map_err("GATES"))?;
+                BpfHashMap::try_from(
+                    self.ebpf
+                        .map_mut("GATES")
+                        .ok_or_else(|| missing_map("GATES"))?,
+                )
+                .map_err(map_err("GATES"))?;
             for k in self
                 .gates
                 .facts
@@ -548,12 +552,10 @@ impl Sensors {
             name: "RING_PEAK",
             source,
         };
-        let map = self.ebpf.map_mut("RING_PEAK").ok_or(SensorError::Map {
-            name: "RING_PEAK",
-            source: MapError::InvalidName {
-                name: "RING_PEAK".into(),
-            },
-        })?;
+        let map = self
+            .ebpf
+            .map_mut("RING_PEAK")
+            .ok_or_else(|| missing_map("RING_PEAK"))?;
         let mut arr: PerCpuArray<&mut MapData, u64> =
             PerCpuArray::try_from(map).map_err(map_err)?;
         let peak = arr
@@ -588,14 +590,12 @@ impl Sensors {
             name: "COUNTERS",
             source,
         };
-        let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or(SensorError::Map {
-                name: "COUNTERS",
-                source: MapError::InvalidName {
-                    name: "COUNTERS".into(),
-                },
-            })?)
-            .map_err(map_err)?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("COUNTERS")
+                .ok_or_else(|| missing_map("COUNTERS"))?,
+        )
+        .map_err(map_err)?;
         let mut out = BTreeMap::new();
         for kind in [
             EventKind::Exec,
