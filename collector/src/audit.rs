@@ -11,7 +11,7 @@ use driftwatch_proto::{
 };
 use prost::Message as _;
 
-use crate::store::{Store, StoreError};
+use crate::store::{sled_store::SledStore as Store, StoreError};
 
 /// The audit log.
 pub struct Audit {

@@ -246,23 +246,29 @@ impl FindingService for Control {
         request: Request<GetFindingRequest>,
     ) -> Result<Response<FindingDetail>, Status> {
         let id = request.into_inner().id;
-        let engine = self.correlator.lock();
-        let finding = engine
-            .findings
-            .get(id)
-            .map_err(|e| status_of(&e))?
-            .ok_or_else(|| Status::not_found(format!("no finding {id}")))?;
+        let (finding, approval) = {
+            let engine = self.correlator.lock();
+            let finding = engine
+                .findings
+                .get(id)
+                .map_err(|e| status_of(&e))?
+                .ok_or_else(|| Status::not_found(format!("no finding {id}")))?;
+            let approval = engine.approvals.get(finding.approval_id).cloned();
+            (finding, approval)
+        };
+        // The evidence is read outside the engine's lock: from PostgreSQL
+        // it is a round trip per event.
         let mut events = Vec::new();
         for r in &finding.evidence {
-            if let Some(e) = engine
-                .store()
+            if let Some(e) = self
+                .correlator
+                .log
                 .event_at(&r.node, r.seq, r.time_unix_nanos)
                 .map_err(|e| status_of(&e))?
             {
                 events.push(e);
             }
         }
-        let approval = engine.approvals.get(finding.approval_id).cloned();
         Ok(Response::new(FindingDetail {
             finding: Some(finding),
             events,

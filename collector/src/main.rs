@@ -1,6 +1,6 @@
 //! `driftwatch-collector`: stores agent events durably and serves queries.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -16,7 +16,7 @@ use driftwatch_collector::{
         certs, tls,
         watched::Watched,
     },
-    store::Store,
+    store::{postgres::PgLog, sled_store::SledStore, EventLog, StoreError},
     units,
 };
 use driftwatch_proto::ops::{init_logging, LogFormat};
@@ -61,7 +61,15 @@ struct Args {
     /// Address to listen on (agents and the CLI).
     #[arg(long, env = "DRIFTWATCH_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Directory of the sled store (created if missing).
+    /// Where events are stored: `sled` (embedded, in --data-dir) or a
+    /// PostgreSQL URL (`postgres://user:password@host:5432/driftwatch`),
+    /// which collector replicas share. The schema is created and migrated
+    /// at start.
+    #[arg(long, env = "DRIFTWATCH_STORE", default_value = "sled", value_parser = parse_store)]
+    store: StoreChoice,
+    /// Directory of the sled store (created if missing): the events with
+    /// `--store sled`, and the judging state (findings, approvals,
+    /// baselines, audit log) in either case.
     #[arg(
         long,
         env = "DRIFTWATCH_DATA_DIR",
@@ -296,19 +304,50 @@ enum Stop {
 /// to end once the collector stops; then their connections are closed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// Where the events go.
+#[derive(Clone, Debug)]
+enum StoreChoice {
+    Sled,
+    Postgres(String),
+}
+
+fn parse_store(s: &str) -> Result<StoreChoice, String> {
+    if s == "sled" {
+        Ok(StoreChoice::Sled)
+    } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(StoreChoice::Postgres(s.to_owned()))
+    } else {
+        Err(format!(
+            "{s:?}: expected `sled` or a PostgreSQL URL (postgres://user@host:5432/db)"
+        ))
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<Stop> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let store = Store::open(&args.data_dir)
+    let state = SledStore::open(&args.data_dir)
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-    // Agents whose stream was open when the collector stopped are not connected now.
-    for mut a in store.agents()? {
-        if a.connected {
-            a.connected = false;
-            store.put_agent(&a)?;
+    let store: Arc<dyn EventLog> = match &args.store {
+        StoreChoice::Sled => Arc::new(state.clone()),
+        StoreChoice::Postgres(url) => {
+            let pg = PgLog::connect(url).context("opening the PostgreSQL event log")?;
+            tracing::warn!(
+                "the judging state (findings, approvals, baselines) stays in --data-dir: one collector per database for now"
+            );
+            Arc::new(pg)
+        }
+    };
+    // Agents whose stream was open when the collector stopped are not
+    // connected now (an embedded store has no other collector).
+    if matches!(args.store, StoreChoice::Sled) {
+        for a in store.agents()? {
+            if let (true, Some(n)) = (a.connected, &a.node) {
+                store.update_agent(&n.name, &mut |a| a.connected = false)?;
+            }
         }
     }
-    tracing::info!(blocks = store.block_count(), dir = %args.data_dir.display(), "store opened");
+    tracing::info!(store = %store.describe(), blocks = store.block_count()?, state = %args.data_dir.display(), "store opened");
     let policies = Policies::open(args.policy.clone())?;
     match policies.current() {
         Some(p) => {
@@ -342,6 +381,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         tracing::warn!(listen = %args.listen, "serving plaintext beyond loopback: tokens and events travel in clear; configure --tls-cert");
     }
     let correlator = std::sync::Arc::new(Correlator::open(
+        state.clone(),
         store.clone(),
         policies.clone(),
         Settings {
@@ -356,7 +396,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         None => driftwatch_collector::notify::Config::default(),
     };
     let destinations = notify_config.destinations.len();
-    let notifier = driftwatch_collector::notify::Notifier::open(&store, notify_config)?;
+    let notifier = driftwatch_collector::notify::Notifier::open(&state, notify_config)?;
     if destinations > 0 {
         tracing::info!(destinations, "notifications on");
         let n = notifier.clone();
@@ -374,7 +414,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     // stops, instead of holding the stop until their clients leave.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let ingest = Ingest::new(store.clone(), correlator.clone()).closing_on(closing.clone());
-    let audit = std::sync::Arc::new(Audit::open(&store).context("opening the audit log")?);
+    let audit = std::sync::Arc::new(Audit::open(&state).context("opening the audit log")?);
     tokio::spawn(reload_policy(
         policies.clone(),
         args.policy.clone(),
@@ -393,7 +433,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         let (store, correlator, failure) =
             (store.clone(), correlator.clone(), ingest_failure.clone());
         let refresh = std::sync::Arc::new(move || {
-            metrics.refresh(&store, &correlator, failure.borrow().is_some())
+            metrics.refresh(&*store, &correlator, failure.borrow().is_some())
         });
         let bound = driftwatch_proto::ops::serve_metrics(addr, registry, refresh, ready.clone())
             .map_err(anyhow::Error::msg)?;
@@ -421,7 +461,10 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
             tick.tick().await;
             let min_time =
                 now_unix_nanos().saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX));
-            match retention_store.retain(min_time, size) {
+            let log = retention_store.clone();
+            let done = tokio::task::spawn_blocking(move || log.retain(min_time, size)).await;
+            match done.unwrap_or_else(|e| Err(StoreError::Backend(format!("retention task: {e}"))))
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "retention removed old events"),
                 Err(e) => tracing::error!("retention failed: {e}"),
@@ -510,7 +553,9 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         tracing::warn!("restarting in place to reopen the store");
         return Ok(Stop::Reopen);
     }
-    store.flush().await?;
+    let log = store.clone();
+    tokio::task::spawn_blocking(move || log.flush()).await??;
+    state.flush_blocking()?;
     tracing::info!("store flushed; exiting");
     Ok(Stop::Exit)
 }

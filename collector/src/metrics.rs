@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{correlate::Correlator, store::Store};
+use crate::{correlate::Correlator, store::EventLog};
 
 /// A label of one value.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,7 +156,7 @@ impl Metrics {
     }
 
     /// Samples what is read rather than counted: findings, store, agents.
-    pub fn refresh(&self, store: &Store, correlator: &Correlator, failed: bool) {
+    pub fn refresh(&self, store: &dyn EventLog, correlator: &Correlator, failed: bool) {
         let open = correlator.lock().findings.open_by_kind();
         self.findings_open.clear();
         for (kind, n) in open {

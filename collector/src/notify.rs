@@ -25,7 +25,7 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::store::{Store, StoreError};
+use crate::store::{sled_store::SledStore as Store, StoreError};
 
 /// Deliveries tried per entry before it is set aside.
 pub const MAX_ATTEMPTS: u32 = 30;

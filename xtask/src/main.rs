@@ -12,6 +12,7 @@ mod demo;
 mod floor;
 mod fuzz;
 mod image;
+mod postgres;
 mod setup;
 
 use std::{
@@ -60,6 +61,10 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Start a throwaway PostgreSQL on loopback and print its URL, for
+    /// `DRIFTWATCH_TEST_POSTGRES=URL cargo test` or `driftwatch-collector
+    /// --store URL`; stopped and removed on Ctrl-C.
+    Postgres,
     /// Benchmarks, reported as ratios measured in one run.
     Bench {
         /// Which benchmark.
@@ -137,10 +142,14 @@ fn test(args: &[String]) -> Result<()> {
     eprintln!("xtask: building the workspace (debug, all targets)");
     setup::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let agent = root().join("target/debug/driftwatch-agent");
+    // The store suite runs on PostgreSQL as well as sled: a real server,
+    // stopped and removed when the tests end.
+    let pg = postgres::Server::start("test")?;
     eprintln!("xtask: cargo test --workspace (kernel tests load real programs)");
     let mut child = cargo()
         .args(["test", "--workspace", "--"])
         .args(args)
+        .env("DRIFTWATCH_TEST_POSTGRES", &pg.url)
         .env("DRIFTWATCH_AGENT_BIN", &agent)
         .env("DRIFTWATCH_VENV", setup::venv())
         .stdout(std::process::Stdio::piped())
@@ -194,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::Image { debug } => image::run(debug),
+        Cmd::Postgres => postgres::serve(),
         Cmd::Bench {
             which: bench::Which::Collector,
         } => bench_collector::run(),

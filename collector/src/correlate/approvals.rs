@@ -9,7 +9,7 @@ use driftwatch_proto::v1::{Approval, ApprovedChange, EvidenceRef, Grant};
 use prost::Message as _;
 
 use super::baselines::host_matches;
-use crate::store::{Store, StoreError};
+use crate::store::{sled_store::SledStore as Store, StoreError};
 
 /// Waiting for a decision.
 pub const PENDING: &str = "pending";

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use driftwatch_proto::v1::{Baseline, FileState};
 use prost::Message as _;
 
-use crate::store::{Store, StoreError};
+use crate::store::{sled_store::SledStore as Store, StoreError};
 
 /// Manifest entries: read by the collector from a manifest file.
 pub const MANIFEST: &str = "manifest";

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use driftwatch_proto::v1::{EvidenceRef, FileState, Finding, Process, StatusChange};
 use prost::Message as _;
 
-use crate::store::{Store, StoreError};
+use crate::store::{sled_store::SledStore as Store, StoreError};
 
 /// Evidence kept per finding: the first events and the latest ones.
 const EVIDENCE_HEAD: usize = 10;

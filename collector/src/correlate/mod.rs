@@ -49,7 +49,10 @@ use driftwatch_proto::{
 use prost::Message as _;
 use tokio::sync::oneshot;
 
-use crate::{policy::Policies, store::Store, store::StoreError};
+use crate::{
+    policy::Policies,
+    store::{sled_store::SledStore, EventLog, StoreError},
+};
 use approvals::Approvals;
 use baselines::Baselines;
 use findings::{Findings, Occurrence};
@@ -105,7 +108,10 @@ struct Scan {
 
 /// The state behind the lock.
 pub struct Engine {
-    store: Store,
+    /// The event log (read on recovery, agents' records).
+    log: Arc<dyn EventLog>,
+    /// Where the judging state lives.
+    state: SledStore,
     /// Findings.
     pub findings: Findings,
     /// Desired state.
@@ -126,6 +132,8 @@ pub struct Engine {
 /// The correlator: the engine and the policy it judges by.
 pub struct Correlator {
     engine: Mutex<Engine>,
+    /// The event log, for reads that need no engine.
+    pub log: Arc<dyn EventLog>,
     /// The policy.
     pub policies: Policies,
     /// The access grants in force, for the agents' streams.
@@ -193,7 +201,13 @@ fn short(sha: &str) -> &str {
 
 impl Correlator {
     /// Opens the engine's trees.
-    pub fn open(store: Store, policies: Policies, settings: Settings) -> Result<Self, StoreError> {
+    pub fn open(
+        state: SledStore,
+        log: Arc<dyn EventLog>,
+        policies: Policies,
+        settings: Settings,
+    ) -> Result<Self, StoreError> {
+        let store = state;
         let mut engine = Engine {
             findings: Findings::open(&store)?,
             baselines: Baselines::open(&store)?,
@@ -205,7 +219,8 @@ impl Correlator {
             scans: HashMap::new(),
             scan_tree: store.tree("scans")?,
             settings,
-            store,
+            log: log.clone(),
+            state: store,
         };
         for kv in engine.scan_tree.iter() {
             let (k, v) = kv?;
@@ -235,6 +250,7 @@ impl Correlator {
         let grants = engine.approvals.grants(now_unix_nanos());
         Ok(Self {
             engine: Mutex::new(engine),
+            log,
             policies,
             grants: tokio::sync::watch::channel(grants).0,
         })
@@ -275,7 +291,7 @@ impl Correlator {
         let policy = policy.as_deref().map(|l| &l.policy);
         let mut engine = self.lock();
         let mut total = 0;
-        for a in engine.store.agents()? {
+        for a in engine.log.agents()? {
             let Some(node) = a.node.as_ref().map(|n| n.name.clone()) else {
                 continue;
             };
@@ -284,7 +300,7 @@ impl Correlator {
                 continue;
             }
             let mut events: Vec<Event> = engine
-                .store
+                .log
                 .node_range(&node, time.saturating_sub(60_000_000_000), i64::MAX)?
                 .into_iter()
                 .filter(|e| e.seq > seq)
@@ -316,7 +332,7 @@ impl Correlator {
     pub fn check_silent(&self, now: i64) -> Result<(), StoreError> {
         let mut e = self.lock();
         let limit = i64::try_from(e.settings.silent_after.as_nanos()).unwrap_or(i64::MAX);
-        for a in e.store.agents()? {
+        for a in e.log.agents()? {
             let Some(node) = a.node.as_ref().map(|n| n.name.clone()) else {
                 continue;
             };
@@ -372,7 +388,7 @@ impl Correlator {
                     done: Some(tx),
                 },
             );
-            engine.store.clone()
+            engine.state.clone()
         };
         // Durable before the agent is asked, and outside the engine's lock:
         // an fsync under it would hold up the judging of every stream.
@@ -463,15 +479,14 @@ impl Engine {
                     }
                 }
                 Some(event::Event::Policy(p)) => {
-                    if let Some(mut a) = self.store.agent(node)? {
+                    self.log.update_agent(node, &mut |a| {
                         if p.applied {
                             a.policy_version.clone_from(&p.version);
                             a.policy_error.clear();
                         } else {
                             a.policy_error = format!("{}: {}", p.version, p.error);
                         }
-                        self.store.put_agent(&a)?;
-                    }
+                    })?;
                 }
                 _ => {}
             }
@@ -1140,11 +1155,6 @@ impl Engine {
         }
         self.approvals.add_resolved(id, &resolved)?;
         Ok(resolved)
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 }
 

@@ -31,10 +31,11 @@ fn correlator(dir: &std::path::Path) -> Correlator {
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
     )
     .expect("policy");
-    let store = Store::reopen_for_test(&dir.join("store"));
+    let store = SledStore::reopen_for_test(&dir.join("store"));
     let policies = Policies::open(Some(policy)).expect("valid policy");
     Correlator::open(
-        store,
+        store.clone(),
+        Arc::new(store),
         policies,
         Settings {
             learn: true,

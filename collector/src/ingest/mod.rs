@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::correlate::Correlator;
 use crate::policy::Loaded;
-use crate::store::{Store, StoreError};
+use crate::store::{EventLog, StoreError};
 
 type Outbound = mpsc::Sender<Result<CollectorMessage, Status>>;
 
@@ -37,7 +37,7 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::Conflict { .. } => Status::already_exists(e.to_string()),
         StoreError::Foreign { .. } => Status::permission_denied(e.to_string()),
         StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        StoreError::Sled(_) | StoreError::Corrupt { .. } | StoreError::CorruptBlock(_) => {
+        StoreError::Backend(_) | StoreError::Corrupt { .. } | StoreError::CorruptBlock(_) => {
             Status::unavailable(e.to_string())
         }
     }
@@ -73,7 +73,7 @@ fn valid_node_name(name: &str) -> Result<(), Status> {
 /// waits for the generation of its batch, so every ack still means "on disk",
 /// but one fsync covers many batches from many agents.
 pub struct Durability {
-    store: Store,
+    store: Arc<dyn EventLog>,
     written: AtomicU64,
     dirty: Notify,
     durable: watch::Sender<u64>,
@@ -84,7 +84,7 @@ pub struct Durability {
 
 impl Durability {
     /// Starts the flusher for `store`.
-    pub fn start(store: Store) -> Arc<Self> {
+    pub fn start(store: Arc<dyn EventLog>) -> Arc<Self> {
         let (durable, _) = watch::channel(0);
         let (failed, _) = watch::channel(None);
         let d = Arc::new(Self {
@@ -100,7 +100,12 @@ impl Durability {
                 flusher.dirty.notified().await;
                 // Every append that counted itself before this load is complete.
                 let target = flusher.written.load(Ordering::SeqCst);
-                if let Err(e) = flusher.store.flush().await {
+                // On a blocking thread: an fsync, or a commit round trip.
+                let store = flusher.store.clone();
+                let flushed = tokio::task::spawn_blocking(move || store.flush())
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Backend(format!("flush task: {e}"))));
+                if let Err(e) = flushed {
                     if flusher.failed.borrow().is_none() {
                         tracing::error!("flushing the store failed; nothing more is acknowledged and agents are refused until it works again: {e}");
                     }
@@ -192,7 +197,7 @@ impl Drop for Claim {
 /// The service.
 #[derive(Clone)]
 pub struct Ingest {
-    store: Store,
+    store: Arc<dyn EventLog>,
     durability: Arc<Durability>,
     correlator: Arc<Correlator>,
     /// The open stream of each connected agent, for requests down.
@@ -246,7 +251,7 @@ fn policy_message(p: &Loaded) -> CollectorMessage {
 impl Ingest {
     /// A service writing to `store` and judging with `correlator` (starts
     /// its flusher: call within a runtime).
-    pub fn new(store: Store, correlator: Arc<Correlator>) -> Self {
+    pub fn new(store: Arc<dyn EventLog>, correlator: Arc<Correlator>) -> Self {
         let (stored, _) = broadcast::channel(65536);
         Self {
             durability: Durability::start(store.clone()),
@@ -296,7 +301,7 @@ impl Ingest {
     }
 }
 
-fn record_gap(store: &Store, correlator: &Correlator, gap: &Gap) -> Result<(), Status> {
+fn record_gap(store: &dyn EventLog, correlator: &Correlator, gap: &Gap) -> Result<(), Status> {
     store.add_gap(gap).map_err(|e| status_of(&e))?;
     correlator.gap(gap).map_err(|e| status_of(&e))
 }
@@ -399,7 +404,7 @@ impl AgentService for Ingest {
                     reason: "agent_offline".into(),
                     detail: String::new(),
                 };
-                record_gap(&store, &self.correlator, &gap)?;
+                record_gap(&*store, &self.correlator, &gap)?;
             }
         }
         self.correlator.seen(&name).map_err(|e| status_of(&e))?;
@@ -511,7 +516,7 @@ impl AgentService for Ingest {
         tokio::spawn(async move {
             let result = tokio::select! {
                 r = serve(
-                    &store,
+                    &*store,
                     &correlator,
                     &durability,
                     &name,
@@ -546,12 +551,20 @@ impl AgentService for Ingest {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if claim.release() {
-                    if let Ok(Some(mut a)) = store.agent(&name) {
+                    let now = now_unix_nanos();
+                    let updated = store.update_agent(&name, &mut |a| {
                         a.connected = false;
-                        a.last_seen_unix_nanos = now_unix_nanos();
-                        let _ = store.put_agent(&a);
+                        a.last_seen_unix_nanos = now;
+                    });
+                    match updated {
                         // Durable with the next group commit.
-                        durability.wrote();
+                        Ok(Some(_)) => {
+                            durability.wrote();
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(node = %name, "recording the disconnect: {e}");
+                        }
                     }
                 }
             }
@@ -566,7 +579,7 @@ impl AgentService for Ingest {
 }
 
 async fn serve(
-    store: &Store,
+    store: &dyn EventLog,
     correlator: &Correlator,
     durability: &Durability,
     name: &str,
@@ -602,7 +615,7 @@ async fn serve(
 
 /// One message of a node's stream: what to acknowledge once it is durable.
 fn handle(
-    store: &Store,
+    store: &dyn EventLog,
     correlator: &Correlator,
     durability: &Durability,
     name: &str,
@@ -641,11 +654,13 @@ fn handle(
             }))
         }
         Some(Msg::Heartbeat(h)) => {
-            if let Some(mut a) = store.agent(name).map_err(status_err)? {
-                a.last_seen_unix_nanos = now_unix_nanos();
-                a.last_seq = a.last_seq.max(h.last_seq);
-                store.put_agent(&a).map_err(status_err)?;
-            }
+            let now = now_unix_nanos();
+            store
+                .update_agent(name, &mut |a| {
+                    a.last_seen_unix_nanos = now;
+                    a.last_seq = a.last_seq.max(h.last_seq);
+                })
+                .map_err(status_err)?;
             correlator.seen(name).map_err(status_err)?;
             Ok(None)
         }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     audit::Audit,
     ingest::status_of,
-    store::{order, Scope, Store, StoreError},
+    store::{order, EventLog, Scope, StoreError},
 };
 
 /// Kind name of an event, as the API's filters use it.
@@ -85,7 +85,7 @@ type Cursor = (i64, String, u64);
 /// Up to `limit` events that pass `r` and come after `after`, in order,
 /// reading from `since` on.
 fn page(
-    store: &Store,
+    store: &dyn EventLog,
     r: &TimelineRequest,
     since: i64,
     until: i64,
@@ -114,7 +114,7 @@ fn page(
 /// seq), gaps inline by their start, reading a page at a time. Stops early,
 /// without an error, when `emit` returns false (the reader went away).
 pub fn walk(
-    store: &Store,
+    store: &dyn EventLog,
     r: &TimelineRequest,
     emit: &mut dyn FnMut(TimelineItem) -> bool,
 ) -> Result<(), StoreError> {
@@ -182,7 +182,7 @@ pub fn walk(
 
 /// The service.
 pub struct Query {
-    store: Store,
+    store: Arc<dyn EventLog>,
     stored: broadcast::Sender<Event>,
     audit: Arc<Audit>,
     /// Becomes true when the collector stops: a follow then ends with
@@ -192,7 +192,11 @@ pub struct Query {
 
 impl Query {
     /// Reads `store`; `stored` announces newly stored events (for follow).
-    pub fn new(store: Store, stored: broadcast::Sender<Event>, audit: Arc<Audit>) -> Self {
+    pub fn new(
+        store: Arc<dyn EventLog>,
+        stored: broadcast::Sender<Event>,
+        audit: Arc<Audit>,
+    ) -> Self {
         Self {
             store,
             stored,
@@ -229,7 +233,7 @@ impl QueryService for Query {
             let t = std::time::Instant::now();
             let mut last: HashMap<String, u64> = HashMap::new();
             let mut sent = 0usize;
-            let result = walk(&store, &req, &mut |item| {
+            let result = walk(&*store, &req, &mut |item| {
                 if let Some(timeline_item::Item::Event(e)) = &item.item {
                     let l = last.entry(e.node.clone()).or_default();
                     *l = (*l).max(e.seq);

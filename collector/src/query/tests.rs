@@ -1,13 +1,14 @@
 use super::*;
+use crate::store::sled_store::SledStore;
 use crate::store::tests::ev;
 use driftwatch_proto::v1::NodeInfo;
 
 /// Three nodes, 2,500 events each over 25 ms, many sharing a timestamp
 /// (within a node and across nodes), so pages end inside a bucket and in
 /// the middle of equal times.
-fn store() -> (tempfile::TempDir, Store) {
+fn store() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
     for node in ["a", "b", "c"] {
         s.hello(
             &NodeInfo {
@@ -42,7 +43,7 @@ fn store() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
-fn run(s: &Store, r: &TimelineRequest) -> Vec<String> {
+fn run(s: &dyn EventLog, r: &TimelineRequest) -> Vec<String> {
     let mut out = Vec::new();
     walk(s, r, &mut |item| {
         out.push(match item.item {
@@ -61,7 +62,11 @@ fn run(s: &Store, r: &TimelineRequest) -> Vec<String> {
 }
 
 /// What a walk must produce: every matching event sorted, gaps by start.
-fn expected(s: &Store, r: &TimelineRequest, keep: impl Fn(&Event) -> bool) -> Vec<(i64, String)> {
+fn expected(
+    s: &dyn EventLog,
+    r: &TimelineRequest,
+    keep: impl Fn(&Event) -> bool,
+) -> Vec<(i64, String)> {
     let mut all: Vec<Event> = ["a", "b", "c"]
         .iter()
         .flat_map(|n| s.node_range(n, i64::MIN, i64::MAX).unwrap())

@@ -1,24 +1,17 @@
-//! Durable event storage on sled.
+//! Durable event storage: the [`EventLog`] boundary and what every
+//! backend shares (validation, the append rules, the block format).
 //!
 //! Events are stored in blocks: the events of one received batch that fall
 //! in the same 10 ms of node time (a bucket), in sequence order, at most
 //! [`BLOCK_EVENTS`] of them, as one LZ4-compressed value. A batch of a
-//! thousand events is then a handful of inserts instead of thousands (sled
-//! costs ~10 µs an insert on these machines), and a block stays well under
-//! the size above which sled writes a value to a file of its own (an
-//! inode per block: it was a third of the collector's CPU at 200k
-//! events/s). Events of one process repeat most of their bytes, so a block
-//! compresses ~10:1.
-//!
-//! Trees and their keys (integers big-endian, so byte order is numeric order):
-//! - `blocks`: `node \0 bucket first_seq` → an encoded `EventBatch`; a
-//!   node's time window is one range scan over its buckets;
-//! - `by_exec`: `exec_id \0 bucket node \0 first_seq` → `blocks` key;
-//! - `by_dir`: `directory \0 bucket node \0 first_seq` → `blocks` key, for
-//!   path-prefix queries (a directory per file, so a batch touching a
-//!   thousand files in one directory is one entry);
-//! - `agents`: `node` → `AgentStatus`;
-//! - `gaps`: `node \0 time from_seq` → `Gap`.
+//! thousand events is then a handful of writes instead of thousands (sled
+//! costs ~10 µs an insert on these machines, PostgreSQL a row each), and a
+//! block stays well under the size above which sled writes a value to a
+//! file of its own (an inode per block: it was a third of the collector's
+//! CPU at 200k events/s). Events of one process repeat most of their
+//! bytes, so a block compresses ~10:1. Each block is indexed by the process
+//! instances (`exec_id`) and directories of its events, for the timeline
+//! of a process or a path.
 //!
 //! Redelivery is idempotent: a sequence number at or below the agent's acked
 //! sequence is skipped, and a block's key is a function of its first event.
@@ -30,10 +23,10 @@
 //! cuts it short and continues it in a block keyed by the next event: no
 //! event lands in two blocks.
 
-use std::path::Path;
+pub mod postgres;
+pub mod sled_store;
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashSet};
+use std::collections::BTreeSet;
 
 use driftwatch_proto::chain::{self, Link};
 use driftwatch_proto::v1::{event, AgentStatus, Event, EventBatch, Gap, NodeInfo};
@@ -42,9 +35,10 @@ use prost::Message as _;
 /// Why the store refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// sled failed (I/O, corruption).
+    /// The storage engine failed (I/O, a lost connection, corruption it
+    /// found itself); the text names the engine.
     #[error("store: {0}")]
-    Sled(#[from] sled::Error),
+    Backend(String),
     /// A stored block does not decompress.
     #[error("store: corrupt block: {0}")]
     CorruptBlock(String),
@@ -91,7 +85,17 @@ pub enum StoreError {
     },
 }
 
-/// What [`Store::append`] did.
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
+        Self::Backend(format!("sled: {e}"))
+    }
+}
+
+/// A node's stored blocks, one at a time (each block's events in sequence
+/// order).
+pub type Blocks<'a> = Box<dyn Iterator<Item = Result<Vec<Event>, StoreError>> + 'a>;
+
+/// What [`EventLog::append`] did.
 #[derive(Debug)]
 pub struct Appended {
     /// The acked sequence before the batch.
@@ -103,35 +107,6 @@ pub struct Appended {
     /// Events kept out of the store as invalid, as gaps already recorded
     /// (reason `collector_refused`), for the correlator to report.
     pub quarantined: Vec<Gap>,
-}
-
-/// The event store.
-#[derive(Clone)]
-pub struct Store {
-    db: sled::Db,
-    blocks: sled::Tree,
-    by_exec: sled::Tree,
-    by_dir: sled::Tree,
-    agents: sled::Tree,
-    gaps: sled::Tree,
-}
-
-/// Signed nanoseconds as an order-preserving unsigned key.
-fn time_key(t: i64) -> [u8; 8] {
-    ((t as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-/// The inverse of [`time_key`].
-pub fn time_from_key(b: &[u8]) -> i64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    (u64::from_be_bytes(a) ^ (1 << 63)) as i64
-}
-
-fn node_prefix(node: &str) -> Vec<u8> {
-    let mut k = node.as_bytes().to_vec();
-    k.push(0);
-    k
 }
 
 /// Width of a bucket: a block never holds events from two buckets. Narrow
@@ -214,36 +189,6 @@ fn decode_block(v: &[u8]) -> Result<Vec<Event>, StoreError> {
         }
         _ => decode(v),
     }
-}
-
-/// `blocks` key.
-pub fn block_key(node: &str, bucket: i64, first_seq: u64) -> Vec<u8> {
-    let mut k = node_prefix(node);
-    k.extend_from_slice(&time_key(bucket));
-    k.extend_from_slice(&first_seq.to_be_bytes());
-    k
-}
-
-/// Index key: `value \0 bucket node \0 first_seq`.
-fn index_key(value: &str, node: &str, bucket: i64, first_seq: u64) -> Vec<u8> {
-    let mut k = node_prefix(value);
-    k.extend_from_slice(&time_key(bucket));
-    k.extend_from_slice(&node_prefix(node));
-    k.extend_from_slice(&first_seq.to_be_bytes());
-    k
-}
-
-/// The next entry of a run: its bucket (the key's time after the `skip`
-/// bytes of value and separator) and its value.
-fn next_entry(run: &mut sled::Iter, skip: usize) -> Result<Option<(i64, sled::IVec)>, StoreError> {
-    run.next()
-        .transpose()?
-        .map(|(k, v)| {
-            k.get(skip..skip + 8)
-                .map(|t| (time_from_key(t), v))
-                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))
-        })
-        .transpose()
 }
 
 /// The order of a timeline: time, then node, then sequence.
@@ -347,6 +292,17 @@ pub fn validate(node: &str, e: &Event) -> Result<(), StoreError> {
             )));
         }
     }
+    // Index values (directories, process instances) are keys in every
+    // backend: sled's separate their parts with NUL, and PostgreSQL's text
+    // cannot hold one.
+    let exec_id = e.process.as_ref().map(|p| p.exec_id.as_str());
+    if paths_of(e)
+        .into_iter()
+        .chain(exec_id)
+        .any(|v| v.contains('\0'))
+    {
+        return Err(bad("a path or exec_id contains a NUL byte"));
+    }
     if let Some(p) = long_path {
         return Err(bad(&format!(
             "a path of {} bytes; the limit is {MAX_PATH_BYTES} (PATH_MAX)",
@@ -381,444 +337,96 @@ pub const MAX_SEQ: u64 = 1 << 62;
 /// one stays far below the 4 MiB message limit.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
-impl Store {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(256 << 20)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
-        Ok(Self {
-            blocks: db.open_tree("blocks")?,
-            by_exec: db.open_tree("by_exec")?,
-            by_dir: db.open_tree("by_dir")?,
-            agents: db.open_tree("agents")?,
-            gaps: db.open_tree("gaps")?,
-            db,
-        })
-    }
-
-    /// A named tree of the same database (findings, approvals, baselines),
-    /// made durable by the same [`Store::flush`].
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
-    }
-
-    /// The event `seq` of `node`, stored at `time`.
-    pub fn event_at(&self, node: &str, seq: u64, time: i64) -> Result<Option<Event>, StoreError> {
-        for block in self.node_blocks(node, time, time.saturating_add(1)) {
-            let (_, events) = block?;
-            if let Some(e) = events.into_iter().find(|e| e.seq == seq) {
-                return Ok(Some(e));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Opens a store that this process had open a moment ago. sled lets
-    /// go of its directory lock only when its I/O pool drops its last
-    /// reference, shortly after the store was dropped; under load a reopen
-    /// came first and failed with WouldBlock.
-    #[cfg(test)]
-    pub(crate) fn reopen_for_test(dir: &Path) -> Self {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Self::open(dir) {
-                Ok(s) => return s,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("reopening the store in {}: {e:?}", dir.display()),
-            }
-        }
-    }
-
-    /// [`Store::flush`] for callers outside the runtime's async code.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Makes everything written so far durable (fsync), on a blocking
-    /// thread of the runtime.
-    ///
-    /// Not `sled::Db::flush_async`: it runs on sled's own I/O pool, and a
-    /// few of them at once (a flush per agent connecting) parked every
-    /// thread of that pool waiting for a log write queued behind them on
-    /// the same pool, which wedged ingest for good.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| sled::Error::Io(std::io::Error::other(format!("flush task: {e}"))))??;
-        Ok(())
-    }
-
-    /// The record of an agent.
-    pub fn agent(&self, node: &str) -> Result<Option<AgentStatus>, StoreError> {
-        self.agents
-            .get(node.as_bytes())?
-            .map(|v| {
-                AgentStatus::decode(&*v).map_err(|source| StoreError::Corrupt {
-                    tree: "agents",
-                    source,
-                })
-            })
-            .transpose()
-    }
-
-    /// Every known agent.
-    pub fn agents(&self) -> Result<Vec<AgentStatus>, StoreError> {
-        self.agents
-            .iter()
-            .map(|kv| {
-                let (_, v) = kv?;
-                AgentStatus::decode(&*v).map_err(|source| StoreError::Corrupt {
-                    tree: "agents",
-                    source,
-                })
-            })
-            .collect()
-    }
-
-    /// Writes an agent's record.
-    pub fn put_agent(&self, a: &AgentStatus) -> Result<(), StoreError> {
-        let name = a.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
-        self.agents.insert(name.as_bytes(), a.encode_to_vec())?;
-        Ok(())
-    }
+/// The event log: every event of every node, durable, idempotent under
+/// redelivery, readable by scope in timeline order. Backends: sled
+/// ([`sled_store::SledStore`], the embedded default) and PostgreSQL
+/// ([`postgres::PgLog`], shared by collector replicas).
+///
+/// Calls block until the backend answers: callers on the async runtime
+/// keep them short (one batch, one page) or move them to a blocking
+/// thread.
+pub trait EventLog: Send + Sync {
+    /// What the log is, for logs and `--help`-level messages
+    /// (`sled at /var/lib/driftwatch`, `postgres at 10.0.0.5:5432/driftwatch`).
+    fn describe(&self) -> String;
 
     /// Records that an agent process started at `started` is connected,
-    /// creating its record if new. Returns the record as it was before.
-    pub fn hello(
+    /// creating its record if new. Returns the record as it was before and
+    /// as it is now.
+    fn hello(
         &self,
         node: &NodeInfo,
         now: i64,
         started: i64,
-    ) -> Result<(Option<AgentStatus>, AgentStatus), StoreError> {
-        let previous = self.agent(&node.name)?;
-        let mut a = previous.clone().unwrap_or_default();
-        a.node = Some(node.clone());
-        a.connected = true;
-        a.last_seen_unix_nanos = now;
-        a.agent_started_unix_nanos = started;
-        self.put_agent(&a)?;
-        Ok((previous, a))
-    }
+    ) -> Result<(Option<AgentStatus>, AgentStatus), StoreError>;
 
     /// Stores events of `node` in sequence order and records `seen_at` as
-    /// its last contact, in one update of the agent's record. Already stored
-    /// sequence numbers are skipped (redelivery); an invalid event is kept
-    /// out and its sequence number recorded as a `collector_refused` gap; a
-    /// hole, sequence 0 or another node's event is refused, and so is
-    /// everything after it, while what came before it is kept. Not durable until [`Store::flush`]. `Err` is a storage failure.
-    pub fn append(
+    /// its last contact, in one update of the agent's record. Already
+    /// stored sequence numbers are skipped (redelivery); an invalid event
+    /// is kept out and its sequence number recorded as a
+    /// `collector_refused` gap; a hole, sequence 0 or another node's event
+    /// is refused, and so is everything after it, while what came before it
+    /// is kept. Not durable until [`EventLog::flush`]. `Err` is a storage
+    /// failure.
+    fn append(&self, node: &str, events: &[Event], seen_at: i64) -> Result<Appended, StoreError>;
+
+    /// Makes everything written so far durable. Blocks: the group commit
+    /// calls it on a blocking thread.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// The record of an agent.
+    fn agent(&self, node: &str) -> Result<Option<AgentStatus>, StoreError>;
+
+    /// Every known agent.
+    fn agents(&self) -> Result<Vec<AgentStatus>, StoreError>;
+
+    /// Changes an agent's record (a heartbeat, a disconnect, the policy it
+    /// applied) with `change`, if the agent is known. The sequence fields
+    /// are the log's own: what `change` does to them is not kept.
+    fn update_agent(
         &self,
         node: &str,
-        events: &[Event],
-        seen_at: i64,
-    ) -> Result<Appended, StoreError> {
-        let mut agent = self.agent(node)?.unwrap_or_default();
-        let before = agent.acked_seq;
-        let mut acked = before;
-        let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
-        let mut refused = None;
-        let mut quarantined: Vec<Gap> = Vec::new();
-        // The block last read to compare a redelivery with.
-        let mut stored: Vec<Event> = Vec::new();
-        for e in events {
-            // Checked before the redelivery skip below, which would
-            // otherwise pass over it silently and ack "through 0".
-            if e.seq == 0 {
-                refused = Some(StoreError::Invalid {
-                    seq: 0,
-                    reason: "sequence numbers start at 1".into(),
-                });
-                break;
-            }
-            if e.seq <= acked {
-                // A redelivery: the same event again is skipped, another
-                // one under a stored sequence number is refused. An
-                // invalid one was kept out when it first came.
-                if !self.same_as_stored(node, e, &mut stored)?
-                    && !matches!(validate(node, e), Err(StoreError::Invalid { .. }))
-                {
-                    refused = Some(StoreError::Conflict { seq: e.seq });
-                    break;
-                }
-                continue;
-            }
-            if Some(e.seq) != acked.checked_add(1) {
-                refused = Some(StoreError::OutOfOrder {
-                    expected: acked.saturating_add(1),
-                    got: e.seq,
-                });
-                break;
-            }
-            match validate(node, e) {
-                Ok(()) => {}
-                // An event that cannot be stored as sent is kept out, and
-                // its sequence number becomes a gap that says why: refusing
-                // the stream instead would make the agent send it again
-                // forever, and nothing after it would ever arrive.
-                Err(StoreError::Invalid { reason, .. }) if e.seq <= MAX_SEQ => {
-                    match quarantined.last_mut() {
-                        Some(g) if g.to_seq + 1 == e.seq => g.to_seq = e.seq,
-                        _ => quarantined.push(Gap {
-                            node: node.to_owned(),
-                            from_seq: e.seq,
-                            to_seq: e.seq,
-                            from_time_unix_nanos: seen_at,
-                            to_time_unix_nanos: seen_at,
-                            reason: "collector_refused".into(),
-                            detail: reason,
-                        }),
-                    }
-                    acked = e.seq;
-                    continue;
-                }
-                Err(err) => {
-                    refused = Some(err);
-                    break;
-                }
-            }
-            accepted.push(e);
-            acked = e.seq;
-        }
-        // Runs of consecutive events in the same bucket, cut at multiples
-        // of BLOCK_EVENTS; the chain continues from the node's head.
-        let mut head: Link = agent
-            .chain_head
-            .as_slice()
-            .try_into()
-            .unwrap_or(chain::GENESIS);
-        let mut start = 0;
-        while start < accepted.len() {
-            let b = bucket(accepted[start].time_unix_nanos);
-            let mut end = start + 1;
-            while end < accepted.len()
-                && bucket(accepted[end].time_unix_nanos) == b
-                && !accepted[end].seq.is_multiple_of(BLOCK_EVENTS)
-            {
-                end += 1;
-            }
-            let run = &accepted[start..end];
-            let first = run[0].seq;
-            let key = block_key(node, b, first);
-            let mut execs = BTreeSet::new();
-            let mut dirs = BTreeSet::new();
-            for e in run {
-                if let Some(p) = &e.process {
-                    if !p.exec_id.is_empty() {
-                        execs.insert(p.exec_id.as_str());
-                    }
-                }
-                for path in paths_of(e) {
-                    dirs.insert(dir_of(path));
-                }
-            }
-            self.blocks
-                .insert(key.as_slice(), encode_block(run, &mut head))?;
-            for x in execs {
-                self.by_exec
-                    .insert(index_key(x, node, b, first), key.as_slice())?;
-            }
-            for d in dirs {
-                self.by_dir
-                    .insert(index_key(d, node, b, first), key.as_slice())?;
-            }
-            start = end;
-        }
-        if let Some(last) = accepted.last() {
-            agent.chain_head = head.to_vec();
-            agent.chain_seq = last.seq;
-        }
-        for g in &quarantined {
-            self.add_gap(g)?;
-        }
-        agent.acked_seq = acked;
-        agent.last_seq = agent.last_seq.max(acked);
-        agent.last_seen_unix_nanos = agent.last_seen_unix_nanos.max(seen_at);
-        self.put_agent(&agent)?;
-        Ok(Appended {
-            before,
-            through: acked,
-            refused,
-            quarantined,
-        })
-    }
+        change: &mut (dyn FnMut(&mut AgentStatus) + Send),
+    ) -> Result<Option<AgentStatus>, StoreError>;
 
-    /// Whether `e`, at or below the acked sequence, is the event stored
-    /// under its sequence number. `cache` keeps the last block read.
-    fn same_as_stored(
+    /// Records a gap; a dropped range also moves the acked sequence past it.
+    fn add_gap(&self, gap: &Gap) -> Result<(), StoreError>;
+
+    /// Gaps of a node (all nodes when empty), by node and then time.
+    fn gaps(&self, node: &str) -> Result<Vec<Gap>, StoreError>;
+
+    /// The event `seq` of `node`, stored at `time`.
+    fn event_at(&self, node: &str, seq: u64, time: i64) -> Result<Option<Event>, StoreError>;
+
+    /// The events of `scope` in `[since, until)` that `keep` accepts, in
+    /// [`order`]: at least the first `limit` of them, read in time order
+    /// and stopped once `limit` are taken and their bucket is complete.
+    fn events(
         &self,
-        node: &str,
-        e: &Event,
-        cache: &mut Vec<Event>,
-    ) -> Result<bool, StoreError> {
-        if !cache.iter().any(|s| s.seq == e.seq) {
-            cache.clear();
-            let t = e.time_unix_nanos;
-            for block in self.node_blocks(node, t, t.saturating_add(1)) {
-                let (_, events) = block?;
-                if events.iter().any(|s| s.seq == e.seq) {
-                    *cache = events;
-                    break;
-                }
-            }
-        }
-        Ok(match cache.iter().find(|s| s.seq == e.seq) {
-            Some(s) => {
-                let mut s = s.clone();
-                s.chain.clear();
-                s == *e
-            }
-            // Nothing under that sequence at that time: either retention
-            // removed it (then nothing is replaced either), or the event
-            // claims another time than the stored one.
-            None => !self.seq_stored_elsewhere(node, e.seq)?,
-        })
-    }
+        scope: &Scope<'_>,
+        since: i64,
+        until: i64,
+        limit: usize,
+        keep: &(dyn Fn(&Event) -> bool + Sync),
+    ) -> Result<Vec<Event>, StoreError>;
 
-    /// The keys of `node`'s blocks, each with its block's first sequence
-    /// number, in key (bucket) order.
-    fn node_block_keys(&self, node: &str) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
-        let prefix = node_prefix(node);
-        let mut keys = Vec::new();
-        for kv in self.blocks.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let first = k
-                .get(prefix.len() + 8..prefix.len() + 16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::CorruptBlock("short key".into()))?;
-            keys.push((first, k));
-        }
-        Ok(keys)
-    }
-
-    /// Whether `seq` of `node` is stored in any block (a scan of the node's
-    /// block keys, then of the one block that may hold it).
-    fn seq_stored_elsewhere(&self, node: &str, seq: u64) -> Result<bool, StoreError> {
-        let best = self
-            .node_block_keys(node)?
-            .into_iter()
-            .filter(|(first, _)| *first <= seq && seq < first + BLOCK_EVENTS)
-            .max_by_key(|(first, _)| *first);
-        match best {
-            Some((_, k)) => Ok(self
-                .block(&k)?
-                .is_some_and(|events| events.iter().any(|e| e.seq == seq))),
-            None => Ok(false),
-        }
+    /// Events of one node in `[since, until)`, in time order.
+    fn node_range(&self, node: &str, since: i64, until: i64) -> Result<Vec<Event>, StoreError> {
+        self.events(
+            &Scope::Nodes(vec![node.to_owned()]),
+            since,
+            until,
+            usize::MAX,
+            &|_| true,
+        )
     }
 
     /// Every stored event of `node` in sequence order, a block at a time,
-    /// for verifying its chain: block keys are read first and ordered by
-    /// first sequence number (a clock that went back puts later events in
-    /// earlier buckets).
-    pub fn node_chain(
-        &self,
-        node: &str,
-    ) -> Result<impl Iterator<Item = Result<Vec<Event>, StoreError>> + '_, StoreError> {
-        let mut keys = self.node_block_keys(node)?;
-        keys.sort_by_key(|(first, _)| *first);
-        Ok(keys.into_iter().map(move |(_, k)| {
-            let mut events = self.block(&k)?.unwrap_or_default();
-            events.sort_by_key(|e| e.seq);
-            Ok(events)
-        }))
-    }
-
-    /// Records a gap; a dropped range also moves the acked sequence past it.
-    pub fn add_gap(&self, gap: &Gap) -> Result<(), StoreError> {
-        if gap.to_seq > MAX_SEQ {
-            return Err(StoreError::Invalid {
-                seq: gap.to_seq,
-                reason: format!("a dropped range ending past sequence {MAX_SEQ}"),
-            });
-        }
-        let mut k = node_prefix(&gap.node);
-        k.extend_from_slice(&time_key(gap.from_time_unix_nanos));
-        k.extend_from_slice(&gap.from_seq.to_be_bytes());
-        self.gaps.insert(k, gap.encode_to_vec())?;
-        if gap.reason == "agent_dropped" {
-            if let Some(mut a) = self.agent(&gap.node)? {
-                if gap.from_seq <= a.acked_seq.saturating_add(1) && gap.to_seq > a.acked_seq {
-                    a.acked_seq = gap.to_seq;
-                    self.put_agent(&a)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Gaps of a node (all nodes when empty) in time order.
-    pub fn gaps(&self, node: &str) -> Result<Vec<Gap>, StoreError> {
-        let iter = if node.is_empty() {
-            self.gaps.iter()
-        } else {
-            self.gaps.scan_prefix(node_prefix(node))
-        };
-        iter.map(|kv| {
-            let (_, v) = kv?;
-            Gap::decode(&*v).map_err(|source| StoreError::Corrupt {
-                tree: "gaps",
-                source,
-            })
-        })
-        .collect()
-    }
-
-    /// The events of the block stored under `key`.
-    pub fn block(&self, key: &[u8]) -> Result<Option<Vec<Event>>, StoreError> {
-        self.blocks.get(key)?.map(|v| decode_block(&v)).transpose()
-    }
-
-    /// Blocks of one node whose bucket overlaps `[since, until)`, in bucket
-    /// order, each with its bucket. Events inside are in sequence order;
-    /// callers filter by time and sort within a bucket.
-    pub fn node_blocks(
-        &self,
-        node: &str,
-        since: i64,
-        until: i64,
-    ) -> impl Iterator<Item = Result<(i64, Vec<Event>), StoreError>> + '_ {
-        let start = block_key(node, bucket(since), 0);
-        let end = block_key(
-            node,
-            bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS),
-            0,
-        );
-        let skip = node.len() + 1;
-        self.blocks.range(start..end).map(move |kv| {
-            let (k, v) = kv?;
-            Ok((time_from_key(&k[skip..]), decode_block(&v)?))
-        })
-    }
-
-    /// Events of one node in `[since, until)`, in time order.
-    pub fn node_range(&self, node: &str, since: i64, until: i64) -> Result<Vec<Event>, StoreError> {
-        let mut out = Vec::new();
-        for block in self.node_blocks(node, since, until) {
-            let (_, events) = block?;
-            out.extend(
-                events
-                    .into_iter()
-                    .filter(|e| e.time_unix_nanos >= since && e.time_unix_nanos < until),
-            );
-        }
-        out.sort_by(|a, b| order(a).cmp(&order(b)));
-        Ok(out)
-    }
+    /// for verifying its chain.
+    fn node_chain<'a>(&'a self, node: &str) -> Result<Blocks<'a>, StoreError>;
 
     /// Names of nodes with stored events.
-    pub fn nodes(&self) -> Result<Vec<String>, StoreError> {
+    fn nodes(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .agents()?
             .into_iter()
@@ -826,184 +434,308 @@ impl Store {
             .collect())
     }
 
-    /// The events of `scope` in `[since, until)` that `keep` accepts, in
-    /// [`order`]. At least the first `limit` of them: each node's blocks (or
-    /// each index value's entries) form a run in bucket order; the runs are
-    /// merged by bucket, so blocks are read in time order across all of
-    /// them, and the read stops once `limit` events are taken and their
-    /// bucket is complete (events inside a bucket are not in time order).
-    pub fn events(
-        &self,
-        scope: &Scope<'_>,
-        since: i64,
-        until: i64,
-        limit: usize,
-        keep: &dyn Fn(&Event) -> bool,
-    ) -> Result<Vec<Event>, StoreError> {
-        let (tree, values): (_, Vec<Vec<u8>>) = match scope {
-            Scope::Nodes(nodes) => (
-                &self.blocks,
-                nodes.iter().map(|n| n.as_bytes().to_vec()).collect(),
-            ),
-            Scope::Exec(id) => (&self.by_exec, vec![id.as_bytes().to_vec()]),
-            Scope::Path(prefix) => (&self.by_dir, self.dirs_under(prefix)?),
-        };
-        // Runs of `blocks` hold the blocks; index runs hold `blocks` keys.
-        let indexed = !matches!(scope, Scope::Nodes(_));
-        let exact = |e: &Event| {
-            e.time_unix_nanos >= since
-                && e.time_unix_nanos < until
-                && keep(e)
-                && match scope {
-                    Scope::Nodes(_) => true,
-                    Scope::Exec(id) => e.process.as_ref().is_some_and(|p| p.exec_id == *id),
-                    Scope::Path(prefix) => paths_of(e).iter().any(|p| p.starts_with(prefix)),
-                }
-        };
-        // Keys of every run: `value \0 bucket ...`.
-        let key = |v: &[u8], t: i64| {
-            let mut k = v.to_vec();
-            k.push(0);
-            k.extend_from_slice(&time_key(t));
-            k
-        };
-        let last = bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS);
-        let mut runs: Vec<sled::Iter> = values
-            .iter()
-            .map(|v| tree.range(key(v, bucket(since))..key(v, last)))
-            .collect();
-        let mut heap = BinaryHeap::new();
-        for (i, run) in runs.iter_mut().enumerate() {
-            if let Some((b, v)) = next_entry(run, values[i].len() + 1)? {
-                heap.push(Reverse((b, i, v)));
-            }
-        }
-        let mut out = Vec::new();
-        // A block holding several directories is listed under each.
-        let mut read = HashSet::new();
-        let mut full_at: Option<i64> = None;
-        while let Some(Reverse((b, i, v))) = heap.pop() {
-            if full_at.is_some_and(|f| b > f) {
-                break;
-            }
-            let events = if !indexed {
-                Some(decode_block(&v)?)
-            } else if read.insert(v.clone()) {
-                // An index entry can outlive its block (retention): skip it.
-                self.block(&v)?
-            } else {
-                None
-            };
-            out.extend(events.into_iter().flatten().filter(|e| exact(e)));
-            if out.len() >= limit && full_at.is_none() {
-                full_at = Some(b);
-            }
-            if let Some((b, v)) = next_entry(&mut runs[i], values[i].len() + 1)? {
-                heap.push(Reverse((b, i, v)));
-            }
-        }
-        out.sort_by(|a, b| order(a).cmp(&order(b)));
-        Ok(out)
-    }
-
-    /// The directories with `by_dir` entries that a path prefix could cover
-    /// (exact matches are checked on the events).
-    fn dirs_under(&self, prefix: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        let dir = if prefix.ends_with('/') {
-            prefix.trim_end_matches('/')
-        } else {
-            dir_of(prefix)
-        };
-        let mut dirs = Vec::new();
-        let mut next = dir.as_bytes().to_vec();
-        while let Some(kv) = self.by_dir.range(next.as_slice()..).next() {
-            let (k, _) = kv?;
-            if !k.starts_with(dir.as_bytes()) {
-                break;
-            }
-            let Some(end) = k.iter().position(|b| *b == 0) else {
-                return Err(StoreError::CorruptBlock(
-                    "by_dir key without a separator".into(),
-                ));
-            };
-            // The first key after every `d \0 ...` entry.
-            next = k[..end].to_vec();
-            dirs.push(next.clone());
-            next.push(1);
-        }
-        Ok(dirs)
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
-    /// Number of stored blocks (walks the tree: not for every scrape).
-    pub fn block_count(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Number of stored events (reads every block).
-    pub fn event_count(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for kv in self.blocks.iter() {
-            let (_, v) = kv?;
-            n += decode_block(&v)?.len();
-        }
-        Ok(n)
-    }
-
     /// Deletes the blocks whose bucket ends before `min_time`, then the
-    /// oldest blocks until the store is under `max_bytes` on disk (0: no
-    /// size bound). Returns how many blocks were removed.
-    pub fn retain(&self, min_time: i64, max_bytes: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        let nodes = self.nodes()?;
-        for node in &nodes {
-            let start = block_key(node, i64::MIN, 0);
-            let end = block_key(node, bucket(min_time), 0);
-            let keys: Vec<_> = self
-                .blocks
-                .range(start..end)
-                .keys()
-                .collect::<Result<_, _>>()?;
-            for k in keys {
-                self.blocks.remove(k)?;
-                removed += 1;
+    /// oldest blocks until the log takes at most `max_bytes` (0: no size
+    /// bound). Returns how many blocks were removed.
+    fn retain(&self, min_time: i64, max_bytes: u64) -> Result<usize, StoreError>;
+
+    /// Bytes the log takes on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// Number of stored blocks (may walk the log: not for every scrape).
+    fn block_count(&self) -> Result<u64, StoreError>;
+
+    /// Number of stored events (reads every block: for tests and tools).
+    fn event_count(&self) -> Result<u64, StoreError>;
+}
+
+/// What an append keeps, refuses and quarantines, decided before anything
+/// is written (the same rules on every backend).
+pub(crate) struct Plan<'a> {
+    /// Events to store, in sequence order.
+    pub accepted: Vec<&'a Event>,
+    /// The acked sequence before the batch.
+    pub before: u64,
+    /// The acked sequence after it.
+    pub acked: u64,
+    /// Why the rest was refused.
+    pub refused: Option<StoreError>,
+    /// Invalid events kept out, as gaps to record.
+    pub quarantined: Vec<Gap>,
+}
+
+/// Decides an append of `events` for `node`, whose acked sequence is
+/// `acked`. `same_as_stored` says whether a redelivered event (at or below
+/// the acked sequence) is the one stored under its sequence number.
+pub(crate) fn plan<'a>(
+    node: &str,
+    events: &'a [Event],
+    acked: u64,
+    seen_at: i64,
+    mut same_as_stored: impl FnMut(&Event) -> Result<bool, StoreError>,
+) -> Result<Plan<'a>, StoreError> {
+    let before = acked;
+    let mut acked = acked;
+    let mut accepted: Vec<&Event> = Vec::with_capacity(events.len());
+    let mut refused = None;
+    let mut quarantined: Vec<Gap> = Vec::new();
+    for e in events {
+        // Checked before the redelivery skip below, which would otherwise
+        // pass over it silently and ack "through 0".
+        if e.seq == 0 {
+            refused = Some(StoreError::Invalid {
+                seq: 0,
+                reason: "sequence numbers start at 1".into(),
+            });
+            break;
+        }
+        if e.seq <= acked {
+            // A redelivery: the same event again is skipped, another one
+            // under a stored sequence number is refused. An invalid one was
+            // kept out when it first came.
+            if !same_as_stored(e)? && !matches!(validate(node, e), Err(StoreError::Invalid { .. }))
+            {
+                refused = Some(StoreError::Conflict { seq: e.seq });
+                break;
+            }
+            continue;
+        }
+        if Some(e.seq) != acked.checked_add(1) {
+            refused = Some(StoreError::OutOfOrder {
+                expected: acked.saturating_add(1),
+                got: e.seq,
+            });
+            break;
+        }
+        match validate(node, e) {
+            Ok(()) => {}
+            // An event that cannot be stored as sent is kept out, and its
+            // sequence number becomes a gap that says why: refusing the
+            // stream instead would make the agent send it again forever,
+            // and nothing after it would ever arrive.
+            Err(StoreError::Invalid { reason, .. }) if e.seq <= MAX_SEQ => {
+                match quarantined.last_mut() {
+                    Some(g) if g.to_seq + 1 == e.seq => g.to_seq = e.seq,
+                    _ => quarantined.push(Gap {
+                        node: node.to_owned(),
+                        from_seq: e.seq,
+                        to_seq: e.seq,
+                        from_time_unix_nanos: seen_at,
+                        to_time_unix_nanos: seen_at,
+                        reason: "collector_refused".into(),
+                        detail: reason,
+                    }),
+                }
+                acked = e.seq;
+                continue;
+            }
+            Err(err) => {
+                refused = Some(err);
+                break;
             }
         }
-        if max_bytes > 0 {
-            while self.db.size_on_disk()? > max_bytes {
-                let mut oldest: Option<(i64, sled::IVec, usize)> = None;
-                for node in &nodes {
-                    if let Some(kv) = self.blocks.scan_prefix(node_prefix(node)).next() {
-                        let (k, _) = kv?;
-                        let t = time_from_key(&k[node.len() + 1..]);
-                        if oldest.as_ref().is_none_or(|(ot, _, _)| t < *ot) {
-                            oldest = Some((t, k, node.len() + 1));
-                        }
-                    }
-                }
-                let Some((_, k, plen)) = oldest else { break };
-                // A slice at a time: size_on_disk moves in segments.
-                let keys: Vec<_> = self
-                    .blocks
-                    .scan_prefix(&k[..plen])
-                    .keys()
-                    .take(256)
-                    .collect::<Result<_, _>>()?;
-                if keys.is_empty() {
-                    break;
-                }
-                for key in keys {
-                    self.blocks.remove(key)?;
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
+        accepted.push(e);
+        acked = e.seq;
     }
+    Ok(Plan {
+        accepted,
+        before,
+        acked,
+        refused,
+        quarantined,
+    })
+}
+
+impl Plan<'_> {
+    /// Moves the agent's record past the append (`head`: the chain after
+    /// the last accepted event) and says what was done.
+    pub(crate) fn finish(self, agent: &mut AgentStatus, head: Link, seen_at: i64) -> Appended {
+        if let Some(last) = self.accepted.last() {
+            agent.chain_head = head.to_vec();
+            agent.chain_seq = last.seq;
+        }
+        agent.acked_seq = self.acked;
+        agent.last_seq = agent.last_seq.max(self.acked);
+        agent.last_seen_unix_nanos = agent.last_seen_unix_nanos.max(seen_at);
+        Appended {
+            before: self.before,
+            through: self.acked,
+            refused: self.refused,
+            quarantined: self.quarantined,
+        }
+    }
+}
+
+/// The record of a node first seen in an append (a hello comes first on a
+/// real stream, and replaces it).
+pub(crate) fn new_agent(node: &str) -> AgentStatus {
+    AgentStatus {
+        node: Some(NodeInfo {
+            name: node.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The chain head an agent's next event continues from.
+pub(crate) fn chain_head(agent: &AgentStatus) -> Link {
+    agent
+        .chain_head
+        .as_slice()
+        .try_into()
+        .unwrap_or(chain::GENESIS)
+}
+
+/// A block to write: its key parts, its value, and the index values
+/// (process instances, directories) that point at it.
+pub(crate) struct NewBlock {
+    pub bucket: i64,
+    pub first_seq: u64,
+    pub value: Vec<u8>,
+    pub execs: Vec<String>,
+    pub dirs: Vec<String>,
+}
+
+/// Cuts accepted events into blocks: runs of consecutive events in one
+/// bucket, cut at multiples of [`BLOCK_EVENTS`]; the chain continues from
+/// `head`, which ends as the last event's.
+pub(crate) fn cut_blocks(accepted: &[&Event], head: &mut Link) -> Vec<NewBlock> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < accepted.len() {
+        let b = bucket(accepted[start].time_unix_nanos);
+        let mut end = start + 1;
+        while end < accepted.len()
+            && bucket(accepted[end].time_unix_nanos) == b
+            && !accepted[end].seq.is_multiple_of(BLOCK_EVENTS)
+        {
+            end += 1;
+        }
+        let run = &accepted[start..end];
+        let mut execs = BTreeSet::new();
+        let mut dirs = BTreeSet::new();
+        for e in run {
+            if let Some(p) = &e.process {
+                if !p.exec_id.is_empty() {
+                    execs.insert(p.exec_id.as_str());
+                }
+            }
+            for path in paths_of(e) {
+                dirs.insert(dir_of(path));
+            }
+        }
+        out.push(NewBlock {
+            bucket: b,
+            first_seq: run[0].seq,
+            value: encode_block(run, head),
+            execs: execs.into_iter().map(str::to_owned).collect(),
+            dirs: dirs.into_iter().map(str::to_owned).collect(),
+        });
+        start = end;
+    }
+    out
+}
+
+/// Whether a redelivered event `e` is the stored one `s` (the stored copy
+/// carries its chain value; the sent one never does).
+pub(crate) fn same_event(stored: &Event, e: &Event) -> bool {
+    let mut s = stored.clone();
+    s.chain.clear();
+    s == *e
+}
+
+/// Merges the events read so far with the next block's, for a read that
+/// stops after `limit` events once their bucket is complete: returns true
+/// when the read is done (`bucket` is past the full bucket).
+pub(crate) struct PageFill {
+    pub out: Vec<Event>,
+    limit: usize,
+    full_at: Option<i64>,
+}
+
+impl PageFill {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            out: Vec::new(),
+            limit,
+            full_at: None,
+        }
+    }
+
+    /// True once a block of bucket `b` is past what the page needs.
+    pub(crate) fn done_before(&self, b: i64) -> bool {
+        self.full_at.is_some_and(|f| b > f)
+    }
+
+    /// Adds the events of a block of bucket `b` that `exact` accepts.
+    pub(crate) fn add(&mut self, b: i64, events: Vec<Event>, exact: &dyn Fn(&Event) -> bool) {
+        self.out.extend(events.into_iter().filter(|e| exact(e)));
+        if self.out.len() >= self.limit && self.full_at.is_none() {
+            self.full_at = Some(b);
+        }
+    }
+
+    /// The page, in [`order`].
+    pub(crate) fn finish(mut self) -> Vec<Event> {
+        self.out.sort_by(|a, b| order(a).cmp(&order(b)));
+        self.out
+    }
+}
+
+/// The exact test of a scope and window on an event (blocks and index
+/// entries only narrow a read down to candidates).
+pub(crate) fn in_scope(
+    scope: &Scope<'_>,
+    since: i64,
+    until: i64,
+    e: &Event,
+    keep: &(dyn Fn(&Event) -> bool + Sync),
+) -> bool {
+    e.time_unix_nanos >= since
+        && e.time_unix_nanos < until
+        && keep(e)
+        && match scope {
+            Scope::Nodes(_) => true,
+            Scope::Exec(id) => e.process.as_ref().is_some_and(|p| p.exec_id == *id),
+            Scope::Path(prefix) => paths_of(e).iter().any(|p| p.starts_with(prefix)),
+        }
+}
+
+/// The directory whose subtree a path prefix covers: `/etc/app` of
+/// `/etc/app/` and of `/etc/app/x` (every directory starting with it is a
+/// candidate; the events are checked exactly).
+pub(crate) fn prefix_dir(prefix: &str) -> &str {
+    if prefix.ends_with('/') {
+        prefix.trim_end_matches('/')
+    } else {
+        dir_of(prefix)
+    }
+}
+/// Refuses a gap whose range would end a node's history.
+pub(crate) fn check_gap(gap: &Gap) -> Result<(), StoreError> {
+    if gap.to_seq > MAX_SEQ {
+        return Err(StoreError::Invalid {
+            seq: gap.to_seq,
+            reason: format!("a dropped range ending past sequence {MAX_SEQ}"),
+        });
+    }
+    Ok(())
+}
+
+/// Whether a gap moves the agent's acked sequence: a range the agent
+/// dropped that starts at or before the next sequence expected.
+pub(crate) fn moves_ack(gap: &Gap, a: &AgentStatus) -> bool {
+    gap.reason == "agent_dropped"
+        && gap.from_seq <= a.acked_seq.saturating_add(1)
+        && gap.to_seq > a.acked_seq
+}
+
+/// Puts back the fields only appends and gaps may move.
+pub(crate) fn keep_log_fields(before: &AgentStatus, a: &mut AgentStatus) {
+    a.acked_seq = before.acked_seq;
+    a.chain_head.clone_from(&before.chain_head);
+    a.chain_seq = before.chain_seq;
 }
 
 #[cfg(test)]

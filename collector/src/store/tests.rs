@@ -1,3 +1,5 @@
+use super::postgres::PgLog;
+use super::sled_store::{block_key, SledStore};
 use super::*;
 use driftwatch_proto::v1::{FileChange, Process};
 
@@ -20,10 +22,93 @@ pub(crate) fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Eve
     }
 }
 
-fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store
+/// A log under test: sled in a temporary directory, or a fresh schema of
+/// the PostgreSQL server the test run started.
+pub(crate) struct TestLog {
+    log: Option<Box<dyn EventLog>>,
+    dir: Option<tempfile::TempDir>,
+    url: Option<String>,
+}
+
+static SCHEMAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl TestLog {
+    pub(crate) fn sled() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledStore::open(dir.path()).unwrap();
+        Self {
+            log: Some(Box::new(log)),
+            dir: Some(dir),
+            url: None,
+        }
+    }
+
+    /// A fresh schema on the server in `DRIFTWATCH_TEST_POSTGRES`, which
+    /// `cargo xtask test` starts; `None` (the test skipped, said on
+    /// stderr) only when `DRIFTWATCH_SKIP_POSTGRES=1` says so.
+    pub(crate) fn postgres() -> Option<Self> {
+        let url = pg_schema_url()?;
+        let log = PgLog::connect(&url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        Some(Self {
+            log: Some(Box::new(log)),
+            dir: None,
+            url: Some(url),
+        })
+    }
+
+    pub(crate) fn log(&self) -> &dyn EventLog {
+        self.log.as_deref().unwrap()
+    }
+
+    /// Closes and opens the log again (a collector restart).
+    fn reopen(&mut self) {
+        drop(self.log.take());
+        self.log = Some(match (&self.dir, &self.url) {
+            (Some(d), _) => Box::new(SledStore::reopen_for_test(d.path())),
+            (_, Some(url)) => Box::new(PgLog::connect(url).unwrap()),
+            _ => unreachable!(),
+        });
+    }
+}
+
+/// The URL of a new, empty schema on the test server.
+pub(crate) fn pg_schema_url() -> Option<String> {
+    let Ok(base) = std::env::var("DRIFTWATCH_TEST_POSTGRES") else {
+        if std::env::var("DRIFTWATCH_SKIP_POSTGRES").as_deref() == Ok("1") {
+            eprintln!("skipped: the PostgreSQL half (DRIFTWATCH_SKIP_POSTGRES=1)");
+            return None;
+        }
+        panic!(
+            "DRIFTWATCH_TEST_POSTGRES is not set: run `cargo xtask test`, which starts a throwaway PostgreSQL, \
+             or set DRIFTWATCH_SKIP_POSTGRES=1 to skip the PostgreSQL half of the store suite"
+        );
+    };
+    let schema = format!(
+        "t{}_{}",
+        std::process::id(),
+        SCHEMAS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {base}: {e}"));
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+    });
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+/// A log with node `n1` said hello.
+fn hello(t: &TestLog) {
+    t.log()
         .hello(
             &NodeInfo {
                 name: "n1".into(),
@@ -33,12 +118,53 @@ fn open() -> (tempfile::TempDir, Store) {
             1,
         )
         .unwrap();
-    (dir, store)
 }
 
-#[test]
-fn redelivery_is_stored_once_and_holes_are_refused() {
-    let (_d, s) = open();
+/// Runs each test on every backend: `sled::name` and `postgres::name`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[test]
+                fn $name() {
+                    let mut t = super::TestLog::sled();
+                    super::hello(&t);
+                    super::$name(&mut t);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(mut t) = super::TestLog::postgres() {
+                        super::hello(&t);
+                        super::$name(&mut t);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    redelivery_is_stored_once_and_holes_are_refused,
+    events_must_belong_to_the_stream,
+    hostile_values_are_kept_out_by_name_and_the_node_goes_on,
+    a_time_window_is_a_range_scan_in_time_order_and_survives_reopen,
+    exec_id_and_path_indexes,
+    dropped_ranges_are_gaps_that_move_the_ack,
+    retention_by_age,
+    a_batch_becomes_few_blocks_in_sequence_order,
+    an_indexed_first_page_reads_from_since_and_stops_after_the_limit,
+    stored_history_is_chained_and_continues_after_a_reopen,
+    a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays,
+    sequence_numbers_near_u64_max_are_refused_without_overflow,
+    agent_records_keep_what_only_appends_move,
+);
+
+fn redelivery_is_stored_once_and_holes_are_refused(t: &mut TestLog) {
+    let s = t.log();
     let batch: Vec<Event> = (1..=5)
         .map(|i| ev("n1", i, 100 + i as i64, "/a", "x"))
         .collect();
@@ -75,9 +201,8 @@ fn redelivery_is_stored_once_and_holes_are_refused() {
     assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 6);
 }
 
-#[test]
-fn events_must_belong_to_the_stream() {
-    let (_d, s) = open();
+fn events_must_belong_to_the_stream(t: &mut TestLog) {
+    let s = t.log();
     let other = ev("n2", 1, 100, "/a", "x");
     let r = s.append("n1", &[other], 1).unwrap();
     assert!(
@@ -89,9 +214,8 @@ fn events_must_belong_to_the_stream() {
     assert_eq!(s.event_count().unwrap(), 0);
 }
 
-#[test]
-fn hostile_values_are_kept_out_by_name_and_the_node_goes_on() {
-    let (_d, s) = open();
+fn hostile_values_are_kept_out_by_name_and_the_node_goes_on(t: &mut TestLog) {
+    let s = t.log();
     // Sequence 0 was passed over as a redelivery and acked "through 0":
     // it stays a refusal of the stream, since it names no place to skip.
     assert!(matches!(
@@ -141,13 +265,15 @@ fn hostile_values_are_kept_out_by_name_and_the_node_goes_on() {
     let mut chained = ev("n1", 1, 100, "/a", "x");
     chained.chain = vec![0; 32];
     assert!(kept_out(chained).contains("chain"));
+    assert!(kept_out(ev("n1", 1, 100, "/a\0b", "x")).contains("NUL"));
+    assert!(kept_out(ev("n1", 1, 100, "/a", "x\0")).contains("NUL"));
     // Only the valid events were stored, each gap is on record, and the
     // chain over what was stored still verifies.
-    assert_eq!(s.event_count().unwrap(), 7);
-    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 14);
+    assert_eq!(s.event_count().unwrap(), 9);
+    assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 18);
     let gaps = s.gaps("n1").unwrap();
-    assert_eq!(gaps.len(), 7, "{gaps:?}");
-    assert_eq!(verify_chain(&s, "n1"), Ok(7));
+    assert_eq!(gaps.len(), 9, "{gaps:?}");
+    assert_eq!(verify_chain(s, "n1"), Ok(9));
     // Sent again (an agent that missed the ack), a kept-out event is a
     // redelivery, not a conflict.
     let mut again = ev("n1", 13, 100, "/a", "x");
@@ -155,7 +281,7 @@ fn hostile_values_are_kept_out_by_name_and_the_node_goes_on() {
     let r = s.append("n1", &[again], 1).unwrap();
     assert!(r.refused.is_none() && r.quarantined.is_empty(), "{r:?}");
     // A run of invalid events is one gap.
-    let run: Vec<Event> = (15..=17)
+    let run: Vec<Event> = (19..=21)
         .map(|q| {
             let mut e = ev("n1", q, 100, "/a", "x");
             e.event = None;
@@ -163,40 +289,27 @@ fn hostile_values_are_kept_out_by_name_and_the_node_goes_on() {
         })
         .collect();
     let r = s.append("n1", &run, 1).unwrap();
-    assert_eq!(r.through, 17);
+    assert_eq!(r.through, 21);
     assert_eq!(
         r.quarantined
             .iter()
             .map(|g| (g.from_seq, g.to_seq))
             .collect::<Vec<_>>(),
-        vec![(15, 17)]
+        vec![(19, 21)]
     );
     // A day ahead is still fine: agents' clocks drift.
-    let soon = ev("n1", 18, now + 3600 * 1_000_000_000, "/a", "x");
-    assert_eq!(s.append("n1", &[soon], 1).unwrap().through, 18);
+    let soon = ev("n1", 22, now + 3600 * 1_000_000_000, "/a", "x");
+    assert_eq!(s.append("n1", &[soon], 1).unwrap().through, 22);
 }
 
-#[test]
-fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let s = Store::open(dir.path()).unwrap();
-        s.hello(
-            &NodeInfo {
-                name: "n1".into(),
-                ..Default::default()
-            },
-            1,
-            1,
-        )
-        .unwrap();
-        let batch: Vec<Event> = (1..=100)
-            .map(|i| ev("n1", i, 1_000 + i as i64 * 10, "/a", "x"))
-            .collect();
-        s.append("n1", &batch, 1).unwrap();
-        futures_flush(&s);
-    }
-    let s = Store::reopen_for_test(dir.path());
+fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen(t: &mut TestLog) {
+    let batch: Vec<Event> = (1..=100)
+        .map(|i| ev("n1", i, 1_000 + i as i64 * 10, "/a", "x"))
+        .collect();
+    t.log().append("n1", &batch, 1).unwrap();
+    t.log().flush().unwrap();
+    t.reopen();
+    let s = t.log();
     let got: Vec<u64> = s
         .node_range("n1", 1_200, 1_300)
         .unwrap()
@@ -207,17 +320,8 @@ fn a_time_window_is_a_range_scan_in_time_order_and_survives_reopen() {
     assert_eq!(s.agent("n1").unwrap().unwrap().acked_seq, 100);
 }
 
-fn futures_flush(s: &Store) {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(s.flush())
-        .unwrap();
-}
-
-#[test]
-fn exec_id_and_path_indexes() {
-    let (_d, s) = open();
+fn exec_id_and_path_indexes(t: &mut TestLog) {
+    let s = t.log();
     s.append(
         "n1",
         &[
@@ -252,9 +356,8 @@ fn exec_id_and_path_indexes() {
     assert_eq!(by_path, [1, 3]);
 }
 
-#[test]
-fn dropped_ranges_are_gaps_that_move_the_ack() {
-    let (_d, s) = open();
+fn dropped_ranges_are_gaps_that_move_the_ack(t: &mut TestLog) {
+    let s = t.log();
     s.append("n1", &[ev("n1", 1, 10, "/a", "x")], 1).unwrap();
     s.add_gap(&Gap {
         node: "n1".into(),
@@ -273,9 +376,8 @@ fn dropped_ranges_are_gaps_that_move_the_ack() {
     assert_eq!(s.gaps("n1").unwrap().len(), 1);
 }
 
-#[test]
-fn retention_by_age() {
-    let (_d, s) = open();
+fn retention_by_age(t: &mut TestLog) {
+    let s = t.log();
     // One event per second: each its own bucket.
     let batch: Vec<Event> = (1..=10)
         .map(|i| ev("n1", i, i as i64 * BUCKET_NS, "/a", "x"))
@@ -298,12 +400,10 @@ fn retention_by_age() {
     );
 }
 
-#[test]
-fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
-    let (_d, s) = open();
-    // 1,000 events over 25 ms: three buckets (1..=399, 400..=799,
-    // 800..=1000), cut at 256, 512 and 768: six blocks.
-    let batch: Vec<Event> = (1..=1000)
+/// 1,000 events over 25 ms: three buckets (1..=399, 400..=799,
+/// 800..=1000), cut at 256, 512 and 768: six blocks.
+fn thousand_events() -> Vec<Event> {
+    (1..=1000)
         .map(|i| {
             ev(
                 "n1",
@@ -313,24 +413,21 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
                 "x",
             )
         })
-        .collect();
+        .collect()
+}
+
+fn a_batch_becomes_few_blocks_in_sequence_order(t: &mut TestLog) {
+    let s = t.log();
+    let batch = thousand_events();
     assert_eq!(s.append("n1", &batch, 1).unwrap().through, 1000);
-    assert_eq!(s.block_count(), 6);
-    // Simulate a crash after the write but before the ack: roll the ack back
-    // and redeliver the same events cut differently.
-    let mut a = s.agent("n1").unwrap().unwrap();
-    a.acked_seq = 0;
-    s.put_agent(&a).unwrap();
-    s.append("n1", &batch[..300], 1).unwrap();
-    s.append("n1", &batch[300..650], 1).unwrap();
-    s.append("n1", &batch[650..], 1).unwrap();
-    let all = s.node_range("n1", i64::MIN, i64::MAX).unwrap();
-    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=1000).collect::<Vec<u64>>(),
-        "every event exactly once"
-    );
+    assert_eq!(s.block_count().unwrap(), 6);
+    let seqs: Vec<u64> = s
+        .node_range("n1", i64::MIN, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=1000).collect::<Vec<u64>>());
     assert_eq!(
         s.events(
             &Scope::Path("/etc/app/3.conf"),
@@ -343,12 +440,39 @@ fn a_batch_becomes_few_blocks_and_a_cut_redelivery_duplicates_nothing() {
         .len(),
         1000 / 7 + 1
     );
+    assert_eq!(s.event_count().unwrap(), 1000);
+}
+
+/// sled's trees are written one by one: a crash after the blocks and
+/// before the agent's record leaves the ack behind the blocks.
+#[test]
+fn a_cut_redelivery_after_a_crash_between_blocks_and_ack_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    let batch = thousand_events();
+    assert_eq!(s.append("n1", &batch, 1).unwrap().through, 1000);
+    // Simulate the crash: roll the ack back and redeliver the same events
+    // cut differently.
+    let mut a = s.agent("n1").unwrap().unwrap();
+    a.acked_seq = 0;
+    s.put_agent_for_test(&a);
+    s.append("n1", &batch[..300], 1).unwrap();
+    s.append("n1", &batch[300..650], 1).unwrap();
+    s.append("n1", &batch[650..], 1).unwrap();
+    let all = s.node_range("n1", i64::MIN, i64::MAX).unwrap();
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=1000).collect::<Vec<u64>>(),
+        "every event exactly once"
+    );
 }
 
 #[test]
 fn blocks_written_before_compression_still_read_and_corrupt_ones_are_errors() {
     use prost::Message as _;
-    let (_d, s) = open();
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
     let blocks = s.tree("blocks").unwrap();
     let old = EventBatch {
         events: vec![ev("n1", 1, 5, "/a", "x"), ev("n1", 2, 6, "/a", "x")],
@@ -356,15 +480,14 @@ fn blocks_written_before_compression_still_read_and_corrupt_ones_are_errors() {
     blocks
         .insert(block_key("n1", bucket(5), 1), old.encode_to_vec())
         .unwrap();
-    s.put_agent(&driftwatch_proto::v1::AgentStatus {
+    s.put_agent_for_test(&driftwatch_proto::v1::AgentStatus {
         node: Some(driftwatch_proto::v1::NodeInfo {
             name: "n1".into(),
             ..Default::default()
         }),
         acked_seq: 2,
         ..Default::default()
-    })
-    .unwrap();
+    });
     s.append("n1", &[ev("n1", 3, 7, "/a", "x")], 1).unwrap();
     let seqs: Vec<u64> = s
         .node_range("n1", i64::MIN, i64::MAX)
@@ -391,9 +514,8 @@ fn blocks_written_before_compression_still_read_and_corrupt_ones_are_errors() {
     }
 }
 
-#[test]
-fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
-    let (_d, s) = open();
+fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit(t: &mut TestLog) {
+    let s = t.log();
     // Two nodes, three directories under /srv/ (one nested, one a sibling
     // name that only shares the prefix's bytes), one event a millisecond
     // for two seconds: 200 buckets.
@@ -453,7 +575,7 @@ fn an_indexed_first_page_reads_from_since_and_stops_after_the_limit() {
 
 /// Verifies the whole stored chain of `node` the way `driftwatch verify`
 /// does: sequence order, each link, and the recorded head.
-fn verify_chain(s: &Store, node: &str) -> Result<u64, chain::Broken> {
+fn verify_chain(s: &dyn EventLog, node: &str) -> Result<u64, chain::Broken> {
     let a = s.agent(node).unwrap().unwrap();
     let mut v = chain::Verifier::new(true).through_head(a.chain_seq, &a.chain_head);
     for block in s.node_chain(node).unwrap() {
@@ -467,27 +589,25 @@ fn verify_chain(s: &Store, node: &str) -> Result<u64, chain::Broken> {
 
 /// Rewrites the block holding `seq` with `change` applied to its events,
 /// as someone editing the database would: chain values left as they were.
-fn tamper(s: &Store, node: &str, seq: u64, change: impl FnOnce(&mut Vec<Event>)) {
-    for kv in s.blocks.scan_prefix(node_prefix(node)) {
-        let (k, v) = kv.unwrap();
-        let mut events = decode_block(&v).unwrap();
+fn tamper(s: &SledStore, node: &str, seq: u64, change: impl FnOnce(&mut Vec<Event>)) {
+    for k in s.raw_block_keys(node).unwrap() {
+        let mut events = s.block(&k).unwrap().unwrap();
         if events.iter().any(|e| e.seq == seq) {
             change(&mut events);
             let raw = EventBatch { events }.encode_to_vec();
             let mut value = vec![LZ4];
             value.extend_from_slice(&(raw.len() as u32).to_le_bytes());
             value.extend_from_slice(&lz4_flex::block::compress(&raw));
-            s.blocks.insert(k, value).unwrap();
+            s.put_raw_block(&k, value).unwrap();
             return;
         }
     }
     panic!("no block holds seq {seq}");
 }
 
-fn chained_store() -> (tempfile::TempDir, Store) {
-    let (d, s) = open();
-    // Several batches, many buckets and blocks; a clock step back in the
-    // middle puts later events in earlier buckets.
+/// Six batches, many buckets and blocks; a clock step back in the middle
+/// puts later events in earlier buckets.
+fn chain_six_batches(s: &dyn EventLog) {
     for b in 0..6u64 {
         let batch: Vec<Event> = (1..=100)
             .map(|i| {
@@ -498,16 +618,33 @@ fn chained_store() -> (tempfile::TempDir, Store) {
             .collect();
         assert_eq!(s.append("n1", &batch, 1).unwrap().through, (b + 1) * 100);
     }
+}
+
+fn chained_store() -> (tempfile::TempDir, SledStore) {
+    let d = tempfile::tempdir().unwrap();
+    let s = SledStore::open(d.path()).unwrap();
+    chain_six_batches(&s);
     (d, s)
 }
 
-#[test]
-fn stored_history_is_chained_and_altered_removed_reordered_or_truncated_events_are_named() {
-    let (_d, s) = chained_store();
-    assert_eq!(verify_chain(&s, "n1"), Ok(600));
-    let a = s.agent("n1").unwrap().unwrap();
+fn stored_history_is_chained_and_continues_after_a_reopen(t: &mut TestLog) {
+    chain_six_batches(t.log());
+    assert_eq!(verify_chain(t.log(), "n1"), Ok(600));
+    let a = t.log().agent("n1").unwrap().unwrap();
     assert_eq!((a.chain_seq, a.chain_head.len()), (600, 32));
+    // The chain survives a reopen and continues from the recorded head.
+    t.reopen();
+    let more: Vec<Event> = (601..=610)
+        .map(|i| ev("n1", i, 10_000_000_000 + i as i64, "/etc/g", "x"))
+        .collect();
+    assert_eq!(t.log().append("n1", &more, 1).unwrap().through, 610);
+    assert_eq!(verify_chain(t.log(), "n1"), Ok(610));
+}
 
+/// What the chain names when someone edits stored blocks (done here to
+/// sled's raw blocks; the verification reads through the log either way).
+#[test]
+fn altered_removed_reordered_or_truncated_events_are_named() {
     let (_d, s) = chained_store();
     tamper(&s, "n1", 300, |events| {
         let e = events.iter_mut().find(|e| e.seq == 300).unwrap();
@@ -543,21 +680,10 @@ fn stored_history_is_chained_and_altered_removed_reordered_or_truncated_events_a
     let e = verify_chain(&s, "n1").unwrap_err();
     assert_eq!(e.seq, gone, "truncated: {e:?}");
     assert!(e.reason.contains("newest were removed"), "{e:?}");
-
-    // The chain survives a reopen and continues from the recorded head.
-    let (d, s) = chained_store();
-    drop(s);
-    let s = Store::reopen_for_test(d.path());
-    let more: Vec<Event> = (601..=610)
-        .map(|i| ev("n1", i, 10_000_000_000 + i as i64, "/etc/g", "x"))
-        .collect();
-    assert_eq!(s.append("n1", &more, 1).unwrap().through, 610);
-    assert_eq!(verify_chain(&s, "n1"), Ok(610));
 }
 
-#[test]
-fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays() {
-    let (_d, s) = open();
+fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays(t: &mut TestLog) {
+    let s = t.log();
     let batch: Vec<Event> = (1..=5)
         .map(|i| ev("n1", i, 100 + i as i64, "/a", "x"))
         .collect();
@@ -577,7 +703,7 @@ fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays(
         );
     }
     assert_eq!(s.event_at("n1", 3, 103).unwrap().map(|e| e.seq), Some(3));
-    assert_eq!(verify_chain(&s, "n1"), Ok(5));
+    assert_eq!(verify_chain(s, "n1"), Ok(5));
     // An agent may not set the chain itself: the event is kept out.
     let mut e = ev("n1", 6, 106, "/a", "x");
     e.chain = vec![0; 32];
@@ -586,9 +712,8 @@ fn a_redelivery_with_other_content_is_refused_by_seq_and_the_stored_event_stays(
     assert_eq!(s.event_at("n1", 6, 106).unwrap().map(|e| e.seq), None);
 }
 
-#[test]
-fn sequence_numbers_near_u64_max_are_refused_without_overflow() {
-    let (_d, s) = open();
+fn sequence_numbers_near_u64_max_are_refused_without_overflow(t: &mut TestLog) {
+    let s = t.log();
     s.append("n1", &[ev("n1", 1, 101, "/a", "x")], 1).unwrap();
     let gap = |to_seq| Gap {
         node: "n1".into(),
@@ -616,4 +741,114 @@ fn sequence_numbers_near_u64_max_are_refused_without_overflow() {
         .append("n1", &[ev("n1", u64::MAX, 103, "/a", "x")], 1)
         .unwrap();
     assert!(r.refused.is_some());
+}
+
+fn agent_records_keep_what_only_appends_move(t: &mut TestLog) {
+    let s = t.log();
+    s.append("n1", &[ev("n1", 1, 10, "/a", "x")], 5).unwrap();
+    let before = s.agent("n1").unwrap().unwrap();
+    assert_eq!(before.last_seen_unix_nanos, 5);
+    let after = s
+        .update_agent("n1", &mut |a| {
+            a.connected = false;
+            a.acked_seq = 99;
+            a.chain_seq = 99;
+            a.policy_version = "v2".into();
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!after.connected);
+    assert_eq!(after.policy_version, "v2");
+    assert_eq!(
+        (after.acked_seq, after.chain_seq),
+        (1, 1),
+        "sequence fields are the log's"
+    );
+    assert_eq!(s.agent("n1").unwrap().unwrap(), after);
+    assert!(s.update_agent("nobody", &mut |_| {}).unwrap().is_none());
+    // A hello returns the record as it was.
+    let (previous, now) = s
+        .hello(
+            &NodeInfo {
+                name: "n1".into(),
+                ..Default::default()
+            },
+            7,
+            3,
+        )
+        .unwrap();
+    assert_eq!(
+        previous.as_ref().map(|p| p.policy_version.as_str()),
+        Some("v2")
+    );
+    assert!(now.connected);
+    assert_eq!((now.acked_seq, now.agent_started_unix_nanos), (1, 3));
+    assert_eq!(s.nodes().unwrap(), ["n1"]);
+}
+
+/// Two replicas, one node: an agent that reconnected to the second while
+/// its stream to the first still delivered. Both append the same events
+/// at once, cut differently; the agent's row lock orders them, and each
+/// event is stored once.
+#[test]
+fn two_replicas_appending_one_node_at_once_store_each_event_once() {
+    let Some(url) = pg_schema_url() else { return };
+    let a = PgLog::connect(&url).unwrap();
+    let b = PgLog::connect(&url).unwrap();
+    let batch: Vec<Event> = (1..=3000)
+        .map(|i| {
+            ev(
+                "n1",
+                i,
+                1_000_000 + i as i64 * 10_000,
+                &format!("/m/{}", i % 5),
+                "x",
+            )
+        })
+        .collect();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            for chunk in batch.chunks(500) {
+                let r = a.append("n1", chunk, 1).unwrap();
+                assert!(r.refused.is_none(), "{:?}", r.refused);
+            }
+        });
+        sc.spawn(|| {
+            for chunk in batch.chunks(700) {
+                let r = b.append("n1", chunk, 1).unwrap();
+                assert!(r.refused.is_none(), "{:?}", r.refused);
+            }
+        });
+    });
+    let seqs: Vec<u64> = a
+        .node_range("n1", i64::MIN, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=3000).collect::<Vec<u64>>());
+    assert_eq!(verify_chain(&b, "n1"), Ok(3000));
+}
+
+/// A schema from a newer collector is refused by name, not written to.
+#[test]
+fn a_newer_schema_is_refused() {
+    let Some(url) = pg_schema_url() else { return };
+    drop(PgLog::connect(&url).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .execute("UPDATE dw_schema SET version = version + 1", &[])
+            .await
+            .unwrap();
+    });
+    let err = PgLog::connect(&url).err().expect("refused");
+    assert!(err.to_string().contains("upgrade the collector"), "{err}");
 }

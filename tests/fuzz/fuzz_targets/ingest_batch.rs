@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use driftwatch_collector::store::Store;
+use driftwatch_collector::store::{sled_store::SledStore as Store, EventLog as _};
 use driftwatch_proto::{
     chain::{event_body, Verifier},
     v1::{agent_message::Msg, AgentMessage},

@@ -1,0 +1,1011 @@
+//! The event log on PostgreSQL, for collectors that outgrow one node or run
+//! as replicas over one database.
+//!
+//! Tables (schema version [`SCHEMA_VERSION`], applied at start):
+//! - `dw_blocks (node, bucket, first_seq) → data`: the same LZ4 blocks as
+//!   sled's, partitioned by day of `bucket` (`dw_blocks_d<day>`), so that
+//!   retention drops whole tables;
+//! - `dw_by_exec (exec_id, bucket, node, first_seq)` and
+//!   `dw_by_dir (dir, bucket, node, first_seq)`: the timeline indexes,
+//!   partitioned the same way;
+//! - `dw_agents (node) → status` and `dw_gaps (node, time, from_seq) → gap`.
+//!
+//! Text keys are `COLLATE "C"`: byte order, as in sled, and directory
+//! prefixes served by the index.
+//!
+//! An append is one transaction: the agent's row is locked first (`FOR
+//! UPDATE`), so two replicas that both hold a stream of one node (an agent
+//! that moved while the old stream lingered) append one after the other,
+//! and the second sees the first's acked sequence and skips what it stored.
+//! Appends commit with `synchronous_commit = off`; [`EventLog::flush`]
+//! commits one write with it on, which makes every earlier commit durable
+//! (the WAL is flushed in order): the group commit acks exactly what is on
+//! disk, as with sled.
+//!
+//! The client runs on a runtime of its own: the [`EventLog`] calls are
+//! synchronous (the judging code and sled are), and a call from the main
+//! runtime's threads waits on a scoped thread instead of blocking the
+//! runtime that drives the database connections.
+
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Mutex;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use driftwatch_proto::v1::{AgentStatus, Event, Gap, NodeInfo};
+use prost::Message as _;
+use tokio_postgres::NoTls;
+
+use super::{
+    bucket, chain_head, check_gap, cut_blocks, decode_block, in_scope, keep_log_fields, moves_ack,
+    new_agent, plan, prefix_dir, same_event, Appended, Blocks, EventLog, PageFill, Scope,
+    StoreError, BLOCK_EVENTS, BUCKET_NS,
+};
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE dw_agents (
+    node text COLLATE "C" PRIMARY KEY,
+    status bytea NOT NULL
+);
+CREATE TABLE dw_gaps (
+    node text COLLATE "C" NOT NULL,
+    time bigint NOT NULL,
+    from_seq bigint NOT NULL,
+    gap bytea NOT NULL,
+    PRIMARY KEY (node, time, from_seq)
+);
+CREATE TABLE dw_blocks (
+    node text COLLATE "C" NOT NULL,
+    bucket bigint NOT NULL,
+    first_seq bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (node, bucket, first_seq)
+) PARTITION BY RANGE (bucket);
+CREATE INDEX dw_blocks_by_seq ON dw_blocks (node, first_seq);
+CREATE TABLE dw_by_exec (
+    exec_id text COLLATE "C" NOT NULL,
+    bucket bigint NOT NULL,
+    node text COLLATE "C" NOT NULL,
+    first_seq bigint NOT NULL,
+    PRIMARY KEY (exec_id, bucket, node, first_seq)
+) PARTITION BY RANGE (bucket);
+CREATE TABLE dw_by_dir (
+    dir text COLLATE "C" NOT NULL,
+    bucket bigint NOT NULL,
+    node text COLLATE "C" NOT NULL,
+    first_seq bigint NOT NULL,
+    PRIMARY KEY (dir, bucket, node, first_seq)
+) PARTITION BY RANGE (bucket);
+CREATE TABLE dw_flush (id int PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO dw_flush VALUES (1, 0);
+"#];
+
+/// The partitioned tables, each cut by day.
+const PARTITIONED: [&str; 3] = ["dw_blocks", "dw_by_exec", "dw_by_dir"];
+
+/// Width of a partition.
+const DAY_NS: i64 = 86_400 * 1_000_000_000;
+
+/// Rows a timeline read fetches from one run at a time.
+const PAGE_ROWS: i64 = 64;
+
+/// Connections kept open to the database.
+const POOL_SIZE: usize = 16;
+
+/// A lock id for migrations (any constant shared by every replica).
+const MIGRATION_LOCK: i64 = 0x6472_6966_7477_6368; // "driftwch"
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message (and its detail) says what went wrong.
+        match e.as_db_error() {
+            Some(db) => backend(format!(
+                "{}{}",
+                db.message(),
+                db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+            )),
+            None => backend(e),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        backend(e)
+    }
+}
+
+fn decode<M: prost::Message + Default>(tree: &'static str, v: &[u8]) -> Result<M, StoreError> {
+    M::decode(v).map_err(|source| StoreError::Corrupt { tree, source })
+}
+
+/// A sequence number as a bigint (validated events stay below 2^62).
+fn seq_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn seq_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The day (partition) of a bucket.
+fn day_of(bucket: i64) -> i64 {
+    bucket.div_euclid(DAY_NS)
+}
+
+fn partition_name(table: &str, day: i64) -> String {
+    if day < 0 {
+        format!("{table}_dm{}", day.unsigned_abs())
+    } else {
+        format!("{table}_d{day}")
+    }
+}
+
+/// `LIKE` pattern for strings starting with `prefix`.
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+/// The event log in a PostgreSQL database.
+pub struct PgLog {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    target: String,
+    /// Days whose partitions are known to exist.
+    days: Mutex<HashSet<i64>>,
+}
+
+impl Drop for PgLog {
+    fn drop(&mut self) {
+        // Dropped from async code too (the collector stopping): never wait
+        // for the runtime's threads there.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One scope value's entries in timeline order, fetched a page at a time.
+struct Run {
+    /// `blocks` (a node's blocks), `exec` or `dir` (index entries).
+    kind: RunKind,
+    value: String,
+    /// The last key read: (bucket, node, first_seq).
+    after: (i64, String, i64),
+    until: i64,
+    rows: VecDeque<Row>,
+    exhausted: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum RunKind {
+    Blocks,
+    Exec,
+    Dir,
+}
+
+/// A block (or an index entry and the block it points at, `None` once
+/// retention removed it).
+struct Row {
+    bucket: i64,
+    node: String,
+    first_seq: i64,
+    data: Option<Vec<u8>>,
+}
+
+impl Run {
+    async fn next(&mut self, db: &impl GenericClient) -> Result<Option<Row>, StoreError> {
+        if self.rows.is_empty() && !self.exhausted {
+            let (b, n, s) = &self.after;
+            let rows = match self.kind {
+                RunKind::Blocks => {
+                    db.query(
+                        "SELECT bucket, node, first_seq, data FROM dw_blocks \
+                         WHERE node = $1 AND (bucket, first_seq) > ($2, $3) AND bucket < $4 \
+                         ORDER BY bucket, first_seq LIMIT $5",
+                        &[&self.value, b, s, &self.until, &PAGE_ROWS],
+                    )
+                    .await?
+                }
+                kind => {
+                    let sql = format!(
+                        "SELECT x.bucket, x.node, x.first_seq, b.data FROM {t} x \
+                         LEFT JOIN dw_blocks b \
+                           ON b.node = x.node AND b.bucket = x.bucket AND b.first_seq = x.first_seq \
+                         WHERE x.{c} = $1 AND (x.bucket, x.node, x.first_seq) > ($2, $3, $4) \
+                           AND x.bucket < $5 \
+                         ORDER BY x.bucket, x.node, x.first_seq LIMIT $6",
+                        t = if kind == RunKind::Exec {
+                            "dw_by_exec"
+                        } else {
+                            "dw_by_dir"
+                        },
+                        c = if kind == RunKind::Exec {
+                            "exec_id"
+                        } else {
+                            "dir"
+                        },
+                    );
+                    db.query(&sql, &[&self.value, b, n, s, &self.until, &PAGE_ROWS])
+                        .await?
+                }
+            };
+            self.exhausted = (rows.len() as i64) < PAGE_ROWS;
+            for r in rows {
+                self.rows.push_back(Row {
+                    bucket: r.try_get(0)?,
+                    node: r.try_get(1)?,
+                    first_seq: r.try_get(2)?,
+                    data: r.try_get(3)?,
+                });
+            }
+            if let Some(last) = self.rows.back() {
+                self.after = (last.bucket, last.node.clone(), last.first_seq);
+            }
+        }
+        Ok(self.rows.pop_front())
+    }
+}
+
+impl PgLog {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`,
+    /// libpq's key/value form works too) and brings its schema to this
+    /// build's version.
+    pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| backend(format!("the store URL does not parse: {e}")))?;
+        let target = {
+            let host = config
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let db = config
+                .get_dbname()
+                .or(config.get_user())
+                .unwrap_or("postgres");
+            format!("postgres at {host}:{port}/{db}")
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| backend(format!("starting the client runtime: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(backend)?;
+        let log = Self {
+            rt: Some(rt),
+            pool,
+            target,
+            days: Mutex::new(HashSet::new()),
+        };
+        log.block_on(log.migrate())?;
+        Ok(log)
+    }
+
+    /// Runs `f` on the client's runtime and waits for it, from any thread.
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        let Some(rt) = self.rt.as_ref() else {
+            unreachable!("the runtime lives until drop")
+        };
+        let handle = rt.handle();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return handle.block_on(f);
+        }
+        // Inside a runtime a thread may not block on another one: wait on
+        // a thread of our own.
+        std::thread::scope(|s| {
+            s.spawn(|| handle.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut db = self.pool.get().await?;
+        let tx = db.transaction().await?;
+        // Replicas starting together migrate one at a time.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS dw_schema (version int NOT NULL)")
+            .await?;
+        let version: i32 = match tx.query_opt("SELECT version FROM dw_schema", &[]).await? {
+            Some(r) => r.try_get(0)?,
+            None => {
+                tx.execute("INSERT INTO dw_schema VALUES (0)", &[]).await?;
+                0
+            }
+        };
+        if version > SCHEMA_VERSION {
+            return Err(backend(format!(
+                "the database has schema version {version}; this collector knows up to {SCHEMA_VERSION}: upgrade the collector"
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tracing::info!(store = %self.target, version = i + 1, "applying a schema migration");
+            tx.batch_execute(sql).await?;
+        }
+        tx.execute("UPDATE dw_schema SET version = $1", &[&SCHEMA_VERSION])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Creates the partitions of these days that are not known to exist.
+    async fn ensure_days(&self, days: &[i64]) -> Result<(), StoreError> {
+        let missing: Vec<i64> = {
+            let known = self.days.lock().unwrap_or_else(|p| p.into_inner());
+            days.iter()
+                .copied()
+                .filter(|d| !known.contains(d))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let db = self.pool.get().await?;
+        for day in missing {
+            for table in PARTITIONED {
+                let name = partition_name(table, day);
+                let sql = format!(
+                    "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ({}) TO ({})",
+                    day.saturating_mul(DAY_NS),
+                    day.saturating_add(1).saturating_mul(DAY_NS)
+                );
+                if let Err(e) = db.batch_execute(&sql).await {
+                    // Another replica created it a moment ago.
+                    let exists = db
+                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                        .await?
+                        .try_get::<_, bool>(0)?;
+                    if !exists {
+                        return Err(e.into());
+                    }
+                }
+            }
+            self.days
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(day);
+        }
+        Ok(())
+    }
+
+    /// The events stored under redelivered sequence numbers, by sequence.
+    async fn stored_for(
+        db: &impl GenericClient,
+        node: &str,
+        redelivered: &[&Event],
+    ) -> Result<HashMap<u64, Option<Event>>, StoreError> {
+        let mut out = HashMap::new();
+        if redelivered.is_empty() {
+            return Ok(out);
+        }
+        let buckets: Vec<i64> = redelivered
+            .iter()
+            .map(|e| bucket(e.time_unix_nanos))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut found: HashMap<u64, Event> = HashMap::new();
+        for r in db
+            .query(
+                "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = ANY($2)",
+                &[&node, &buckets],
+            )
+            .await?
+        {
+            let data: Vec<u8> = r.try_get(0)?;
+            for e in decode_block(&data)? {
+                found.insert(e.seq, e);
+            }
+        }
+        for e in redelivered {
+            if let Some(s) = found.get(&e.seq) {
+                out.insert(e.seq, Some(s.clone()));
+                continue;
+            }
+            // Not at the time it claims: stored elsewhere (another event),
+            // or removed by retention (nothing to replace).
+            let seq = seq_sql(e.seq);
+            let elsewhere = match db
+                .query_opt(
+                    "SELECT data FROM dw_blocks WHERE node = $1 AND first_seq <= $2 \
+                     AND first_seq > $2 - $3 ORDER BY first_seq DESC LIMIT 1",
+                    &[&node, &seq, &seq_sql(BLOCK_EVENTS)],
+                )
+                .await?
+            {
+                Some(r) => {
+                    let data: Vec<u8> = r.try_get(0)?;
+                    decode_block(&data)?.into_iter().find(|s| s.seq == e.seq)
+                }
+                None => None,
+            };
+            out.insert(e.seq, elsewhere);
+        }
+        Ok(out)
+    }
+
+    async fn agent_for_update(
+        tx: &impl GenericClient,
+        node: &str,
+    ) -> Result<Option<AgentStatus>, StoreError> {
+        tx.query_opt(
+            "SELECT status FROM dw_agents WHERE node = $1 FOR UPDATE",
+            &[&node],
+        )
+        .await?
+        .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
+        .transpose()
+    }
+
+    async fn put_agent(
+        tx: &impl GenericClient,
+        node: &str,
+        a: &AgentStatus,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO dw_agents (node, status) VALUES ($1, $2) \
+             ON CONFLICT (node) DO UPDATE SET status = EXCLUDED.status",
+            &[&node, &a.encode_to_vec()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_gap(tx: &impl GenericClient, gap: &Gap) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO dw_gaps (node, time, from_seq, gap) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (node, time, from_seq) DO UPDATE SET gap = EXCLUDED.gap",
+            &[
+                &gap.node,
+                &gap.from_time_unix_nanos,
+                &seq_sql(gap.from_seq),
+                &gap.encode_to_vec(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn append_async(
+        &self,
+        node: &str,
+        events: &[Event],
+        seen_at: i64,
+    ) -> Result<Appended, StoreError> {
+        // Partitions for every day the batch may touch, before the
+        // transaction (DDL there would lock the parent tables for its
+        // whole length).
+        let days: Vec<i64> = events
+            .iter()
+            .filter(|e| e.time_unix_nanos > 0)
+            .map(|e| day_of(bucket(e.time_unix_nanos)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.ensure_days(&days).await?;
+        let mut db = self.pool.get().await?;
+        let tx = db.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
+        // The node's row is the lock every append of it takes first; a
+        // node first seen here gets one (a hello normally made it).
+        tx.execute(
+            "INSERT INTO dw_agents (node, status) VALUES ($1, $2) ON CONFLICT (node) DO NOTHING",
+            &[&node, &new_agent(node).encode_to_vec()],
+        )
+        .await?;
+        let mut agent = Self::agent_for_update(&tx, node)
+            .await?
+            .unwrap_or_else(|| new_agent(node));
+        let redelivered: Vec<&Event> = events
+            .iter()
+            .filter(|e| e.seq != 0 && e.seq <= agent.acked_seq)
+            .collect();
+        let stored = Self::stored_for(&tx, node, &redelivered).await?;
+        let plan = plan(node, events, agent.acked_seq, seen_at, |e| {
+            Ok(match stored.get(&e.seq) {
+                Some(Some(s)) => same_event(s, e),
+                // Nothing stored under it (retention): nothing replaced.
+                Some(None) | None => true,
+            })
+        })?;
+        let mut head = chain_head(&agent);
+        let blocks = cut_blocks(&plan.accepted, &mut head);
+        if !blocks.is_empty() {
+            let mut buckets = Vec::with_capacity(blocks.len());
+            let mut firsts = Vec::with_capacity(blocks.len());
+            let mut data = Vec::with_capacity(blocks.len());
+            let (mut x_val, mut x_bucket, mut x_first) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut d_val, mut d_bucket, mut d_first) = (Vec::new(), Vec::new(), Vec::new());
+            for b in blocks {
+                let first = seq_sql(b.first_seq);
+                for x in b.execs {
+                    x_val.push(x);
+                    x_bucket.push(b.bucket);
+                    x_first.push(first);
+                }
+                for d in b.dirs {
+                    d_val.push(d);
+                    d_bucket.push(b.bucket);
+                    d_first.push(first);
+                }
+                buckets.push(b.bucket);
+                firsts.push(first);
+                data.push(b.value);
+            }
+            // Three statements, pipelined on the connection.
+            let blocks_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&node, &buckets, &firsts, &data];
+            let blocks = tx.execute(
+                "INSERT INTO dw_blocks (node, bucket, first_seq, data) \
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bytea[]) \
+                 ON CONFLICT (node, bucket, first_seq) DO UPDATE SET data = EXCLUDED.data",
+                &blocks_params,
+            );
+            let execs_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&node, &x_val, &x_bucket, &x_first];
+            let execs = tx.execute(
+                "INSERT INTO dw_by_exec (exec_id, bucket, node, first_seq) \
+                 SELECT v, b, $1, f FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(v, b, f) \
+                 ON CONFLICT DO NOTHING",
+                &execs_params,
+            );
+            let dirs_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&node, &d_val, &d_bucket, &d_first];
+            let dirs = tx.execute(
+                "INSERT INTO dw_by_dir (dir, bucket, node, first_seq) \
+                 SELECT v, b, $1, f FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(v, b, f) \
+                 ON CONFLICT DO NOTHING",
+                &dirs_params,
+            );
+            tokio::try_join!(blocks, execs, dirs)?;
+        }
+        for g in &plan.quarantined {
+            Self::insert_gap(&tx, g).await?;
+        }
+        let done = plan.finish(&mut agent, head, seen_at);
+        Self::put_agent(&tx, node, &agent).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Partitions of the event tables, as (day, table, partition name).
+    async fn partitions(db: &impl GenericClient) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut out = Vec::new();
+        for r in db
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i \
+                 JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'dw_blocks'::regclass",
+                &[],
+            )
+            .await?
+        {
+            let name: String = r.try_get(0)?;
+            let day = match name.strip_prefix("dw_blocks_d") {
+                Some(d) => match d.strip_prefix('m') {
+                    Some(m) => m.parse::<i64>().ok().map(|v| -v),
+                    None => d.parse::<i64>().ok(),
+                },
+                None => None,
+            };
+            if let Some(day) = day {
+                out.push((day, name));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Drops a day's partitions; returns the blocks it held.
+    async fn drop_day(&self, db: &impl GenericClient, day: i64) -> Result<u64, StoreError> {
+        let blocks = partition_name("dw_blocks", day);
+        let n: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {blocks}"), &[])
+            .await?
+            .try_get(0)?;
+        for table in PARTITIONED {
+            db.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {}",
+                partition_name(table, day)
+            ))
+            .await?;
+        }
+        self.days
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&day);
+        tracing::info!(store = %self.target, day, blocks = n, "dropped a day of events");
+        Ok(seq_of(n))
+    }
+
+    async fn size_async(db: &impl GenericClient) -> Result<u64, StoreError> {
+        let n: i64 = db
+            .query_one(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                 WHERE c.relnamespace = current_schema()::regnamespace \
+                   AND c.relkind = 'r' AND c.relname LIKE 'dw\\_%'",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        Ok(seq_of(n))
+    }
+}
+
+impl EventLog for PgLog {
+    fn describe(&self) -> String {
+        self.target.clone()
+    }
+
+    fn hello(
+        &self,
+        node: &NodeInfo,
+        now: i64,
+        started: i64,
+    ) -> Result<(Option<AgentStatus>, AgentStatus), StoreError> {
+        self.block_on(async {
+            let mut db = self.pool.get().await?;
+            let tx = db.transaction().await?;
+            let previous = Self::agent_for_update(&tx, &node.name).await?;
+            let mut a = previous.clone().unwrap_or_default();
+            a.node = Some(node.clone());
+            a.connected = true;
+            a.last_seen_unix_nanos = now;
+            a.agent_started_unix_nanos = started;
+            Self::put_agent(&tx, &node.name, &a).await?;
+            tx.commit().await?;
+            Ok((previous, a))
+        })
+    }
+
+    fn append(&self, node: &str, events: &[Event], seen_at: i64) -> Result<Appended, StoreError> {
+        self.block_on(self.append_async(node, events, seen_at))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            // A synchronous commit: the WAL up to it, with every earlier
+            // asynchronous commit, is on disk when it returns.
+            db.execute("UPDATE dw_flush SET n = n + 1 WHERE id = 1", &[])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn agent(&self, node: &str) -> Result<Option<AgentStatus>, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            db.query_opt("SELECT status FROM dw_agents WHERE node = $1", &[&node])
+                .await?
+                .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
+                .transpose()
+        })
+    }
+
+    fn agents(&self) -> Result<Vec<AgentStatus>, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            db.query("SELECT status FROM dw_agents ORDER BY node", &[])
+                .await?
+                .into_iter()
+                .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
+                .collect()
+        })
+    }
+
+    fn update_agent(
+        &self,
+        node: &str,
+        change: &mut (dyn FnMut(&mut AgentStatus) + Send),
+    ) -> Result<Option<AgentStatus>, StoreError> {
+        // Read and written under the row's lock: an append on another
+        // replica waits, and the sequence fields it moves are kept.
+        self.block_on(async {
+            let mut db = self.pool.get().await?;
+            let tx = db.transaction().await?;
+            let Some(before) = Self::agent_for_update(&tx, node).await? else {
+                return Ok(None);
+            };
+            let mut a = before.clone();
+            change(&mut a);
+            keep_log_fields(&before, &mut a);
+            Self::put_agent(&tx, node, &a).await?;
+            tx.commit().await?;
+            Ok(Some(a))
+        })
+    }
+
+    fn add_gap(&self, gap: &Gap) -> Result<(), StoreError> {
+        check_gap(gap)?;
+        self.block_on(async {
+            let mut db = self.pool.get().await?;
+            let tx = db.transaction().await?;
+            Self::insert_gap(&tx, gap).await?;
+            if let Some(mut a) = Self::agent_for_update(&tx, &gap.node).await? {
+                if moves_ack(gap, &a) {
+                    a.acked_seq = gap.to_seq;
+                    Self::put_agent(&tx, &gap.node, &a).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn gaps(&self, node: &str) -> Result<Vec<Gap>, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            let rows = if node.is_empty() {
+                db.query("SELECT gap FROM dw_gaps ORDER BY node, time, from_seq", &[])
+                    .await?
+            } else {
+                db.query(
+                    "SELECT gap FROM dw_gaps WHERE node = $1 ORDER BY time, from_seq",
+                    &[&node],
+                )
+                .await?
+            };
+            rows.into_iter()
+                .map(|r| decode::<Gap>("gaps", r.try_get(0)?))
+                .collect()
+        })
+    }
+
+    fn event_at(&self, node: &str, seq: u64, time: i64) -> Result<Option<Event>, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            for r in db
+                .query(
+                    "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = $2",
+                    &[&node, &bucket(time)],
+                )
+                .await?
+            {
+                let data: Vec<u8> = r.try_get(0)?;
+                if let Some(e) = decode_block(&data)?.into_iter().find(|e| e.seq == seq) {
+                    return Ok(Some(e));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    /// Each node's blocks (or each index value's entries) are a run read a
+    /// page at a time in key order; the runs are merged by bucket.
+    fn events(
+        &self,
+        scope: &Scope<'_>,
+        since: i64,
+        until: i64,
+        limit: usize,
+        keep: &(dyn Fn(&Event) -> bool + Sync),
+    ) -> Result<Vec<Event>, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            let (kind, values) = match scope {
+                Scope::Nodes(nodes) => (RunKind::Blocks, nodes.clone()),
+                Scope::Exec(id) => (RunKind::Exec, vec![(*id).to_owned()]),
+                Scope::Path(prefix) => {
+                    let rows = db
+                        .query(
+                            "SELECT DISTINCT dir FROM dw_by_dir WHERE dir LIKE $1 ORDER BY dir",
+                            &[&like_prefix(prefix_dir(prefix))],
+                        )
+                        .await?;
+                    let dirs = rows
+                        .into_iter()
+                        .map(|r| r.try_get::<_, String>(0))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (RunKind::Dir, dirs)
+                }
+            };
+            let last = bucket(until.saturating_sub(1)).saturating_add(BUCKET_NS);
+            let mut runs: Vec<Run> = values
+                .into_iter()
+                .map(|value| Run {
+                    kind,
+                    value,
+                    after: (bucket(since), String::new(), -1),
+                    until: last,
+                    rows: VecDeque::new(),
+                    exhausted: false,
+                })
+                .collect();
+            // The key before a run's first: its first bucket, node "" and
+            // sequence -1 (node names are never empty).
+            let mut heap = BinaryHeap::new();
+            for (i, run) in runs.iter_mut().enumerate() {
+                if let Some(row) = run.next(&db).await? {
+                    heap.push(std::cmp::Reverse((row.bucket, i, HeapRow(row))));
+                }
+            }
+            let exact = |e: &Event| in_scope(scope, since, until, e, keep);
+            let mut page = PageFill::new(limit);
+            let mut read = HashSet::new();
+            while let Some(std::cmp::Reverse((b, i, HeapRow(row)))) = heap.pop() {
+                if page.done_before(b) {
+                    break;
+                }
+                let fresh = kind == RunKind::Blocks
+                    || read.insert((row.node.clone(), row.bucket, row.first_seq));
+                if let (true, Some(data)) = (fresh, &row.data) {
+                    page.add(b, decode_block(data)?, &exact);
+                }
+                if let Some(next) = runs[i].next(&db).await? {
+                    heap.push(std::cmp::Reverse((next.bucket, i, HeapRow(next))));
+                }
+            }
+            Ok(page.finish())
+        })
+    }
+
+    fn node_chain<'a>(&'a self, node: &str) -> Result<Blocks<'a>, StoreError> {
+        let node = node.to_owned();
+        let mut after = -1i64;
+        let mut page: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut done = false;
+        Ok(Box::new(std::iter::from_fn(move || {
+            if page.is_empty() && !done {
+                let fetched = self.block_on(async {
+                    let db = self.pool.get().await?;
+                    let rows = db
+                        .query(
+                            "SELECT first_seq, data FROM dw_blocks WHERE node = $1 AND first_seq > $2 \
+                             ORDER BY first_seq LIMIT $3",
+                            &[&node, &after, &PAGE_ROWS],
+                        )
+                        .await?;
+                    rows.into_iter()
+                        .map(|r| Ok((r.try_get::<_, i64>(0)?, r.try_get::<_, Vec<u8>>(1)?)))
+                        .collect::<Result<Vec<_>, StoreError>>()
+                });
+                match fetched {
+                    Ok(rows) => {
+                        done = (rows.len() as i64) < PAGE_ROWS;
+                        for (first, data) in rows {
+                            after = first;
+                            page.push_back(data);
+                        }
+                    }
+                    Err(e) => {
+                        done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let data = page.pop_front()?;
+            Some(decode_block(&data).map(|mut events| {
+                events.sort_by_key(|e| e.seq);
+                events
+            }))
+        })))
+    }
+
+    /// Whole days go by dropping their partitions; the day `min_time`
+    /// falls in is cut with a delete. The size bound drops whole days,
+    /// oldest first, never the newest (a delete frees no disk space until
+    /// PostgreSQL vacuums).
+    fn retain(&self, min_time: i64, max_bytes: u64) -> Result<usize, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            let cut = bucket(min_time);
+            let mut removed = 0u64;
+            for (day, _) in Self::partitions(&db).await? {
+                if day.saturating_add(1).saturating_mul(DAY_NS) <= cut {
+                    removed += self.drop_day(&db, day).await?;
+                }
+            }
+            let n = db
+                .execute("DELETE FROM dw_blocks WHERE bucket < $1", &[&cut])
+                .await?;
+            db.execute("DELETE FROM dw_by_exec WHERE bucket < $1", &[&cut])
+                .await?;
+            db.execute("DELETE FROM dw_by_dir WHERE bucket < $1", &[&cut])
+                .await?;
+            removed += n;
+            if max_bytes > 0 {
+                loop {
+                    if Self::size_async(&db).await? <= max_bytes {
+                        break;
+                    }
+                    let days = Self::partitions(&db).await?;
+                    if days.len() < 2 {
+                        tracing::warn!(store = %self.target, max_bytes, "the event log is over its size bound with one day left; the bound drops whole days");
+                        break;
+                    }
+                    removed += self.drop_day(&db, days[0].0).await?;
+                }
+            }
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            Self::size_async(&db).await
+        })
+    }
+
+    fn block_count(&self) -> Result<u64, StoreError> {
+        self.block_on(async {
+            let db = self.pool.get().await?;
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM dw_blocks", &[])
+                .await?
+                .try_get(0)?;
+            Ok(seq_of(n))
+        })
+    }
+
+    fn event_count(&self) -> Result<u64, StoreError> {
+        let mut n = 0u64;
+        for node in self.nodes()? {
+            for block in self.node_chain(&node)? {
+                n += block?.len() as u64;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A row in the merge heap: ordered by the (bucket, run) before it only.
+struct HeapRow(Row);
+
+impl PartialEq for HeapRow {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for HeapRow {}
+impl PartialOrd for HeapRow {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeapRow {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
