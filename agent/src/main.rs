@@ -70,7 +70,9 @@ struct Args {
     /// (TLS; with --ca, and --cert/--key naming this node) or
     /// `http://host:7070` (plaintext, logged as a warning). Events are
     /// spooled on disk first and kept until the collector has stored them;
-    /// while it is unreachable the agent keeps collecting.
+    /// while it is unreachable the agent keeps collecting. Several URLs,
+    /// comma-separated, name replicas over one store: the agent streams to
+    /// one and moves to the next when it fails.
     #[arg(long, env = "DRIFTWATCH_COLLECTOR", value_name = "URL")]
     collector: Option<String>,
 
@@ -451,6 +453,18 @@ fn node_name(arg: Option<String>) -> String {
     .unwrap_or_else(|| "unknown".into())
 }
 
+/// The collector URLs of `--collector` (comma-separated replicas).
+fn collector_urls(args: &Args) -> Vec<String> {
+    args.collector
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A collector URL and TLS files the transport accepts, checked before
 /// anything is loaded.
 fn check_collector_url(url: &str, tls: &ClientTls) -> anyhow::Result<()> {
@@ -678,9 +692,9 @@ fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(url) = &args.collector {
+    for url in collector_urls(&args) {
         check_collector_url(
-            url,
+            &url,
             &ClientTls {
                 ca: args.ca.clone(),
                 cert: args.cert.clone(),
@@ -758,7 +772,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let delivery = Arc::new(stream::Delivery::default());
     let sender_idle = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut sending = None;
-    let spool = match &args.collector {
+    let spool = match collector_urls(&args).first() {
         Some(url) => {
             std::fs::create_dir_all(&args.spool_dir).with_context(|| {
                 format!("creating the spool directory {}", args.spool_dir.display())
@@ -767,7 +781,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("opening the spool in {}", args.spool_dir.display()))?;
             let notify = std::sync::Arc::new(tokio::sync::Notify::new());
             let sender = stream::Sender {
-                url: url.clone(),
+                urls: collector_urls(&args),
+                current: 0,
                 tls: ClientTls {
                     ca: args.ca.clone(),
                     cert: args.cert.clone(),

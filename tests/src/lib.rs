@@ -858,3 +858,42 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// The URL of a new, empty schema on the PostgreSQL server `cargo xtask
+/// test` started (`DRIFTWATCH_TEST_POSTGRES`); `None`, the test skipped
+/// and said so, only when `DRIFTWATCH_SKIP_POSTGRES=1`.
+pub fn pg_schema_url(name: &str) -> Option<String> {
+    let Ok(base) = std::env::var("DRIFTWATCH_TEST_POSTGRES") else {
+        if std::env::var("DRIFTWATCH_SKIP_POSTGRES").as_deref() == Ok("1") {
+            eprintln!("skipped: needs PostgreSQL (DRIFTWATCH_SKIP_POSTGRES=1)");
+            return None;
+        }
+        panic!(
+            "DRIFTWATCH_TEST_POSTGRES is not set: run `cargo xtask test`, which starts a throwaway PostgreSQL, \
+             or set DRIFTWATCH_SKIP_POSTGRES=1 to skip the PostgreSQL tests"
+        );
+    };
+    let schema = format!("{name}_{}", std::process::id());
+    run(Command::new("psql")
+        .args(["-q", "-v", "ON_ERROR_STOP=1", &base, "-c"])
+        .arg(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .stdout(Stdio::null()));
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+/// One value `sql` selects on the database at `url`, as text.
+pub fn psql_value(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

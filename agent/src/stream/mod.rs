@@ -77,8 +77,12 @@ pub enum StreamError {
 /// Settings of the sender.
 #[derive(Clone)]
 pub struct Sender {
-    /// Collector URL (`https://host:port`, or `http://` for plaintext).
-    pub url: String,
+    /// Collector URLs (`https://host:port`, or `http://` for plaintext):
+    /// replicas over one store. The sender streams to one and moves to
+    /// the next when it cannot reach it or its stream fails.
+    pub urls: Vec<String>,
+    /// The one in use.
+    pub current: usize,
     /// TLS files, read at each connection.
     pub tls: driftwatch_proto::client::ClientTls,
     /// The spool to read from.
@@ -129,14 +133,33 @@ impl Sender {
         loop {
             let r = self.stream_once().await;
             self.stats.set_connected(false);
+            let mut wait = backoff;
             match r {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
+                    // Another replica next; the backoff grows once every
+                    // one of them failed.
+                    let next = (self.current + 1) % self.urls.len().max(1);
+                    if next != 0 {
+                        wait = Duration::from_millis(200);
+                    }
                     tracing::warn!(
                         spooled = self.spool.len(),
+                        next = %self.urls.get(next).map_or("", String::as_str),
                         "{e}; events stay in the spool, retrying in {:.1}s",
-                        backoff.as_secs_f64()
+                        wait.as_secs_f64()
                     );
+                    self.current = next;
+                    if next != 0 {
+                        if self.stop.borrow().is_some() {
+                            return;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.stop.changed() => return,
+                        }
+                        continue;
+                    }
                 }
             }
             if self.stop.borrow().is_some() {
@@ -164,10 +187,11 @@ impl Sender {
     /// policies and scan requests. Returns when the stream ends, or once a
     /// stop is drained.
     async fn stream_once(&mut self) -> Result<(), StreamError> {
+        let url = self.urls.get(self.current).cloned().unwrap_or_default();
         let (endpoint, _) =
-            driftwatch_proto::client::endpoint(&self.url, &self.tls).map_err(|reason| {
+            driftwatch_proto::client::endpoint(&url, &self.tls).map_err(|reason| {
                 StreamError::Url {
-                    url: self.url.clone(),
+                    url: url.clone(),
                     reason,
                 }
             })?;
@@ -177,7 +201,7 @@ impl Sender {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
         let channel = endpoint.connect().await.map_err(|e| StreamError::Connect {
-            url: self.url.clone(),
+            url: url.clone(),
             reason: driftwatch_proto::client::error_chain(&e),
         })?;
         // Events travel as the spool keeps them, encoded once: the batch
@@ -214,7 +238,7 @@ impl Sender {
             },
             None => return Ok(()),
         };
-        tracing::info!(url = %self.url, acked, spooled = self.spool.len(), "streaming to the collector");
+        tracing::info!(%url, acked, spooled = self.spool.len(), "streaming to the collector");
         if acked > self.spool.last_seq() {
             // The collector holds this node's events beyond any number
             // this spool handed out: go on above them.

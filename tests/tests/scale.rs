@@ -1,0 +1,198 @@
+//! Collectors over PostgreSQL: the real path (kernel → agent → spool →
+//! stream → collector → PostgreSQL → CLI), and replicas sharing one
+//! database with an agent that moves between them.
+
+use std::{
+    collections::HashSet,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use driftwatch_tests::{pg_schema_url, policy, psql_value, run, Agent, Collector, Dir};
+
+/// `fchmod`s a file `count` times at `per_s` (one `chmod` event each).
+fn chmods(path: &str, count: u64, per_s: u64, done: &AtomicU64) {
+    let c = std::ffi::CString::new(path).unwrap();
+    let start = Instant::now();
+    // SAFETY: open, fchmod and close of our own file with a valid C string.
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
+        assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
+        for i in 0..count {
+            if i % 100 == 0 {
+                let due = Duration::from_nanos(i * 1_000_000_000 / per_s);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            assert_eq!(libc::fchmod(fd, if i % 2 == 0 { 0o600 } else { 0o644 }), 0);
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        libc::close(fd);
+    }
+}
+
+/// The sequence numbers of the chmod events of `path` in `c`'s timeline.
+fn stored_chmods(c: &Collector, path: &str) -> Vec<u64> {
+    c.timeline(&["--path", path, "--kind", "file"])
+        .iter()
+        .filter(|v| v["type"] == "event" && v["op"] == "chmod" && v["path"] == path)
+        .map(|v| v["seq"].as_u64().expect("a seq"))
+        .collect()
+}
+
+/// Waits while the count of stored chmods of `path` grows, until it is
+/// `want`; fails when it stops growing for 30 s short of it.
+fn wait_stored(c: &Collector, path: &str, want: usize) -> Vec<u64> {
+    let mut last = (0, Instant::now());
+    loop {
+        let seqs = stored_chmods(c, path);
+        if seqs.len() >= want {
+            return seqs;
+        }
+        if seqs.len() > last.0 {
+            last = (seqs.len(), Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(30),
+            "stuck at {} of {want} events for 30 s",
+            seqs.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn assert_exactly_once(seqs: &[u64], want: usize) {
+    let distinct: HashSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
+    assert_eq!(seqs.len(), want, "events stored");
+}
+
+#[test]
+fn real_changes_reach_the_timeline_through_a_collector_on_postgresql() {
+    driftwatch_tests::require_root();
+    let Some(url) = pg_schema_url("e2e") else {
+        return;
+    };
+    let dir = Dir::new();
+    let cfg = dir.join("etc");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let file = format!("{cfg}/app.conf");
+    std::fs::write(&file, "threads = 4\n").unwrap();
+    let collector = Collector::start_with(&["--store", &url]);
+    assert!(
+        collector.log().contains("postgres at 127.0.0.1"),
+        "{}",
+        collector.log()
+    );
+    let spool = dir.path.join("spool");
+    let mut agent = Agent::streaming(
+        &policy(&[format!("{cfg}/")], &[]),
+        &collector,
+        "pg-node",
+        &spool,
+    );
+    agent.wait_policy_watching(&format!("{cfg}/"));
+    run(Command::new("sed").args(["-i", "s/4/8/", &file]));
+    run(Command::new("cp")
+        .arg("/etc/hostname")
+        .arg(format!("{cfg}/copied.conf")));
+    run(&mut driftwatch_tests::python(&format!(
+        "open({:?}, 'a').write('x = 1\\n')",
+        file
+    )));
+    let timeline = collector.wait_timeline(
+        &["--host", "pg-node", "--path", &format!("{cfg}/")],
+        |items| {
+            let execs: HashSet<&str> = items
+                .iter()
+                .filter(|v| v["type"] == "event" && v["kind"] == "file")
+                .filter_map(|v| v["process"]["exe"].as_str())
+                .collect();
+            ["sed", "cp", "python3"].iter().all(|name| {
+                execs
+                    .iter()
+                    .any(|e| e.rsplit('/').next().is_some_and(|b| b.starts_with(name)))
+            })
+        },
+        "the sed, cp and python changes in the timeline",
+    );
+    assert!(!timeline.is_empty());
+    // They are PostgreSQL's rows, not a local store's.
+    let blocks: u64 = psql_value(&url, "SELECT count(*) FROM dw_blocks")
+        .parse()
+        .unwrap();
+    assert!(blocks > 0, "no blocks in PostgreSQL");
+    let agents = psql_value(
+        &url,
+        "SELECT count(*) FROM dw_agents WHERE node = 'pg-node'",
+    );
+    assert_eq!(agents, "1");
+    drop(agent);
+}
+
+#[test]
+fn an_agent_moves_to_another_replica_when_its_collector_is_killed_and_nothing_is_lost() {
+    driftwatch_tests::require_root();
+    let Some(url) = pg_schema_url("replicas") else {
+        return;
+    };
+    const CHANGES: u64 = 20_000;
+    let dir = Dir::new();
+    let tree = dir.join("models");
+    std::fs::create_dir_all(&tree).unwrap();
+    let file = format!("{tree}/ranker.bin");
+    std::fs::write(&file, b"weights").unwrap();
+    let mut a = Collector::start_with(&["--store", &url]);
+    let b = Collector::start_with(&["--store", &url]);
+    let spool = dir.path.join("spool");
+    let both = format!("{},{}", a.url, b.url);
+    let mut agent = Agent::start_with(
+        &policy(&[format!("{tree}/")], &[]),
+        &[
+            "--collector",
+            &both,
+            "--node-name",
+            "node-moving",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+        ],
+    );
+    agent.wait_policy_watching(&format!("{tree}/"));
+    let done = AtomicU64::new(0);
+    let killed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| chmods(&file, CHANGES, 4_000, &done));
+        // A third of the way in, once the first replica has stored some.
+        while done.load(Ordering::Relaxed) < CHANGES / 3 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !stored_chmods(&a, &file).is_empty(),
+            "the first replica stored nothing before it was killed"
+        );
+        a.kill();
+        killed.store(true, Ordering::Relaxed);
+    });
+    assert!(killed.load(Ordering::Relaxed));
+    // Every event, once, through the replica that lived...
+    let seqs = wait_stored(&b, &file, CHANGES as usize);
+    assert_exactly_once(&seqs, CHANGES as usize);
+    // ...and the same view through the other one, started again.
+    a.restart();
+    let again = stored_chmods(&a, &file);
+    assert_eq!(again, seqs, "both replicas show one timeline");
+    let events = agent.stop();
+    let stats = driftwatch_tests::final_stats(&events);
+    assert_eq!(stats["file"]["dropped"], 0, "{stats}");
+    assert!(
+        b.log()
+            .lines()
+            .any(|l| l.contains("agent connected") && l.contains("node-moving")),
+        "the second replica never saw the agent: {}",
+        b.log()
+    );
+}
