@@ -413,7 +413,9 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     // Open streams and follows end with UNAVAILABLE when the collector
     // stops, instead of holding the stop until their clients leave.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let ingest = Ingest::new(store.clone(), correlator.clone()).closing_on(closing.clone());
+    let separate_state = matches!(args.store, StoreChoice::Postgres(_)).then(|| state.clone());
+    let ingest =
+        Ingest::new(store.clone(), correlator.clone(), separate_state).closing_on(closing.clone());
     let audit = std::sync::Arc::new(Audit::open(&state).context("opening the audit log")?);
     tokio::spawn(reload_policy(
         policies.clone(),

@@ -63,7 +63,7 @@ pub fn set_up_already() -> bool {
 /// the release build of `bench <which>` instead: an unoptimised load
 /// generator would take the cores it shares with what it measures. True
 /// when it did so and the caller is done.
-pub fn rerun_in_release(which: &str) -> Result<bool> {
+pub fn rerun_in_release(which: &str, extra: &[&str]) -> Result<bool> {
     if !cfg!(debug_assertions) {
         return Ok(false);
     }
@@ -71,6 +71,7 @@ pub fn rerun_in_release(which: &str) -> Result<bool> {
     setup::run(crate::cargo().args(["build", "--release", "-p", "xtask"]))?;
     let status = std::process::Command::new(crate::root().join("target/release/xtask"))
         .args(["bench", which])
+        .args(extra)
         .env(SET_UP, "1")
         .status()
         .context("running the release build of xtask")?;

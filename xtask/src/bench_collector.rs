@@ -283,7 +283,7 @@ async fn first_page(url: &str, since: i64, page: Page) -> Result<(Duration, usiz
 /// folded into its finding).
 const POLICY: &str = "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"/etc/myapp/\"]\n    writers: [ { exe: /usr/bin/ansible-playbook } ]\n";
 
-fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
+fn start_collector(bin: &Path, data: &Path, port: u16, store: Option<&str>) -> Result<Child> {
     let policy = data.with_extension("policy.yaml");
     if let Some(parent) = policy.parent() {
         std::fs::create_dir_all(parent)?;
@@ -300,6 +300,7 @@ fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
             "--log",
             &std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         ])
+        .args(store.map(|url| ["--store", url]).into_iter().flatten())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the collector")?;
@@ -313,14 +314,31 @@ fn start_collector(bin: &Path, data: &Path, port: u16) -> Result<Child> {
     Ok(child)
 }
 
+/// Where the benchmarked collector stores events.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded default.
+    Sled,
+    /// A throwaway PostgreSQL server on loopback, started by the bench.
+    Postgres,
+}
+
 /// Runs the benchmark.
-pub fn run() -> Result<()> {
+pub fn run(store: StoreKind) -> Result<()> {
     if !crate::bench::set_up_already() {
         setup::ensure()?;
     }
-    if crate::bench::rerun_in_release("collector")? {
+    let store_arg = match store {
+        StoreKind::Sled => "sled",
+        StoreKind::Postgres => "postgres",
+    };
+    if crate::bench::rerun_in_release("collector", &["--store", store_arg])? {
         return Ok(());
     }
+    let pg = match store {
+        StoreKind::Sled => None,
+        StoreKind::Postgres => Some(crate::postgres::Server::start("bench")?),
+    };
     eprintln!("xtask: building driftwatch-collector (release)");
     setup::run(cargo().args(["build", "--release", "-p", "driftwatch-collector"]))?;
     let bin = root().join("target/release/driftwatch-collector");
@@ -330,7 +348,12 @@ pub fn run() -> Result<()> {
         .local_addr()?
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut collector = start_collector(&bin, &dir.join("store"), port)?;
+    let mut collector = start_collector(
+        &bin,
+        &dir.join("store"),
+        port,
+        pg.as_ref().map(|p| p.url.as_str()),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -400,11 +423,24 @@ pub fn run() -> Result<()> {
     }
     let _ = collector.kill();
     let _ = collector.wait();
-    let size: u64 = walk_size(&dir.join("store"));
+    let size: u64 = match &pg {
+        None => walk_size(&dir.join("store")),
+        Some(pg) => {
+            let out = Command::new("psql")
+                .args(["-q", "-A", "-t", &pg.url, "-c"])
+                .arg("SELECT pg_database_size(current_database())")
+                .output()
+                .context("psql")?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        }
+    };
     rates.sort_by(|a, b| a.total_cmp(b));
     println!();
     println!(
-        "Driftwatch collector benchmark (one run, {} CPUs)",
+        "Driftwatch collector benchmark, store {store_arg} (one run, {} CPUs)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)

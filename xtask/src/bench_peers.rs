@@ -338,7 +338,7 @@ pub fn run() -> Result<()> {
         setup::apt(&["auditd", "bpftrace", "fatrace"])?;
         crate::build_agent(true)?;
     }
-    if crate::bench::rerun_in_release("peers")? {
+    if crate::bench::rerun_in_release("peers", &[])? {
         return Ok(());
     }
     if Command::new("pgrep")

@@ -587,7 +587,7 @@ pub fn run() -> Result<()> {
         setup::ensure()?;
         crate::build_agent(true)?;
     }
-    if crate::bench::rerun_in_release("pipeline")? {
+    if crate::bench::rerun_in_release("pipeline", &[])? {
         return Ok(());
     }
     let secs: u64 = std::env::var("DRIFTWATCH_BENCH_SECONDS")

@@ -70,6 +70,9 @@ enum Cmd {
         /// Which benchmark.
         #[arg(value_enum, default_value = "sensors")]
         which: bench::Which,
+        /// The collector benchmark's store.
+        #[arg(long, value_enum, default_value = "sled")]
+        store: bench_collector::StoreKind,
     },
 }
 
@@ -206,14 +209,17 @@ fn main() -> ExitCode {
         Cmd::Postgres => postgres::serve(),
         Cmd::Bench {
             which: bench::Which::Collector,
-        } => bench_collector::run(),
+            store,
+        } => bench_collector::run(store),
         Cmd::Bench {
             which: bench::Which::Pipeline,
+            ..
         } => bench_pipeline::run(),
         Cmd::Bench {
             which: bench::Which::Peers,
+            ..
         } => bench_peers::run(),
-        Cmd::Bench { which } => bench::run(which),
+        Cmd::Bench { which, .. } => bench::run(which),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

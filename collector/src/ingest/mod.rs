@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::correlate::Correlator;
 use crate::policy::Loaded;
-use crate::store::{EventLog, StoreError};
+use crate::store::{sled_store::SledStore, EventLog, StoreError};
 
 type Outbound = mpsc::Sender<Result<CollectorMessage, Status>>;
 
@@ -74,6 +74,9 @@ fn valid_node_name(name: &str) -> Result<(), Status> {
 /// but one fsync covers many batches from many agents.
 pub struct Durability {
     store: Arc<dyn EventLog>,
+    /// The judging state's database, when it is not the event log's: made
+    /// durable by the same group commit.
+    state: Option<SledStore>,
     written: AtomicU64,
     dirty: Notify,
     durable: watch::Sender<u64>,
@@ -84,11 +87,12 @@ pub struct Durability {
 
 impl Durability {
     /// Starts the flusher for `store`.
-    pub fn start(store: Arc<dyn EventLog>) -> Arc<Self> {
+    pub fn start(store: Arc<dyn EventLog>, state: Option<SledStore>) -> Arc<Self> {
         let (durable, _) = watch::channel(0);
         let (failed, _) = watch::channel(None);
         let d = Arc::new(Self {
             store,
+            state,
             written: AtomicU64::new(0),
             dirty: Notify::new(),
             durable,
@@ -102,9 +106,13 @@ impl Durability {
                 let target = flusher.written.load(Ordering::SeqCst);
                 // On a blocking thread: an fsync, or a commit round trip.
                 let store = flusher.store.clone();
-                let flushed = tokio::task::spawn_blocking(move || store.flush())
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Backend(format!("flush task: {e}"))));
+                let state = flusher.state.clone();
+                let flushed = tokio::task::spawn_blocking(move || {
+                    store.flush()?;
+                    state.map_or(Ok(()), |s| s.flush_blocking())
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Backend(format!("flush task: {e}"))));
                 if let Err(e) = flushed {
                     if flusher.failed.borrow().is_none() {
                         tracing::error!("flushing the store failed; nothing more is acknowledged and agents are refused until it works again: {e}");
@@ -250,11 +258,17 @@ fn policy_message(p: &Loaded) -> CollectorMessage {
 
 impl Ingest {
     /// A service writing to `store` and judging with `correlator` (starts
-    /// its flusher: call within a runtime).
-    pub fn new(store: Arc<dyn EventLog>, correlator: Arc<Correlator>) -> Self {
+    /// its flusher: call within a runtime). `state` is the judging state's
+    /// database when the events are elsewhere: each group commit makes it
+    /// durable too.
+    pub fn new(
+        store: Arc<dyn EventLog>,
+        correlator: Arc<Correlator>,
+        state: Option<SledStore>,
+    ) -> Self {
         let (stored, _) = broadcast::channel(65536);
         Self {
-            durability: Durability::start(store.clone()),
+            durability: Durability::start(store.clone(), state),
             store,
             correlator,
             links: Arc::default(),

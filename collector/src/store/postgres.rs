@@ -65,6 +65,8 @@ CREATE TABLE dw_blocks (
     data bytea NOT NULL,
     PRIMARY KEY (node, bucket, first_seq)
 ) PARTITION BY RANGE (bucket);
+-- Blocks are LZ4 already: stored out of line without a second compression.
+ALTER TABLE dw_blocks ALTER COLUMN data SET STORAGE EXTERNAL;
 CREATE INDEX dw_blocks_by_seq ON dw_blocks (node, first_seq);
 CREATE TABLE dw_by_exec (
     exec_id text COLLATE "C" NOT NULL,
@@ -98,6 +100,49 @@ const POOL_SIZE: usize = 16;
 
 /// A lock id for migrations (any constant shared by every replica).
 const MIGRATION_LOCK: i64 = 0x6472_6966_7477_6368; // "driftwch"
+
+/// Statements prepared once per connection (a text query is a Parse and a
+/// Bind round trip each time; a prepared one is a Bind).
+mod sql {
+    use deadpool_postgres::GenericClient;
+    use tokio_postgres::{types::ToSql, Error, Row};
+
+    pub async fn execute<C: GenericClient>(
+        db: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let st = db.prepare_cached(sql).await?;
+        db.execute(&st, params).await
+    }
+
+    pub async fn query<C: GenericClient>(
+        db: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let st = db.prepare_cached(sql).await?;
+        db.query(&st, params).await
+    }
+
+    pub async fn query_opt<C: GenericClient>(
+        db: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        let st = db.prepare_cached(sql).await?;
+        db.query_opt(&st, params).await
+    }
+
+    pub async fn query_one<C: GenericClient>(
+        db: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        let st = db.prepare_cached(sql).await?;
+        db.query_one(&st, params).await
+    }
+}
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("postgres: {e}"))
@@ -149,19 +194,6 @@ fn partition_name(table: &str, day: i64) -> String {
     }
 }
 
-/// `LIKE` pattern for strings starting with `prefix`.
-fn like_prefix(prefix: &str) -> String {
-    let mut p = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            p.push('\\');
-        }
-        p.push(c);
-    }
-    p.push('%');
-    p
-}
-
 /// The event log in a PostgreSQL database.
 pub struct PgLog {
     rt: Option<tokio::runtime::Runtime>,
@@ -191,6 +223,10 @@ struct Run {
     until: i64,
     rows: VecDeque<Row>,
     exhausted: bool,
+    /// Rows the next fetch asks for: a few at first (a first page over
+    /// many directories reads a few blocks of each), doubling up to
+    /// [`PAGE_ROWS`] as the run is read on.
+    page: i64,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -215,11 +251,12 @@ impl Run {
             let (b, n, s) = &self.after;
             let rows = match self.kind {
                 RunKind::Blocks => {
-                    db.query(
+                    sql::query(
+                        db,
                         "SELECT bucket, node, first_seq, data FROM dw_blocks \
                          WHERE node = $1 AND (bucket, first_seq) > ($2, $3) AND bucket < $4 \
                          ORDER BY bucket, first_seq LIMIT $5",
-                        &[&self.value, b, s, &self.until, &PAGE_ROWS],
+                        &[&self.value, b, s, &self.until, &self.page],
                     )
                     .await?
                 }
@@ -242,11 +279,11 @@ impl Run {
                             "dir"
                         },
                     );
-                    db.query(&sql, &[&self.value, b, n, s, &self.until, &PAGE_ROWS])
-                        .await?
+                    sql::query(db, &sql, &[&self.value, b, n, s, &self.until, &self.page]).await?
                 }
             };
-            self.exhausted = (rows.len() as i64) < PAGE_ROWS;
+            self.exhausted = (rows.len() as i64) < self.page;
+            self.page = (self.page * 2).min(PAGE_ROWS);
             for r in rows {
                 self.rows.push_back(Row {
                     bucket: r.try_get(0)?,
@@ -268,9 +305,16 @@ impl PgLog {
     /// libpq's key/value form works too) and brings its schema to this
     /// build's version.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| backend(format!("the store URL does not parse: {e}")))?;
+        // Appends commit without waiting for the WAL; the group commit's
+        // flush is the one synchronous commit (see the module's note).
+        let options = format!(
+            "{} -c synchronous_commit=off",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim());
         let target = {
             let host = config
                 .get_hosts()
@@ -325,11 +369,17 @@ impl PgLog {
             unreachable!("the runtime lives until drop")
         };
         let handle = rt.handle();
-        if tokio::runtime::Handle::try_current().is_err() {
-            return handle.block_on(f);
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => return handle.block_on(f),
+            // A worker of the collector's runtime hands its other tasks
+            // over and waits here.
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                return tokio::task::block_in_place(|| handle.block_on(f));
+            }
+            Ok(_) => {}
         }
-        // Inside a runtime a thread may not block on another one: wait on
-        // a thread of our own.
+        // Inside a single-threaded runtime a thread may not block on
+        // another one: wait on a thread of our own.
         std::thread::scope(|s| {
             s.spawn(|| handle.block_on(f))
                 .join()
@@ -341,14 +391,13 @@ impl PgLog {
         let mut db = self.pool.get().await?;
         let tx = db.transaction().await?;
         // Replicas starting together migrate one at a time.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
+        sql::execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS dw_schema (version int NOT NULL)")
             .await?;
-        let version: i32 = match tx.query_opt("SELECT version FROM dw_schema", &[]).await? {
+        let version: i32 = match sql::query_opt(&tx, "SELECT version FROM dw_schema", &[]).await? {
             Some(r) => r.try_get(0)?,
             None => {
-                tx.execute("INSERT INTO dw_schema VALUES (0)", &[]).await?;
+                sql::execute(&tx, "INSERT INTO dw_schema VALUES (0)", &[]).await?;
                 0
             }
         };
@@ -361,8 +410,7 @@ impl PgLog {
             tracing::info!(store = %self.target, version = i + 1, "applying a schema migration");
             tx.batch_execute(sql).await?;
         }
-        tx.execute("UPDATE dw_schema SET version = $1", &[&SCHEMA_VERSION])
-            .await?;
+        sql::execute(&tx, "UPDATE dw_schema SET version = $1", &[&SCHEMA_VERSION]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -390,10 +438,10 @@ impl PgLog {
                 );
                 if let Err(e) = db.batch_execute(&sql).await {
                     // Another replica created it a moment ago.
-                    let exists = db
-                        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                        .await?
-                        .try_get::<_, bool>(0)?;
+                    let exists =
+                        sql::query_one(&db, "SELECT to_regclass($1) IS NOT NULL", &[&name])
+                            .await?
+                            .try_get::<_, bool>(0)?;
                     if !exists {
                         return Err(e.into());
                     }
@@ -424,12 +472,12 @@ impl PgLog {
             .into_iter()
             .collect();
         let mut found: HashMap<u64, Event> = HashMap::new();
-        for r in db
-            .query(
-                "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = ANY($2)",
-                &[&node, &buckets],
-            )
-            .await?
+        for r in sql::query(
+            db,
+            "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = ANY($2)",
+            &[&node, &buckets],
+        )
+        .await?
         {
             let data: Vec<u8> = r.try_get(0)?;
             for e in decode_block(&data)? {
@@ -444,13 +492,13 @@ impl PgLog {
             // Not at the time it claims: stored elsewhere (another event),
             // or removed by retention (nothing to replace).
             let seq = seq_sql(e.seq);
-            let elsewhere = match db
-                .query_opt(
-                    "SELECT data FROM dw_blocks WHERE node = $1 AND first_seq <= $2 \
+            let elsewhere = match sql::query_opt(
+                db,
+                "SELECT data FROM dw_blocks WHERE node = $1 AND first_seq <= $2 \
                      AND first_seq > $2 - $3 ORDER BY first_seq DESC LIMIT 1",
-                    &[&node, &seq, &seq_sql(BLOCK_EVENTS)],
-                )
-                .await?
+                &[&node, &seq, &seq_sql(BLOCK_EVENTS)],
+            )
+            .await?
             {
                 Some(r) => {
                     let data: Vec<u8> = r.try_get(0)?;
@@ -467,7 +515,8 @@ impl PgLog {
         tx: &impl GenericClient,
         node: &str,
     ) -> Result<Option<AgentStatus>, StoreError> {
-        tx.query_opt(
+        sql::query_opt(
+            tx,
             "SELECT status FROM dw_agents WHERE node = $1 FOR UPDATE",
             &[&node],
         )
@@ -481,7 +530,8 @@ impl PgLog {
         node: &str,
         a: &AgentStatus,
     ) -> Result<(), StoreError> {
-        tx.execute(
+        sql::execute(
+            tx,
             "INSERT INTO dw_agents (node, status) VALUES ($1, $2) \
              ON CONFLICT (node) DO UPDATE SET status = EXCLUDED.status",
             &[&node, &a.encode_to_vec()],
@@ -491,7 +541,8 @@ impl PgLog {
     }
 
     async fn insert_gap(tx: &impl GenericClient, gap: &Gap) -> Result<(), StoreError> {
-        tx.execute(
+        sql::execute(
+            tx,
             "INSERT INTO dw_gaps (node, time, from_seq, gap) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (node, time, from_seq) DO UPDATE SET gap = EXCLUDED.gap",
             &[
@@ -524,11 +575,10 @@ impl PgLog {
         self.ensure_days(&days).await?;
         let mut db = self.pool.get().await?;
         let tx = db.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
         // The node's row is the lock every append of it takes first; a
         // node first seen here gets one (a hello normally made it).
-        tx.execute(
+        sql::execute(
+            &tx,
             "INSERT INTO dw_agents (node, status) VALUES ($1, $2) ON CONFLICT (node) DO NOTHING",
             &[&node, &new_agent(node).encode_to_vec()],
         )
@@ -575,7 +625,8 @@ impl PgLog {
             // Three statements, pipelined on the connection.
             let blocks_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
                 [&node, &buckets, &firsts, &data];
-            let blocks = tx.execute(
+            let blocks = sql::execute(
+                &tx,
                 "INSERT INTO dw_blocks (node, bucket, first_seq, data) \
                  SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bytea[]) \
                  ON CONFLICT (node, bucket, first_seq) DO UPDATE SET data = EXCLUDED.data",
@@ -583,7 +634,7 @@ impl PgLog {
             );
             let execs_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
                 [&node, &x_val, &x_bucket, &x_first];
-            let execs = tx.execute(
+            let execs = sql::execute(&tx,
                 "INSERT INTO dw_by_exec (exec_id, bucket, node, first_seq) \
                  SELECT v, b, $1, f FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(v, b, f) \
                  ON CONFLICT DO NOTHING",
@@ -591,7 +642,7 @@ impl PgLog {
             );
             let dirs_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
                 [&node, &d_val, &d_bucket, &d_first];
-            let dirs = tx.execute(
+            let dirs = sql::execute(&tx,
                 "INSERT INTO dw_by_dir (dir, bucket, node, first_seq) \
                  SELECT v, b, $1, f FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(v, b, f) \
                  ON CONFLICT DO NOTHING",
@@ -611,14 +662,14 @@ impl PgLog {
     /// Partitions of the event tables, as (day, table, partition name).
     async fn partitions(db: &impl GenericClient) -> Result<Vec<(i64, String)>, StoreError> {
         let mut out = Vec::new();
-        for r in db
-            .query(
-                "SELECT c.relname::text FROM pg_inherits i \
+        for r in sql::query(
+            db,
+            "SELECT c.relname::text FROM pg_inherits i \
                  JOIN pg_class c ON c.oid = i.inhrelid \
                  WHERE i.inhparent = 'dw_blocks'::regclass",
-                &[],
-            )
-            .await?
+            &[],
+        )
+        .await?
         {
             let name: String = r.try_get(0)?;
             let day = match name.strip_prefix("dw_blocks_d") {
@@ -639,8 +690,7 @@ impl PgLog {
     /// Drops a day's partitions; returns the blocks it held.
     async fn drop_day(&self, db: &impl GenericClient, day: i64) -> Result<u64, StoreError> {
         let blocks = partition_name("dw_blocks", day);
-        let n: i64 = db
-            .query_one(&format!("SELECT count(*) FROM {blocks}"), &[])
+        let n: i64 = sql::query_one(db, &format!("SELECT count(*) FROM {blocks}"), &[])
             .await?
             .try_get(0)?;
         for table in PARTITIONED {
@@ -659,15 +709,15 @@ impl PgLog {
     }
 
     async fn size_async(db: &impl GenericClient) -> Result<u64, StoreError> {
-        let n: i64 = db
-            .query_one(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+        let n: i64 = sql::query_one(
+            db,
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
                  WHERE c.relnamespace = current_schema()::regnamespace \
                    AND c.relkind = 'r' AND c.relname LIKE 'dw\\_%'",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
+            &[],
+        )
+        .await?
+        .try_get(0)?;
         Ok(seq_of(n))
     }
 }
@@ -704,11 +754,15 @@ impl EventLog for PgLog {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.block_on(async {
-            let db = self.pool.get().await?;
+            let mut db = self.pool.get().await?;
             // A synchronous commit: the WAL up to it, with every earlier
             // asynchronous commit, is on disk when it returns.
-            db.execute("UPDATE dw_flush SET n = n + 1 WHERE id = 1", &[])
-                .await?;
+            let tx = db.transaction().await?;
+            tx.batch_execute(
+                "SET LOCAL synchronous_commit = on; UPDATE dw_flush SET n = n + 1 WHERE id = 1",
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -716,17 +770,21 @@ impl EventLog for PgLog {
     fn agent(&self, node: &str) -> Result<Option<AgentStatus>, StoreError> {
         self.block_on(async {
             let db = self.pool.get().await?;
-            db.query_opt("SELECT status FROM dw_agents WHERE node = $1", &[&node])
-                .await?
-                .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
-                .transpose()
+            sql::query_opt(
+                &db,
+                "SELECT status FROM dw_agents WHERE node = $1",
+                &[&node],
+            )
+            .await?
+            .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
+            .transpose()
         })
     }
 
     fn agents(&self) -> Result<Vec<AgentStatus>, StoreError> {
         self.block_on(async {
             let db = self.pool.get().await?;
-            db.query("SELECT status FROM dw_agents ORDER BY node", &[])
+            sql::query(&db, "SELECT status FROM dw_agents ORDER BY node", &[])
                 .await?
                 .into_iter()
                 .map(|r| decode::<AgentStatus>("agents", r.try_get(0)?))
@@ -777,10 +835,15 @@ impl EventLog for PgLog {
         self.block_on(async {
             let db = self.pool.get().await?;
             let rows = if node.is_empty() {
-                db.query("SELECT gap FROM dw_gaps ORDER BY node, time, from_seq", &[])
-                    .await?
+                sql::query(
+                    &db,
+                    "SELECT gap FROM dw_gaps ORDER BY node, time, from_seq",
+                    &[],
+                )
+                .await?
             } else {
-                db.query(
+                sql::query(
+                    &db,
                     "SELECT gap FROM dw_gaps WHERE node = $1 ORDER BY time, from_seq",
                     &[&node],
                 )
@@ -795,12 +858,12 @@ impl EventLog for PgLog {
     fn event_at(&self, node: &str, seq: u64, time: i64) -> Result<Option<Event>, StoreError> {
         self.block_on(async {
             let db = self.pool.get().await?;
-            for r in db
-                .query(
-                    "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = $2",
-                    &[&node, &bucket(time)],
-                )
-                .await?
+            for r in sql::query(
+                &db,
+                "SELECT data FROM dw_blocks WHERE node = $1 AND bucket = $2",
+                &[&node, &bucket(time)],
+            )
+            .await?
             {
                 let data: Vec<u8> = r.try_get(0)?;
                 if let Some(e) = decode_block(&data)?.into_iter().find(|e| e.seq == seq) {
@@ -827,12 +890,19 @@ impl EventLog for PgLog {
                 Scope::Nodes(nodes) => (RunKind::Blocks, nodes.clone()),
                 Scope::Exec(id) => (RunKind::Exec, vec![(*id).to_owned()]),
                 Scope::Path(prefix) => {
-                    let rows = db
-                        .query(
-                            "SELECT DISTINCT dir FROM dw_by_dir WHERE dir LIKE $1 ORDER BY dir",
-                            &[&like_prefix(prefix_dir(prefix))],
-                        )
-                        .await?;
+                    // A skip scan: the next directory after each one, through
+                    // the index, instead of every entry under the prefix.
+                    let rows = sql::query(
+                        &db,
+                        "WITH RECURSIVE d(dir) AS ( \
+                           SELECT min(dir) FROM dw_by_dir WHERE dir >= $1 \
+                           UNION ALL \
+                           SELECT (SELECT min(x.dir) FROM dw_by_dir x WHERE x.dir > d.dir) FROM d \
+                           WHERE d.dir IS NOT NULL AND starts_with(d.dir, $1)) \
+                         SELECT dir FROM d WHERE dir IS NOT NULL AND starts_with(dir, $1)",
+                        &[&prefix_dir(prefix)],
+                    )
+                    .await?;
                     let dirs = rows
                         .into_iter()
                         .map(|r| r.try_get::<_, String>(0))
@@ -850,6 +920,7 @@ impl EventLog for PgLog {
                     until: last,
                     rows: VecDeque::new(),
                     exhausted: false,
+                    page: 4,
                 })
                 .collect();
             // The key before a run's first: its first bucket, node "" and
@@ -889,13 +960,13 @@ impl EventLog for PgLog {
             if page.is_empty() && !done {
                 let fetched = self.block_on(async {
                     let db = self.pool.get().await?;
-                    let rows = db
-                        .query(
-                            "SELECT first_seq, data FROM dw_blocks WHERE node = $1 AND first_seq > $2 \
+                    let rows = sql::query(
+                        &db,
+                        "SELECT first_seq, data FROM dw_blocks WHERE node = $1 AND first_seq > $2 \
                              ORDER BY first_seq LIMIT $3",
-                            &[&node, &after, &PAGE_ROWS],
-                        )
-                        .await?;
+                        &[&node, &after, &PAGE_ROWS],
+                    )
+                    .await?;
                     rows.into_iter()
                         .map(|r| Ok((r.try_get::<_, i64>(0)?, r.try_get::<_, Vec<u8>>(1)?)))
                         .collect::<Result<Vec<_>, StoreError>>()
@@ -936,12 +1007,11 @@ impl EventLog for PgLog {
                     removed += self.drop_day(&db, day).await?;
                 }
             }
-            let n = db
-                .execute("DELETE FROM dw_blocks WHERE bucket < $1", &[&cut])
+            let n = sql::execute(&db, "DELETE FROM dw_blocks WHERE bucket < $1", &[&cut])
                 .await?;
-            db.execute("DELETE FROM dw_by_exec WHERE bucket < $1", &[&cut])
+            sql::execute(&db, "DELETE FROM dw_by_exec WHERE bucket < $1", &[&cut])
                 .await?;
-            db.execute("DELETE FROM dw_by_dir WHERE bucket < $1", &[&cut])
+            sql::execute(&db, "DELETE FROM dw_by_dir WHERE bucket < $1", &[&cut])
                 .await?;
             removed += n;
             if max_bytes > 0 {
@@ -971,8 +1041,7 @@ impl EventLog for PgLog {
     fn block_count(&self) -> Result<u64, StoreError> {
         self.block_on(async {
             let db = self.pool.get().await?;
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM dw_blocks", &[])
+            let n: i64 = sql::query_one(&db, "SELECT count(*) FROM dw_blocks", &[])
                 .await?
                 .try_get(0)?;
             Ok(seq_of(n))
