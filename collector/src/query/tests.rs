@@ -1,14 +1,11 @@
 use super::*;
-use crate::store::sled_store::SledStore;
-use crate::store::tests::ev;
+use crate::store::tests::{ev, TestLog};
 use driftwatch_proto::v1::NodeInfo;
 
 /// Three nodes, 2,500 events each over 25 ms, many sharing a timestamp
 /// (within a node and across nodes), so pages end inside a bucket and in
 /// the middle of equal times.
-fn store() -> (tempfile::TempDir, SledStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SledStore::open(dir.path()).unwrap();
+fn fill(s: &dyn EventLog) {
     for node in ["a", "b", "c"] {
         s.hello(
             &NodeInfo {
@@ -40,8 +37,49 @@ fn store() -> (tempfile::TempDir, SledStore) {
         ..Default::default()
     })
     .unwrap();
-    (dir, s)
 }
+
+/// Each walk test on every backend of the store.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[test]
+                fn $name() {
+                    let t = super::TestLog::sled();
+                    super::fill(t.log());
+                    super::$name(t.log());
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[test]
+                fn $name() {
+                    let t = super::TestLog::memory();
+                    super::fill(t.log());
+                    super::$name(t.log());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(t) = super::TestLog::postgres() {
+                        super::fill(t.log());
+                        super::$name(t.log());
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    a_walk_over_many_pages_is_complete_ordered_and_without_repeats,
+    a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes,
+);
 
 fn run(s: &dyn EventLog, r: &TimelineRequest) -> Vec<String> {
     let mut out = Vec::new();
@@ -83,9 +121,7 @@ fn expected(
         .collect()
 }
 
-#[test]
-fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats() {
-    let (_d, s) = store();
+fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats(s: &dyn EventLog) {
     let since = 1_000_000 + 30 * 70_000;
     for r in [
         TimelineRequest {
@@ -106,9 +142,9 @@ fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats() {
             ..Default::default()
         },
     ] {
-        let got = run(&s, &r);
+        let got = run(s, &r);
         let events: Vec<String> = got.iter().filter(|l| !l.contains("gap")).cloned().collect();
-        let want = expected(&s, &r, |_| true);
+        let want = expected(s, &r, |_| true);
         assert!(
             want.len() > 4 * FIRST_PAGE,
             "{}: the case needs several pages",
@@ -136,18 +172,16 @@ fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats() {
     }
 }
 
-#[test]
-fn a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes() {
-    let (_d, s) = store();
+fn a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes(s: &dyn EventLog) {
     let r = TimelineRequest {
         limit: 1500,
         ..Default::default()
     };
-    let got: Vec<String> = run(&s, &r)
+    let got: Vec<String> = run(s, &r)
         .into_iter()
         .filter(|l| !l.contains("gap"))
         .collect();
-    let want: Vec<String> = expected(&s, &r, |_| true)
+    let want: Vec<String> = expected(s, &r, |_| true)
         .into_iter()
         .take(1500)
         .map(|w| w.1)
@@ -155,7 +189,7 @@ fn a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes() {
     assert_eq!(got, want);
 
     let mut n = 0;
-    walk(&s, &TimelineRequest::default(), &mut |_| {
+    walk(s, &TimelineRequest::default(), &mut |_| {
         n += 1;
         n < 10
     })

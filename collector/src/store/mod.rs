@@ -23,6 +23,7 @@
 //! cuts it short and continues it in a block keyed by the next event: no
 //! event lands in two blocks.
 
+pub mod memory;
 pub mod postgres;
 pub mod sled_store;
 
@@ -339,8 +340,9 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 /// The event log: every event of every node, durable, idempotent under
 /// redelivery, readable by scope in timeline order. Backends: sled
-/// ([`sled_store::SledStore`], the embedded default) and PostgreSQL
-/// ([`postgres::PgLog`], shared by collector replicas).
+/// ([`sled_store::SledStore`], the embedded default), PostgreSQL
+/// ([`postgres::PgLog`], shared by collector replicas) and memory
+/// ([`memory::MemoryLog`], for tests).
 ///
 /// Calls block until the backend answers: callers on the async runtime
 /// keep them short (one batch, one page) or move them to a blocking

@@ -1,3 +1,4 @@
+use super::memory::MemoryLog;
 use super::postgres::PgLog;
 use super::sled_store::{block_key, SledStore};
 use super::*;
@@ -26,6 +27,7 @@ pub(crate) fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Eve
 /// the PostgreSQL server the test run started.
 pub(crate) struct TestLog {
     log: Option<Box<dyn EventLog>>,
+    memory: Option<MemoryLog>,
     dir: Option<tempfile::TempDir>,
     url: Option<String>,
 }
@@ -38,7 +40,18 @@ impl TestLog {
         let log = SledStore::open(dir.path()).unwrap();
         Self {
             log: Some(Box::new(log)),
+            memory: None,
             dir: Some(dir),
+            url: None,
+        }
+    }
+
+    pub(crate) fn memory() -> Self {
+        let log = MemoryLog::new();
+        Self {
+            log: Some(Box::new(log.clone())),
+            memory: Some(log),
+            dir: None,
             url: None,
         }
     }
@@ -51,6 +64,7 @@ impl TestLog {
         let log = PgLog::connect(&url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
         Some(Self {
             log: Some(Box::new(log)),
+            memory: None,
             dir: None,
             url: Some(url),
         })
@@ -63,9 +77,10 @@ impl TestLog {
     /// Closes and opens the log again (a collector restart).
     fn reopen(&mut self) {
         drop(self.log.take());
-        self.log = Some(match (&self.dir, &self.url) {
-            (Some(d), _) => Box::new(SledStore::reopen_for_test(d.path())),
-            (_, Some(url)) => Box::new(PgLog::connect(url).unwrap()),
+        self.log = Some(match (&self.dir, &self.url, &self.memory) {
+            (Some(d), _, _) => Box::new(SledStore::reopen_for_test(d.path())),
+            (_, Some(url), _) => Box::new(PgLog::connect(url).unwrap()),
+            (_, _, Some(m)) => Box::new(m.clone()),
             _ => unreachable!(),
         });
     }
@@ -120,7 +135,8 @@ fn hello(t: &TestLog) {
         .unwrap();
 }
 
-/// Runs each test on every backend: `sled::name` and `postgres::name`.
+/// Runs each test on every backend: `sled::name`, `memory::name` and
+/// `postgres::name`.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sled {
@@ -128,6 +144,16 @@ macro_rules! conformance {
                 #[test]
                 fn $name() {
                     let mut t = super::TestLog::sled();
+                    super::hello(&t);
+                    super::$name(&mut t);
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[test]
+                fn $name() {
+                    let mut t = super::TestLog::memory();
                     super::hello(&t);
                     super::$name(&mut t);
                 }
