@@ -925,9 +925,13 @@ impl EventLog for PgLog {
                 .collect();
             // The key before a run's first: its first bucket, node "" and
             // sequence -1 (node names are never empty).
+            // The first page of every run at once, pipelined on the
+            // connection (a prefix over many directories is many runs).
+            let firsts =
+                futures_util::future::try_join_all(runs.iter_mut().map(|r| r.next(&db))).await?;
             let mut heap = BinaryHeap::new();
-            for (i, run) in runs.iter_mut().enumerate() {
-                if let Some(row) = run.next(&db).await? {
+            for (i, row) in firsts.into_iter().enumerate() {
+                if let Some(row) = row {
                     heap.push(std::cmp::Reverse((row.bucket, i, HeapRow(row))));
                 }
             }
