@@ -65,8 +65,14 @@ struct Args {
     /// PostgreSQL URL (`postgres://user:password@host:5432/driftwatch`),
     /// which collector replicas share. The schema is created and migrated
     /// at start.
-    #[arg(long, env = "DRIFTWATCH_STORE", default_value = "sled", value_parser = parse_store)]
+    #[arg(long, env = "DRIFTWATCH_STORE", hide_env_values = true, default_value = "sled", value_parser = parse_store)]
     store: StoreChoice,
+    /// CA certificate (PEM) PostgreSQL's server certificate must chain to
+    /// (default: the system's roots). TLS is used unless the URL says
+    /// `sslmode=disable`; add `sslmode=require` to refuse a server without
+    /// it.
+    #[arg(long, env = "DRIFTWATCH_STORE_CA", value_name = "FILE")]
+    store_ca: Option<PathBuf>,
     /// Directory of the sled store (created if missing): the events with
     /// `--store sled`, and the judging state (findings, approvals,
     /// baselines, audit log) in either case.
@@ -331,7 +337,8 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     let store: Arc<dyn EventLog> = match &args.store {
         StoreChoice::Sled => Arc::new(state.clone()),
         StoreChoice::Postgres(url) => {
-            let pg = PgLog::connect(url).context("opening the PostgreSQL event log")?;
+            let pg = PgLog::connect_with(url, args.store_ca.as_deref())
+                .context("opening the PostgreSQL event log")?;
             tracing::warn!(
                 "the judging state (findings, approvals, baselines) stays in --data-dir: one collector per database for now"
             );

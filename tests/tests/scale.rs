@@ -63,6 +63,30 @@ fn wait_stored(c: &Collector, path: &str, want: usize) -> Vec<u64> {
     }
 }
 
+/// The tests here share one PostgreSQL server, and one of them turns its
+/// TLS on: run one at a time.
+static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERVER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Turns the server's TLS off again when dropped, however the test ends.
+struct TlsOn<'a>(&'a str);
+
+impl Drop for TlsOn<'_> {
+    fn drop(&mut self) {
+        psql_value(self.0, "ALTER SYSTEM RESET ssl");
+        psql_value(self.0, "SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while psql_value(self.0, "SHOW ssl") != "off" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn assert_exactly_once(seqs: &[u64], want: usize) {
     let distinct: HashSet<u64> = seqs.iter().copied().collect();
     assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
@@ -72,6 +96,7 @@ fn assert_exactly_once(seqs: &[u64], want: usize) {
 #[test]
 fn real_changes_reach_the_timeline_through_a_collector_on_postgresql() {
     driftwatch_tests::require_root();
+    let _server = one_at_a_time();
     let Some(url) = pg_schema_url("e2e") else {
         return;
     };
@@ -135,6 +160,7 @@ fn real_changes_reach_the_timeline_through_a_collector_on_postgresql() {
 #[test]
 fn an_agent_moves_to_another_replica_when_its_collector_is_killed_and_nothing_is_lost() {
     driftwatch_tests::require_root();
+    let _server = one_at_a_time();
     let Some(url) = pg_schema_url("replicas") else {
         return;
     };
@@ -194,5 +220,83 @@ fn an_agent_moves_to_another_replica_when_its_collector_is_killed_and_nothing_is
             .any(|l| l.contains("agent connected") && l.contains("node-moving")),
         "the second replica never saw the agent: {}",
         b.log()
+    );
+}
+
+/// The collector speaks TLS to PostgreSQL and checks its certificate: a
+/// server whose certificate chains to `--store-ca` is used (and the
+/// server sees an encrypted connection); without that CA, the same server
+/// is refused by name before anything is written.
+#[test]
+fn the_collector_checks_postgresqls_certificate() {
+    driftwatch_tests::require_root();
+    let _server = one_at_a_time();
+    let Some(url) = pg_schema_url("tls") else {
+        return;
+    };
+    let dir = Dir::new();
+    let pki = dir.path.join("pki");
+    run(Command::new(driftwatch_tests::bin("driftwatch-collector"))
+        .args(["certs", "init", "--dir"])
+        .arg(&pki)
+        .stdout(std::process::Stdio::null()));
+    // The server's files, readable by the server's user only.
+    let server = dir.path.join("server");
+    std::fs::create_dir_all(&server).unwrap();
+    for f in ["server.pem", "server-key.pem"] {
+        std::fs::copy(pki.join(f), server.join(f)).unwrap();
+    }
+    run(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&server));
+    run(Command::new("chmod")
+        .arg("600")
+        .arg(server.join("server-key.pem")));
+    run(Command::new("chmod").arg("755").arg(&dir.path));
+    psql_value(
+        &url,
+        &format!(
+            "ALTER SYSTEM SET ssl_cert_file = '{}'",
+            server.join("server.pem").display()
+        ),
+    );
+    psql_value(
+        &url,
+        &format!(
+            "ALTER SYSTEM SET ssl_key_file = '{}'",
+            server.join("server-key.pem").display()
+        ),
+    );
+    psql_value(&url, "ALTER SYSTEM SET ssl = on");
+    let _tls = TlsOn(&url);
+    psql_value(&url, "SELECT pg_reload_conf()");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while psql_value(&url, "SHOW ssl") != "on" {
+        assert!(Instant::now() < deadline, "PostgreSQL did not turn TLS on");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tls_url = format!("{url}&sslmode=require&application_name=dw-tls-test");
+    let ca = pki.join("ca.pem");
+    let collector =
+        Collector::start_with(&["--store", &tls_url, "--store-ca", ca.to_str().unwrap()]);
+    let encrypted = psql_value(
+        &url,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'dw-tls-test' AND s.ssl",
+    );
+    assert_ne!(encrypted, "0", "no encrypted connection from the collector");
+    drop(collector);
+    // The system's roots do not know this CA: refused, and said why.
+    let out = Command::new(driftwatch_tests::bin("driftwatch-collector"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path.join("other"))
+        .args(["--store", &tls_url])
+        .output()
+        .expect("run the collector");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PostgreSQL") && err.to_lowercase().contains("certificate"),
+        "{err}"
     );
 }

@@ -157,15 +157,30 @@ impl From<tokio_postgres::Error> for StoreError {
                 db.message(),
                 db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
             )),
-            None => backend(e),
+            None => backend(with_causes(&e)),
         }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        backend(e)
+        backend(with_causes(&e))
     }
+}
+
+/// An error with the causes under it (a TLS handshake failure says why:
+/// the certificate's issuer is unknown, its name does not match).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn decode<M: prost::Message + Default>(tree: &'static str, v: &[u8]) -> Result<M, StoreError> {
@@ -192,6 +207,42 @@ fn partition_name(table: &str, day: i64) -> String {
     } else {
         format!("{table}_d{day}")
     }
+}
+
+/// The TLS settings for the database: its certificate checked against `ca`
+/// or the system's roots.
+fn tls_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls_pki_types::{pem::PemObject as _, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| backend(format!("reading the store CA {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(backend(format!(
+                    "the store CA {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| backend(format!("the store CA {}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // A system root rustls cannot parse is skipped, as a
+                // browser would.
+                let _ = roots.add(c);
+            }
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The event log in a PostgreSQL database.
@@ -305,9 +356,22 @@ impl PgLog {
     /// libpq's key/value form works too) and brings its schema to this
     /// build's version.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, None)
+    }
+
+    /// As [`PgLog::connect`], checking the server's certificate against
+    /// the CA certificates (PEM) in `ca` instead of the system's roots.
+    /// TLS is used unless the URL says `sslmode=disable`; with the default
+    /// `sslmode=prefer` a server without TLS is spoken to in plaintext,
+    /// with `sslmode=require` it is refused. A certificate that does not
+    /// verify (CA, name, dates) is refused in either mode.
+    pub fn connect_with(url: &str, ca: Option<&std::path::Path>) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| backend(format!("the store URL does not parse: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("driftwatch-collector");
+        }
         // Appends commit without waiting for the WAL; the group commit's
         // flush is the one synchronous commit (see the module's note).
         let options = format!(
@@ -337,13 +401,19 @@ impl PgLog {
             .enable_all()
             .build()
             .map_err(|e| backend(format!("starting the client runtime: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => {
+                Manager::from_config(config, NoTls, manager_config)
+            }
+            _ => Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?),
+                manager_config,
+            ),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
