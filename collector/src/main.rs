@@ -423,6 +423,8 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     let separate_state = matches!(args.store, StoreChoice::Postgres(_)).then(|| state.clone());
     let ingest =
         Ingest::new(store.clone(), correlator.clone(), separate_state).closing_on(closing.clone());
+    // What other replicas store reaches this one's live timelines too.
+    store.clone().follow_others(ingest.stored.clone());
     let audit = std::sync::Arc::new(Audit::open(&state).context("opening the audit log")?);
     tokio::spawn(reload_policy(
         policies.clone(),

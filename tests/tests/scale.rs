@@ -300,3 +300,65 @@ fn the_collector_checks_postgresqls_certificate() {
         "{err}"
     );
 }
+
+/// `timeline --follow` asked of one replica shows what an agent streams
+/// to another: each append's commit notifies the replicas that follow.
+#[test]
+fn a_follow_on_one_replica_shows_what_another_stores() {
+    use std::io::BufRead as _;
+    driftwatch_tests::require_root();
+    let _server = one_at_a_time();
+    let Some(url) = pg_schema_url("follow") else {
+        return;
+    };
+    let dir = Dir::new();
+    let cfg = dir.join("etc");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let file = format!("{cfg}/app.conf");
+    std::fs::write(&file, "a = 1\n").unwrap();
+    let a = Collector::start_with(&["--store", &url]);
+    let b = Collector::start_with(&["--store", &url]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.log().contains("following the appends of other replicas") {
+        assert!(Instant::now() < deadline, "replica b never listened: {}", b.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut follow = b
+        .command("")
+        .args(["timeline", "--follow", "-o", "json", "--host", "node-followed"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("driftwatch timeline --follow");
+    let out = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let spool = dir.path.join("spool");
+    let mut agent = Agent::streaming(
+        &policy(&[format!("{cfg}/")], &[]),
+        &a,
+        "node-followed",
+        &spool,
+    );
+    agent.wait_policy_watching(&format!("{cfg}/"));
+    run(Command::new("chmod").args(["600", &file]));
+    let seen = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the follow on replica b showed nothing within 60 s");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["type"] == "event" && v["op"] == "chmod" && v["path"] == file.as_str() {
+            break v;
+        }
+    };
+    assert_eq!(seen["node"], "node-followed");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    drop(agent);
+}

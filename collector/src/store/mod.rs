@@ -449,7 +449,15 @@ pub trait EventLog: Send + Sync {
 
     /// Number of stored events (reads every block: for tests and tools).
     fn event_count(&self) -> Result<u64, StoreError>;
+
+    /// Sends the events other collectors append to this log to `feed` as
+    /// they are stored (live timelines follow what every replica stores).
+    /// Nothing to do for a log only this collector writes.
+    fn follow_others(self: std::sync::Arc<Self>, _feed: FollowFeed) {}
 }
+
+/// Where live events go: the feed `timeline --follow` reads.
+pub type FollowFeed = tokio::sync::broadcast::Sender<Event>;
 
 /// What an append keeps, refuses and quarantines, decided before anything
 /// is written (the same rules on every backend).

@@ -38,8 +38,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     bucket, chain_head, check_gap, cut_blocks, decode_block, in_scope, keep_log_fields, moves_ack,
-    new_agent, plan, prefix_dir, same_event, Appended, Blocks, EventLog, PageFill, Scope,
-    StoreError, BLOCK_EVENTS, BUCKET_NS,
+    new_agent, plan, prefix_dir, same_event, Appended, Blocks, EventLog, FollowFeed, PageFill,
+    Scope, StoreError, BLOCK_EVENTS, BUCKET_NS,
 };
 
 /// The schema version this build writes.
@@ -209,6 +209,19 @@ fn partition_name(table: &str, day: i64) -> String {
     }
 }
 
+/// A random id for this process among the replicas.
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// The TLS settings for the database: its certificate checked against `ca`
 /// or the system's roots.
 fn tls_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, StoreError> {
@@ -250,6 +263,11 @@ pub struct PgLog {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     target: String,
+    /// For the connection that listens to other replicas' appends.
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// This process among the replicas, in its notifications.
+    replica: u64,
     /// Days whose partitions are known to exist.
     days: Mutex<HashSet<i64>>,
 }
@@ -404,15 +422,15 @@ impl PgLog {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match config.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => {
-                Manager::from_config(config, NoTls, manager_config)
-            }
-            _ => Manager::from_config(
-                config,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?),
-                manager_config,
-            ),
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => None,
+            _ => Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
+                ca,
+            )?)),
+        };
+        let manager = match &tls {
+            None => Manager::from_config(config.clone(), NoTls, manager_config),
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
         };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -423,6 +441,9 @@ impl PgLog {
             rt: Some(rt),
             pool,
             target,
+            config,
+            tls,
+            replica: rand_id(),
             days: Mutex::new(HashSet::new()),
         };
         log.block_on(log.migrate())?;
@@ -725,8 +746,100 @@ impl PgLog {
         }
         let done = plan.finish(&mut agent, head, seen_at);
         Self::put_agent(&tx, node, &agent).await?;
+        if done.through > done.before {
+            // Delivered with the commit, to the replicas that follow.
+            let note = format!(
+                "{}\t{}\t{}\t{node}",
+                self.replica, done.before, done.through
+            );
+            sql::execute(&tx, "SELECT pg_notify('dw_events', $1)", &[&note]).await?;
+        }
         tx.commit().await?;
         Ok(done)
+    }
+    /// The events `from < seq <= through` of `node`, in sequence order.
+    async fn seq_range(
+        &self,
+        node: &str,
+        from: u64,
+        through: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let db = self.pool.get().await?;
+        let rows = sql::query(
+            &db,
+            "SELECT data FROM dw_blocks WHERE node = $1 AND first_seq > $2 AND first_seq <= $3 \
+             ORDER BY first_seq",
+            &[
+                &node,
+                &seq_sql(from.saturating_sub(BLOCK_EVENTS)),
+                &seq_sql(through),
+            ],
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let data: Vec<u8> = r.try_get(0)?;
+            out.extend(
+                decode_block(&data)?
+                    .into_iter()
+                    .filter(|e| e.seq > from && e.seq <= through),
+            );
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    /// One listening connection: every append another replica commits is
+    /// read and sent to `feed`. Returns when the connection fails.
+    async fn listen<T>(&self, tls: T, feed: &FollowFeed) -> Result<(), StoreError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+        T::Stream: Send + 'static,
+    {
+        use futures_util::StreamExt as _;
+        let (client, mut conn) = self.config.connect(tls).await?;
+        let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        let _ = notes.send(n.payload().to_owned());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        client.batch_execute("LISTEN dw_events").await?;
+        tracing::info!(store = %self.target, "following the appends of other replicas");
+        while let Some(note) = received.recv().await {
+            let mut parts = note.splitn(4, '\t');
+            let (Some(replica), Some(from), Some(through), Some(node)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(replica), Ok(from), Ok(through)) = (
+                replica.parse::<u64>(),
+                from.parse::<u64>(),
+                through.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            if replica == self.replica {
+                continue;
+            }
+            for e in self.seq_range(node, from, through).await? {
+                let _ = feed.send(e);
+            }
+        }
+        driver.abort();
+        match driver.await {
+            Ok(Err(e)) => Err(e.into()),
+            _ => Err(backend("the listening connection closed")),
+        }
     }
 
     /// Partitions of the event tables, as (day, table, partition name).
@@ -795,6 +908,28 @@ impl PgLog {
 impl EventLog for PgLog {
     fn describe(&self) -> String {
         self.target.clone()
+    }
+    /// A connection of its own LISTENs to `dw_events`, which every append
+    /// NOTIFYs with its commit; it is opened again when it fails.
+    fn follow_others(self: std::sync::Arc<Self>, feed: FollowFeed) {
+        let Some(rt) = self.rt.as_ref() else { return };
+        let log = std::sync::Arc::downgrade(&self);
+        rt.spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(500);
+            loop {
+                let Some(me) = log.upgrade() else { return };
+                let ended = match me.tls.clone() {
+                    None => me.listen(NoTls, &feed).await,
+                    Some(tls) => me.listen(tls, &feed).await,
+                };
+                drop(me);
+                if let Err(e) = ended {
+                    tracing::warn!("following other replicas: {e}; again in {backoff:?}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        });
     }
 
     fn hello(
