@@ -61,9 +61,10 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Start a throwaway PostgreSQL on loopback and print its URL, for
-    /// `DRIFTWATCH_TEST_POSTGRES=URL cargo test` or `driftwatch-collector
-    /// --store URL`; stopped and removed on Ctrl-C.
+    /// Start a throwaway PostgreSQL on loopback and print the exports the
+    /// tests find it by (`eval` them before `cargo test`; the URL serves
+    /// `driftwatch-collector --store URL` too); stopped and removed on
+    /// Ctrl-C.
     Postgres,
     /// Benchmarks, reported as ratios measured in one run.
     Bench {
@@ -152,7 +153,7 @@ fn test(args: &[String]) -> Result<()> {
     let mut child = cargo()
         .args(["test", "--workspace", "--"])
         .args(args)
-        .env("DRIFTWATCH_TEST_POSTGRES", &pg.url)
+        .envs(pg.test_env())
         .env("DRIFTWATCH_AGENT_BIN", &agent)
         .env("DRIFTWATCH_VENV", setup::venv())
         .stdout(std::process::Stdio::piped())

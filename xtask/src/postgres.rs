@@ -59,6 +59,22 @@ fn free_port() -> Result<u16> {
 }
 
 impl Server {
+    /// The environment the tests find the server by: its URL, and its
+    /// data directory and binaries (a test restarts it).
+    pub fn test_env(&self) -> [(&'static str, String); 3] {
+        [
+            ("DRIFTWATCH_TEST_POSTGRES", self.url.clone()),
+            (
+                "DRIFTWATCH_TEST_POSTGRES_DATA",
+                self.dir.join("data").display().to_string(),
+            ),
+            (
+                "DRIFTWATCH_TEST_POSTGRES_BIN",
+                self.bin.display().to_string(),
+            ),
+        ]
+    }
+
     /// Installs PostgreSQL if missing and starts a fresh cluster named
     /// `name` (a leftover of an earlier run under that name is stopped and
     /// removed first).
@@ -149,7 +165,9 @@ impl Drop for Server {
 pub fn serve() -> Result<()> {
     setup::require_root("cargo xtask postgres")?;
     let server = Server::start("dev")?;
-    println!("{}", server.url);
+    for (k, v) in server.test_env() {
+        println!("export {k}={v}");
+    }
     eprintln!("xtask: PostgreSQL is up; Ctrl-C stops and removes it");
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc_on(tx)?;

@@ -268,6 +268,9 @@ pub struct PgLog {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// This process among the replicas, in its notifications.
     replica: u64,
+    /// The server runs (postmaster start times) the appends since the last
+    /// flush committed to.
+    unflushed: Mutex<HashSet<String>>,
     /// Days whose partitions are known to exist.
     days: Mutex<HashSet<i64>>,
 }
@@ -444,6 +447,7 @@ impl PgLog {
             config,
             tls,
             replica: rand_id(),
+            unflushed: Mutex::new(HashSet::new()),
             days: Mutex::new(HashSet::new()),
         };
         log.block_on(log.migrate())?;
@@ -674,9 +678,16 @@ impl PgLog {
             &[&node, &new_agent(node).encode_to_vec()],
         )
         .await?;
-        let mut agent = Self::agent_for_update(&tx, node)
-            .await?
-            .unwrap_or_else(|| new_agent(node));
+        // The row's lock, and which run of the server this append is
+        // committed to (see `flush`).
+        let row = sql::query_one(
+            &tx,
+            "SELECT status, pg_postmaster_start_time()::text FROM dw_agents WHERE node = $1 FOR UPDATE",
+            &[&node],
+        )
+        .await?;
+        let mut agent = decode::<AgentStatus>("agents", row.try_get(0)?)?;
+        let server_run: String = row.try_get(1)?;
         let redelivered: Vec<&Event> = events
             .iter()
             .filter(|e| e.seq != 0 && e.seq <= agent.acked_seq)
@@ -755,6 +766,10 @@ impl PgLog {
             sql::execute(&tx, "SELECT pg_notify('dw_events', $1)", &[&note]).await?;
         }
         tx.commit().await?;
+        self.unflushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server_run);
         Ok(done)
     }
     /// The events `from < seq <= through` of `node`, in sequence order.
@@ -967,7 +982,22 @@ impl EventLog for PgLog {
                 "SET LOCAL synchronous_commit = on; UPDATE dw_flush SET n = n + 1 WHERE id = 1",
             )
             .await?;
+            let run: String = sql::query_one(&tx, "SELECT pg_postmaster_start_time()::text", &[])
+                .await?
+                .try_get(0)?;
             tx.commit().await?;
+            // Unless the server restarted since an append: a crash loses
+            // the asynchronous commits it had not flushed, and this flush,
+            // on the new run, would vouch for them. Failing it closes the
+            // streams; their agents resend from what the store kept.
+            let appended = std::mem::take(
+                &mut *self.unflushed.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            if appended.iter().any(|a| *a != run) {
+                return Err(backend(
+                    "the database restarted since the last appends; they may be lost, so they are not acknowledged (agents resend them)",
+                ));
+            }
             Ok(())
         })
     }

@@ -27,6 +27,7 @@ pub(crate) fn ev(node: &str, seq: u64, t: i64, path: &str, exec_id: &str) -> Eve
 /// the PostgreSQL server the test run started.
 pub(crate) struct TestLog {
     log: Option<Box<dyn EventLog>>,
+    _server: Option<std::sync::RwLockReadGuard<'static, ()>>,
     memory: Option<MemoryLog>,
     dir: Option<tempfile::TempDir>,
     url: Option<String>,
@@ -40,6 +41,7 @@ impl TestLog {
         let log = SledStore::open(dir.path()).unwrap();
         Self {
             log: Some(Box::new(log)),
+            _server: None,
             memory: None,
             dir: Some(dir),
             url: None,
@@ -50,6 +52,7 @@ impl TestLog {
         let log = MemoryLog::new();
         Self {
             log: Some(Box::new(log.clone())),
+            _server: None,
             memory: Some(log),
             dir: None,
             url: None,
@@ -60,10 +63,12 @@ impl TestLog {
     /// `cargo xtask test` starts; `None` (the test skipped, said on
     /// stderr) only when `DRIFTWATCH_SKIP_POSTGRES=1` says so.
     pub(crate) fn postgres() -> Option<Self> {
+        let server = shared_server();
         let url = pg_schema_url()?;
         let log = PgLog::connect(&url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
         Some(Self {
             log: Some(Box::new(log)),
+            _server: Some(server),
             memory: None,
             dir: None,
             url: Some(url),
@@ -84,6 +89,16 @@ impl TestLog {
             _ => unreachable!(),
         });
     }
+}
+
+/// The test server: shared by the tests that use it, taken alone by the
+/// one that crashes it.
+static SERVER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub(crate) fn shared_server() -> std::sync::RwLockReadGuard<'static, ()> {
+    SERVER
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The URL of a new, empty schema on the test server.
@@ -818,6 +833,7 @@ fn agent_records_keep_what_only_appends_move(t: &mut TestLog) {
 /// event is stored once.
 #[test]
 fn two_replicas_appending_one_node_at_once_store_each_event_once() {
+    let _server = shared_server();
     let Some(url) = pg_schema_url() else { return };
     let a = PgLog::connect(&url).unwrap();
     let b = PgLog::connect(&url).unwrap();
@@ -859,6 +875,7 @@ fn two_replicas_appending_one_node_at_once_store_each_event_once() {
 /// A schema from a newer collector is refused by name, not written to.
 #[test]
 fn a_newer_schema_is_refused() {
+    let _server = shared_server();
     let Some(url) = pg_schema_url() else { return };
     drop(PgLog::connect(&url).unwrap());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -877,4 +894,75 @@ fn a_newer_schema_is_refused() {
     });
     let err = PgLog::connect(&url).err().expect("refused");
     assert!(err.to_string().contains("upgrade the collector"), "{err}");
+}
+
+/// A crash of the server between an append (committed asynchronously)
+/// and the flush: the flush fails instead of vouching for what the crash
+/// may have taken, and the log's acked sequence and its blocks agree.
+#[test]
+fn a_server_crash_between_append_and_flush_fails_the_flush() {
+    let _alone = SERVER
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(url) = pg_schema_url() else { return };
+    let (Ok(data), Ok(bin)) = (
+        std::env::var("DRIFTWATCH_TEST_POSTGRES_DATA"),
+        std::env::var("DRIFTWATCH_TEST_POSTGRES_BIN"),
+    ) else {
+        panic!("DRIFTWATCH_TEST_POSTGRES_DATA and _BIN name the test server (cargo xtask test sets them)");
+    };
+    let log = PgLog::connect(&url).unwrap();
+    let batch: Vec<Event> = (1..=100)
+        .map(|i| ev("n1", i, 1_000 + i as i64, "/a", "x"))
+        .collect();
+    log.append("n1", &batch[..50], 1).unwrap();
+    log.flush().unwrap();
+    log.append("n1", &batch[50..], 1).unwrap();
+    let restart = |cmd: &mut std::process::Command| {
+        let status = cmd.status().expect("pg_ctl");
+        assert!(status.success(), "pg_ctl restart: {status}");
+    };
+    let pg_ctl = format!("{bin}/pg_ctl");
+    let mut cmd = if nix::unistd::geteuid().is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+        c
+    } else {
+        std::process::Command::new(&pg_ctl)
+    };
+    restart(
+        cmd.args(["restart", "-m", "immediate", "-w", "-D", &data])
+            .stdout(std::process::Stdio::null()),
+    );
+    // The pool's connections died with the server: the first calls may
+    // fail; the flush must never succeed for the appends before it.
+    let mut flushed = None;
+    for _ in 0..50 {
+        match log.flush() {
+            Err(e) if e.to_string().contains("restarted") => {
+                flushed = Some(false);
+                break;
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Ok(()) => {
+                flushed = Some(true);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        flushed,
+        Some(false),
+        "the flush after the crash vouched for the appends before it"
+    );
+    // Whatever survived, the record and the blocks agree, and the agent
+    // resumes from the record.
+    let acked = log.agent("n1").unwrap().unwrap().acked_seq;
+    let stored = log.node_range("n1", i64::MIN, i64::MAX).unwrap();
+    assert_eq!(stored.len() as u64, acked);
+    assert!(acked >= 50, "a flushed append was lost: acked {acked}");
+    let r = log.append("n1", &batch[acked as usize..], 1).unwrap();
+    assert_eq!(r.through, 100);
+    log.flush().unwrap();
+    assert_eq!(verify_chain(&log, "n1"), Ok(100));
 }
