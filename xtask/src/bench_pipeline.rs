@@ -142,6 +142,12 @@ fn start_collector(dir: &Path, port: u16, policy: &Path, log: &str) -> Result<Ch
         .arg("--policy")
         .arg(policy)
         .args(["--log", log])
+        .args(
+            postgres_schema()?
+                .map(|url| ["--store".to_owned(), url])
+                .into_iter()
+                .flatten(),
+        )
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the collector")?;
@@ -580,6 +586,29 @@ fn run_backlog(events: u64) -> Result<Backlog> {
     })
 }
 
+/// The server `DRIFTWATCH_BENCH_STORE=postgres` runs the collectors on.
+static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A new, empty schema for the next collector (each load starts from an
+/// empty store), when the bench runs on PostgreSQL.
+fn postgres_schema() -> Result<Option<String>> {
+    let Some(base) = POSTGRES.get() else {
+        return Ok(None);
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let schema = format!(
+        "bench_{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    setup::run(
+        Command::new("psql")
+            .args(["-q", base, "-c"])
+            .arg(format!("CREATE SCHEMA {schema}"))
+            .stdout(Stdio::null()),
+    )?;
+    Ok(Some(format!("{base}?options=-c%20search_path%3D{schema}")))
+}
+
 /// Runs the benchmark.
 pub fn run() -> Result<()> {
     setup::require_root("cargo xtask bench pipeline")?;
@@ -590,6 +619,17 @@ pub fn run() -> Result<()> {
     if crate::bench::rerun_in_release("pipeline", &[])? {
         return Ok(());
     }
+    // DRIFTWATCH_BENCH_STORE=postgres: every collector on a throwaway
+    // PostgreSQL (the server's CPU is not in the collector's figure).
+    let _pg = match std::env::var("DRIFTWATCH_BENCH_STORE").as_deref() {
+        Ok("postgres") => {
+            let server = crate::postgres::Server::start("bench-pipeline")?;
+            let _ = POSTGRES.set(server.url.clone());
+            Some(server)
+        }
+        Ok("sled") | Err(_) => None,
+        Ok(other) => bail!("DRIFTWATCH_BENCH_STORE={other}: expected sled or postgres"),
+    };
     let secs: u64 = std::env::var("DRIFTWATCH_BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -637,7 +677,8 @@ pub fn run() -> Result<()> {
     let (stdout_cpu, emitted, received, dropped) = run_stdout(stdout_rate, dur)?;
     println!();
     println!(
-        "Driftwatch pipeline benchmark: kernel -> agent -> spool -> gRPC -> durable collector ({} CPUs, generator, agent and collector together; {secs} s per load)",
+        "Driftwatch pipeline benchmark: kernel -> agent -> spool -> gRPC -> durable collector on {} ({} CPUs, generator, agent and collector together; {secs} s per load)",
+        if POSTGRES.get().is_some() { "PostgreSQL" } else { "sled" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
