@@ -897,3 +897,92 @@ pub fn psql_value(url: &str, sql: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// `fchmod`s a watched file `count` times (one `chmod` event each), as
+/// fast as the machine allows or paced to `per_s`, until `stop` is set;
+/// `done` counts the calls made.
+pub fn chmod_burst(
+    path: &str,
+    count: u64,
+    per_s: Option<u64>,
+    stop: &std::sync::atomic::AtomicBool,
+    done: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    let c = std::ffi::CString::new(path).expect("a path without NUL");
+    let start = Instant::now();
+    // SAFETY: open, fchmod and close of our own file with a valid C string.
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
+        assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
+        for i in 0..count {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Some(rate) = per_s.filter(|_| i % 100 == 0) {
+                let due = Duration::from_nanos(i * 1_000_000_000 / rate);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            assert_eq!(libc::fchmod(fd, if i % 2 == 0 { 0o600 } else { 0o644 }), 0);
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        libc::close(fd);
+    }
+}
+
+/// The sequence numbers of `node`'s chmod events on `path` in the
+/// collector's timeline, read as the CLI streams them.
+pub fn stored_chmods(c: &Collector, node: &str, path: &str) -> Vec<u64> {
+    use std::io::BufRead as _;
+    let mut child = c
+        .command(if c.pki.is_some() { "reader" } else { "" })
+        .args(["timeline", "-o", "json", "--host", node])
+        .args(["--path", path, "--kind", "file"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run driftwatch timeline");
+    let out = child.stdout.take().expect("stdout");
+    let mut seqs = Vec::new();
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line.expect("read the timeline");
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("non-JSON line ({e}): {line}"));
+        if v["type"] == "event" && v["op"] == "chmod" && v["path"] == path {
+            seqs.push(v["seq"].as_u64().expect("a seq"));
+        }
+    }
+    assert!(child.wait().expect("driftwatch timeline").success());
+    seqs
+}
+
+/// Waits while the count of `node`'s stored chmods of `path` grows, until
+/// it is `want`; fails when it stops growing for 90 s short of it (an
+/// agent backs off up to 30 s between attempts while its collector cannot
+/// store). Progress, not a deadline: a busy machine is slow, not wrong.
+pub fn wait_stored(c: &Collector, node: &str, path: &str, want: usize) -> Vec<u64> {
+    let mut last = (0, Instant::now());
+    loop {
+        let seqs = stored_chmods(c, node, path);
+        if seqs.len() >= want {
+            return seqs;
+        }
+        if seqs.len() > last.0 {
+            last = (seqs.len(), Instant::now());
+        }
+        assert!(
+            last.1.elapsed() < Duration::from_secs(90),
+            "stuck at {} of {want} events for 90 s",
+            seqs.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Fails unless `seqs` holds `want` distinct sequence numbers.
+pub fn assert_stored_once(seqs: &[u64], want: usize) {
+    let distinct: std::collections::HashSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
+    assert_eq!(seqs.len(), want, "events stored");
+}

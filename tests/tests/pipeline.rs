@@ -3,9 +3,6 @@
 //! once, through bursts, a stop under load and a cluster reconnecting.
 
 use std::{
-    collections::HashSet,
-    io::BufRead as _,
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -18,7 +15,9 @@ use driftwatch_proto::v1::{
     query_service_client::QueryServiceClient, AgentMessage, AgentsRequest, Event, EventBatch,
     FileChange, Hello, NodeInfo,
 };
-use driftwatch_tests::{bin, policy, Agent, Collector, Dir};
+use driftwatch_tests::{
+    assert_stored_once, chmod_burst, policy, wait_stored, Agent, Collector, Dir,
+};
 
 /// The tests here each load the machine; run one at a time, so that each
 /// measures its own load, not its neighbours'.
@@ -28,81 +27,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     HEAVY
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// `fchmod`s a watched file `count` times (one `chmod` event each), as
-/// fast as the machine allows or paced to `per_s`, until `stop` is set.
-fn chmod_burst(path: &str, count: u64, per_s: Option<u64>, stop: &AtomicBool, done: &AtomicU64) {
-    let c = std::ffi::CString::new(path).unwrap();
-    let start = Instant::now();
-    // SAFETY: open, fchmod and close of our own file with a valid C string.
-    unsafe {
-        let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
-        assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
-        for i in 0..count {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if let Some(rate) = per_s.filter(|_| i % 100 == 0) {
-                let due = Duration::from_nanos(i * 1_000_000_000 / rate);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            assert_eq!(libc::fchmod(fd, if i % 2 == 0 { 0o600 } else { 0o644 }), 0);
-            done.fetch_add(1, Ordering::Relaxed);
-        }
-        libc::close(fd);
-    }
-}
-
-/// The sequence numbers of `node`'s chmod events on `path` in the
-/// collector's timeline, read as the CLI streams them.
-fn stored_chmods(c: &Collector, node: &str, path: &str) -> Vec<u64> {
-    let mut child = Command::new(bin("driftwatch"))
-        .args([
-            "--collector",
-            &c.url,
-            "timeline",
-            "-o",
-            "json",
-            "--host",
-            node,
-        ])
-        .args(["--path", path, "--kind", "file"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run driftwatch timeline");
-    let out = child.stdout.take().expect("stdout");
-    let mut seqs = Vec::new();
-    for line in std::io::BufReader::new(out).lines() {
-        let line = line.expect("read the timeline");
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("non-JSON line ({e}): {line}"));
-        if v["type"] == "event" && v["op"] == "chmod" && v["path"] == path {
-            seqs.push(v["seq"].as_u64().expect("a seq"));
-        }
-    }
-    assert!(child.wait().expect("driftwatch timeline").success());
-    seqs
-}
-
-/// Waits until the collector holds `want` chmod events of `path`, or fails.
-fn wait_stored(c: &Collector, node: &str, path: &str, want: usize) -> Vec<u64> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let seqs = stored_chmods(c, node, path);
-        if seqs.len() >= want || Instant::now() > deadline {
-            return seqs;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn assert_exactly_once(seqs: &[u64], want: usize) {
-    let distinct: HashSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
-    assert_eq!(seqs.len(), want, "events stored");
 }
 
 #[test]
@@ -134,7 +58,7 @@ fn a_burst_of_100k_changes_reaches_the_collector_exactly_once() {
     chmod_burst(&file, CHANGES, None, &AtomicBool::new(false), &done);
     assert_eq!(done.load(Ordering::Relaxed), CHANGES);
     let seqs = wait_stored(&collector, "node-burst", &file, CHANGES as usize);
-    assert_exactly_once(&seqs, CHANGES as usize);
+    assert_stored_once(&seqs, CHANGES as usize);
     let events = agent.stop();
     let stats = driftwatch_tests::final_stats(&events);
     assert_eq!(stats["file"]["dropped"], 0, "{stats}");
@@ -198,7 +122,7 @@ fn an_agent_interrupted_under_load_stops_in_time_and_loses_nothing() {
     // start delivers it. Every chmod the agent read is stored exactly once.
     let again = Agent::start_with(&pol, &args);
     let seqs = wait_stored(&collector, "node-stop", &file, received as usize);
-    assert_exactly_once(&seqs, received as usize);
+    assert_stored_once(&seqs, received as usize);
     again.stop();
 }
 

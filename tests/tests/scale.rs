@@ -9,61 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{pg_schema_url, policy, psql_value, run, Agent, Collector, Dir};
-
-/// `fchmod`s a file `count` times at `per_s` (one `chmod` event each).
-fn chmods(path: &str, count: u64, per_s: u64, done: &AtomicU64) {
-    let c = std::ffi::CString::new(path).unwrap();
-    let start = Instant::now();
-    // SAFETY: open, fchmod and close of our own file with a valid C string.
-    unsafe {
-        let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
-        assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
-        for i in 0..count {
-            if i % 100 == 0 {
-                let due = Duration::from_nanos(i * 1_000_000_000 / per_s);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            assert_eq!(libc::fchmod(fd, if i % 2 == 0 { 0o600 } else { 0o644 }), 0);
-            done.fetch_add(1, Ordering::Relaxed);
-        }
-        libc::close(fd);
-    }
-}
-
-/// The sequence numbers of the chmod events of `path` in `c`'s timeline.
-fn stored_chmods(c: &Collector, path: &str) -> Vec<u64> {
-    c.timeline(&["--path", path, "--kind", "file"])
-        .iter()
-        .filter(|v| v["type"] == "event" && v["op"] == "chmod" && v["path"] == path)
-        .map(|v| v["seq"].as_u64().expect("a seq"))
-        .collect()
-}
-
-/// Waits while the count of stored chmods of `path` grows, until it is
-/// `want`; fails when it stops growing for 90 s short of it (an agent
-/// backs off up to 30 s between attempts while its collector cannot
-/// store).
-fn wait_stored(c: &Collector, path: &str, want: usize) -> Vec<u64> {
-    let mut last = (0, Instant::now());
-    loop {
-        let seqs = stored_chmods(c, path);
-        if seqs.len() >= want {
-            return seqs;
-        }
-        if seqs.len() > last.0 {
-            last = (seqs.len(), Instant::now());
-        }
-        assert!(
-            last.1.elapsed() < Duration::from_secs(90),
-            "stuck at {} of {want} events for 90 s",
-            seqs.len()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
+use driftwatch_tests::{
+    assert_stored_once, chmod_burst, pg_schema_url, policy, psql_value, run, stored_chmods,
+    wait_stored, Agent, Collector, Dir,
+};
 
 /// The tests here share one PostgreSQL server, and one of them turns its
 /// TLS on: run one at a time.
@@ -87,12 +36,6 @@ impl Drop for TlsOn<'_> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-fn assert_exactly_once(seqs: &[u64], want: usize) {
-    let distinct: HashSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
-    assert_eq!(seqs.len(), want, "events stored");
 }
 
 #[test]
@@ -193,13 +136,13 @@ fn an_agent_moves_to_another_replica_when_its_collector_is_killed_and_nothing_is
     let done = AtomicU64::new(0);
     let killed = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| chmods(&file, CHANGES, 4_000, &done));
+        s.spawn(|| chmod_burst(&file, CHANGES, Some(4_000), &AtomicBool::new(false), &done));
         // A third of the way in, once the first replica has stored some.
         while done.load(Ordering::Relaxed) < CHANGES / 3 {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
-            !stored_chmods(&a, &file).is_empty(),
+            !stored_chmods(&a, "node-moving", &file).is_empty(),
             "the first replica stored nothing before it was killed"
         );
         a.kill();
@@ -207,11 +150,11 @@ fn an_agent_moves_to_another_replica_when_its_collector_is_killed_and_nothing_is
     });
     assert!(killed.load(Ordering::Relaxed));
     // Every event, once, through the replica that lived...
-    let seqs = wait_stored(&b, &file, CHANGES as usize);
-    assert_exactly_once(&seqs, CHANGES as usize);
+    let seqs = wait_stored(&b, "node-moving", &file, CHANGES as usize);
+    assert_stored_once(&seqs, CHANGES as usize);
     // ...and the same view through the other one, started again.
     a.restart();
-    let again = stored_chmods(&a, &file);
+    let again = stored_chmods(&a, "node-moving", &file);
     assert_eq!(again, seqs, "both replicas show one timeline");
     let events = agent.stop();
     let stats = driftwatch_tests::final_stats(&events);
@@ -410,7 +353,7 @@ fn postgresql_crashing_under_load_loses_and_duplicates_nothing() {
     agent.wait_policy_watching(&format!("{tree}/"));
     let done = AtomicU64::new(0);
     std::thread::scope(|s| {
-        s.spawn(|| chmods(&file, CHANGES, 3_000, &done));
+        s.spawn(|| chmod_burst(&file, CHANGES, Some(3_000), &AtomicBool::new(false), &done));
         while done.load(Ordering::Relaxed) < CHANGES / 3 {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -420,8 +363,8 @@ fn postgresql_crashing_under_load_loses_and_duplicates_nothing() {
             .args(["restart", "-m", "immediate", "-w", "-D", &data])
             .stdout(std::process::Stdio::null()));
     });
-    let seqs = wait_stored(&collector, &file, CHANGES as usize);
-    assert_exactly_once(&seqs, CHANGES as usize);
+    let seqs = wait_stored(&collector, "node-crash", &file, CHANGES as usize);
+    assert_stored_once(&seqs, CHANGES as usize);
     // The crash happened under the collector: its connections broke.
     assert!(
         collector.log().to_lowercase().contains("connection closed"),
