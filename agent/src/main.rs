@@ -692,6 +692,14 @@ fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Handled from the start: a SIGHUP or SIGTERM that comes while the
+    // programs load (as soon as `agent_start` is printed, say) is taken
+    // when the event loop starts, instead of killing the agent with the
+    // default action.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     for url in collector_urls(&args) {
         check_collector_url(
             &url,
@@ -869,10 +877,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 e.into_parts().1
             )
         })?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.loss_interval));
     // The kernel wakes us only when 64 KiB are waiting; this bounds the
     // delay of a lone event.
