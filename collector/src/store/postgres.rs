@@ -92,6 +92,9 @@ const PARTITIONED: [&str; 3] = ["dw_blocks", "dw_by_exec", "dw_by_dir"];
 /// Width of a partition.
 const DAY_NS: i64 = 86_400 * 1_000_000_000;
 
+/// An append found no partition for a day it had created (see `append`).
+const MISSING_PARTITION: &str = "postgres: no partition for a day of the batch";
+
 /// Rows a timeline read fetches from one run at a time.
 const PAGE_ROWS: i64 = 64;
 
@@ -750,7 +753,24 @@ impl PgLog {
                  ON CONFLICT DO NOTHING",
                 &dirs_params,
             );
-            tokio::try_join!(blocks, execs, dirs)?;
+            let (blocks, execs, dirs) = tokio::join!(blocks, execs, dirs);
+            let failed: Vec<tokio_postgres::Error> = [blocks, execs, dirs]
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            // The first refusal aborts the transaction; the statements
+            // pipelined after it only say so.
+            if failed
+                .iter()
+                .any(|e| e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION))
+            {
+                // No partition for a day this process thought had one:
+                // another replica's retention dropped it.
+                return Err(StoreError::Backend(MISSING_PARTITION.into()));
+            }
+            if let Some(e) = failed.into_iter().next() {
+                return Err(e.into());
+            }
         }
         for g in &plan.quarantined {
             Self::insert_gap(&tx, g).await?;
@@ -969,7 +989,15 @@ impl EventLog for PgLog {
     }
 
     fn append(&self, node: &str, events: &[Event], seen_at: i64) -> Result<Appended, StoreError> {
-        self.block_on(self.append_async(node, events, seen_at))
+        match self.block_on(self.append_async(node, events, seen_at)) {
+            Err(StoreError::Backend(m)) if m == MISSING_PARTITION => {
+                // Forget what this process knew of the partitions, and
+                // create them again.
+                self.days.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.block_on(self.append_async(node, events, seen_at))
+            }
+            done => done,
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -966,3 +966,32 @@ fn a_server_crash_between_append_and_flush_fails_the_flush() {
     log.flush().unwrap();
     assert_eq!(verify_chain(&log, "n1"), Ok(100));
 }
+
+/// Retention on one replica drops a day's partitions that another replica
+/// remembers creating: the other's next append into that day creates them
+/// again instead of failing forever.
+#[test]
+fn a_day_dropped_by_another_replica_is_created_again() {
+    let _server = shared_server();
+    let Some(url) = pg_schema_url() else { return };
+    let a = PgLog::connect(&url).unwrap();
+    let b = PgLog::connect(&url).unwrap();
+    let day = 86_400 * 1_000_000_000i64;
+    // Day 1 through b, which now remembers its partitions.
+    b.append("n1", &[ev("n1", 1, day + 5, "/a", "x")], 1)
+        .unwrap();
+    // a's retention drops every day before day 2.
+    assert_eq!(a.retain(2 * day, 0).unwrap(), 1);
+    let r = b
+        .append("n1", &[ev("n1", 2, day + 6, "/a", "x")], 1)
+        .unwrap();
+    assert!(r.refused.is_none(), "{:?}", r.refused);
+    assert_eq!(r.through, 2);
+    let seqs: Vec<u64> = a
+        .node_range("n1", i64::MIN, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [2]);
+}
