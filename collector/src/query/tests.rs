@@ -1,11 +1,12 @@
 use super::*;
-use crate::store::tests::{ev, TestLog};
+use crate::store::tests::{ev, on_every_backend, TestLog};
 use driftwatch_proto::v1::NodeInfo;
 
 /// Three nodes, 2,500 events each over 25 ms, many sharing a timestamp
 /// (within a node and across nodes), so pages end inside a bucket and in
 /// the middle of equal times.
-fn fill(s: &dyn EventLog) {
+fn fill(t: &TestLog) {
+    let s = t.log();
     for node in ["a", "b", "c"] {
         s.hello(
             &NodeInfo {
@@ -39,44 +40,8 @@ fn fill(s: &dyn EventLog) {
     .unwrap();
 }
 
-/// Each walk test on every backend of the store.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sled {
-            $(
-                #[test]
-                fn $name() {
-                    let t = super::TestLog::sled();
-                    super::fill(t.log());
-                    super::$name(t.log());
-                }
-            )*
-        }
-        mod memory {
-            $(
-                #[test]
-                fn $name() {
-                    let t = super::TestLog::memory();
-                    super::fill(t.log());
-                    super::$name(t.log());
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    if let Some(t) = super::TestLog::postgres() {
-                        super::fill(t.log());
-                        super::$name(t.log());
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_every_backend!(
+    fill;
     a_walk_over_many_pages_is_complete_ordered_and_without_repeats,
     a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes,
 );
@@ -121,7 +86,8 @@ fn expected(
         .collect()
 }
 
-fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats(s: &dyn EventLog) {
+fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats(t: &mut TestLog) {
+    let s = t.log();
     let since = 1_000_000 + 30 * 70_000;
     for r in [
         TimelineRequest {
@@ -172,7 +138,8 @@ fn a_walk_over_many_pages_is_complete_ordered_and_without_repeats(s: &dyn EventL
     }
 }
 
-fn a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes(s: &dyn EventLog) {
+fn a_limited_walk_is_the_head_of_the_full_one_and_stops_when_the_reader_goes(t: &mut TestLog) {
+    let s = t.log();
     let r = TimelineRequest {
         limit: 1500,
         ..Default::default()

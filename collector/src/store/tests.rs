@@ -75,6 +75,16 @@ impl TestLog {
         })
     }
 
+    /// The log of the backend named `sled`, `memory` or `postgres`
+    /// (`None`: skipped, see [`TestLog::postgres`]).
+    pub(crate) fn of(backend: &str) -> Option<Self> {
+        match backend {
+            "sled" => Some(Self::sled()),
+            "memory" => Some(Self::memory()),
+            _ => Self::postgres(),
+        }
+    }
+
     pub(crate) fn log(&self) -> &dyn EventLog {
         self.log.as_deref().unwrap()
     }
@@ -150,36 +160,21 @@ fn hello(t: &TestLog) {
         .unwrap();
 }
 
-/// Runs each test on every backend: `sled::name`, `memory::name` and
-/// `postgres::name`.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sled {
+/// Runs each `name(&mut TestLog)` on every backend, after
+/// `setup(&TestLog)`: as `sled::name`, `memory::name` and `postgres::name`.
+macro_rules! on_every_backend {
+    ($setup:ident; $($name:ident),* $(,)?) => {
+        on_every_backend!(@one sled, $setup; $($name),*);
+        on_every_backend!(@one memory, $setup; $($name),*);
+        on_every_backend!(@one postgres, $setup; $($name),*);
+    };
+    (@one $backend:ident, $setup:ident; $($name:ident),*) => {
+        mod $backend {
             $(
                 #[test]
                 fn $name() {
-                    let mut t = super::TestLog::sled();
-                    super::hello(&t);
-                    super::$name(&mut t);
-                }
-            )*
-        }
-        mod memory {
-            $(
-                #[test]
-                fn $name() {
-                    let mut t = super::TestLog::memory();
-                    super::hello(&t);
-                    super::$name(&mut t);
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $name() {
-                    if let Some(mut t) = super::TestLog::postgres() {
-                        super::hello(&t);
+                    if let Some(mut t) = crate::store::tests::TestLog::of(stringify!($backend)) {
+                        super::$setup(&t);
                         super::$name(&mut t);
                     }
                 }
@@ -187,8 +182,10 @@ macro_rules! conformance {
         }
     };
 }
+pub(crate) use on_every_backend;
 
-conformance!(
+on_every_backend!(
+    hello;
     redelivery_is_stored_once_and_holes_are_refused,
     events_must_belong_to_the_stream,
     hostile_values_are_kept_out_by_name_and_the_node_goes_on,
