@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     audit::Audit,
-    correlate::{approvals::ApprovalError, baselines, findings, Correlator},
+    correlate::{approvals::ApprovalError, baselines, findings, Correlator, StatusError},
     ingest::{status_of, Ingest},
     security::auth::caller,
 };
@@ -53,13 +53,23 @@ impl Control {
         self
     }
 
+    /// Runs `f` on a blocking thread: the judging state may be a round
+    /// trip away (PostgreSQL), or wait for another transaction.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Correlator) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let c = self.correlator.clone();
+        tokio::task::spawn_blocking(move || f(&c))
+            .await
+            .map_err(|e| Status::internal(format!("the store task stopped: {e}")))
+    }
+
     /// Files a request and tells whoever is to decide it.
-    fn file(&self, a: Approval) -> Result<Approval, Status> {
+    async fn file(&self, a: Approval) -> Result<Approval, Status> {
         let a = self
-            .correlator
-            .lock()
-            .approvals
-            .request(a)
+            .blocking(move |c| c.request(a))
+            .await?
             .map_err(approval_status)?;
         tracing::info!(id = a.id, kind = %a.kind, requester = %a.requester, resource = %a.resource, who = %a.who, "approval requested");
         self.tell(&a, false);
@@ -154,8 +164,7 @@ impl FindingService for Control {
                 findings::SEVERITIES.join(", ")
             )));
         }
-        let log = self.correlator.lock().findings.change_log();
-        let mut latest = log.latest.subscribe();
+        let mut latest = self.correlator.judging().changes();
         let mut cursor = if r.from_now {
             *latest.borrow()
         } else {
@@ -164,25 +173,29 @@ impl FindingService for Control {
         let mut closing = self.ingest.closing();
         let min = findings::severity_rank(&r.min_severity);
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_PAGE);
+        let correlator = self.correlator.clone();
         tokio::spawn(async move {
             loop {
-                let l = log.clone();
-                let page =
-                    match tokio::task::spawn_blocking(move || l.after(cursor, WATCH_PAGE)).await {
-                        Ok(Ok(p)) => p,
-                        Ok(Err(e)) => {
-                            let _ = tx.send(Err(status_of(&e))).await;
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = tx
-                                .send(Err(Status::internal(format!(
-                                    "reading the change log: {e}"
-                                ))))
-                                .await;
-                            return;
-                        }
-                    };
+                let c = correlator.clone();
+                let page = match tokio::task::spawn_blocking(move || {
+                    c.with_tx(|tx| tx.changes_after(cursor, WATCH_PAGE))
+                })
+                .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(status_of(&e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!(
+                                "reading the change log: {e}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                };
                 let full = page.len() == WATCH_PAGE;
                 for (at, f) in page {
                     cursor = at;
@@ -224,19 +237,18 @@ impl FindingService for Control {
     ) -> Result<Response<ListFindingsResponse>, Status> {
         let r = request.into_inner();
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let keep = move |f: &driftwatch_proto::v1::Finding| {
+            (r.kinds.is_empty() || r.kinds.contains(&f.kind))
+                && (r.node.is_empty() || f.node == r.node)
+                && (r.resource.is_empty()
+                    || f.resource == r.resource
+                    || (r.resource.starts_with('/') && f.path.starts_with(&r.resource)))
+                && (r.statuses.is_empty() || r.statuses.contains(&f.status))
+                && f.last_seen_unix_nanos >= r.since_unix_nanos
+        };
         let findings = self
-            .correlator
-            .lock()
-            .findings
-            .list(limit, |f| {
-                (r.kinds.is_empty() || r.kinds.contains(&f.kind))
-                    && (r.node.is_empty() || f.node == r.node)
-                    && (r.resource.is_empty()
-                        || f.resource == r.resource
-                        || (r.resource.starts_with('/') && f.path.starts_with(&r.resource)))
-                    && (r.statuses.is_empty() || r.statuses.contains(&f.status))
-                    && f.last_seen_unix_nanos >= r.since_unix_nanos
-            })
+            .blocking(move |c| c.with_tx(|tx| tx.findings(limit, &keep)))
+            .await?
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(ListFindingsResponse { findings }))
     }
@@ -246,17 +258,23 @@ impl FindingService for Control {
         request: Request<GetFindingRequest>,
     ) -> Result<Response<FindingDetail>, Status> {
         let id = request.into_inner().id;
-        let (finding, approval) = {
-            let engine = self.correlator.lock();
-            let finding = engine
-                .findings
-                .get(id)
-                .map_err(|e| status_of(&e))?
-                .ok_or_else(|| Status::not_found(format!("no finding {id}")))?;
-            let approval = engine.approvals.get(finding.approval_id).cloned();
-            (finding, approval)
-        };
-        // The evidence is read outside the engine's lock: from PostgreSQL
+        let (finding, approval) = self
+            .blocking(move |c| {
+                c.with_tx(|tx| {
+                    let Some(f) = tx.finding(id)? else {
+                        return Ok(None);
+                    };
+                    let a = match f.approval_id {
+                        0 => None,
+                        a => tx.approval(a)?,
+                    };
+                    Ok(Some((f, a)))
+                })
+            })
+            .await?
+            .map_err(|e| status_of(&e))?
+            .ok_or_else(|| Status::not_found(format!("no finding {id}")))?;
+        // The evidence is read outside the transaction: from PostgreSQL
         // it is a round trip per event.
         let mut events = Vec::new();
         for r in &finding.evidence {
@@ -290,46 +308,30 @@ impl FindingService for Control {
                     r.status
                 )));
             }
-            let mut engine = self.correlator.lock();
-            let current = engine
-                .findings
-                .get(r.id)
+            let (id, status, who, note, approval) = (
+                r.id,
+                r.status.clone(),
+                principal.clone(),
+                r.note.clone(),
+                r.approval_id,
+            );
+            if approval != 0 && status != findings::RESOLVED {
+                return Err(Status::invalid_argument(
+                    "an approval can only be attached when resolving",
+                ));
+            }
+            let f = self
+                .blocking(move |c| c.set_status(id, &status, &who, &note, approval))
+                .await?
                 .map_err(|e| status_of(&e))?
-                .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
-            if current.status == findings::RESOLVED {
-                return Err(Status::failed_precondition(format!(
-                    "finding {} is already resolved",
-                    r.id
-                )));
-            }
-            if r.approval_id != 0 {
-                if r.status != findings::RESOLVED {
-                    return Err(Status::invalid_argument(
-                        "an approval can only be attached when resolving",
-                    ));
-                }
-                let a = engine
-                    .approvals
-                    .get(r.approval_id)
-                    .ok_or_else(|| Status::not_found(format!("no approval {}", r.approval_id)))?;
-                if a.status != crate::correlate::approvals::APPROVED {
-                    return Err(Status::failed_precondition(format!(
-                        "approval {} is {}, not approved",
-                        a.id, a.status
-                    )));
-                }
-            }
-            let f = engine
-                .findings
-                .set_status(r.id, &r.status, &principal, &r.note, r.approval_id)
-                .map_err(|e| status_of(&e))?
-                .ok_or_else(|| Status::not_found(format!("no finding {}", r.id)))?;
-            if r.approval_id != 0 {
-                engine
-                    .approvals
-                    .add_resolved(r.approval_id, &[f.id])
-                    .map_err(|e| status_of(&e))?;
-            }
+                .map_err(|e| match e {
+                    StatusError::NoFinding(_) | StatusError::NoApproval(_) => {
+                        Status::not_found(e.to_string())
+                    }
+                    StatusError::Resolved(_) | StatusError::NotApproved { .. } => {
+                        Status::failed_precondition(e.to_string())
+                    }
+                })?;
             tracing::info!(id = f.id, status = %f.status, %principal, "finding updated");
             Ok(Response::new(f))
         }
@@ -402,7 +404,7 @@ impl ApprovalService for Control {
                     requested_unix_nanos: now_unix_nanos(),
                     ..Default::default()
                 };
-                return self.file(a).map(Response::new);
+                return self.file(a).await.map(Response::new);
             }
             if !r.who.is_empty() {
                 return Err(Status::invalid_argument(
@@ -455,7 +457,7 @@ impl ApprovalService for Control {
                 requested_unix_nanos: now_unix_nanos(),
                 ..Default::default()
             };
-            self.file(a).map(Response::new)
+            self.file(a).await.map(Response::new)
         }
         .await;
         self.audited(&principal, "ApprovalService/Request", args, result)
@@ -470,26 +472,19 @@ impl ApprovalService for Control {
         let r = request.into_inner();
         let args = serde_json::json!({"id": r.id, "approve": r.approve, "note": r.note});
         let result: Result<Response<Approval>, Status> = async {
-            let mut engine = self.correlator.lock();
-            let a = engine
-                .approvals
-                .decide(r.id, r.approve, &principal, &r.note, now_unix_nanos())
+            let (id, approve, who, note) = (r.id, r.approve, principal.clone(), r.note.clone());
+            let (a, resolved) = self
+                .blocking(move |c| c.decide(id, approve, &who, &note))
+                .await?
                 .map_err(approval_status)?;
             tracing::info!(id = a.id, status = %a.status, approver = %principal, "change request decided");
-            if r.approve {
-                let resolved = engine.apply_approval(a.id).map_err(|e| status_of(&e))?;
-                if !resolved.is_empty() {
-                    tracing::info!(
-                        id = a.id,
-                        ?resolved,
-                        "open findings resolved by the approval"
-                    );
-                }
+            if !resolved.is_empty() {
+                tracing::info!(id = a.id, ?resolved, "open findings resolved by the approval");
             }
-            let a = engine.approvals.get(a.id).cloned().unwrap_or(a);
-            drop(engine);
             if a.kind == crate::correlate::approvals::ACCESS {
-                self.correlator.publish_grants();
+                self.blocking(|c| c.publish_grants())
+                    .await?
+                    .map_err(|e| status_of(&e))?;
             }
             self.tell(&a, true);
             Ok(Response::new(a))
@@ -504,17 +499,21 @@ impl ApprovalService for Control {
         request: Request<ListApprovalsRequest>,
     ) -> Result<Response<ListApprovalsResponse>, Status> {
         let r = request.into_inner();
-        let engine = self.correlator.lock();
-        let approvals = if r.id != 0 {
-            let a = engine
-                .approvals
-                .get(r.id)
-                .cloned()
-                .ok_or_else(|| Status::not_found(format!("no approval {}", r.id)))?;
-            vec![a]
-        } else {
-            engine.approvals.list(&r.statuses)
-        };
+        let id = r.id;
+        let approvals = self
+            .blocking(move |c| {
+                c.with_tx(|tx| {
+                    if id != 0 {
+                        return Ok(tx.approval(id)?.into_iter().collect());
+                    }
+                    crate::correlate::approvals::list(tx, &r.statuses)
+                })
+            })
+            .await?
+            .map_err(|e| status_of(&e))?;
+        if id != 0 && approvals.is_empty() {
+            return Err(Status::not_found(format!("no approval {id}")));
+        }
         Ok(Response::new(ListApprovalsResponse { approvals }))
     }
 }
@@ -546,30 +545,38 @@ impl BaselineService for Control {
                 valid_sha(&format!("entries[{i}].state.sha256"), sha)?;
             }
             let now = now_unix_nanos();
-            let mut engine = self.correlator.lock();
             let n = r.entries.len() as u64;
-            for b in r.entries {
-                let state = b.state.map(|s| driftwatch_proto::v1::FileState {
-                    exists: true,
-                    sha256: s.sha256.to_ascii_lowercase(),
-                    ..s
-                });
-                engine
-                    .baselines
-                    .put(Baseline {
-                        host: if b.host.is_empty() {
-                            host.clone()
-                        } else {
-                            b.host
-                        },
-                        path: b.path,
-                        state,
-                        source: baselines::MANIFEST.into(),
-                        set_unix_nanos: now,
-                        set_by: principal.clone(),
-                    })
-                    .map_err(|e| status_of(&e))?;
-            }
+            let entries: Vec<Baseline> = r
+                .entries
+                .into_iter()
+                .map(|b| Baseline {
+                    host: if b.host.is_empty() {
+                        host.clone()
+                    } else {
+                        b.host
+                    },
+                    path: b.path,
+                    state: b.state.map(|s| driftwatch_proto::v1::FileState {
+                        exists: true,
+                        sha256: s.sha256.to_ascii_lowercase(),
+                        ..s
+                    }),
+                    source: baselines::MANIFEST.into(),
+                    set_unix_nanos: now,
+                    set_by: principal.clone(),
+                })
+                .collect();
+            // One transaction: all of the manifest, or none of it.
+            self.blocking(move |c| {
+                c.with_tx(|tx| {
+                    for b in &entries {
+                        tx.put_baseline(b)?;
+                    }
+                    Ok(())
+                })
+            })
+            .await?
+            .map_err(|e| status_of(&e))?;
             tracing::info!(entries = n, %host, %principal, "baseline imported");
             Ok(Response::new(ImportBaselineResponse { stored: n }))
         }
@@ -601,19 +608,32 @@ impl BaselineService for Control {
                 r.apply_to
             };
             let scan_id = format!("scan-{}-{}", now_unix_nanos(), rand_suffix());
-            let (correlator, id, to, who) = (
-                self.correlator.clone(),
+            let (id, node, path, to, who) = (
                 scan_id.clone(),
+                r.node.clone(),
+                r.path.clone(),
                 apply_to.clone(),
                 principal.clone(),
             );
-            let done = tokio::task::spawn_blocking(move || correlator.start_scan(&id, &to, &who))
-                .await
-                .map_err(|e| Status::internal(format!("starting the scan: {e}")))?
+            self.blocking(move |c| c.start_scan(&id, &node, &path, &to, &who))
+                .await?
                 .map_err(|e| status_of(&e))?;
-            if let Err(e) = self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
-                self.correlator.end_scan(&scan_id);
-                return Err(e);
+            match self.ingest.request_scan(&r.node, &scan_id, &r.path).await {
+                Ok(()) => {
+                    let id = scan_id.clone();
+                    self.blocking(move |c| c.scan_sent(&id))
+                        .await?
+                        .map_err(|e| status_of(&e))?;
+                }
+                // Streaming to another replica: that one asks it (it
+                // reads the scans not yet sent every second).
+                Err(e) if self.ingest.connected_elsewhere(&r.node).await => {
+                    tracing::debug!(%scan_id, node = %r.node, "the agent streams to another replica, which asks it: {}", e.message());
+                }
+                Err(e) => {
+                    self.correlator.end_scan(&scan_id);
+                    return Err(e);
+                }
             }
             tracing::info!(%scan_id, node = %r.node, path = %r.path, %apply_to, "baseline scan requested");
             let timeout = Duration::from_secs(if r.timeout_seconds == 0 {
@@ -621,7 +641,7 @@ impl BaselineService for Control {
             } else {
                 u64::from(r.timeout_seconds)
             });
-            match tokio::time::timeout(timeout, done).await {
+            match tokio::time::timeout(timeout, self.correlator.wait_scan(&scan_id)).await {
                 Ok(Ok((files, errors, error))) => {
                     if !error.is_empty() && files == 0 {
                         return Err(Status::failed_precondition(format!(
@@ -631,7 +651,7 @@ impl BaselineService for Control {
                     }
                     Ok(Response::new(ScanBaselineResponse { files, errors }))
                 }
-                Ok(Err(_)) => Err(Status::unavailable("the scan was abandoned")),
+                Ok(Err(e)) => Err(status_of(&e)),
                 Err(_) => {
                     self.correlator.end_scan(&scan_id);
                     Err(Status::deadline_exceeded(format!(
@@ -653,10 +673,9 @@ impl BaselineService for Control {
     ) -> Result<Response<ListBaselinesResponse>, Status> {
         let r = request.into_inner();
         let baselines = self
-            .correlator
-            .lock()
-            .baselines
-            .list(&r.host, &r.path_prefix);
+            .blocking(move |c| c.with_tx(|tx| baselines::list(tx, &r.host, &r.path_prefix)))
+            .await?
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(ListBaselinesResponse { baselines }))
     }
 }

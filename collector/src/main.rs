@@ -16,7 +16,10 @@ use driftwatch_collector::{
         certs, tls,
         watched::Watched,
     },
-    store::{postgres::PgLog, sled_store::SledStore, EventLog, StoreError},
+    store::{
+        judging::Judging, judging_kv::SledJudging, postgres::PgLog, sled_store::SledStore,
+        EventLog, StoreError,
+    },
     units,
 };
 use driftwatch_proto::ops::{init_logging, LogFormat};
@@ -334,15 +337,19 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     let state = SledStore::open(&args.data_dir)
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-    let store: Arc<dyn EventLog> = match &args.store {
-        StoreChoice::Sled => Arc::new(state.clone()),
+    // The event log and the judging state live in one store: replicas
+    // over one PostgreSQL share both.
+    let (store, judging): (Arc<dyn EventLog>, Arc<dyn Judging>) = match &args.store {
+        StoreChoice::Sled => (
+            Arc::new(state.clone()),
+            Arc::new(SledJudging::open(state.clone()).context("opening the judging state")?),
+        ),
         StoreChoice::Postgres(url) => {
-            let pg = PgLog::connect_with(url, args.store_ca.as_deref())
-                .context("opening the PostgreSQL event log")?;
-            tracing::warn!(
-                "the judging state (findings, approvals, baselines) stays in --data-dir: one collector per database for now"
+            let pg = Arc::new(
+                PgLog::connect_with(url, args.store_ca.as_deref())
+                    .context("opening the PostgreSQL store")?,
             );
-            Arc::new(pg)
+            (pg.clone(), pg)
         }
     };
     // Agents whose stream was open when the collector stopped are not
@@ -388,7 +395,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         tracing::warn!(listen = %args.listen, "serving plaintext beyond loopback: tokens and events travel in clear; configure --tls-cert");
     }
     let correlator = std::sync::Arc::new(Correlator::open(
-        state.clone(),
+        judging.clone(),
         store.clone(),
         policies.clone(),
         Settings {
@@ -407,7 +414,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     if destinations > 0 {
         tracing::info!(destinations, "notifications on");
         let n = notifier.clone();
-        correlator.lock().findings.on_open = Some(Box::new(move |f| {
+        correlator.on_open(Box::new(move |f| {
             n.notify(&driftwatch_collector::notify::finding_notice(f))
         }));
         notifier.spawn();
@@ -423,6 +430,8 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     let separate_state = matches!(args.store, StoreChoice::Postgres(_)).then(|| state.clone());
     let ingest =
         Ingest::new(store.clone(), correlator.clone(), separate_state).closing_on(closing.clone());
+    // Scans another replica recorded for agents streaming here.
+    ingest.spawn_scan_router();
     // What other replicas store reaches this one's live timelines too.
     store.clone().follow_others(ingest.stored.clone());
     let audit = std::sync::Arc::new(Audit::open(&state).context("opening the audit log")?);
@@ -566,6 +575,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     }
     let log = store.clone();
     tokio::task::spawn_blocking(move || log.flush()).await??;
+    tokio::task::spawn_blocking(move || judging.flush()).await??;
     state.flush_blocking()?;
     tracing::info!("store flushed; exiting");
     Ok(Stop::Exit)

@@ -157,12 +157,16 @@ impl Metrics {
 
     /// Samples what is read rather than counted: findings, store, agents.
     pub fn refresh(&self, store: &dyn EventLog, correlator: &Correlator, failed: bool) {
-        let open = correlator.lock().findings.open_by_kind();
-        self.findings_open.clear();
-        for (kind, n) in open {
-            self.findings_open
-                .get_or_create(&Kind { kind })
-                .set(n as i64);
+        match correlator.open_by_kind() {
+            Ok(open) => {
+                self.findings_open.clear();
+                for (kind, n) in open {
+                    self.findings_open
+                        .get_or_create(&Kind { kind })
+                        .set(n as i64);
+                }
+            }
+            Err(e) => tracing::warn!("counting open findings for the metrics: {e}"),
         }
         if let Ok(bytes) = store.size_on_disk() {
             self.store_bytes.set(bytes);

@@ -1,15 +1,12 @@
 //! Desired state: per path and host selector, from a manifest, a scan of a
 //! reference host, an approved change, or learned on first sight.
 //!
-//! Tree `baselines`: `path \0 host` → `Baseline`, all of it also in memory
-//! (one entry per watched file and selector).
-
-use std::collections::BTreeMap;
+//! Stored through a judging transaction ([`JudgeTx`]), one entry per
+//! watched file and selector.
 
 use driftwatch_proto::v1::{Baseline, FileState};
-use prost::Message as _;
 
-use crate::store::{sled_store::SledStore as Store, StoreError};
+use crate::store::{judging::JudgeTx, StoreError};
 
 /// Manifest entries: read by the collector from a manifest file.
 pub const MANIFEST: &str = "manifest";
@@ -77,71 +74,26 @@ fn specificity(pattern: &str, node: &str) -> Option<usize> {
     }
 }
 
-fn key(path: &str, host: &str) -> Vec<u8> {
-    let mut k = path.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(host.as_bytes());
-    k
+/// The desired state of `path` on `node`, from the best-fitting selector.
+pub fn lookup(
+    tx: &mut dyn JudgeTx,
+    node: &str,
+    path: &str,
+) -> Result<Option<Baseline>, StoreError> {
+    Ok(tx
+        .baselines_of(path)?
+        .into_iter()
+        .filter_map(|b| specificity(&b.host, node).map(|s| (s, b)))
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, b)| b))
 }
 
-/// The baselines.
-pub struct Baselines {
-    tree: sled::Tree,
-    map: BTreeMap<(String, String), Baseline>,
-}
-
-impl Baselines {
-    /// Opens the tree and loads it.
-    pub fn open(store: &Store) -> Result<Self, StoreError> {
-        let tree = store.tree("baselines")?;
-        let mut map = BTreeMap::new();
-        for kv in tree.iter() {
-            let (_, v) = kv?;
-            let b = Baseline::decode(&*v).map_err(|source| StoreError::Corrupt {
-                tree: "baselines",
-                source,
-            })?;
-            map.insert((b.path.clone(), b.host.clone()), b);
-        }
-        Ok(Self { tree, map })
-    }
-
-    /// The desired state of `path` on `node`, from the best-fitting selector.
-    pub fn lookup(&self, node: &str, path: &str) -> Option<&Baseline> {
-        self.map
-            .range((path.to_owned(), String::new())..)
-            .take_while(|((p, _), _)| p == path)
-            .filter_map(|((_, host), b)| specificity(host, node).map(|s| (s, b)))
-            .max_by_key(|(s, _)| *s)
-            .map(|(_, b)| b)
-    }
-
-    /// Stores (or replaces) a baseline.
-    pub fn put(&mut self, b: Baseline) -> Result<(), StoreError> {
-        self.tree.insert(key(&b.path, &b.host), b.encode_to_vec())?;
-        self.map.insert((b.path.clone(), b.host.clone()), b);
-        Ok(())
-    }
-
-    /// Forgets a baseline.
-    pub fn remove(&mut self, host: &str, path: &str) -> Result<(), StoreError> {
-        self.tree.remove(key(path, host))?;
-        self.map.remove(&(path.to_owned(), host.to_owned()));
-        Ok(())
-    }
-
-    /// Baselines for a selector (all when empty) under a path prefix,
-    /// ordered by host selector then path.
-    pub fn list(&self, host: &str, prefix: &str) -> Vec<Baseline> {
-        let mut v: Vec<Baseline> = self
-            .map
-            .values()
-            .filter(|b| (host.is_empty() || b.host == host) && b.path.starts_with(prefix))
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
-        v
-    }
+/// Baselines for a selector (all when empty) under a path prefix,
+/// ordered by host selector then path.
+pub fn list(tx: &mut dyn JudgeTx, host: &str, prefix: &str) -> Result<Vec<Baseline>, StoreError> {
+    let mut v = tx.baselines(host, prefix)?;
+    v.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+    Ok(v)
 }
 
 /// What differs between a desired and an observed state; fields the desired

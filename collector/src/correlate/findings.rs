@@ -1,15 +1,12 @@
-//! Findings on disk: one record per finding, deduplicated by a key while
-//! open or acknowledged, moving open → acknowledged → resolved.
-//!
-//! Trees: `findings`: id (u64, big-endian) → `Finding`; `finding_keys`:
-//! dedupe key → id, for findings not yet resolved.
+//! Findings: one record per finding, deduplicated by a key while open or
+//! acknowledged, moving open → acknowledged → resolved, stored through a
+//! judging transaction ([`JudgeTx`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use driftwatch_proto::v1::{EvidenceRef, FileState, Finding, Process, StatusChange};
-use prost::Message as _;
 
-use crate::store::{sled_store::SledStore as Store, StoreError};
+use crate::store::{judging::JudgeTx, StoreError};
 
 /// Evidence kept per finding: the first events and the latest ones.
 const EVIDENCE_HEAD: usize = 10;
@@ -59,70 +56,24 @@ pub struct Occurrence {
     pub severity: String,
 }
 
-/// The findings trees, with the open keys in memory. Updates within a
-/// batch of events are kept in memory and written once by [`Findings::write_back`].
-pub struct Findings {
-    tree: sled::Tree,
-    keys: sled::Tree,
-    open: HashMap<String, u64>,
-    pending: HashMap<u64, Finding>,
-    log: ChangeLog,
-    /// Told of every finding opened.
-    pub on_open: Option<OnOpen>,
+/// The findings one transaction touches: those it changed, written back
+/// together by [`Findings::write_back`], and the keys it looked up. Nothing
+/// here outlives the transaction.
+#[derive(Default)]
+pub struct Findings<'c> {
+    pending: BTreeMap<u64, Finding>,
+    /// Keys looked up in this transaction: the unresolved finding's id.
+    open: HashMap<String, Option<u64>>,
+    /// Findings opened in this transaction, to tell of once it commits.
+    pub opened: Vec<Finding>,
     /// The severity the policy gives a finding (kind, resource), if any.
-    pub policy_severity: Option<PolicySeverity>,
+    pub policy_severity: Option<&'c PolicySeverity>,
 }
 
 /// A hook told of every finding opened.
-pub type OnOpen = Box<dyn Fn(&Finding) + Send>;
+pub type OnOpen = Box<dyn Fn(&Finding) + Send + Sync>;
 /// The policy's severity for a finding of a kind on a resource.
-pub type PolicySeverity = Box<dyn Fn(&str, &str) -> Option<String> + Send>;
-
-/// The change log behind `findings watch`: cursor → finding id, one entry
-/// per finding (its latest change), so a reader that resumes sees each
-/// changed finding once, as it is now.
-#[derive(Clone)]
-pub struct ChangeLog {
-    /// Cursor (u64, big-endian) → finding id (u64, big-endian).
-    pub log: sled::Tree,
-    /// Finding id → its cursor.
-    pos: sled::Tree,
-    /// The findings.
-    pub findings: sled::Tree,
-    /// The newest cursor.
-    pub latest: tokio::sync::watch::Sender<u64>,
-}
-
-impl ChangeLog {
-    fn append(&self, id: u64) -> Result<(), StoreError> {
-        let next = *self.latest.borrow() + 1;
-        if let Some(old) = self.pos.insert(id.to_be_bytes(), &next.to_be_bytes())? {
-            self.log.remove(old)?;
-        }
-        self.log.insert(next.to_be_bytes(), &id.to_be_bytes())?;
-        self.latest.send_replace(next);
-        Ok(())
-    }
-
-    /// Changes after `cursor`, oldest first, at most `limit`.
-    pub fn after(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Finding)>, StoreError> {
-        let mut out = Vec::new();
-        let start = cursor.saturating_add(1).to_be_bytes();
-        for kv in self.log.range(start..).take(limit) {
-            let (k, v) = kv?;
-            let (Ok(k), Ok(v)) = (<[u8; 8]>::try_from(&*k), <[u8; 8]>::try_from(&*v)) else {
-                continue;
-            };
-            if let Some(f) = self.findings.get(v)? {
-                out.push((
-                    u64::from_be_bytes(k),
-                    Finding::decode(&*f).map_err(corrupt)?,
-                ));
-            }
-        }
-        Ok(out)
-    }
-}
+pub type PolicySeverity = Box<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
 
 /// The severities, lowest first.
 pub const SEVERITIES: [&str; 4] = ["low", "medium", "high", "critical"];
@@ -130,13 +81,6 @@ pub const SEVERITIES: [&str; 4] = ["low", "medium", "high", "critical"];
 /// A severity's rank (unknown: 0).
 pub fn severity_rank(s: &str) -> usize {
     SEVERITIES.iter().position(|x| *x == s).unwrap_or(0)
-}
-
-fn corrupt(source: prost::DecodeError) -> StoreError {
-    StoreError::Corrupt {
-        tree: "findings",
-        source,
-    }
 }
 
 fn push_evidence(list: &mut Vec<EvidenceRef>, more: Vec<EvidenceRef>) {
@@ -151,94 +95,72 @@ fn push_evidence(list: &mut Vec<EvidenceRef>, more: Vec<EvidenceRef>) {
     }
 }
 
-impl Findings {
-    /// Opens the trees.
-    pub fn open(store: &Store) -> Result<Self, StoreError> {
-        let tree = store.tree("findings")?;
-        let keys = store.tree("finding_keys")?;
-        let mut open = HashMap::new();
-        for kv in keys.iter() {
-            let (k, v) = kv?;
-            let mut id = [0u8; 8];
-            id.copy_from_slice(&v[..8.min(v.len())]);
-            open.insert(
-                String::from_utf8_lossy(&k).into_owned(),
-                u64::from_be_bytes(id),
-            );
+impl<'c> Findings<'c> {
+    /// Nothing touched yet, severities from `policy_severity`.
+    pub fn new(policy_severity: &'c PolicySeverity) -> Self {
+        Self {
+            policy_severity: Some(policy_severity),
+            ..Self::default()
         }
-        let log = store.tree("finding_log")?;
-        let latest = match log.last()? {
-            Some((k, _)) => <[u8; 8]>::try_from(&*k).map_or(0, u64::from_be_bytes),
-            None => 0,
-        };
-        let log = ChangeLog {
-            log,
-            pos: store.tree("finding_log_pos")?,
-            findings: tree.clone(),
-            latest: tokio::sync::watch::channel(latest).0,
-        };
-        Ok(Self {
-            tree,
-            keys,
-            open,
-            pending: HashMap::new(),
-            log,
-            on_open: None,
-            policy_severity: None,
-        })
     }
 
-    /// The change log, for readers.
-    pub fn change_log(&self) -> ChangeLog {
-        self.log.clone()
-    }
-
-    /// One finding.
-    pub fn get(&self, id: u64) -> Result<Option<Finding>, StoreError> {
+    /// One finding, as this transaction left it.
+    pub fn get(&self, tx: &mut dyn JudgeTx, id: u64) -> Result<Option<Finding>, StoreError> {
         if let Some(f) = self.pending.get(&id) {
             return Ok(Some(f.clone()));
         }
-        self.tree
-            .get(id.to_be_bytes())?
-            .map(|v| Finding::decode(&*v).map_err(corrupt))
-            .transpose()
-    }
-
-    fn put(&mut self, f: &Finding) -> Result<(), StoreError> {
-        self.pending.insert(f.id, f.clone());
-        Ok(())
+        tx.finding(id)
     }
 
     /// Writes the findings changed since the last call.
-    pub fn write_back(&mut self) -> Result<(), StoreError> {
-        let mut ids: Vec<u64> = self.pending.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            if let Some(f) = self.pending.remove(&id) {
-                self.tree.insert(id.to_be_bytes(), f.encode_to_vec())?;
-                self.log.append(id)?;
-            }
+    pub fn write_back(&mut self, tx: &mut dyn JudgeTx) -> Result<(), StoreError> {
+        for (_, f) in std::mem::take(&mut self.pending) {
+            tx.update_finding(&f)?;
         }
         Ok(())
     }
 
+    fn open_id(&mut self, tx: &mut dyn JudgeTx, key: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(id) = self.open.get(key) {
+            return Ok(*id);
+        }
+        let found = tx.open_finding(key)?;
+        let id = found.as_ref().map(|f| f.id);
+        if let Some(f) = found {
+            self.pending.entry(f.id).or_insert(f);
+        }
+        self.open.insert(key.to_owned(), id);
+        Ok(id)
+    }
+
     /// The unresolved finding with this key, if any.
-    pub fn open_with_key(&self, key: &str) -> Result<Option<Finding>, StoreError> {
-        match self.open.get(key) {
-            Some(id) => self.get(*id),
+    pub fn open_with_key(
+        &mut self,
+        tx: &mut dyn JudgeTx,
+        key: &str,
+    ) -> Result<Option<Finding>, StoreError> {
+        match self.open_id(tx, key)? {
+            Some(id) => self.get(tx, id),
             None => Ok(None),
         }
     }
 
     /// The finding open under `key`, loaded for an update in place (it is
     /// written back with the others by [`Findings::write_back`]).
-    fn open_mut(&mut self, key: &str) -> Result<Option<&mut Finding>, StoreError> {
-        let Some(id) = self.open.get(key).copied() else {
+    fn open_mut(
+        &mut self,
+        tx: &mut dyn JudgeTx,
+        key: &str,
+    ) -> Result<Option<&mut Finding>, StoreError> {
+        let Some(id) = self.open_id(tx, key)? else {
             return Ok(None);
         };
-        if !self.pending.contains_key(&id) {
-            if let Some(f) = self.get(id)? {
-                self.pending.insert(id, f);
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.pending.entry(id) {
+            match tx.finding(id)? {
+                Some(f) => {
+                    slot.insert(f);
+                }
+                None => return Ok(None),
             }
         }
         Ok(self.pending.get_mut(&id))
@@ -252,13 +174,14 @@ impl Findings {
     /// repeats then costs no copy of the actor per event.
     pub fn fold_repeat(
         &mut self,
+        tx: &mut dyn JudgeTx,
         key: &str,
         update: impl FnOnce(&mut Finding),
         time: i64,
         failed: bool,
         evidence: EvidenceRef,
     ) -> Result<bool, StoreError> {
-        let Some(f) = self.open_mut(key)? else {
+        let Some(f) = self.open_mut(tx, key)? else {
             return Ok(false);
         };
         update(f);
@@ -271,9 +194,14 @@ impl Findings {
 
     /// Folds an occurrence into the unresolved finding with `key`, or opens
     /// a new one. Returns the finding's id.
-    pub fn record(&mut self, key: &str, o: Occurrence) -> Result<u64, StoreError> {
+    pub fn record(
+        &mut self,
+        tx: &mut dyn JudgeTx,
+        key: &str,
+        o: Occurrence,
+    ) -> Result<u64, StoreError> {
         let count = o.count.max(1);
-        if let Some(f) = self.open_mut(key)? {
+        if let Some(f) = self.open_mut(tx, key)? {
             f.count += count;
             f.failed += o.failed;
             f.last_seen_unix_nanos = f.last_seen_unix_nanos.max(o.time);
@@ -302,15 +230,6 @@ impl Findings {
             push_evidence(&mut f.evidence, o.evidence);
             return Ok(f.id);
         }
-        let stored = match self.tree.last()? {
-            Some((k, _)) => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&k[..8]);
-                u64::from_be_bytes(b)
-            }
-            None => 0,
-        };
-        let id = stored.max(self.pending.keys().copied().max().unwrap_or(0)) + 1;
         let mut evidence = Vec::new();
         push_evidence(&mut evidence, o.evidence);
         let severity = if !o.severity.is_empty() {
@@ -324,8 +243,8 @@ impl Findings {
         } else {
             driftwatch_proto::policy::severity_of(o.kind, None).to_owned()
         };
-        let f = Finding {
-            id,
+        let mut f = Finding {
+            id: 0,
             kind: o.kind.to_owned(),
             status: OPEN.into(),
             node: o.node,
@@ -352,28 +271,55 @@ impl Findings {
             failed: o.failed,
             severity,
         };
-        self.put(&f)?;
-        // A new finding is written at once: it is what a reader waits for.
-        self.write_back()?;
-        self.keys.insert(key.as_bytes(), &id.to_be_bytes())?;
-        self.open.insert(key.to_owned(), id);
-        tracing::info!(id, kind = %f.kind, node = %f.node, severity = %f.severity, summary = %f.summary, "finding opened");
-        if let Some(tell) = &self.on_open {
-            tell(&f);
+        if !tx.insert_finding(key, &mut f)? {
+            // Opened under this key since it was looked up (by another
+            // replica): this occurrence folds into that one.
+            self.open.remove(key);
+            if self.open_id(tx, key)?.is_none() {
+                return Err(StoreError::Backend(format!(
+                    "the finding under {:?} is neither open nor insertable",
+                    key.replace('\0', " ")
+                )));
+            }
+            let o = Occurrence {
+                // The open finding keeps its kind.
+                kind: "",
+                node: f.node,
+                resource: f.resource,
+                path: f.path,
+                actor: f.actor,
+                desired: f.desired,
+                actual: f.actual,
+                differences: f.differences,
+                summary: f.summary,
+                time: f.last_seen_unix_nanos,
+                evidence: f.evidence,
+                count: f.count,
+                failed: f.failed,
+                address: f.address,
+                port: f.port,
+                severity: f.severity,
+            };
+            return self.record(tx, key, o);
         }
+        let id = f.id;
+        self.open.insert(key.to_owned(), Some(id));
+        tracing::info!(id, kind = %f.kind, node = %f.node, severity = %f.severity, summary = %f.summary, "finding opened");
+        self.opened.push(f);
         Ok(id)
     }
 
     /// Moves a finding to `status` (`acknowledged` or `resolved`).
     pub fn set_status(
         &mut self,
+        tx: &mut dyn JudgeTx,
         id: u64,
         status: &str,
         principal: &str,
         note: &str,
         approval_id: u64,
     ) -> Result<Option<Finding>, StoreError> {
-        let Some(mut f) = self.get(id)? else {
+        let Some(mut f) = self.get(tx, id)? else {
             return Ok(None);
         };
         f.status = status.to_owned();
@@ -386,18 +332,15 @@ impl Findings {
             time_unix_nanos: driftwatch_proto::time::now_unix_nanos(),
             note: note.to_owned(),
         });
-        self.put(&f)?;
-        self.write_back()?;
+        // Written at once: a resolved finding gives up its key, which
+        // this transaction may then open again.
+        self.pending.remove(&id);
+        tx.update_finding(&f)?;
         if status == RESOLVED {
-            let keys: Vec<String> = self
-                .open
-                .iter()
-                .filter(|(_, v)| **v == id)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in keys {
-                self.open.remove(&k);
-                self.keys.remove(k.as_bytes())?;
+            for v in self.open.values_mut() {
+                if *v == Some(id) {
+                    *v = None;
+                }
             }
         }
         Ok(Some(f))
@@ -406,58 +349,16 @@ impl Findings {
     /// Resolves the unresolved finding with `key`, if there is one.
     pub fn resolve_key(
         &mut self,
+        tx: &mut dyn JudgeTx,
         key: &str,
         note: &str,
         approval_id: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let Some(id) = self.open.get(key).copied() else {
+        let Some(id) = self.open_id(tx, key)? else {
             return Ok(None);
         };
-        self.set_status(id, RESOLVED, "collector", note, approval_id)?;
+        self.set_status(tx, id, RESOLVED, "collector", note, approval_id)?;
         tracing::info!(id, key = %key.replace('\0', " "), note, "finding resolved");
         Ok(Some(id))
-    }
-
-    /// Unresolved findings by kind (a finding's key starts with its kind),
-    /// without reading them.
-    pub fn open_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
-        let mut by_kind = std::collections::BTreeMap::new();
-        for key in self.open.keys() {
-            let kind = key.split('\0').next().unwrap_or_default();
-            *by_kind.entry(kind.to_owned()).or_default() += 1;
-        }
-        by_kind
-    }
-
-    /// Unresolved findings.
-    pub fn unresolved(&self) -> Result<Vec<Finding>, StoreError> {
-        let mut out = Vec::new();
-        for id in self.open.values() {
-            if let Some(f) = self.get(*id)? {
-                out.push(f);
-            }
-        }
-        out.sort_by_key(|f| f.id);
-        Ok(out)
-    }
-
-    /// Findings newest first, passing `keep`, at most `limit`.
-    pub fn list(
-        &self,
-        limit: usize,
-        keep: impl Fn(&Finding) -> bool,
-    ) -> Result<Vec<Finding>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.tree.iter().rev() {
-            let (_, v) = kv?;
-            let f = Finding::decode(&*v).map_err(corrupt)?;
-            if keep(&f) {
-                out.push(f);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
     }
 }

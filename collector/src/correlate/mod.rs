@@ -1,10 +1,13 @@
 //! Correlation: stored events become findings.
 //!
 //! Events are judged once they are durable, in each node's sequence order,
-//! by one engine behind a lock (the control API's changes take the same
-//! lock). A cursor per node (`correlated`: node → last judged seq and its
-//! time) is written with the state the judgement left, so a collector that
-//! stops between storing and judging judges the rest when it starts.
+//! each batch in one transaction of the judging state
+//! ([`crate::store::judging`]): the node's cursor (the last event judged),
+//! the findings, baselines, approvals and per-file state the judgement
+//! changed are committed together, so a collector that stops between
+//! storing and judging judges the rest when it starts, and replicas over
+//! one store never judge an event twice. The rules keep nothing between
+//! transactions: what they know is what the store holds.
 //!
 //! The rules:
 //! - a change of a watched file by an identity outside the resource's
@@ -33,8 +36,8 @@ pub mod baselines;
 pub mod findings;
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -42,20 +45,21 @@ use driftwatch_proto::{
     policy::Policy,
     time::now_unix_nanos,
     v1::{
-        event, ApprovedChange, Baseline, Connect, Digest, Event, EvidenceRef, FileChange,
-        FileState, Gap, Process,
+        event, Approval, ApprovedChange, Baseline, Connect, Digest, Event, EvidenceRef, FileChange,
+        FileState, Finding, Gap, Grant, Process,
     },
 };
 use prost::Message as _;
-use tokio::sync::oneshot;
 
 use crate::{
     policy::Policies,
-    store::{sled_store::SledStore, EventLog, StoreError},
+    store::{
+        judging::{transact, JudgeTx, Judging, ScanRecord},
+        EventLog, StoreError,
+    },
 };
-use approvals::Approvals;
-use baselines::Baselines;
-use findings::{Findings, Occurrence};
+use approvals::{ApprovalError, Approvals};
+use findings::{Findings, Occurrence, OnOpen, PolicySeverity};
 
 /// Writers remembered per file between two digests.
 const WRITERS_MAX: usize = 4;
@@ -97,54 +101,40 @@ pub struct Settings {
     pub silent_after: Duration,
 }
 
-/// A baseline scan the collector asked an agent for.
-struct Scan {
-    apply_to: String,
-    principal: String,
-    files: u64,
-    errors: u64,
-    done: Option<oneshot::Sender<(u64, u64, String)>>,
-}
+/// Scan records older than this are forgotten when a new scan starts
+/// (a scan whose asker went away).
+const SCAN_KEPT_NS: i64 = 86_400 * 1_000_000_000;
 
-/// The state behind the lock.
-pub struct Engine {
-    /// The event log (read on recovery, agents' records).
-    log: Arc<dyn EventLog>,
-    /// Where the judging state lives.
-    state: SledStore,
-    /// Findings.
-    pub findings: Findings,
-    /// Desired state.
-    pub baselines: Baselines,
-    /// Change requests.
-    pub approvals: Approvals,
+/// One judging transaction: the rules run over it. Its caches (file
+/// state, the findings it changed, the approvals in force) live as long
+/// as the transaction.
+struct Judge<'t> {
+    tx: &'t mut dyn JudgeTx,
+    log: &'t dyn EventLog,
+    settings: &'t Settings,
+    findings: Findings<'t>,
+    approvals: Approvals,
     states: HashMap<(String, String), PathState>,
     dirty: HashSet<(String, String)>,
-    state_tree: sled::Tree,
-    cursors: sled::Tree,
-    scans: HashMap<String, Scan>,
-    /// Scans in flight (`scan_id` → `{apply_to, principal}`), so that a
-    /// restarted collector still takes the digests of a scan it requested.
-    scan_tree: sled::Tree,
-    settings: Settings,
+    /// A scan's record moved in this transaction.
+    scans: bool,
 }
 
-/// The correlator: the engine and the policy it judges by.
+/// The correlator: the rules, the judging state they run over, and the
+/// policy they judge by.
 pub struct Correlator {
-    engine: Mutex<Engine>,
-    /// The event log, for reads that need no engine.
+    judging: Arc<dyn Judging>,
+    /// The event log.
     pub log: Arc<dyn EventLog>,
     /// The policy.
     pub policies: Policies,
     /// The access grants in force, for the agents' streams.
-    pub grants: tokio::sync::watch::Sender<Vec<driftwatch_proto::v1::Grant>>,
-}
-
-fn state_key(node: &str, path: &str) -> Vec<u8> {
-    let mut k = node.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(path.as_bytes());
-    k
+    pub grants: tokio::sync::watch::Sender<Vec<Grant>>,
+    settings: Settings,
+    policy_severity: PolicySeverity,
+    on_open: OnceLock<OnOpen>,
+    /// Told when a scan's record moved through this replica.
+    scan_progress: tokio::sync::Notify,
 }
 
 fn evidence(e: &Event) -> EvidenceRef {
@@ -200,66 +190,94 @@ fn short(sha: &str) -> &str {
 }
 
 impl Correlator {
-    /// Opens the engine's trees.
+    /// The rules over `judging`, judging the events in `log`.
     pub fn open(
-        state: SledStore,
+        judging: Arc<dyn Judging>,
         log: Arc<dyn EventLog>,
         policies: Policies,
         settings: Settings,
     ) -> Result<Self, StoreError> {
-        let store = state;
-        let mut engine = Engine {
-            findings: Findings::open(&store)?,
-            baselines: Baselines::open(&store)?,
-            approvals: Approvals::open(&store)?,
-            states: HashMap::new(),
-            dirty: HashSet::new(),
-            state_tree: store.tree("path_state")?,
-            cursors: store.tree("correlated")?,
-            scans: HashMap::new(),
-            scan_tree: store.tree("scans")?,
-            settings,
-            log: log.clone(),
-            state: store,
-        };
-        for kv in engine.scan_tree.iter() {
-            let (k, v) = kv?;
-            let id = String::from_utf8_lossy(&k).into_owned();
-            let Ok(saved) = serde_json::from_slice::<serde_json::Value>(&v) else {
-                tracing::warn!(scan_id = %id, "an unreadable scan record is ignored");
-                continue;
-            };
-            let field = |f: &str| saved[f].as_str().unwrap_or_default().to_owned();
-            engine.scans.insert(
-                id,
-                Scan {
-                    apply_to: field("apply_to"),
-                    principal: field("principal"),
-                    files: 0,
-                    errors: 0,
-                    done: None,
-                },
-            );
-        }
         let by_policy = policies.clone();
-        engine.findings.policy_severity = Some(Box::new(move |kind: &str, resource: &str| {
+        let policy_severity: PolicySeverity = Box::new(move |kind: &str, resource: &str| {
             let loaded = by_policy.current()?;
             let r = loaded.policy.resource(resource)?;
             Some(driftwatch_proto::policy::severity_of(kind, Some(r)).to_owned())
-        }));
-        let grants = engine.approvals.grants(now_unix_nanos());
+        });
+        let grants = transact(&*judging, |tx| approvals::grants(tx, now_unix_nanos()))?;
         Ok(Self {
-            engine: Mutex::new(engine),
+            judging,
             log,
             policies,
             grants: tokio::sync::watch::channel(grants).0,
+            settings,
+            policy_severity,
+            on_open: OnceLock::new(),
+            scan_progress: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The judging state.
+    pub fn judging(&self) -> &Arc<dyn Judging> {
+        &self.judging
+    }
+
+    /// Tells `hook` of every finding opened through this replica, once
+    /// its transaction committed (set once).
+    pub fn on_open(&self, hook: OnOpen) {
+        if self.on_open.set(hook).is_err() {
+            tracing::warn!("a second hook for opened findings is ignored");
+        }
+    }
+
+    /// Runs `rules` in one judging transaction; tells of what it opened
+    /// once it committed.
+    fn judge<T>(
+        &self,
+        mut rules: impl FnMut(&mut Judge<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut opened = Vec::new();
+        let mut scans = false;
+        let out = transact(&*self.judging, |tx| {
+            let mut j = Judge {
+                tx,
+                log: &*self.log,
+                settings: &self.settings,
+                findings: Findings::new(&self.policy_severity),
+                approvals: Approvals::default(),
+                states: HashMap::new(),
+                dirty: HashSet::new(),
+                scans: false,
+            };
+            let out = rules(&mut j)?;
+            j.finish()?;
+            opened = std::mem::take(&mut j.findings.opened);
+            scans = j.scans;
+            Ok(out)
+        })?;
+        if let Some(tell) = self.on_open.get() {
+            for f in &opened {
+                tell(f);
+            }
+        }
+        if scans {
+            self.scan_progress.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` in one transaction of the judging state (reads, and the
+    /// control API's changes that go through no rule).
+    pub fn with_tx<T>(
+        &self,
+        f: impl FnMut(&mut dyn JudgeTx) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        transact(&*self.judging, f)
     }
 
     /// Publishes the access grants in force now to the agents' streams
     /// (when they changed: one was decided, or one expired).
-    pub fn publish_grants(&self) {
-        let now = self.lock().approvals.grants(now_unix_nanos());
+    pub fn publish_grants(&self) -> Result<(), StoreError> {
+        let now = self.with_tx(|tx| approvals::grants(tx, now_unix_nanos()))?;
         self.grants.send_if_modified(|g| {
             if *g == now {
                 return false;
@@ -267,39 +285,28 @@ impl Correlator {
             *g = now;
             true
         });
-    }
-
-    /// The engine, for the control API.
-    pub fn lock(&self) -> MutexGuard<'_, Engine> {
-        // A panic while judging leaves the engine as the last complete
-        // batch left it on disk; carry on with it.
-        self.engine
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        Ok(())
     }
 
     /// Judges a node's newly durable events (in sequence order).
     pub fn process(&self, node: &str, events: &[Event]) -> Result<(), StoreError> {
         let policy = self.policies.current();
         let policy = policy.as_deref().map(|l| &l.policy);
-        self.lock().process(node, events, policy)
+        self.judge(|j| j.process(node, events, policy))
     }
 
     /// Judges what was stored but not judged before the last stop.
     pub fn recover(&self) -> Result<usize, StoreError> {
-        let policy = self.policies.current();
-        let policy = policy.as_deref().map(|l| &l.policy);
-        let mut engine = self.lock();
         let mut total = 0;
-        for a in engine.log.agents()? {
+        for a in self.log.agents()? {
             let Some(node) = a.node.as_ref().map(|n| n.name.clone()) else {
                 continue;
             };
-            let (seq, time) = engine.cursor(&node)?;
+            let (seq, time) = self.with_tx(|tx| tx.cursor(&node))?;
             if seq >= a.acked_seq {
                 continue;
             }
-            let mut events: Vec<Event> = engine
+            let mut events: Vec<Event> = self
                 .log
                 .node_range(&node, time.saturating_sub(60_000_000_000), i64::MAX)?
                 .into_iter()
@@ -307,32 +314,32 @@ impl Correlator {
                 .collect();
             events.sort_by_key(|e| e.seq);
             total += events.len();
-            engine.process(&node, &events, policy)?;
+            // Judged past the cursor read in its own transaction: another
+            // replica may have judged some of them since.
+            self.process(&node, &events)?;
         }
         Ok(total)
     }
 
     /// A gap was recorded: a blind spot.
     pub fn gap(&self, gap: &Gap) -> Result<(), StoreError> {
-        self.lock().gap(gap)
+        self.judge(|j| j.gap(gap))
     }
 
     /// The agent of `node` is in contact: resolves its `agent_silent`.
     pub fn seen(&self, node: &str) -> Result<(), StoreError> {
         let key = format!("agent_silent\0{node}");
-        let mut e = self.lock();
-        if e.findings.open_with_key(&key)?.is_some() {
-            e.findings
-                .resolve_key(&key, "the agent is in contact again", 0)?;
-        }
-        Ok(())
+        self.judge(|j| {
+            j.findings
+                .resolve_key(j.tx, &key, "the agent is in contact again", 0)
+                .map(drop)
+        })
     }
 
     /// Opens `agent_silent` for agents out of contact for too long.
     pub fn check_silent(&self, now: i64) -> Result<(), StoreError> {
-        let mut e = self.lock();
-        let limit = i64::try_from(e.settings.silent_after.as_nanos()).unwrap_or(i64::MAX);
-        for a in e.log.agents()? {
+        let limit = i64::try_from(self.settings.silent_after.as_nanos()).unwrap_or(i64::MAX);
+        for a in self.log.agents()? {
             let Some(node) = a.node.as_ref().map(|n| n.name.clone()) else {
                 continue;
             };
@@ -341,92 +348,208 @@ impl Correlator {
                 continue;
             }
             let key = format!("agent_silent\0{node}");
-            if e.findings.open_with_key(&key)?.is_some() {
-                continue;
-            }
-            e.findings.record(
-                &key,
-                Occurrence {
-                    kind: "agent_silent",
-                    summary: format!(
-                        "no heartbeat from the agent on {node} for {}s (last contact {})",
-                        silent_for / 1_000_000_000,
-                        driftwatch_proto::time::rfc3339(i128::from(a.last_seen_unix_nanos))
-                    ),
-                    node,
-                    time: now,
-                    ..Default::default()
-                },
-            )?;
+            self.judge(|j| {
+                if j.findings.open_with_key(j.tx, &key)?.is_some() {
+                    return Ok(());
+                }
+                j.findings.record(
+                    j.tx,
+                    &key,
+                    Occurrence {
+                        kind: "agent_silent",
+                        summary: format!(
+                            "no heartbeat from the agent on {node} for {}s (last contact {})",
+                            silent_for / 1_000_000_000,
+                            driftwatch_proto::time::rfc3339(i128::from(a.last_seen_unix_nanos))
+                        ),
+                        node: node.clone(),
+                        time: now,
+                        ..Default::default()
+                    },
+                )?;
+                Ok(())
+            })?;
         }
         Ok(())
     }
 
-    /// Registers a baseline scan (kept on disk until it is done, so its
-    /// digests count after a collector restart too); the receiver gets
-    /// (files, errors, error).
+    /// Records a baseline scan of `path` on `node` (durable before the
+    /// agent is asked, so its digests count after a collector restart and
+    /// on whichever replica the agent streams to).
     pub fn start_scan(
         &self,
         scan_id: &str,
+        node: &str,
+        path: &str,
         apply_to: &str,
         principal: &str,
-    ) -> Result<oneshot::Receiver<(u64, u64, String)>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let store = {
-            let mut engine = self.lock();
-            let saved = serde_json::json!({ "apply_to": apply_to, "principal": principal });
-            engine
-                .scan_tree
-                .insert(scan_id.as_bytes(), saved.to_string().into_bytes())?;
-            engine.scans.insert(
-                scan_id.to_owned(),
-                Scan {
-                    apply_to: apply_to.to_owned(),
-                    principal: principal.to_owned(),
-                    files: 0,
-                    errors: 0,
-                    done: Some(tx),
-                },
-            );
-            engine.state.clone()
+    ) -> Result<(), StoreError> {
+        let now = now_unix_nanos();
+        let scan = ScanRecord {
+            node: node.to_owned(),
+            path: path.to_owned(),
+            apply_to: apply_to.to_owned(),
+            principal: principal.to_owned(),
+            started_unix_nanos: now,
+            ..Default::default()
         };
-        // Durable before the agent is asked, and outside the engine's lock:
-        // an fsync under it would hold up the judging of every stream.
-        if let Err(e) = store.flush_blocking() {
-            self.end_scan(scan_id);
-            return Err(e);
-        }
-        Ok(rx)
-    }
-
-    /// Forgets a scan that timed out or could not be requested.
-    pub fn end_scan(&self, scan_id: &str) {
-        let mut engine = self.lock();
-        engine.scans.remove(scan_id);
-        if let Err(e) = engine.scan_tree.remove(scan_id.as_bytes()) {
-            tracing::warn!(%scan_id, "forgetting the scan: {e}");
-        }
-    }
-}
-
-impl Engine {
-    fn cursor(&self, node: &str) -> Result<(u64, i64), StoreError> {
-        Ok(match self.cursors.get(node.as_bytes())? {
-            Some(v) if v.len() == 16 => {
-                let mut a = [0u8; 8];
-                let mut b = [0u8; 8];
-                a.copy_from_slice(&v[..8]);
-                b.copy_from_slice(&v[8..]);
-                (u64::from_be_bytes(a), i64::from_be_bytes(b))
+        self.with_tx(|tx| {
+            for (id, old) in tx.scans()? {
+                if now.saturating_sub(old.started_unix_nanos) > SCAN_KEPT_NS {
+                    tx.remove_scan(&id)?;
+                }
             }
-            _ => (0, 0),
+            tx.put_scan(scan_id, &scan)
+        })?;
+        // Outside any transaction: a flush waits for the disk.
+        self.judging.flush()
+    }
+
+    /// Marks a scan as asked of its agent.
+    pub fn scan_sent(&self, scan_id: &str) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            if let Some(mut s) = tx.scan(scan_id)? {
+                s.sent = true;
+                tx.put_scan(scan_id, &s)?;
+            }
+            Ok(())
         })
     }
 
+    /// Scans not yet asked of their agents (their agents stream to another
+    /// replica than the one asked).
+    pub fn unsent_scans(&self) -> Result<Vec<(String, ScanRecord)>, StoreError> {
+        Ok(self
+            .with_tx(|tx| tx.scans())?
+            .into_iter()
+            .filter(|(_, s)| !s.sent && !s.done)
+            .collect())
+    }
+
+    /// Waits until the agent reported scan `scan_id` finished (through any
+    /// replica), then forgets it: (files, errors, error).
+    pub async fn wait_scan(
+        self: &Arc<Self>,
+        scan_id: &str,
+    ) -> Result<(u64, u64, String), StoreError> {
+        loop {
+            // Registered before the read, so a change in between wakes it.
+            let moved = self.scan_progress.notified();
+            let (c, id) = (self.clone(), scan_id.to_owned());
+            let scan = tokio::task::spawn_blocking(move || c.with_tx(|tx| tx.scan(&id)))
+                .await
+                .map_err(|e| StoreError::Backend(format!("reading a scan: {e}")))??;
+            let Some(scan) = scan else {
+                return Err(StoreError::Backend(format!(
+                    "scan {scan_id} is no longer recorded"
+                )));
+            };
+            if scan.done {
+                self.end_scan(scan_id);
+                return Ok((scan.files, scan.errors, scan.error));
+            }
+            // Other replicas' progress is read again every half second.
+            let _ = tokio::time::timeout(Duration::from_millis(500), moved).await;
+        }
+    }
+
+    /// Forgets a scan (done, timed out, or not requested).
+    pub fn end_scan(&self, scan_id: &str) {
+        if let Err(e) = self.with_tx(|tx| tx.remove_scan(scan_id)) {
+            tracing::warn!(%scan_id, "forgetting the scan: {e}");
+        }
+    }
+
+    /// Files a change or access request.
+    pub fn request(&self, a: Approval) -> Result<Approval, ApprovalError> {
+        let mut out = None;
+        self.with_tx(|tx| {
+            out = Some(approvals::request(tx, a.clone()));
+            Ok(())
+        })?;
+        out.unwrap_or_else(|| Err(StoreError::Backend("the request was not filed".into()).into()))
+    }
+
+    /// Decides approval `id` as `principal`; an approved change resolves
+    /// the open findings it covers, in the same transaction. Returns the
+    /// approval as it then is, and the findings resolved.
+    pub fn decide(
+        &self,
+        id: u64,
+        approve: bool,
+        principal: &str,
+        note: &str,
+    ) -> Result<(Approval, Vec<u64>), ApprovalError> {
+        let mut out = None;
+        self.judge(|j| {
+            let decided = approvals::decide(j.tx, id, approve, principal, note, now_unix_nanos());
+            let result = match decided {
+                Ok(a) if approve => {
+                    let resolved = j.apply_approval(&a)?;
+                    let a = j.tx.approval(a.id)?.unwrap_or(a);
+                    Ok((a, resolved))
+                }
+                Ok(a) => Ok((a, Vec::new())),
+                Err(ApprovalError::Store(e)) => return Err(e),
+                Err(e) => Err(e),
+            };
+            out = Some(result);
+            Ok(())
+        })?;
+        out.unwrap_or_else(|| Err(StoreError::Backend("the decision was not made".into()).into()))
+    }
+
+    /// How many findings are unresolved, by kind.
+    pub fn open_by_kind(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.with_tx(|tx| tx.open_by_kind())
+    }
+
+    /// Moves finding `id` to `status` as `principal`, attaching approval
+    /// `approval_id` (when not 0) to a resolution.
+    pub fn set_status(
+        &self,
+        id: u64,
+        status: &str,
+        principal: &str,
+        note: &str,
+        approval_id: u64,
+    ) -> Result<Result<Finding, StatusError>, StoreError> {
+        let mut out = None;
+        self.judge(|j| {
+            out = Some(j.set_status(id, status, principal, note, approval_id)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Backend("the finding was not updated".into()))
+    }
+}
+
+/// Why a finding's status was not changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// No such finding.
+    #[error("no finding {0}")]
+    NoFinding(u64),
+    /// No such approval.
+    #[error("no approval {0}")]
+    NoApproval(u64),
+    /// Already resolved.
+    #[error("finding {0} is already resolved")]
+    Resolved(u64),
+    /// The approval is not in force.
+    #[error("approval {id} is {status}, not approved")]
+    NotApproved {
+        /// The approval.
+        id: u64,
+        /// Its status.
+        status: String,
+    },
+}
+
+impl Judge<'_> {
     fn state(&mut self, node: &str, path: &str) -> Result<&mut PathState, StoreError> {
         let k = (node.to_owned(), path.to_owned());
         if !self.states.contains_key(&k) {
-            let s = match self.state_tree.get(state_key(node, path))? {
+            let s = match self.tx.path_state(node, path)? {
                 Some(v) => PathState::decode(&*v).map_err(|source| StoreError::Corrupt {
                     tree: "path_state",
                     source,
@@ -439,13 +562,28 @@ impl Engine {
         Ok(self.states.entry(k).or_default())
     }
 
+    /// Writes back what the rules changed.
+    fn finish(&mut self) -> Result<(), StoreError> {
+        self.findings.write_back(self.tx)?;
+        for (n, p) in self.dirty.drain() {
+            if let Some(s) = self.states.get(&(n.clone(), p.clone())) {
+                if *s == PathState::default() {
+                    self.tx.set_path_state(&n, &p, None)?;
+                } else {
+                    self.tx.set_path_state(&n, &p, Some(&s.encode_to_vec()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn process(
         &mut self,
         node: &str,
         events: &[Event],
         policy: Option<&Policy>,
     ) -> Result<(), StoreError> {
-        let (done, _) = self.cursor(node)?;
+        let (done, _) = self.tx.cursor(node)?;
         let mut last = None;
         for e in events.iter().filter(|e| e.seq > done) {
             match &e.event {
@@ -455,6 +593,7 @@ impl Engine {
                 Some(event::Event::Loss(l)) => {
                     let lost: u64 = l.dropped.values().sum();
                     self.findings.record(
+            self.tx,
                         &format!("blind_spot\0{node}\0kernel_loss"),
                         Occurrence {
                             kind: "blind_spot",
@@ -471,11 +610,12 @@ impl Engine {
                     )?;
                 }
                 Some(event::Event::ScanDone(s)) => {
-                    self.scan_tree.remove(s.scan_id.as_bytes())?;
-                    if let Some(mut scan) = self.scans.remove(&s.scan_id) {
-                        if let Some(tx) = scan.done.take() {
-                            let _ = tx.send((scan.files, scan.errors + s.errors, s.error.clone()));
-                        }
+                    if let Some(mut scan) = self.tx.scan(&s.scan_id)? {
+                        scan.errors += s.errors;
+                        scan.error.clone_from(&s.error);
+                        scan.done = true;
+                        self.tx.put_scan(&s.scan_id, &scan)?;
+                        self.scans = true;
                     }
                 }
                 Some(event::Event::Policy(p)) => {
@@ -492,22 +632,8 @@ impl Engine {
             }
             last = Some(e);
         }
-        self.findings.write_back()?;
-        for (n, p) in self.dirty.drain() {
-            if let Some(s) = self.states.get(&(n.clone(), p.clone())) {
-                if *s == PathState::default() {
-                    self.state_tree.remove(state_key(&n, &p))?;
-                    self.states.remove(&(n, p));
-                } else {
-                    self.state_tree
-                        .insert(state_key(&n, &p), s.encode_to_vec())?;
-                }
-            }
-        }
         if let Some(e) = last {
-            let mut v = e.seq.to_be_bytes().to_vec();
-            v.extend_from_slice(&e.time_unix_nanos.to_be_bytes());
-            self.cursors.insert(node.as_bytes(), v)?;
+            self.tx.set_cursor(node, e.seq, e.time_unix_nanos)?;
         }
         Ok(())
     }
@@ -572,7 +698,7 @@ impl Engine {
         if ok
             && self
                 .approvals
-                .matching(&e.node, &r.name, target, e.time_unix_nanos, None)
+                .matching(self.tx, &e.node, &r.name, target, e.time_unix_nanos, None)?
                 .is_some()
         {
             // The digest decides: a change the request covers is an
@@ -638,13 +764,18 @@ impl Engine {
                 f.summary = summary();
             }
         };
-        if self
-            .findings
-            .fold_repeat(&key, update, e.time_unix_nanos, failed, evidence(e))?
-        {
+        if self.findings.fold_repeat(
+            self.tx,
+            &key,
+            update,
+            e.time_unix_nanos,
+            failed,
+            evidence(e),
+        )? {
             return Ok(());
         }
         self.findings.record(
+            self.tx,
             &key,
             Occurrence {
                 kind: "unauthorized_write",
@@ -667,7 +798,7 @@ impl Engine {
         let node = e.node.clone();
         let actual = state_of(d);
         if !d.scan_id.is_empty() {
-            if let Some(scan) = self.scans.get_mut(&d.scan_id) {
+            if let Some(mut scan) = self.tx.scan(&d.scan_id)? {
                 if d.exists && d.error.is_empty() && !d.sha256.is_empty() {
                     let b = Baseline {
                         host: scan.apply_to.clone(),
@@ -678,10 +809,12 @@ impl Engine {
                         set_by: scan.principal.clone(),
                     };
                     scan.files += 1;
-                    self.baselines.put(b)?;
+                    self.tx.put_baseline(&b)?;
                 } else {
                     scan.errors += 1;
                 }
+                self.tx.put_scan(&d.scan_id, &scan)?;
+                self.scans = true;
             }
             return Ok(());
         }
@@ -697,10 +830,10 @@ impl Engine {
         let mut ev = pending.evidence.clone();
         ev.push(evidence(e));
         let actor = pending.writers.last().cloned();
-        let Some(desired) = self.baselines.lookup(&node, &d.path).cloned() else {
+        let Some(desired) = baselines::lookup(self.tx, &node, &d.path)? else {
             // Nothing desired yet: learn it, or just judge the writers.
             if self.settings.learn && d.exists {
-                self.baselines.put(Baseline {
+                self.tx.put_baseline(&Baseline {
                     host: node.clone(),
                     path: d.path.clone(),
                     state: Some(actual.clone()),
@@ -722,31 +855,28 @@ impl Engine {
         let deleted_key = format!("deleted\0{node}\0{}", d.path);
         if diffs.is_empty() {
             self.findings
-                .resolve_key(&drift_key, "back at the desired state", 0)?;
+                .resolve_key(self.tx, &drift_key, "back at the desired state", 0)?;
             if d.exists {
                 self.findings
-                    .resolve_key(&deleted_key, "the file exists again", 0)?;
+                    .resolve_key(self.tx, &deleted_key, "the file exists again", 0)?;
             }
             return self.settle_deferred(e, &pending, &resource, &d.path, d, true);
         }
         if !d.exists && desired.source == baselines::LEARNED_CREATED {
             // A file that appeared while watched and went again (an
             // editor's or sed's temporary file): it never was desired.
-            self.baselines.remove(&desired.host, &d.path)?;
+            self.tx.remove_baseline(&desired.host, &d.path)?;
             return self.settle_deferred(e, &pending, &resource, &d.path, d, false);
         }
         // A gone file has no digest: only a request naming none covers it.
-        if let Some(a) = self
-            .approvals
-            .matching(
-                &node,
-                &resource,
-                &d.path,
-                e.time_unix_nanos,
-                Some(&actual.sha256),
-            )
-            .cloned()
-        {
+        if let Some(a) = self.approvals.matching(
+            self.tx,
+            &node,
+            &resource,
+            &d.path,
+            e.time_unix_nanos,
+            Some(&actual.sha256),
+        )? {
             let mut actors = pending.writers.clone();
             for x in &pending.deferred {
                 if let Some(p) = &x.actor {
@@ -756,7 +886,7 @@ impl Engine {
                 }
             }
             let change = ApprovedChange {
-                id: self.approvals.next_change_id(),
+                id: self.tx.next_change_id()?,
                 approval_id: a.id,
                 node: node.clone(),
                 resource: resource.clone(),
@@ -768,19 +898,21 @@ impl Engine {
                 evidence: ev,
             };
             tracing::info!(approval = a.id, %node, path = %d.path, "approved change recorded");
-            self.approvals.add_change(a.id, change)?;
+            approvals::add_change(self.tx, a.id, change)?;
             let mut resolved = Vec::new();
             for k in [&drift_key, &deleted_key] {
-                if let Some(id) =
-                    self.findings
-                        .resolve_key(k, &format!("approved by request {}", a.id), a.id)?
-                {
+                if let Some(id) = self.findings.resolve_key(
+                    self.tx,
+                    k,
+                    &format!("approved by request {}", a.id),
+                    a.id,
+                )? {
                     resolved.push(id);
                 }
             }
-            self.approvals.add_resolved(a.id, &resolved)?;
+            approvals::add_resolved(self.tx, a.id, &resolved)?;
             if d.exists {
-                self.baselines.put(Baseline {
+                self.tx.put_baseline(&Baseline {
                     host: desired.host.clone(),
                     path: d.path.clone(),
                     state: Some(actual),
@@ -789,7 +921,7 @@ impl Engine {
                     set_by: a.approver.clone(),
                 })?;
             } else {
-                self.baselines.remove(&desired.host, &d.path)?;
+                self.tx.remove_baseline(&desired.host, &d.path)?;
             }
             return Ok(());
         }
@@ -799,7 +931,7 @@ impl Engine {
             ("deleted", deleted_key)
         };
         if pending.writers.is_empty() {
-            if let Some(open) = self.findings.open_with_key(&key)? {
+            if let Some(open) = self.findings.open_with_key(self.tx, &key)? {
                 if open.actual.as_ref() == Some(&actual) {
                     // The same state reported again: nothing new.
                     return Ok(());
@@ -854,6 +986,7 @@ impl Engine {
             format!("{} on {node} was deleted {by}", d.path)
         };
         self.findings.record(
+            self.tx,
             &key,
             Occurrence {
                 kind,
@@ -891,12 +1024,13 @@ impl Engine {
         let covered = self
             .approvals
             .matching(
+                self.tx,
                 &e.node,
                 resource,
                 path,
                 e.time_unix_nanos,
                 Some(&state_of(d).sha256),
-            )
+            )?
             .is_some();
         if covered && (unchanged || d.exists) {
             return Ok(());
@@ -936,12 +1070,16 @@ impl Engine {
         };
         match c.guardrail.as_str() {
             "granted" => {
-                if self
-                    .approvals
-                    .grant_covering(c.grant_id, &e.node, &r.name, e.time_unix_nanos)
-                    .is_some()
+                if approvals::grant_covering(
+                    self.tx,
+                    c.grant_id,
+                    &e.node,
+                    &r.name,
+                    e.time_unix_nanos,
+                )?
+                .is_some()
                 {
-                    return self.approvals.add_use(c.grant_id, evidence(e));
+                    return approvals::add_use(self.tx, c.grant_id, evidence(e));
                 }
                 // A grant this collector does not know as in force: judged
                 // as if there were none.
@@ -981,6 +1119,7 @@ impl Engine {
             String::new()
         };
         self.findings.record(
+            self.tx,
             &key,
             Occurrence {
                 kind: "unauthorized_connect",
@@ -1051,6 +1190,7 @@ impl Engine {
             ),
         };
         self.findings.record(
+            self.tx,
             &key,
             Occurrence {
                 kind,
@@ -1099,6 +1239,7 @@ impl Engine {
             other => (1, format!("{other} on {}", g.node)),
         };
         self.findings.record(
+            self.tx,
             &format!("blind_spot\0{}\0{}", g.node, g.reason),
             Occurrence {
                 kind: "blind_spot",
@@ -1109,23 +1250,59 @@ impl Engine {
                 ..Default::default()
             },
         )?;
-        self.findings.write_back()
+        self.findings.write_back(self.tx)
+    }
+
+    /// Moves finding `id` to `status` for the control API.
+    fn set_status(
+        &mut self,
+        id: u64,
+        status: &str,
+        principal: &str,
+        note: &str,
+        approval_id: u64,
+    ) -> Result<Result<Finding, StatusError>, StoreError> {
+        let Some(current) = self.findings.get(self.tx, id)? else {
+            return Ok(Err(StatusError::NoFinding(id)));
+        };
+        if current.status == findings::RESOLVED {
+            return Ok(Err(StatusError::Resolved(id)));
+        }
+        if approval_id != 0 {
+            let Some(a) = self.tx.approval(approval_id)? else {
+                return Ok(Err(StatusError::NoApproval(approval_id)));
+            };
+            if a.status != approvals::APPROVED {
+                return Ok(Err(StatusError::NotApproved {
+                    id: a.id,
+                    status: a.status,
+                }));
+            }
+        }
+        let Some(f) =
+            self.findings
+                .set_status(self.tx, id, status, principal, note, approval_id)?
+        else {
+            return Ok(Err(StatusError::NoFinding(id)));
+        };
+        if approval_id != 0 {
+            approvals::add_resolved(self.tx, approval_id, &[f.id])?;
+        }
+        Ok(Ok(f))
     }
 
     /// Resolves open findings an approval covers; drift takes the observed
     /// state as desired. Returns the ids resolved.
-    pub fn apply_approval(&mut self, id: u64) -> Result<Vec<u64>, StoreError> {
-        let Some(a) = self.approvals.get(id).cloned() else {
-            return Ok(Vec::new());
-        };
+    fn apply_approval(&mut self, a: &Approval) -> Result<Vec<u64>, StoreError> {
+        let id = a.id;
         if a.kind == approvals::ACCESS {
             return Ok(Vec::new());
         }
         let mut resolved = Vec::new();
-        for f in self.findings.unresolved()? {
+        for f in self.tx.unresolved()? {
             if !matches!(f.kind.as_str(), "drift" | "deleted" | "unauthorized_write")
                 || !baselines::host_matches(&a.host, &f.node)
-                || !approvals::covers(&a, &f.resource, &f.path)
+                || !approvals::covers(a, &f.resource, &f.path)
             {
                 continue;
             }
@@ -1134,6 +1311,7 @@ impl Engine {
                 continue;
             }
             self.findings.set_status(
+                self.tx,
                 f.id,
                 findings::RESOLVED,
                 &a.approver,
@@ -1141,8 +1319,8 @@ impl Engine {
                 id,
             )?;
             if f.kind == "drift" {
-                if let Some(b) = self.baselines.lookup(&f.node, &f.path).cloned() {
-                    self.baselines.put(Baseline {
+                if let Some(b) = baselines::lookup(self.tx, &f.node, &f.path)? {
+                    self.tx.put_baseline(&Baseline {
                         state: Some(actual),
                         source: baselines::APPROVED.into(),
                         set_unix_nanos: now_unix_nanos(),
@@ -1153,7 +1331,7 @@ impl Engine {
             }
             resolved.push(f.id);
         }
-        self.approvals.add_resolved(id, &resolved)?;
+        approvals::add_resolved(self.tx, id, &resolved)?;
         Ok(resolved)
     }
 }
@@ -1164,12 +1342,20 @@ pub fn spawn_silence_check(c: Arc<Correlator>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            if let Err(e) = c.check_silent(now_unix_nanos()) {
-                tracing::error!("checking for silent agents failed: {e}");
+            let c2 = c.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                c2.check_silent(now_unix_nanos())?;
+                // Expired grants leave the set the agents hold (their
+                // kernels close the gate at the expiry on their own), and
+                // grants decided through another replica join it.
+                c2.publish_grants()
+            })
+            .await;
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("checking for silent agents and grants failed: {e}"),
+                Err(e) => tracing::error!("the silence check stopped: {e}"),
             }
-            // Expired grants leave the set the agents hold (their kernels
-            // close the gate at the expiry on their own).
-            c.publish_grants();
         }
     });
 }

@@ -4,14 +4,31 @@
 use driftwatch_proto::v1::{Approval, Digest, Event, FileChange, Outcome, Process};
 
 use super::*;
+use crate::store::{
+    judging_kv::{MemoryJudging, SledJudging},
+    memory::MemoryLog,
+    postgres::PgLog,
+    sled_store::SledStore,
+};
 
 const SHA_OLD: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const SHA_NEW: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
+/// The correlator over one backend's log and judging state.
 struct Fixture {
-    _dir: tempfile::TempDir,
     c: Correlator,
     seq: u64,
+    /// What the correlator runs over, kept across a restart.
+    backend: Backend,
+}
+
+enum Backend {
+    Sled(tempfile::TempDir),
+    Memory(Arc<MemoryLog>, Arc<MemoryJudging>),
+    Postgres {
+        url: String,
+        _server: std::sync::RwLockReadGuard<'static, ()>,
+    },
 }
 
 fn who(exe: &str) -> Process {
@@ -23,20 +40,37 @@ fn who(exe: &str) -> Process {
     }
 }
 
-/// A correlator over the store and policy in `dir`.
-fn correlator(dir: &std::path::Path) -> Correlator {
-    let policy = dir.join("policy.yaml");
+fn policies() -> Policies {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
         "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: models\n    kind: model\n    paths: [\"/m/\"]\n    writers: [ { exe: /opt/trainer } ]\n",
     )
     .expect("policy");
-    let store = SledStore::reopen_for_test(&dir.join("store"));
-    let policies = Policies::open(Some(policy)).expect("valid policy");
+    Policies::open(Some(policy)).expect("valid policy")
+}
+
+/// A correlator over what `backend` holds (opened again: a restart).
+fn correlator(backend: &Backend) -> Correlator {
+    let (judging, log): (Arc<dyn Judging>, Arc<dyn EventLog>) = match backend {
+        Backend::Sled(dir) => {
+            let store = SledStore::reopen_for_test(dir.path());
+            (
+                Arc::new(SledJudging::open(store.clone()).expect("judging state")),
+                Arc::new(store),
+            )
+        }
+        Backend::Memory(log, judging) => (judging.clone(), log.clone()),
+        Backend::Postgres { url, .. } => {
+            let pg = Arc::new(PgLog::connect(url).expect("postgres"));
+            (pg.clone(), pg)
+        }
+    };
     Correlator::open(
-        store.clone(),
-        Arc::new(store),
-        policies,
+        judging,
+        log,
+        policies(),
         Settings {
             learn: true,
             silent_after: Duration::from_secs(30),
@@ -46,23 +80,38 @@ fn correlator(dir: &std::path::Path) -> Correlator {
 }
 
 impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self {
-            c: correlator(dir.path()),
-            _dir: dir,
+    /// A fresh correlator on the backend named `sled`, `memory` or
+    /// `postgres` (`None`: skipped, see `TestLog::postgres`).
+    fn on(backend: &str) -> Option<Self> {
+        let backend = match backend {
+            "sled" => Backend::Sled(tempfile::tempdir().expect("tempdir")),
+            "memory" => Backend::Memory(
+                Arc::new(MemoryLog::new()),
+                Arc::new(MemoryJudging::memory()),
+            ),
+            _ => {
+                let server = crate::store::tests::shared_server();
+                Backend::Postgres {
+                    url: crate::store::tests::pg_schema_url()?,
+                    _server: server,
+                }
+            }
+        };
+        Some(Self {
+            c: correlator(&backend),
             seq: 0,
-        }
+            backend,
+        })
     }
 
     /// The collector stopped and started again on the same store.
     fn restart(self) -> Self {
-        let Self { _dir, c, seq } = self;
+        let Self { c, seq, backend } = self;
         drop(c);
         Self {
-            c: correlator(_dir.path()),
-            _dir,
+            c: correlator(&backend),
             seq,
+            backend,
         }
     }
 
@@ -113,9 +162,8 @@ impl Fixture {
     }
 
     fn approve(&mut self, sha: &str) -> u64 {
-        let mut e = self.c.lock();
-        let a = e
-            .approvals
+        let a = self
+            .c
             .request(Approval {
                 resource: "models".into(),
                 host: "*".into(),
@@ -128,26 +176,56 @@ impl Fixture {
             })
             .expect("request");
         assert!(matches!(
-            e.approvals
-                .decide(a.id, true, "alice", "", now_unix_nanos()),
+            self.c.decide(a.id, true, "alice", ""),
             Err(ApprovalError::SelfApproval { .. })
         ));
-        e.approvals
-            .decide(a.id, true, "bob", "", now_unix_nanos())
-            .expect("approve");
+        self.c.decide(a.id, true, "bob", "").expect("approve");
         a.id
     }
 
     fn findings(&self) -> Vec<driftwatch_proto::v1::Finding> {
-        self.c.lock().findings.list(100, |_| true).expect("list")
+        self.c
+            .with_tx(|tx| tx.findings(100, &|_| true))
+            .expect("list")
     }
 }
 
 use approvals::ApprovalError;
 
-#[test]
-fn an_approved_swap_through_a_temporary_file_is_not_flagged_whatever_the_digest_order() {
-    let mut f = Fixture::new();
+/// Runs each `name(Fixture)` on every backend: as `sled::name`,
+/// `memory::name` and `postgres::name`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        on_every_backend!(@one sled; $($name),*);
+        on_every_backend!(@one memory; $($name),*);
+        on_every_backend!(@one postgres; $($name),*);
+    };
+    (@one $backend:ident; $($name:ident),*) => {
+        mod $backend {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(f) = super::Fixture::on(stringify!($backend)) {
+                        super::$name(f);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    an_approved_swap_through_a_temporary_file_is_not_flagged_whatever_the_digest_order,
+    a_swap_to_other_content_under_an_approval_is_drift_and_unauthorized,
+    a_temporary_file_that_comes_and_goes_is_not_reported_deleted,
+    judged_events_are_not_judged_again,
+    a_scan_requested_before_a_restart_still_sets_baselines,
+    repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding,
+);
+
+fn an_approved_swap_through_a_temporary_file_is_not_flagged_whatever_the_digest_order(
+    mut f: Fixture,
+) {
     f.digest("/m/w.bin", Some(SHA_OLD), "watch");
     let id = f.approve(SHA_NEW);
     // A non-writer writes a temporary file and renames it into place; the
@@ -157,15 +235,15 @@ fn an_approved_swap_through_a_temporary_file_is_not_flagged_whatever_the_digest_
     f.digest("/m/.w.tmp", None, "change");
     f.digest("/m/w.bin", Some(SHA_NEW), "change");
     assert!(f.findings().is_empty(), "{:#?}", f.findings());
-    let e = f.c.lock();
-    let a = e.approvals.get(id).expect("approval");
+    let a =
+        f.c.with_tx(|tx| tx.approval(id))
+            .expect("read")
+            .expect("approval");
     assert_eq!(a.changes.len(), 1);
     assert_eq!(a.changes[0].actors[0].exe, "/usr/bin/python3");
 }
 
-#[test]
-fn a_swap_to_other_content_under_an_approval_is_drift_and_unauthorized() {
-    let mut f = Fixture::new();
+fn a_swap_to_other_content_under_an_approval_is_drift_and_unauthorized(mut f: Fixture) {
     f.digest("/m/w.bin", Some(SHA_OLD), "watch");
     f.approve(SHA_NEW);
     f.file("close_write", "/m/.w.tmp", "", "/usr/bin/python3");
@@ -181,9 +259,7 @@ fn a_swap_to_other_content_under_an_approval_is_drift_and_unauthorized() {
     );
 }
 
-#[test]
-fn a_temporary_file_that_comes_and_goes_is_not_reported_deleted() {
-    let mut f = Fixture::new();
+fn a_temporary_file_that_comes_and_goes_is_not_reported_deleted(mut f: Fixture) {
     f.file("close_write", "/m/.x.tmp", "", "/opt/trainer");
     f.digest("/m/.x.tmp", Some(SHA_NEW), "change");
     f.digest("/m/.x.tmp", None, "change");
@@ -194,9 +270,7 @@ fn a_temporary_file_that_comes_and_goes_is_not_reported_deleted() {
     assert_eq!(f.findings()[0].kind, "deleted");
 }
 
-#[test]
-fn judged_events_are_not_judged_again() {
-    let mut f = Fixture::new();
+fn judged_events_are_not_judged_again(mut f: Fixture) {
     f.digest("/m/w.bin", Some(SHA_OLD), "watch");
     f.file("chmod", "/m/w.bin", "", "/usr/bin/chmod");
     let e = Event {
@@ -223,11 +297,9 @@ fn judged_events_are_not_judged_again() {
     assert_eq!(list[0].count, 1);
 }
 
-#[test]
-fn a_scan_requested_before_a_restart_still_sets_baselines() {
-    let f = Fixture::new();
-    let done = f.c.start_scan("scan-1", "prod-*", "alice").expect("scan");
-    drop(done);
+fn a_scan_requested_before_a_restart_still_sets_baselines(f: Fixture) {
+    f.c.start_scan("scan-1", "n", "/m", "prod-*", "alice")
+        .expect("scan");
     let mut f = f.restart();
     f.feed(
         event::Event::Digest(Digest {
@@ -244,10 +316,8 @@ fn a_scan_requested_before_a_restart_still_sets_baselines() {
         None,
     );
     let b =
-        f.c.lock()
-            .baselines
-            .lookup("prod-1", "/m/a.bin")
-            .cloned()
+        f.c.with_tx(|tx| baselines::lookup(tx, "prod-1", "/m/a.bin"))
+            .expect("read")
             .expect("a baseline from the scan");
     assert_eq!(b.source, baselines::SCAN);
     assert_eq!(b.set_by, "alice");
@@ -260,13 +330,17 @@ fn a_scan_requested_before_a_restart_still_sets_baselines() {
         }),
         None,
     );
+    // Done, with what it took, for whoever waits for it on any replica.
     let f = f.restart();
-    assert!(f.c.lock().scans.is_empty());
+    let scan =
+        f.c.with_tx(|tx| tx.scan("scan-1"))
+            .expect("read")
+            .expect("the scan's record");
+    assert!(scan.done);
+    assert_eq!((scan.files, scan.errors), (1, 0));
 }
 
-#[test]
-fn repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding() {
-    let mut f = Fixture::new();
+fn repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding(mut f: Fixture) {
     let writes = |f: &Fixture| -> Vec<driftwatch_proto::v1::Finding> {
         f.findings()
             .into_iter()

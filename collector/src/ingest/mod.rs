@@ -315,6 +315,66 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// True when `node`'s agent streams to another replica: not here, but
+    /// the shared log says it is connected.
+    pub async fn connected_elsewhere(&self, node: &str) -> bool {
+        if self.linked(node) {
+            return false;
+        }
+        let (store, node) = (self.store.clone(), node.to_owned());
+        tokio::task::spawn_blocking(move || store.agent(&node))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .is_some_and(|a| a.connected)
+    }
+
+    fn linked(&self, node: &str) -> bool {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(node)
+    }
+
+    /// Asks the agents streaming here for the scans another replica
+    /// recorded for them, every second.
+    pub fn spawn_scan_router(&self) {
+        let ingest = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let c = ingest.correlator.clone();
+                let unsent = match tokio::task::spawn_blocking(move || c.unsent_scans()).await {
+                    Ok(Ok(u)) => u,
+                    Ok(Err(e)) => {
+                        tracing::warn!("reading the scans to send: {e}");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                for (id, scan) in unsent {
+                    if !ingest.linked(&scan.node) {
+                        continue;
+                    }
+                    if let Err(e) = ingest.request_scan(&scan.node, &id, &scan.path).await {
+                        tracing::warn!(scan_id = %id, node = %scan.node, "asking for a scan recorded by another replica: {}", e.message());
+                        continue;
+                    }
+                    tracing::info!(scan_id = %id, node = %scan.node, path = %scan.path, "a scan recorded by another replica was asked of its agent");
+                    let (c, sid) = (ingest.correlator.clone(), id.clone());
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.scan_sent(&sid)).await
+                    {
+                        tracing::warn!(scan_id = %id, "marking the scan sent: {e}");
+                    }
+                }
+            }
+        });
+    }
+}
+
 fn record_gap(store: &dyn EventLog, correlator: &Correlator, gap: &Gap) -> Result<(), Status> {
     store.add_gap(gap).map_err(|e| status_of(&e))?;
     correlator.gap(gap).map_err(|e| status_of(&e))

@@ -23,6 +23,8 @@
 //! cuts it short and continues it in a block keyed by the next event: no
 //! event lands in two blocks.
 
+pub mod judging;
+pub mod judging_kv;
 pub mod memory;
 pub mod postgres;
 pub mod sled_store;

@@ -8,7 +8,9 @@
 //! - `dw_by_exec (exec_id, bucket, node, first_seq)` and
 //!   `dw_by_dir (dir, bucket, node, first_seq)`: the timeline indexes,
 //!   partitioned the same way;
-//! - `dw_agents (node) → status` and `dw_gaps (node, time, from_seq) → gap`.
+//! - `dw_agents (node) → status` and `dw_gaps (node, time, from_seq) → gap`;
+//! - the judging state (findings, approvals, baselines, cursors): see
+//!   [`judging`].
 //!
 //! Text keys are `COLLATE "C"`: byte order, as in sled, and directory
 //! prefixes served by the index.
@@ -36,6 +38,8 @@ use driftwatch_proto::v1::{AgentStatus, Event, Gap, NodeInfo};
 use prost::Message as _;
 use tokio_postgres::NoTls;
 
+mod judging;
+
 use super::{
     bucket, chain_head, check_gap, cut_blocks, decode_block, in_scope, keep_log_fields, moves_ack,
     new_agent, plan, prefix_dir, same_event, Appended, Blocks, EventLog, FollowFeed, PageFill,
@@ -43,10 +47,11 @@ use super::{
 };
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE dw_agents (
     node text COLLATE "C" PRIMARY KEY,
     status bytea NOT NULL
@@ -84,7 +89,9 @@ CREATE TABLE dw_by_dir (
 ) PARTITION BY RANGE (bucket);
 CREATE TABLE dw_flush (id int PRIMARY KEY, n bigint NOT NULL);
 INSERT INTO dw_flush VALUES (1, 0);
-"#];
+"#,
+    judging::MIGRATION,
+];
 
 /// The partitioned tables, each cut by day.
 const PARTITIONED: [&str; 3] = ["dw_blocks", "dw_by_exec", "dw_by_dir"];
@@ -276,6 +283,8 @@ pub struct PgLog {
     unflushed: Mutex<HashSet<String>>,
     /// Days whose partitions are known to exist.
     days: Mutex<HashSet<i64>>,
+    /// The newest finding-change cursor (see [`judging`]).
+    finding_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Drop for PgLog {
@@ -452,8 +461,10 @@ impl PgLog {
             replica: rand_id(),
             unflushed: Mutex::new(HashSet::new()),
             days: Mutex::new(HashSet::new()),
+            finding_changes: tokio::sync::watch::channel(0).0,
         };
         log.block_on(log.migrate())?;
+        judging::spawn_change_poll(&log);
         Ok(log)
     }
 
