@@ -448,6 +448,16 @@ impl Collector {
         c
     }
 
+    /// Another collector with this one's arguments (store, policy, TLS
+    /// certificate, client CA, tokens) on a port and data directory of its
+    /// own: a replica, when the store is shared.
+    pub fn replica(&self) -> Self {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut c = Self::start_with_pki(&extra, self.pki.clone());
+        c.policy.clone_from(&self.policy);
+        c
+    }
+
     /// Issues a certificate (`node NAME` or `user NAME`) from this
     /// collector's CA; returns (certificate, key).
     pub fn issue(&self, kind: &str, name: &str) -> (PathBuf, PathBuf) {

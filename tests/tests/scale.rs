@@ -375,3 +375,197 @@ fn postgresql_crashing_under_load_loses_and_duplicates_nothing() {
     let stats = driftwatch_tests::final_stats(&events);
     assert_eq!(stats["file"]["dropped"], 0, "{stats}");
 }
+
+fn id(v: &serde_json::Value) -> String {
+    v["id"].as_u64().expect("an id").to_string()
+}
+
+/// Two replicas over one PostgreSQL judge as one collector: a finding
+/// opened through one is acknowledged through the other, a repeat judged
+/// by the other folds into it, a scan asked of the replica the agent does
+/// not stream to is done, and two approvals racing on both replicas make
+/// one decision.
+#[test]
+fn replicas_share_findings_approvals_and_scans() {
+    driftwatch_tests::require_root();
+    let _server = one_at_a_time();
+    let Some(url) = pg_schema_url("judging") else {
+        return;
+    };
+    let dir = Dir::new();
+    let tree = dir.join("srv/app");
+    std::fs::create_dir_all(&tree).unwrap();
+    let file = format!("{tree}/settings.yaml");
+    std::fs::write(&file, "replicas: 2\n").unwrap();
+    let policy_yaml = format!(
+        "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"{tree}/\"]\n    writers: [ {{ exe: /usr/bin/install }} ]\n"
+    );
+    let mut a = Collector::judging(&policy_yaml, &["--store", &url]);
+    let b = a.replica();
+    let mut args = a.agent_args("node-shared");
+    args[1] = format!("{},{}", a.url, b.url);
+    let spool = dir.path.join("spool");
+    args.extend(
+        [
+            "--node-name",
+            "node-shared",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start_with(&policy_yaml, &args);
+    agent.wait_policy_watching(&format!("{tree}/"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("agent connected") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never streamed to the first replica: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Judged by the first replica, seen through the second.
+    run(Command::new("sed").args(["-i", "s/2/3/", &file]));
+    let unauthorized = |f: &[serde_json::Value]| {
+        f.iter()
+            .find(|x| x["kind"] == "unauthorized_write" && x["path"] == file.as_str())
+            .cloned()
+    };
+    let seen = b.wait_findings(60, |f| unauthorized(f).is_some(), "the sed's finding");
+    let finding = unauthorized(&seen).unwrap();
+    let fid = id(&finding);
+    // Acknowledged through the second, acknowledged on the first.
+    let ack = b.cli("bob", &["findings", "ack", &fid, "--note", "looking"]);
+    assert!(
+        ack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ack.stderr)
+    );
+    let shown = a.json("", &["findings", "show", &fid]);
+    assert_eq!(shown[0]["status"], "acknowledged", "{shown:#?}");
+    let before = shown[0]["count"].as_u64().unwrap_or(0);
+
+    // The first replica dies; the agent moves; the second judges the
+    // repeat into the same finding.
+    a.kill();
+    run(Command::new("sed").args(["-i", "s/3/4/", &file]));
+    let folded = b.wait_findings(
+        90,
+        |f| unauthorized(f).is_some_and(|x| x["count"].as_u64() > Some(before)),
+        "the repeat folded into the finding",
+    );
+    let repeat = unauthorized(&folded).unwrap();
+    assert_eq!(id(&repeat), fid, "one finding for both writes: {folded:#?}");
+    assert_eq!(
+        folded
+            .iter()
+            .filter(|x| x["kind"] == "unauthorized_write")
+            .count(),
+        1,
+        "{folded:#?}"
+    );
+    assert!(
+        b.log()
+            .lines()
+            .any(|l| l.contains("agent connected") && l.contains("node-shared")),
+        "the agent never reached the second replica: {}",
+        b.log()
+    );
+
+    // Back, the first replica shows the same; a scan asked of it reaches
+    // the agent through the second, which it streams to now.
+    a.restart();
+    let again = a.json("", &["findings", "show", &fid]);
+    assert_eq!(again[0]["count"], repeat["count"], "{again:#?}");
+    let scan = a.cli(
+        "alice",
+        &[
+            "baseline",
+            "scan",
+            "--host",
+            "node-shared",
+            &tree,
+            "--apply-to",
+            "node-*",
+        ],
+    );
+    assert!(
+        scan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scan.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&scan.stdout).contains("1 files"),
+        "{}",
+        String::from_utf8_lossy(&scan.stdout)
+    );
+    assert!(
+        b.log()
+            .contains("a scan recorded by another replica was asked of its agent"),
+        "{}",
+        b.log()
+    );
+    let baselines = b.json("", &["baseline", "list", "--hosts", "node-*"]);
+    assert!(
+        baselines
+            .iter()
+            .any(|x| x["path"] == file.as_str() && x["source"] == "scan"),
+        "{baselines:#?}"
+    );
+
+    // Two approvers race on the two replicas: one decision.
+    let req = a.json(
+        "alice",
+        &[
+            "approvals",
+            "request",
+            "--resource",
+            "app-config",
+            "--window",
+            "1h",
+            "--reason",
+            "INC-7: revert the replica count",
+        ],
+    );
+    let rid = id(&req[0]);
+    let own = b.cli("alice", &["approvals", "approve", &rid]);
+    assert!(
+        !own.status.success(),
+        "a self-approval through the other replica"
+    );
+    let (by_a, by_b) = std::thread::scope(|s| {
+        let x = s.spawn(|| a.cli("bob", &["approvals", "approve", &rid]));
+        let y = s.spawn(|| b.cli("reader", &["approvals", "deny", &rid]));
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    assert_ne!(
+        by_a.status.success(),
+        by_b.status.success(),
+        "exactly one decision: approve {} / deny {}",
+        String::from_utf8_lossy(&by_a.stderr),
+        String::from_utf8_lossy(&by_b.stderr)
+    );
+    let loser = if by_a.status.success() { &by_b } else { &by_a };
+    assert!(
+        String::from_utf8_lossy(&loser.stderr).contains("is already"),
+        "{}",
+        String::from_utf8_lossy(&loser.stderr)
+    );
+    let decided = b.json("", &["approvals", "show", &rid]);
+    let it = &decided[0];
+    let want = if by_a.status.success() {
+        ("approved", "bob")
+    } else {
+        ("denied", "reader")
+    };
+    assert_eq!(
+        (it["status"].as_str(), it["approver"].as_str()),
+        (Some(want.0), Some(want.1))
+    );
+    drop(agent);
+}

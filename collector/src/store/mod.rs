@@ -751,4 +751,6 @@ pub(crate) fn keep_log_fields(before: &AgentStatus, a: &mut AgentStatus) {
 }
 
 #[cfg(test)]
+mod judging_tests;
+#[cfg(test)]
 pub(crate) mod tests;
