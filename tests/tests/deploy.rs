@@ -227,3 +227,115 @@ fn manifests_pass_only_flags_the_binaries_know_and_a_policy_that_checks() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 }
+
+/// A strategic merge as kustomize does it for these fields: maps merge,
+/// lists of named items merge by name, anything else is replaced.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Mapping(b), Value::Mapping(p)) => {
+            for (k, v) in p {
+                match b.get_mut(k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Sequence(b), Value::Sequence(p))
+            if p.iter().all(|x| x.get("name").is_some()) && !p.is_empty() =>
+        {
+            for item in p {
+                match b.iter_mut().find(|x| x.get("name") == item.get("name")) {
+                    Some(existing) => merge(existing, item),
+                    None => b.push(item.clone()),
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+#[test]
+fn the_postgres_overlay_makes_valid_replicas_that_share_the_store() {
+    let overlay = deploy().join("postgres");
+    let k: Value = serde_norway::from_str(
+        &std::fs::read_to_string(overlay.join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(k["resources"][0], "../");
+    let patch_file = k["patches"][0]["path"].as_str().unwrap();
+    let patch: Value =
+        serde_norway::from_str(&std::fs::read_to_string(overlay.join(patch_file)).unwrap())
+            .unwrap();
+    let (_, mut sts) = documents()
+        .into_iter()
+        .find(|(_, d)| {
+            d["kind"] == "StatefulSet" && d["metadata"]["name"] == patch["metadata"]["name"]
+        })
+        .expect("the patch names the collector's StatefulSet");
+    merge(&mut sts, &patch);
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    // The base's arguments stay; the store comes from the environment the
+    // collector reads.
+    assert!(c["args"].as_sequence().unwrap().len() >= 5);
+    let help = Command::new(bin("driftwatch-collector"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for e in c["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(
+            help.contains(&format!("env: {name}")),
+            "the collector does not read {name}"
+        );
+    }
+    // Every mount names a volume of the pod (or a claim of the set).
+    let claims = sts["spec"]["volumeClaimTemplates"].as_sequence().cloned();
+    let claims: Vec<String> = claims
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let mut volumes: Vec<&str> = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    volumes.extend(claims.iter().map(String::as_str));
+    assert!(volumes.contains(&"store-ca"), "{volumes:?}");
+    for m in c["volumeMounts"].as_sequence().unwrap() {
+        let name = m["name"].as_str().unwrap();
+        assert!(volumes.contains(&name), "mount {name} has no volume");
+    }
+    // And the whole is a valid StatefulSet (written back with the modes
+    // YAML 1.1 reads as octal, as kubectl would).
+    fn octal_modes(v: &mut Value) {
+        match v {
+            Value::Mapping(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k.as_str() == Some("defaultMode") {
+                        if let Some(n) = x.as_str().and_then(|t| u64::from_str_radix(t, 8).ok()) {
+                            *x = Value::Number(n.into());
+                        }
+                    }
+                    octal_modes(x);
+                }
+            }
+            Value::Sequence(s) => s.iter_mut().for_each(octal_modes),
+            _ => {}
+        }
+    }
+    octal_modes(&mut sts);
+    let dir = Dir::new();
+    let out = dir.path.join("collector-replicas.yaml");
+    std::fs::write(&out, serde_norway::to_string(&sts).unwrap()).unwrap();
+    for version in ["1.33.0", "1.37.0"] {
+        let (ok, text) = validate(std::slice::from_ref(&out), version);
+        assert!(ok && !text.contains("WARN"), "against {version}:\n{text}");
+    }
+}
