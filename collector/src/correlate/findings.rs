@@ -114,10 +114,11 @@ impl<'c> Findings<'c> {
 
     /// Writes the findings changed since the last call.
     pub fn write_back(&mut self, tx: &mut dyn JudgeTx) -> Result<(), StoreError> {
-        for (_, f) in std::mem::take(&mut self.pending) {
-            tx.update_finding(&f)?;
+        let changed: Vec<Finding> = std::mem::take(&mut self.pending).into_values().collect();
+        if changed.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        tx.update_findings(&changed)
     }
 
     fn open_id(&mut self, tx: &mut dyn JudgeTx, key: &str) -> Result<Option<u64>, StoreError> {

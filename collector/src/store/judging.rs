@@ -102,6 +102,14 @@ pub trait JudgeTx {
     fn insert_finding(&mut self, key: &str, f: &mut Finding) -> Result<bool, StoreError>;
     /// Stores a changed finding; a resolved one gives up its key.
     fn update_finding(&mut self, f: &Finding) -> Result<(), StoreError>;
+    /// Stores changed findings (as [`JudgeTx::update_finding`] each; a
+    /// backend may write them at once).
+    fn update_findings(&mut self, fs: &[Finding]) -> Result<(), StoreError> {
+        for f in fs {
+            self.update_finding(f)?;
+        }
+        Ok(())
+    }
     /// Unresolved findings, by id.
     fn unresolved(&mut self) -> Result<Vec<Finding>, StoreError>;
     /// How many findings are unresolved, by kind.

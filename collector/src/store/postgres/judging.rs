@@ -213,22 +213,16 @@ impl PgTx<'_> {
         if !self.changed.is_empty() {
             let ids: Vec<i64> = self.changed.iter().map(|id| id_sql(*id)).collect();
             let n = ids.len() as i64;
-            // The lock of this row is held to the commit: cursors are
-            // issued in commit order.
-            let last: i64 = self
-                .rows(
-                    "UPDATE dw_finding_seq SET v = v + $1 WHERE id = 1 RETURNING v",
-                    &[&n],
-                )?
-                .first()
-                .ok_or_else(|| backend("dw_finding_seq has no row"))?
-                .try_get(0)?;
-            let cursors: Vec<i64> = (last - n + 1..=last).collect();
-            self.exec(
-                "UPDATE dw_findings f SET changed = c.changed \
-                 FROM unnest($1::bigint[], $2::bigint[]) AS c(id, changed) WHERE f.id = c.id",
-                &[&ids, &cursors],
+            // The lock of the counter's row is held to the commit: cursors
+            // are issued in commit order, one per finding, in id order.
+            let rows = self.rows(
+                "WITH s AS (UPDATE dw_finding_seq SET v = v + $1 WHERE id = 1 RETURNING v)                  UPDATE dw_findings f SET changed = s.v - $1 + c.ord                  FROM s, unnest($2::bigint[]) WITH ORDINALITY AS c(id, ord)                  WHERE f.id = c.id RETURNING s.v",
+                &[&n, &ids],
             )?;
+            let last: i64 = rows
+                .first()
+                .ok_or_else(|| backend("no finding took a change cursor"))?
+                .try_get(0)?;
             latest = Some(id_of(last));
         }
         let db = self.db()?;
@@ -302,12 +296,10 @@ impl Judging for PgLog {
 
 impl JudgeTx for PgTx<'_> {
     fn cursor(&mut self, node: &str) -> Result<(u64, i64), StoreError> {
-        self.exec(
-            "INSERT INTO dw_cursors VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
-            &[&node],
-        )?;
+        // One round trip: the no-op update locks the row (made if new)
+        // and returns what it holds.
         let rows = self.rows(
-            "SELECT seq, time FROM dw_cursors WHERE node = $1 FOR UPDATE",
+            "INSERT INTO dw_cursors VALUES ($1, 0, 0)              ON CONFLICT (node) DO UPDATE SET node = excluded.node RETURNING seq, time",
             &[&node],
         )?;
         match rows.first() {
@@ -402,6 +394,18 @@ impl JudgeTx for PgTx<'_> {
             &[&id_sql(f.id), &f.encode_to_vec(), &f.status],
         )?;
         self.changed.insert(f.id);
+        Ok(())
+    }
+
+    fn update_findings(&mut self, fs: &[Finding]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = fs.iter().map(|f| id_sql(f.id)).collect();
+        let bodies: Vec<Vec<u8>> = fs.iter().map(prost::Message::encode_to_vec).collect();
+        let statuses: Vec<&str> = fs.iter().map(|f| f.status.as_str()).collect();
+        self.exec(
+            "UPDATE dw_findings f SET finding = c.finding, status = c.status,              open_key = CASE WHEN c.status = 'resolved' THEN NULL ELSE f.open_key END              FROM unnest($1::bigint[], $2::bytea[], $3::text[]) AS c(id, finding, status)              WHERE f.id = c.id",
+            &[&ids, &bodies, &statuses],
+        )?;
+        self.changed.extend(fs.iter().map(|f| f.id));
         Ok(())
     }
 
