@@ -80,12 +80,16 @@ pub fn lookup(
     node: &str,
     path: &str,
 ) -> Result<Option<Baseline>, StoreError> {
-    Ok(tx
-        .baselines_of(path)?
-        .into_iter()
+    Ok(best(&tx.baselines_of(path)?, node).cloned())
+}
+
+/// The best-fitting of one path's baselines for `node`.
+pub fn best<'a>(of_path: &'a [Baseline], node: &str) -> Option<&'a Baseline> {
+    of_path
+        .iter()
         .filter_map(|b| specificity(&b.host, node).map(|s| (s, b)))
         .max_by_key(|(s, _)| *s)
-        .map(|(_, b)| b))
+        .map(|(_, b)| b)
 }
 
 /// Baselines for a selector (all when empty) under a path prefix,

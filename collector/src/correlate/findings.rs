@@ -61,6 +61,9 @@ pub struct Occurrence {
 /// here outlives the transaction.
 #[derive(Default)]
 pub struct Findings<'c> {
+    /// Read in this transaction, unchanged.
+    loaded: HashMap<u64, Finding>,
+    /// Changed in this transaction, to write back.
     pending: BTreeMap<u64, Finding>,
     /// Keys looked up in this transaction: the unresolved finding's id.
     open: HashMap<String, Option<u64>>,
@@ -106,7 +109,7 @@ impl<'c> Findings<'c> {
 
     /// One finding, as this transaction left it.
     pub fn get(&self, tx: &mut dyn JudgeTx, id: u64) -> Result<Option<Finding>, StoreError> {
-        if let Some(f) = self.pending.get(&id) {
+        if let Some(f) = self.pending.get(&id).or_else(|| self.loaded.get(&id)) {
             return Ok(Some(f.clone()));
         }
         tx.finding(id)
@@ -128,10 +131,35 @@ impl<'c> Findings<'c> {
         let found = tx.open_finding(key)?;
         let id = found.as_ref().map(|f| f.id);
         if let Some(f) = found {
-            self.pending.entry(f.id).or_insert(f);
+            if !self.pending.contains_key(&f.id) {
+                self.loaded.insert(f.id, f);
+            }
         }
         self.open.insert(key.to_owned(), id);
         Ok(id)
+    }
+
+    /// Reads the unresolved findings under `keys` at once (those not
+    /// looked up yet in this transaction).
+    pub fn prefetch(&mut self, tx: &mut dyn JudgeTx, keys: &[String]) -> Result<(), StoreError> {
+        let wanted: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !self.open.contains_key(*k))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for (k, f) in wanted.iter().zip(tx.open_findings(&wanted)?) {
+            let id = f.as_ref().map(|f| f.id);
+            if let Some(f) = f {
+                if !self.pending.contains_key(&f.id) {
+                    self.loaded.insert(f.id, f);
+                }
+            }
+            self.open.insert((*k).to_owned(), id);
+        }
+        Ok(())
     }
 
     /// The unresolved finding with this key, if any.
@@ -157,7 +185,11 @@ impl<'c> Findings<'c> {
             return Ok(None);
         };
         if let std::collections::btree_map::Entry::Vacant(slot) = self.pending.entry(id) {
-            match tx.finding(id)? {
+            let found = match self.loaded.remove(&id) {
+                Some(f) => Some(f),
+                None => tx.finding(id)?,
+            };
+            match found {
                 Some(f) => {
                     slot.insert(f);
                 }
@@ -336,6 +368,7 @@ impl<'c> Findings<'c> {
         // Written at once: a resolved finding gives up its key, which
         // this transaction may then open again.
         self.pending.remove(&id);
+        self.loaded.remove(&id);
         tx.update_finding(&f)?;
         if status == RESOLVED {
             for v in self.open.values_mut() {

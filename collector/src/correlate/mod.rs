@@ -105,6 +105,9 @@ pub struct Settings {
 /// (a scan whose asker went away).
 const SCAN_KEPT_NS: i64 = 86_400 * 1_000_000_000;
 
+/// A file's record to write (`None`: to forget).
+type StateWrite = (String, Option<Vec<u8>>);
+
 /// One judging transaction: the rules run over it. Its caches (file
 /// state, the findings it changed, the approvals in force) live as long
 /// as the transaction.
@@ -116,6 +119,8 @@ struct Judge<'t> {
     approvals: Approvals,
     states: HashMap<(String, String), PathState>,
     dirty: HashSet<(String, String)>,
+    /// Every selector's baseline of the paths read in this transaction.
+    baselines: HashMap<String, Vec<Baseline>>,
     /// A scan's record moved in this transaction.
     scans: bool,
 }
@@ -246,6 +251,7 @@ impl Correlator {
                 approvals: Approvals::default(),
                 states: HashMap::new(),
                 dirty: HashSet::new(),
+                baselines: HashMap::new(),
                 scans: false,
             };
             let out = rules(&mut j)?;
@@ -565,14 +571,119 @@ impl Judge<'_> {
     /// Writes back what the rules changed.
     fn finish(&mut self) -> Result<(), StoreError> {
         self.findings.write_back(self.tx)?;
+        // One write per node: a record per file, or its removal.
+        let mut by_node: BTreeMap<String, Vec<StateWrite>> = BTreeMap::new();
         for (n, p) in self.dirty.drain() {
             if let Some(s) = self.states.get(&(n.clone(), p.clone())) {
-                if *s == PathState::default() {
-                    self.tx.set_path_state(&n, &p, None)?;
-                } else {
-                    self.tx.set_path_state(&n, &p, Some(&s.encode_to_vec()))?;
-                }
+                let v = (*s != PathState::default()).then(|| s.encode_to_vec());
+                by_node.entry(n).or_default().push((p, v));
             }
+        }
+        for (n, list) in by_node {
+            let list: Vec<(&str, Option<&[u8]>)> = list
+                .iter()
+                .map(|(p, v)| (p.as_str(), v.as_deref()))
+                .collect();
+            self.tx.set_path_states(&n, &list)?;
+        }
+        Ok(())
+    }
+
+    /// Reads at once what judging `events` of `node` will look up: the
+    /// files' records, the digested paths' baselines and the findings open
+    /// under their drift and deletion keys (a round trip each on a
+    /// database, instead of one per event).
+    fn prefetch(&mut self, node: &str, events: &[&Event]) -> Result<(), StoreError> {
+        let mut paths = std::collections::BTreeSet::new();
+        let mut digested = std::collections::BTreeSet::new();
+        for e in events {
+            match &e.event {
+                Some(event::Event::File(f)) => {
+                    paths.insert(f.path.as_str());
+                    if !f.new_path.is_empty() {
+                        paths.insert(f.new_path.as_str());
+                    }
+                }
+                Some(event::Event::Digest(d)) if d.scan_id.is_empty() => {
+                    paths.insert(d.path.as_str());
+                    digested.insert(d.path.as_str());
+                }
+                _ => {}
+            }
+        }
+        let unread: Vec<&str> = paths
+            .into_iter()
+            .filter(|p| {
+                !self
+                    .states
+                    .contains_key(&(node.to_owned(), (*p).to_owned()))
+            })
+            .collect();
+        if !unread.is_empty() {
+            for (p, v) in unread.iter().zip(self.tx.path_states(node, &unread)?) {
+                let s = match v {
+                    Some(v) => PathState::decode(&*v).map_err(|source| StoreError::Corrupt {
+                        tree: "path_state",
+                        source,
+                    })?,
+                    None => PathState::default(),
+                };
+                self.states.insert((node.to_owned(), (*p).to_owned()), s);
+            }
+        }
+        let unread: Vec<&str> = digested
+            .iter()
+            .copied()
+            .filter(|p| !self.baselines.contains_key(*p))
+            .collect();
+        if !unread.is_empty() {
+            for p in &unread {
+                self.baselines.insert((*p).to_owned(), Vec::new());
+            }
+            for b in self.tx.baselines_of_paths(&unread)? {
+                self.baselines.entry(b.path.clone()).or_default().push(b);
+            }
+        }
+        let keys: Vec<String> = digested
+            .iter()
+            .flat_map(|p| {
+                [
+                    format!("drift\0{node}\0{p}"),
+                    format!("deleted\0{node}\0{p}"),
+                ]
+            })
+            .collect();
+        self.findings.prefetch(self.tx, &keys)
+    }
+
+    /// The desired state of `path` on `node`.
+    fn baseline_for(&mut self, node: &str, path: &str) -> Result<Option<Baseline>, StoreError> {
+        if !self.baselines.contains_key(path) {
+            let of_path = self.tx.baselines_of(path)?;
+            self.baselines.insert(path.to_owned(), of_path);
+        }
+        Ok(self
+            .baselines
+            .get(path)
+            .and_then(|l| baselines::best(l, node))
+            .cloned())
+    }
+
+    /// Stores a baseline (and keeps this transaction's view of it).
+    fn put_baseline(&mut self, b: &Baseline) -> Result<(), StoreError> {
+        self.tx.put_baseline(b)?;
+        if let Some(list) = self.baselines.get_mut(&b.path) {
+            list.retain(|x| x.host != b.host);
+            list.push(b.clone());
+        }
+        Ok(())
+    }
+
+    /// Forgets a baseline.
+    fn remove_baseline(&mut self, host: &str, path: &str) -> Result<(), StoreError> {
+        self.tx.remove_baseline(host, path)?;
+        if let Some(list) = self.baselines.get_mut(path) {
+            list.retain(|x| x.host != host);
         }
         Ok(())
     }
@@ -584,8 +695,10 @@ impl Judge<'_> {
         policy: Option<&Policy>,
     ) -> Result<(), StoreError> {
         let (done, _) = self.tx.cursor(node)?;
+        let fresh: Vec<&Event> = events.iter().filter(|e| e.seq > done).collect();
+        self.prefetch(node, &fresh)?;
         let mut last = None;
-        for e in events.iter().filter(|e| e.seq > done) {
+        for e in fresh {
             match &e.event {
                 Some(event::Event::File(f)) => self.file(e, f, policy)?,
                 Some(event::Event::Digest(d)) => self.digest(e, d, policy)?,
@@ -809,7 +922,7 @@ impl Judge<'_> {
                         set_by: scan.principal.clone(),
                     };
                     scan.files += 1;
-                    self.tx.put_baseline(&b)?;
+                    self.put_baseline(&b)?;
                 } else {
                     scan.errors += 1;
                 }
@@ -830,10 +943,10 @@ impl Judge<'_> {
         let mut ev = pending.evidence.clone();
         ev.push(evidence(e));
         let actor = pending.writers.last().cloned();
-        let Some(desired) = baselines::lookup(self.tx, &node, &d.path)? else {
+        let Some(desired) = self.baseline_for(&node, &d.path)? else {
             // Nothing desired yet: learn it, or just judge the writers.
             if self.settings.learn && d.exists {
-                self.tx.put_baseline(&Baseline {
+                self.put_baseline(&Baseline {
                     host: node.clone(),
                     path: d.path.clone(),
                     state: Some(actual.clone()),
@@ -865,7 +978,7 @@ impl Judge<'_> {
         if !d.exists && desired.source == baselines::LEARNED_CREATED {
             // A file that appeared while watched and went again (an
             // editor's or sed's temporary file): it never was desired.
-            self.tx.remove_baseline(&desired.host, &d.path)?;
+            self.remove_baseline(&desired.host, &d.path)?;
             return self.settle_deferred(e, &pending, &resource, &d.path, d, false);
         }
         // A gone file has no digest: only a request naming none covers it.
@@ -912,7 +1025,7 @@ impl Judge<'_> {
             }
             approvals::add_resolved(self.tx, a.id, &resolved)?;
             if d.exists {
-                self.tx.put_baseline(&Baseline {
+                self.put_baseline(&Baseline {
                     host: desired.host.clone(),
                     path: d.path.clone(),
                     state: Some(actual),
@@ -921,7 +1034,7 @@ impl Judge<'_> {
                     set_by: a.approver.clone(),
                 })?;
             } else {
-                self.tx.remove_baseline(&desired.host, &d.path)?;
+                self.remove_baseline(&desired.host, &d.path)?;
             }
             return Ok(());
         }
@@ -1319,8 +1432,8 @@ impl Judge<'_> {
                 id,
             )?;
             if f.kind == "drift" {
-                if let Some(b) = baselines::lookup(self.tx, &f.node, &f.path)? {
-                    self.tx.put_baseline(&Baseline {
+                if let Some(b) = self.baseline_for(&f.node, &f.path)? {
+                    self.put_baseline(&Baseline {
                         state: Some(actual),
                         source: baselines::APPROVED.into(),
                         set_unix_nanos: now_unix_nanos(),

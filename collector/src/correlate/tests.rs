@@ -220,6 +220,7 @@ on_every_backend!(
     a_temporary_file_that_comes_and_goes_is_not_reported_deleted,
     judged_events_are_not_judged_again,
     a_scan_requested_before_a_restart_still_sets_baselines,
+    a_finding_only_looked_at_is_not_a_change,
     repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding,
 );
 
@@ -398,4 +399,19 @@ fn repeats_fold_in_place_and_a_changed_repeat_still_updates_the_finding(mut f: F
         "{}",
         w[0].summary
     );
+}
+
+fn a_finding_only_looked_at_is_not_a_change(mut f: Fixture) {
+    f.digest("/m/w.bin", Some(SHA_OLD), "watch");
+    f.digest("/m/w.bin", Some(SHA_NEW), "change");
+    assert_eq!(f.findings()[0].kind, "drift");
+    let changes = f.c.judging().changes();
+    let before = *changes.borrow();
+    // The same state reported again reads the open finding and leaves it.
+    f.digest("/m/w.bin", Some(SHA_NEW), "change");
+    assert_eq!(*changes.borrow(), before, "a read finding was written back");
+    let log =
+        f.c.with_tx(|tx| tx.changes_after(before, 10))
+            .expect("read the change log");
+    assert!(log.is_empty(), "{log:#?}");
 }

@@ -92,8 +92,34 @@ pub trait JudgeTx {
         state: Option<&[u8]>,
     ) -> Result<(), StoreError>;
 
+    /// The records of several files of `node` at once (as
+    /// [`JudgeTx::path_state`] each; a backend may read them in one go).
+    fn path_states(
+        &mut self,
+        node: &str,
+        paths: &[&str],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        paths.iter().map(|p| self.path_state(node, p)).collect()
+    }
+    /// Replaces or forgets several records of `node` at once.
+    fn set_path_states(
+        &mut self,
+        node: &str,
+        states: &[(&str, Option<&[u8]>)],
+    ) -> Result<(), StoreError> {
+        for (p, s) in states {
+            self.set_path_state(node, p, *s)?;
+        }
+        Ok(())
+    }
+
     /// The unresolved finding under `key`, held for an update.
     fn open_finding(&mut self, key: &str) -> Result<Option<Finding>, StoreError>;
+    /// The unresolved findings under several keys, each held for an
+    /// update (`None` where no finding is open).
+    fn open_findings(&mut self, keys: &[&str]) -> Result<Vec<Option<Finding>>, StoreError> {
+        keys.iter().map(|k| self.open_finding(k)).collect()
+    }
     /// One finding.
     fn finding(&mut self, id: u64) -> Result<Option<Finding>, StoreError>;
     /// Stores a new finding under `key` with an id the backend issues
@@ -130,6 +156,14 @@ pub trait JudgeTx {
 
     /// The baselines of `path`, for every host selector.
     fn baselines_of(&mut self, path: &str) -> Result<Vec<Baseline>, StoreError>;
+    /// The baselines of several paths, for every host selector.
+    fn baselines_of_paths(&mut self, paths: &[&str]) -> Result<Vec<Baseline>, StoreError> {
+        let mut out = Vec::new();
+        for p in paths {
+            out.extend(self.baselines_of(p)?);
+        }
+        Ok(out)
+    }
     /// Stores (or replaces) a baseline.
     fn put_baseline(&mut self, b: &Baseline) -> Result<(), StoreError>;
     /// Forgets a baseline.

@@ -347,6 +347,69 @@ impl JudgeTx for PgTx<'_> {
         Ok(())
     }
 
+    fn path_states(
+        &mut self,
+        node: &str,
+        paths: &[&str],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let list: Vec<&str> = paths.to_vec();
+        let mut found = std::collections::HashMap::new();
+        for r in self.rows(
+            "SELECT path, state FROM dw_path_state WHERE node = $1 AND path = ANY($2)",
+            &[&node, &list],
+        )? {
+            let p: String = r.try_get(0)?;
+            let v: Vec<u8> = r.try_get(1)?;
+            found.insert(p, v);
+        }
+        Ok(paths.iter().map(|p| found.remove(*p)).collect())
+    }
+
+    fn set_path_states(
+        &mut self,
+        node: &str,
+        states: &[(&str, Option<&[u8]>)],
+    ) -> Result<(), StoreError> {
+        let (mut put_paths, mut put_states, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for (p, s) in states {
+            match s {
+                Some(s) => {
+                    put_paths.push(*p);
+                    put_states.push(*s);
+                }
+                None => gone.push(*p),
+            }
+        }
+        if !put_paths.is_empty() {
+            self.exec(
+                "INSERT INTO dw_path_state SELECT $1, p, s FROM unnest($2::text[], $3::bytea[]) AS u(p, s) \
+                 ON CONFLICT (node, path) DO UPDATE SET state = excluded.state",
+                &[&node, &put_paths, &put_states],
+            )?;
+        }
+        if !gone.is_empty() {
+            self.exec(
+                "DELETE FROM dw_path_state WHERE node = $1 AND path = ANY($2)",
+                &[&node, &gone],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn open_findings(&mut self, keys: &[&str]) -> Result<Vec<Option<Finding>>, StoreError> {
+        let list: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let mut found = std::collections::HashMap::new();
+        for r in self.rows(
+            "SELECT open_key, finding FROM dw_findings WHERE open_key = ANY($1) ORDER BY id FOR UPDATE",
+            &[&list],
+        )? {
+            let k: Vec<u8> = r.try_get(0)?;
+            let v: Vec<u8> = r.try_get(1)?;
+            found.insert(k, decode::<Finding>("findings", &v)?);
+        }
+        Ok(keys.iter().map(|k| found.remove(k.as_bytes())).collect())
+    }
+
     fn open_finding(&mut self, key: &str) -> Result<Option<Finding>, StoreError> {
         Ok(self
             .bytes_rows(
@@ -482,6 +545,15 @@ impl JudgeTx for PgTx<'_> {
             "baselines",
             "SELECT baseline FROM dw_baselines WHERE path = $1",
             &[&path],
+        )
+    }
+
+    fn baselines_of_paths(&mut self, paths: &[&str]) -> Result<Vec<Baseline>, StoreError> {
+        let list: Vec<&str> = paths.to_vec();
+        self.bytes_rows(
+            "baselines",
+            "SELECT baseline FROM dw_baselines WHERE path = ANY($1)",
+            &[&list],
         )
     }
 
