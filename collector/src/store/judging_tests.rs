@@ -338,3 +338,21 @@ fn postgres_refuses_a_self_approval_by_constraint() {
         Some("pending".into())
     );
 }
+
+/// A replica that starts knows the newest change at once (a watch from
+/// now on it must not replay the history).
+#[test]
+fn postgres_a_new_replica_starts_at_the_newest_change() {
+    let Some(t) = TestJudging::of("postgres") else {
+        return;
+    };
+    t.tx(|tx| {
+        let mut f = finding("drift");
+        tx.insert_finding("k\0new", &mut f)?;
+        Ok(())
+    });
+    let newest = *t.judging.changes().borrow();
+    assert!(newest > 0);
+    let other = PgLog::connect(t.url.as_deref().unwrap()).unwrap();
+    assert_eq!(*other.changes().borrow(), newest);
+}

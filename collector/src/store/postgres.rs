@@ -464,6 +464,15 @@ impl PgLog {
             finding_changes: tokio::sync::watch::channel(0).0,
         };
         log.block_on(log.migrate())?;
+        // `findings watch --from-now` starts at the newest change, from the
+        // first call on.
+        let latest = log.block_on(async {
+            let db = log.pool.get().await?;
+            let row = sql::query_one(&db, "SELECT v FROM dw_finding_seq WHERE id = 1", &[]).await?;
+            Ok::<i64, StoreError>(row.try_get(0)?)
+        })?;
+        log.finding_changes
+            .send_replace(u64::try_from(latest).unwrap_or(0));
         judging::spawn_change_poll(&log);
         Ok(log)
     }
