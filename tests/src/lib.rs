@@ -513,6 +513,18 @@ impl Collector {
             .expect("run driftwatch")
     }
 
+    /// `driftwatch ARGS…` as `who`, which must succeed (its stderr says
+    /// why when not); its output.
+    pub fn cli_ok(&self, who: &str, args: &[&str]) -> std::process::Output {
+        let out = self.cli(who, args);
+        assert!(
+            out.status.success(),
+            "driftwatch {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// `driftwatch --collector URL [--ca CA]`, as `who` (no credential when
     /// empty).
     pub fn command(&self, who: &str) -> Command {
