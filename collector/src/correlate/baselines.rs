@@ -74,16 +74,8 @@ fn specificity(pattern: &str, node: &str) -> Option<usize> {
     }
 }
 
-/// The desired state of `path` on `node`, from the best-fitting selector.
-pub fn lookup(
-    tx: &mut dyn JudgeTx,
-    node: &str,
-    path: &str,
-) -> Result<Option<Baseline>, StoreError> {
-    Ok(best(&tx.baselines_of(path)?, node).cloned())
-}
-
-/// The best-fitting of one path's baselines for `node`.
+/// The best-fitting of one path's baselines for `node`: its desired
+/// state there.
 pub fn best<'a>(of_path: &'a [Baseline], node: &str) -> Option<&'a Baseline> {
     of_path
         .iter()

@@ -317,7 +317,7 @@ fn a_scan_requested_before_a_restart_still_sets_baselines(f: Fixture) {
         None,
     );
     let b =
-        f.c.with_tx(|tx| baselines::lookup(tx, "prod-1", "/m/a.bin"))
+        f.c.with_tx(|tx| Ok(baselines::best(&tx.baselines_of("/m/a.bin")?, "prod-1").cloned()))
             .expect("read")
             .expect("a baseline from the scan");
     assert_eq!(b.source, baselines::SCAN);

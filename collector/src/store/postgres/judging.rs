@@ -171,9 +171,13 @@ impl PgTx<'_> {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let db = self.db()?;
-        let f = sql::query(db, q, params);
-        // `f` borrows the connection only.
-        let out = self.log.block_on(f);
+        let out = self.log.block_on(sql::query(db, q, params));
+        self.noted(out)
+    }
+
+    /// A statement's result, noting whether its failure is one the whole
+    /// transaction may get past when run again.
+    fn noted<T>(&mut self, out: Result<T, tokio_postgres::Error>) -> Result<T, StoreError> {
         out.map_err(|e| {
             self.retry |= retryable(&e);
             e.into()
@@ -187,10 +191,7 @@ impl PgTx<'_> {
     ) -> Result<u64, StoreError> {
         let db = self.db()?;
         let out = self.log.block_on(sql::execute(db, q, params));
-        out.map_err(|e| {
-            self.retry |= retryable(&e);
-            e.into()
-        })
+        self.noted(out)
     }
 
     fn bytes_rows<M: prost::Message + Default>(
@@ -227,10 +228,7 @@ impl PgTx<'_> {
         }
         let db = self.db()?;
         let done = self.log.block_on(db.batch_execute("COMMIT"));
-        done.map_err(|e| {
-            self.retry |= retryable(&e);
-            StoreError::from(e)
-        })?;
+        self.noted(done)?;
         // Back to the pool only now, outside any transaction.
         drop(self.db.take());
         Ok(latest)
