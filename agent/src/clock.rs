@@ -19,7 +19,7 @@ impl Time {
 
 impl fmt::Display for Time {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&driftwatch_proto::time::rfc3339(i128::from(self.0)))
+        driftwatch_proto::time::Rfc3339(i128::from(self.0)).fmt(f)
     }
 }
 
