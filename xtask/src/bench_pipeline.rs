@@ -11,6 +11,10 @@
 //! the backlog took to drain after the load, and how long the agent took to
 //! stop after SIGINT. The headline is the highest rate with zero loss and
 //! everything durable.
+//!
+//! `DRIFTWATCH_BENCH_AGENT=PATH` runs that agent binary instead of this
+//! build's: an older build, run in turns with this one, gives an A/B on the
+//! same machine in the same phase.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -171,7 +175,7 @@ fn start(dir: &Path, watched: &Path, db_port: u16) -> Result<Procs> {
     let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let collector = start_collector(dir, port, &policy, &log)?;
     let stats = dir.join("agent-stats.json");
-    let agent = Command::new(bin.join("driftwatch-agent"))
+    let agent = Command::new(agent_bin())
         .args(["--collector", &url, "--node-name", "bench", "--spool-dir"])
         .arg(dir.join("spool"))
         .arg("--stats-file")
@@ -433,7 +437,7 @@ fn run_stdout(rate: u64, dur: Duration) -> Result<(f64, u64, u64, u64)> {
     let stats = dir.join("agent-stats.json");
     let stats_arg = stats.display().to_string();
     let agent = crate::agent::Agent::start(
-        &root().join("target/release/driftwatch-agent"),
+        &agent_bin(),
         &policy,
         &dir.join("events.jsonl"),
         &["--stats-file", &stats_arg, "--log", "warn"],
@@ -485,7 +489,7 @@ fn run_backlog(events: u64) -> Result<Backlog> {
     let policy = write_policy(&dir, &watched, None)?;
     let log = std::env::var("DRIFTWATCH_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let spawn_agent = |i: usize| -> Result<Child> {
-        Command::new(bin.join("driftwatch-agent"))
+        Command::new(agent_bin())
             .args(["--collector", &url, "--node-name", &format!("backlog-{i}")])
             .arg("--policy")
             .arg(&policy)
@@ -607,6 +611,13 @@ fn postgres_schema() -> Result<Option<String>> {
             .stdout(Stdio::null()),
     )?;
     Ok(Some(format!("{base}?options=-c%20search_path%3D{schema}")))
+}
+
+/// The agent binary under test: this build's, or `DRIFTWATCH_BENCH_AGENT`.
+fn agent_bin() -> PathBuf {
+    std::env::var_os("DRIFTWATCH_BENCH_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/driftwatch-agent"))
 }
 
 /// Runs the benchmark.
