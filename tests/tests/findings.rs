@@ -154,12 +154,7 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
     let anon = c.cli("", &["approvals", "approve", &a]);
     assert!(!anon.status.success());
     assert!(String::from_utf8_lossy(&anon.stderr).contains("needs a credential"));
-    let ok = c.cli("bob", &["approvals", "approve", &a]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    c.cli_ok("bob", &["approvals", "approve", &a]);
 
     run(Command::new("sed").args(["-i", "s/replicas: 2/replicas: 6/", &file]));
     let after = sha256_file(&file);
@@ -266,12 +261,7 @@ fn a_model_replaced_with_cp_drifts_and_approving_it_resolves_the_finding() {
         ],
     );
     let a = id(&req[0]);
-    let ok = c.cli("bob", &["approvals", "approve", &a]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    c.cli_ok("bob", &["approvals", "approve", &a]);
     let f = c.json("", &["findings", "list", "--all", "--kind", "drift"]);
     let drift = find(&f, "drift", &model).unwrap();
     assert_eq!(drift["status"], "resolved");
@@ -558,12 +548,7 @@ fn baselines_from_a_manifest_a_scan_and_first_sight() {
     assert!(String::from_utf8_lossy(&e.stderr).contains("manifest.sha256:2: "));
     let e = c.cli("", &["baseline", "import", &manifest, "--root", &tree]);
     assert!(!e.status.success());
-    let ok = c.cli("alice", &["baseline", "import", &manifest, "--root", &tree]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    c.cli_ok("alice", &["baseline", "import", &manifest, "--root", &tree]);
 
     // The agent's first look finds the pinned file off its manifest.
     let _agent = Agent::managed(&c, "node-base", &dir.path.join("spool"));
