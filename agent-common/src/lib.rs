@@ -266,7 +266,8 @@ pub struct PendingFile {
     /// User pointer to the second path string (0 when none).
     pub path2: u64,
     /// Bit 0: the first path string has `.`, `..` or `//` components;
-    /// bit 1: the second has.
+    /// bit 1: the second has; bit 2: the call has one path, a plain name
+    /// (no `/`), resolved in its start directory.
     pub odd: u32,
     /// 1 from the call's entry until its exit has taken the record (the
     /// record stays in the thread's storage, emptied, for its next call).

@@ -150,7 +150,7 @@ fn count(kind: EventKind, slot: u32) {
 /// Wake the reader only once this much is waiting: a wakeup per record costs
 /// the agent more than the record itself. The agent also drains on a short
 /// timer, which bounds the latency of a lone record.
-const WAKEUP_BYTES: u64 = 64 * 1024;
+const WAKEUP_BYTES: u64 = 256 * 1024;
 
 #[inline(always)]
 fn wake_flags() -> u64 {
@@ -345,8 +345,14 @@ fn stash(p: &mut PendingFile) {
             // SAFETY: per-CPU scratch; user strings read with probes.
             let s = unsafe { &mut *s };
             let first = p.op != FileOp::Symlink as u32 && unsafe { path::odd_string(s, p.path) };
+            // A one-path call naming a plain file name: its directory is
+            // the start directory, whose verdict the exit may find cached.
+            let plain = p.op != FileOp::Symlink as u32
+                && p.path2 == 0
+                && !first
+                && unsafe { core::ptr::read_volatile(&s.slash) } == 0;
             let second = unsafe { path::odd_string(s, p.path2) };
-            p.odd = u32::from(first) | (u32::from(second) << 1);
+            p.odd = u32::from(first) | (u32::from(second) << 1) | (u32::from(plain) << 2);
         }
     }
     match PENDING_FILE.current(true) {
@@ -612,8 +618,18 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         hit1 = path::matches(s, &mut f, false);
         f
     } else {
+        // A plain name in a directory known to hold nothing watched: no
+        // path to build.
+        let plain = p.odd & 4 != 0;
+        if plain && unsafe { path::start_dir_cached(s, task, p.dfd, watch_gen()) } {
+            count(EventKind::File, COUNTER_FILTERED);
+            return;
+        }
         let mut f = unsafe { path::resolve_user(s, task, p.dfd, p.path) };
         hit1 = path::matches(s, &mut f, p.odd & 1 != 0);
+        if plain && !hit1 {
+            path::dir_remember(s, f);
+        }
         f
     };
 

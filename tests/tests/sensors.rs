@@ -394,6 +394,58 @@ fn a_directory_moved_or_mounted_into_a_watched_tree_is_watched_at_once() {
     );
 }
 
+/// Calls that name a file by a plain name relative to a directory fd
+/// (`rm -rf`, `tar`) are judged from the verdict of that directory: one
+/// known to hold nothing watched drops them without building a path, and
+/// neither a rename into the tree nor a watched neighbour may be missed.
+#[test]
+fn plain_names_relative_to_a_directory_fd_are_judged_by_that_directory() {
+    let dir = Dir::new();
+    let watched = dir.join("w");
+    std::fs::create_dir_all(&watched).unwrap();
+    std::fs::create_dir_all(dir.join("outside/sub")).unwrap();
+    let agent = Agent::start(&policy(&[format!("{watched}/")], &[]));
+    let (outside, parent) = (dir.join("outside/sub"), dir.path.display().to_string());
+    run(&mut python(&format!(
+        "import os\n\
+         fd = os.open('{outside}', os.O_RDONLY)\n\
+         for i in range(20):\n\
+         \x20 open('{outside}/n%d.conf' % i, 'w').close()\n\
+         \x20 os.chmod('n%d.conf' % i, 0o600, dir_fd=fd)\n\
+         \x20 os.unlink('n%d.conf' % i, dir_fd=fd)\n\
+         open('{outside}/z.conf', 'w').close()\n\
+         os.rename('{outside}', '{watched}/sub')\n\
+         os.chmod('z.conf', 0o640, dir_fd=fd)\n\
+         os.unlink('z.conf', dir_fd=fd)\n\
+         p = os.open('{parent}', os.O_RDONLY)\n\
+         for i in range(5):\n\
+         \x20 os.chmod('outside', 0o755, dir_fd=p)\n\
+         os.chmod('w', 0o750, dir_fd=p)\n\
+         wfd = os.open('{watched}', os.O_RDONLY)\n\
+         open('{watched}/a.conf', 'w').close()\n\
+         os.chmod('a.conf', 0o600, dir_fd=wfd)\n\
+         os.unlink('a.conf', dir_fd=wfd)\n"
+    )));
+    let events = agent.stop();
+
+    for i in [0, 19] {
+        assert!(file_events(&events, &dir.join(&format!("outside/sub/n{i}.conf"))).is_empty());
+    }
+    // The same directory, renamed into the tree while held open.
+    assert_eq!(
+        ops(&file_events(&events, &dir.join("w/sub/z.conf"))),
+        ["chmod", "unlink"]
+    );
+    // The parent of the tree holds a watched entry: never cached clean.
+    assert_eq!(ops(&file_events(&events, &watched)), ["chmod"]);
+    assert_eq!(
+        ops(&file_events(&events, &dir.join("w/a.conf"))),
+        ["open", "close_write", "chmod", "unlink"]
+    );
+    let file = &final_stats(&events)["file"];
+    assert_eq!(file["dropped"], 0, "{file}");
+}
+
 #[test]
 fn a_policy_file_changed_on_disk_is_applied_without_a_signal() {
     let dir = Dir::new();

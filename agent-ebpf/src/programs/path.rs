@@ -43,7 +43,11 @@ pub struct Scratch {
     mnt_root: u64,
     truncated: u64,
     odd: u64,
-    /// Length of the path in `key` (without the NUL), from `resolve_file`.
+    /// 0 when the last string `odd_string` read is a plain, non-empty name
+    /// (no `/`); 1 otherwise.
+    pub slash: u64,
+    /// Length of the path in `key` (without the NUL), from `resolve_file`,
+    /// or from `resolve_user` for a joined name.
     key_len: u64,
     /// Bits of the ancestor marker the last miss ended on (0: none).
     miss_bits: u64,
@@ -263,27 +267,7 @@ pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> 
     let mut flags = 0;
     let mut at = 0usize;
     if first != b'/' {
-        let (dentry, mnt) = unsafe {
-            if dfd == AT_FDCWD {
-                let fs: u64 = task::read(task, off!(task_fs));
-                let pwd = fs + off!(fs_pwd) as u64;
-                (
-                    task::read::<u64>(pwd, off!(path_dentry)),
-                    task::read::<u64>(pwd, off!(path_mnt)),
-                )
-            } else {
-                let file = task::fd_file(task, dfd);
-                let fpath = file + off!(file_f_path) as u64;
-                if file == 0 {
-                    (0, 0)
-                } else {
-                    (
-                        task::read::<u64>(fpath, off!(path_dentry)),
-                        task::read::<u64>(fpath, off!(path_mnt)),
-                    )
-                }
-            }
-        };
+        let (dentry, mnt) = unsafe { start_dir(task, dfd) };
         let (pos, truncated) = unsafe { d_path(s, dentry, mnt) };
         if truncated {
             flags |= PATH_TRUNCATED;
@@ -311,8 +295,70 @@ pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> 
         s.key[at & 255] = 0;
     } else if at + n as usize > PATH_LEN {
         flags |= PATH_TRUNCATED;
+    } else if n > 0 {
+        // For `dir_remember`: the joined path's length and the name's.
+        s.key_len = (at + n as usize - 1) as u64;
+        // SAFETY: a write to our own scratch field.
+        unsafe { core::ptr::write_volatile(&mut s.dir_name_len, (n - 1) as u64) };
     }
     flags
+}
+
+/// The directory a relative name starts from: the cwd for `AT_FDCWD`,
+/// else the directory `dfd` is open on, as `(dentry, vfsmount)`.
+#[inline(always)]
+unsafe fn start_dir(task: u64, dfd: i32) -> (u64, u64) {
+    unsafe {
+        if dfd == AT_FDCWD {
+            let fs: u64 = task::read(task, off!(task_fs));
+            let pwd = fs + off!(fs_pwd) as u64;
+            (
+                task::read::<u64>(pwd, off!(path_dentry)),
+                task::read::<u64>(pwd, off!(path_mnt)),
+            )
+        } else {
+            let file = task::fd_file(task, dfd);
+            let fpath = file + off!(file_f_path) as u64;
+            if file == 0 {
+                (0, 0)
+            } else {
+                (
+                    task::read::<u64>(fpath, off!(path_dentry)),
+                    task::read::<u64>(fpath, off!(path_mnt)),
+                )
+            }
+        }
+    }
+}
+
+/// For a call naming its file by a plain name (no `/`): looks up the
+/// directory the name is resolved in, under the key a file opened there
+/// gets from [`dir_of`]. True when it is known to hold nothing watched
+/// under generation `gen`; leaves the key for [`dir_remember`], which needs
+/// the name's length from [`resolve_user`].
+#[inline(always)]
+pub unsafe fn start_dir_cached(s: &mut Scratch, task: u64, dfd: i32, gen: u64) -> bool {
+    unsafe {
+        core::ptr::write_volatile(&mut s.dir_ok, 0);
+        core::ptr::write_volatile(&mut s.dir_gen, gen);
+        let (dentry, mnt) = start_dir(task, dfd);
+        if dentry == 0 || mnt == 0 {
+            return false;
+        }
+        let inode: u64 = task::read(dentry, off!(dentry_d_inode));
+        if inode == 0 {
+            return false;
+        }
+        s.dir = DirKey {
+            mnt,
+            dentry,
+            ino: task::read(inode, off!(inode_i_ino)),
+            generation: task::read(inode, off!(inode_i_generation)),
+            _pad: 0,
+        };
+        core::ptr::write_volatile(&mut s.dir_ok, 1);
+        DIR_CLEAN.get(&s.dir).copied() == Some(gen)
+    }
 }
 
 /// Reads a user string verbatim (a symlink's target text) into the key.
@@ -376,6 +422,7 @@ pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
         return false;
     }
     s.odd = 0;
+    s.slash = 1;
     let n = unsafe {
         gen::bpf_probe_read_user_str(
             s.key.as_mut_ptr() as *mut c_void,
@@ -386,6 +433,9 @@ pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
     if n <= 0 {
         return false;
     }
+    if n > 1 {
+        s.slash = 0;
+    }
     // A relative name is joined to its directory with one '/': put it before
     // the string so a leading `./` or `../` is seen. An absolute one has its own.
     s.key[511] = if s.key[0] == b'/' { 0 } else { b'/' };
@@ -395,6 +445,10 @@ pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
         let c = unsafe { core::ptr::read_volatile(&s.key[i & 511]) };
         if c == 0 {
             break;
+        }
+        if c == b'/' {
+            // SAFETY: a write to our own scratch field.
+            unsafe { core::ptr::write_volatile(&mut s.slash, 1) };
         }
         let prev = unsafe { core::ptr::read_volatile(&s.key[i.wrapping_sub(1) & 511]) };
         if prev == b'/' && (c == b'.' || c == b'/') {
