@@ -142,6 +142,61 @@ pub struct Job {
     pub content_may_change: bool,
 }
 
+impl Job {
+    /// Folds a later trigger for the same path into this one.
+    fn fold(&mut self, later: Job) {
+        self.trigger_seq = later.trigger_seq.or(self.trigger_seq);
+        self.content_may_change |= later.content_may_change;
+        if later.resource.is_some() {
+            self.resource = later.resource;
+        }
+    }
+}
+
+/// The triggers of a run of events, one job per path, handed to the
+/// digester together: under a stream of changes it then wakes once per
+/// run, not once per event.
+#[derive(Default)]
+pub struct Batch {
+    jobs: Vec<Job>,
+    index: HashMap<String, usize>,
+}
+
+impl Batch {
+    /// Adds a trigger for `path` and returns its job's place, where
+    /// [`Batch::triggered_by`] puts the event's sequence number once known.
+    pub fn add(&mut self, path: &str, resource: &str, content_may_change: bool) -> usize {
+        if let Some(&i) = self.index.get(path) {
+            let job = &mut self.jobs[i];
+            job.content_may_change |= content_may_change;
+            if job.resource.as_deref() != Some(resource) {
+                job.resource = Some(resource.to_owned());
+            }
+            return i;
+        }
+        self.index.insert(path.to_owned(), self.jobs.len());
+        self.jobs.push(Job {
+            path: path.to_owned(),
+            resource: Some(resource.to_owned()),
+            trigger_seq: None,
+            content_may_change,
+        });
+        self.jobs.len() - 1
+    }
+
+    /// The event behind the job at `i` (the latest one when folded).
+    pub fn triggered_by(&mut self, i: usize, seq: u64) {
+        if let Some(job) = self.jobs.get_mut(i) {
+            job.trigger_seq = Some(seq);
+        }
+    }
+
+    /// True when no trigger waits.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+}
+
 /// Cached digests by file version. The strict key includes ctime, which
 /// no caller can set, so a write that restores size and mtime still misses.
 #[derive(Default)]
@@ -305,7 +360,7 @@ fn read_state(
 /// The change digester and the scans.
 #[derive(Clone)]
 pub struct Digester {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Vec<Job>>,
     out: mpsc::UnboundedSender<Report>,
     cache: Arc<Mutex<Cache>>,
 }
@@ -322,7 +377,17 @@ impl Digester {
 
     /// Reads `job.path` once the changes to it settle.
     pub fn submit(&self, job: Job) {
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(vec![job]);
+    }
+
+    /// Hands over the triggers gathered in `batch`, leaving it empty.
+    pub fn submit_batch(&self, batch: &mut Batch) {
+        if batch.is_empty() {
+            return;
+        }
+        batch.index.clear();
+        // Copied out, so the batch keeps its room for the next run.
+        let _ = self.jobs.send(batch.jobs.drain(..).collect());
     }
 
     /// Reports every regular file under `root` (a file or a tree), then a
@@ -419,7 +484,7 @@ fn walk(root: &str, visit: &mut dyn FnMut(&str) -> bool) -> (u64, u64, Option<St
 }
 
 async fn run(
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Job>>,
     out: mpsc::UnboundedSender<Report>,
     cache: Arc<Mutex<Cache>>,
 ) {
@@ -508,24 +573,21 @@ async fn run(
         };
         tokio::select! {
             () = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)), if next_due.is_some() => {}
-            job = rx.recv(), if open => match job {
-                Some(job) => {
-                    let folded = |q: &mut Job, job: Job| {
-                        q.trigger_seq = job.trigger_seq.or(q.trigger_seq);
-                        q.content_may_change |= job.content_may_change;
-                        q.resource = job.resource.or(q.resource.take());
-                    };
-                    if busy.contains(&job.path) {
-                        match again.get_mut(&job.path) {
-                            Some(q) => folded(q, job),
-                            None => { again.insert(job.path.clone(), job); }
+            jobs = rx.recv(), if open => match jobs {
+                Some(jobs) => {
+                    for job in jobs {
+                        if busy.contains(&job.path) {
+                            match again.get_mut(&job.path) {
+                                Some(q) => q.fold(job),
+                                None => { again.insert(job.path.clone(), job); }
+                            }
+                        } else if let Some(q) = queued.get_mut(&job.path) {
+                            q.fold(job);
+                        } else {
+                            let path = job.path.clone();
+                            queued.insert(path.clone(), job);
+                            enqueue(path, &mut queue);
                         }
-                    } else if let Some(q) = queued.get_mut(&job.path) {
-                        folded(q, job);
-                    } else {
-                        let path = job.path.clone();
-                        queued.insert(path.clone(), job);
-                        enqueue(path, &mut queue);
                     }
                 }
                 None => open = false,
@@ -562,6 +624,37 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_batch_holds_one_job_per_path_with_its_latest_trigger() {
+        let mut batch = Batch::default();
+        let a = batch.add("/etc/a", "app", false);
+        batch.triggered_by(a, 1);
+        let b = batch.add("/etc/b", "app", true);
+        batch.triggered_by(b, 2);
+        let again = batch.add("/etc/a", "app", true);
+        assert_eq!(again, a);
+        batch.triggered_by(again, 3);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (out, _reports) = mpsc::unbounded_channel();
+        let digester = Digester {
+            jobs: tx,
+            out,
+            cache: Default::default(),
+        };
+        digester.submit_batch(&mut batch);
+        assert!(batch.is_empty());
+        digester.submit_batch(&mut batch);
+        let jobs = rx.recv().await.expect("one batch");
+        assert!(rx.try_recv().is_err(), "an empty batch is not sent");
+        let got: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.path.as_str(), j.trigger_seq, j.content_may_change))
+            .collect();
+        assert_eq!(got, [("/etc/a", Some(3), true), ("/etc/b", Some(2), true)]);
+        // Emptied, the batch starts over: a path seen before is new again.
+        assert_eq!(batch.add("/etc/b", "app", false), 0);
+    }
 
     #[tokio::test]
     async fn a_file_written_without_pause_is_read_once_per_cadence_and_after_its_last_change() {

@@ -6,6 +6,69 @@ use serde::Serialize;
 
 use crate::{clock::Time, identity::Identity};
 
+/// The node's name, shared by every event it names.
+pub type Node = std::sync::Arc<str>;
+
+/// Names of open flags, at most one per kind the agent decodes (held in
+/// place: an event's flags cost no allocation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    names: [&'static str; 6],
+    len: usize,
+}
+
+impl Flags {
+    /// Adds a name (beyond six, ignored: the decoder names at most six).
+    pub fn push(&mut self, name: &'static str) {
+        if let Some(slot) = self.names.get_mut(self.len) {
+            *slot = name;
+            self.len += 1;
+        }
+    }
+
+    /// The names, in order.
+    pub fn as_slice(&self) -> &[&'static str] {
+        &self.names[..self.len]
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<const N: usize> From<[&'static str; N]> for Flags {
+    fn from(names: [&'static str; N]) -> Self {
+        let mut f = Self::default();
+        for n in names {
+            f.push(n);
+        }
+        f
+    }
+}
+
+impl Serialize for Flags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.as_slice())
+    }
+}
+
+/// A file mode, shown as four octal digits (`0644`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0 & 0o7777)
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A syscall's outcome.
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
@@ -64,7 +127,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Agent version.
         agent_version: String,
         /// `uname -r`.
@@ -85,7 +148,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Policy version (sha256 of its text, first 16 hex digits).
         version: String,
         /// Where it came from (a file, or the collector).
@@ -100,7 +163,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Policy version.
         version: String,
         /// Where it came from.
@@ -114,7 +177,7 @@ pub enum Event {
         /// When it was read.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// The state.
         #[serde(flatten)]
         state: crate::digest::FileDigest,
@@ -124,7 +187,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// The baseline scan (absent for the scan of newly watched paths).
         #[serde(skip_serializing_if = "Option::is_none")]
         scan_id: Option<String>,
@@ -143,7 +206,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Who (after the exec).
         process: Identity,
         /// argv did not fit the kernel record and was cut.
@@ -155,7 +218,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Who.
         process: Identity,
         /// Exit status (when it exited normally).
@@ -168,7 +231,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// `open`, `rename`, `unlink`, `chmod`, `chown`, `truncate`, `link`,
         /// `symlink`, `close_write`.
         op: &'static str,
@@ -182,13 +245,13 @@ pub enum Event {
         target: Option<String>,
         /// The policy resource the path belongs to.
         #[serde(skip_serializing_if = "Option::is_none")]
-        resource: Option<String>,
+        resource: Option<std::sync::Arc<str>>,
         /// Open flags, decoded (`O_WRONLY`, `O_CREAT`, …).
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        flags: Vec<&'static str>,
+        #[serde(skip_serializing_if = "Flags::is_empty")]
+        flags: Flags,
         /// chmod: new mode; open with O_CREAT: create mode (octal text).
         #[serde(skip_serializing_if = "Option::is_none")]
-        mode: Option<String>,
+        mode: Option<Mode>,
         /// chown: new uid (absent when unchanged).
         #[serde(skip_serializing_if = "Option::is_none")]
         owner_uid: Option<u32>,
@@ -214,7 +277,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// `ipv4` or `ipv6`.
         family: &'static str,
         /// Destination address.
@@ -223,7 +286,7 @@ pub enum Event {
         port: u16,
         /// The policy resource the port belongs to.
         #[serde(skip_serializing_if = "Option::is_none")]
-        resource: Option<String>,
+        resource: Option<std::sync::Arc<str>>,
         /// Success, `EINPROGRESS` (non-blocking), or the errno.
         result: Outcome,
         /// What the guardrail decided (see `v1::Connect.guardrail`).
@@ -240,7 +303,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Lost records by kind, since the previous loss report.
         dropped: BTreeMap<String, u64>,
     },
@@ -249,7 +312,7 @@ pub enum Event {
         /// When.
         time: Time,
         /// Node name.
-        node: String,
+        node: Node,
         /// Counters by event kind.
         counters: BTreeMap<String, KindCounters>,
     },

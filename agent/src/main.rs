@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use driftwatch_agent::digest::{Digester, Job, Reason, Report};
+use driftwatch_agent::digest::{Batch, Digester, Reason, Report};
 use driftwatch_agent::stream::{self, Downlink, Spool};
 use driftwatch_agent::{
     clock::Clock,
@@ -202,7 +202,7 @@ fn main() -> ExitCode {
 }
 
 /// Longest an event waits in the ring buffer when few are arriving.
-const DRAIN_MS: u64 = 10;
+const DRAIN_MS: u64 = 20;
 
 /// Most ring records read in one turn of the event loop.
 const DRAIN_SLICE: usize = 1024;
@@ -329,8 +329,12 @@ struct UserCounts {
 
 struct Output {
     out: Option<BufWriter<std::io::Stdout>>,
-    node: String,
+    node: driftwatch_agent::event::Node,
     spool: Option<(Spool, std::sync::Arc<tokio::sync::Notify>)>,
+    /// Encodes events for the spool.
+    wire: stream::convert::Encoder,
+    /// Where an event is encoded first.
+    scratch: Vec<u8>,
     /// Events were spooled since the sender was last woken.
     pushed: bool,
     /// The sender has nothing waiting (see `stream::Sender::idle`).
@@ -348,8 +352,13 @@ impl Output {
         }
         if let Some((spool, _)) = &self.spool {
             let time = event.time().unix_nanos();
-            let mut body = Vec::with_capacity(512);
-            if stream::convert::encode(event, 0, &mut body) {
+            self.scratch.clear();
+            if self.wire.encode(event, 0, &mut self.scratch) {
+                // Sized to the event and the sequence number's field (key
+                // and a varint below 2^63): kept in the spool's memory
+                // as it is, never grown.
+                let mut body = Vec::with_capacity(self.scratch.len() + 11);
+                body.extend_from_slice(&self.scratch);
                 // A failing spool must not stop the sensors: the hole it
                 // leaves is reported to the collector as a dropped range.
                 match spool.push_encoded(time, body) {
@@ -392,7 +401,7 @@ fn stats(sensors: &Sensors, user: &UserCounts, node: &str) -> anyhow::Result<Eve
     }
     Ok(Event::Stats {
         time: Clock::now(),
-        node: node.to_owned(),
+        node: node.into(),
         counters,
     })
 }
@@ -553,7 +562,7 @@ fn scan_watched(digester: &Digester, policy: &Arc<Policy>) {
 fn policy_applied(sensors: &Sensors, node: &str, running: &Running) -> Event {
     Event::PolicyApplied {
         time: Clock::now(),
-        node: node.to_owned(),
+        node: node.into(),
         version: running.version.clone(),
         source: running.source.clone(),
         watched_paths: sensors.watch().display_paths(),
@@ -654,9 +663,9 @@ fn refresh_gates(
     }
 }
 
-/// The state reads a change event calls for (their `trigger_seq` is set
-/// once the event has its sequence number).
-fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
+/// Adds the reads a file event calls for to `batch`; returns their places
+/// there, for the event's sequence number.
+fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>; 2] {
     let Event::File {
         op,
         path,
@@ -665,30 +674,22 @@ fn digest_jobs(e: &Event, policy: &Policy) -> Vec<Job> {
         ..
     } = e
     else {
-        return Vec::new();
+        return [None; 2];
     };
     if !result.ok || !driftwatch_proto::completes_change(op) {
-        return Vec::new();
+        return [None; 2];
     }
-    let paths: Vec<&str> = match *op {
-        "rename" => [Some(path.as_str()), new_path.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect(),
-        "link" | "symlink" => new_path.as_deref().into_iter().collect(),
-        _ => vec![path],
+    let (first, second) = match *op {
+        "rename" => (Some(path.as_str()), new_path.as_deref()),
+        "link" | "symlink" => (new_path.as_deref(), None),
+        _ => (Some(path.as_str()), None),
     };
-    paths
-        .into_iter()
-        .filter_map(|p| {
-            policy.resource_for_path(p).map(|r| Job {
-                path: p.to_owned(),
-                resource: Some(r.name.clone()),
-                trigger_seq: None,
-                content_may_change: !matches!(*op, "chmod" | "chown"),
-            })
-        })
-        .collect()
+    let content_may_change = !matches!(*op, "chmod" | "chown");
+    [first, second].map(|p| {
+        let p = p?;
+        let r = policy.resource_for_path(p)?;
+        Some(batch.add(p, &r.name, content_may_change))
+    })
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -710,6 +711,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
         )?;
     }
+    // The policy file's stamp is taken before the file is read: a change
+    // after that (even one made while the programs load, before the event
+    // loop looks) differs from it and is read at the next second.
+    let policy_files: Vec<PathBuf> = args.policy.iter().cloned().collect();
+    let mut policy_seen = driftwatch_proto::ops::stamp(&policy_files);
     let mut running = initial_policy(&args)?;
     // Up before the sensors, so a probe sees "alive, not ready" meanwhile.
     let ready = driftwatch_proto::ops::Ready::default();
@@ -724,6 +730,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cgroup_root = preflight::prepare()?;
     let mut sensors = Sensors::start(&cgroup_root, args.ring_mib << 20)?;
     let node = node_name(args.node_name.clone());
+    // The name every event carries, one string shared by all of them.
+    let event_node: driftwatch_agent::event::Node = node.as_str().into();
     tracing::info!(
         sensor_set = SENSOR_SET,
         hooks = sensors.hooks.len(),
@@ -755,7 +763,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let mut decoder = Decoder {
-        node: node.clone(),
+        node: event_node.clone(),
         clock,
         table,
     };
@@ -844,14 +852,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         out: args
             .stdout
             .then(|| BufWriter::with_capacity(1 << 16, std::io::stdout())),
-        node: node.clone(),
+        node: event_node.clone(),
         spool,
+        wire: Default::default(),
+        scratch: Vec::with_capacity(4096),
         pushed: false,
         sender_idle,
     };
     out.emit(Event::AgentStart {
         time: Clock::now(),
-        node: node.clone(),
+        node: event_node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         kernel,
         sensor_set: SENSOR_SET.into(),
@@ -886,17 +896,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Each second: metrics taken in (when served), the policy file looked at.
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let policy_files: Vec<PathBuf> = args.policy.iter().cloned().collect();
-    let mut policy_seen = driftwatch_proto::ops::stamp(&policy_files);
     ready.set(true);
     let mut reported_drops: BTreeMap<String, u64> = BTreeMap::new();
+    let mut digests = Batch::default();
 
     let handle = |bytes: &[u8],
                   decoder: &mut Decoder,
                   sensors: &Sensors,
                   user: &mut UserCounts,
                   out: &mut Output,
-                  digester: &Digester,
+                  digests: &mut Batch,
                   policy: &Policy|
      -> anyhow::Result<()> {
         let kind = match Decoder::kind_of(bytes) {
@@ -919,11 +928,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     } => *user.guardrail.entry(("connect", g)).or_default() += 1,
                     _ => {}
                 }
-                let jobs = digest_jobs(&e, policy);
+                let jobs = digest_jobs(&e, policy, digests);
                 let seq = out.emit(*e)?;
-                for mut job in jobs {
-                    job.trigger_seq = seq;
-                    digester.submit(job);
+                if let Some(seq) = seq {
+                    for i in jobs.into_iter().flatten() {
+                        digests.triggered_by(i, seq);
+                    }
                 }
             }
             Ok(Decoded::Internal) => {}
@@ -1009,7 +1019,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // changed it: those still in the ring go first, so the
                 // collector never sees a state before the change behind it
                 // (a temporary file read as gone before its rename).
-                read_ring(ring.get_mut(), CAUSAL_DRAIN, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
+                read_ring(ring.get_mut(), CAUSAL_DRAIN, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &mut digests, &running.policy))?;
+                digester.submit_batch(&mut digests);
                 let time = Clock::now();
                 let e = match report {
                     Report::Digest(state) => Event::Digest { time, node: out.node.clone(), state },
@@ -1072,14 +1083,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // At most a slice per turn: under a load as fast as the
                 // reader the ring never runs dry, and signals must still be
                 // heard. Readiness stays set until the ring is empty.
-                let (_, empty) = read_ring(guard.get_inner_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
+                let (_, empty) = read_ring(guard.get_inner_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &mut digests, &running.policy))?;
+                digester.submit_batch(&mut digests);
                 if empty {
                     guard.clear_ready();
                 }
                 out.flush()?;
             }
             _ = drain.tick() => {
-                let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &digester, &running.policy))?;
+                let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &mut digests, &running.policy))?;
+                digester.submit_batch(&mut digests);
                 if n > 0 {
                     out.flush()?;
                 }
@@ -1104,7 +1117,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &sensors,
             &mut user,
             out,
-            &digester,
+            // Read at a stop, nothing is digested any more.
+            &mut digests,
             &running.policy,
         )
     };
@@ -1129,7 +1143,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         out.emit(Event::Loss {
             time: Clock::now(),
-            node: node.clone(),
+            node: event_node.clone(),
             dropped: BTreeMap::from([("unread_at_stop".to_owned(), unread)]),
         })?;
     }

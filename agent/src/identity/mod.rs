@@ -43,7 +43,7 @@ pub struct ProcInfo {
     #[serde(flatten)]
     pub placement: Placement,
     /// These fields as a `driftwatch.v1.Process` message, encoded once
-    /// (see `stream::convert::encode`).
+    /// (see `stream::convert::Encoder`).
     #[serde(skip)]
     pub wire: std::sync::OnceLock<Vec<u8>>,
     /// The whole `Process` message of this process's last event, with
@@ -105,7 +105,7 @@ pub struct Identity {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_user: Option<Arc<str>>,
     /// `comm`.
-    pub comm: String,
+    pub comm: Arc<str>,
     /// exec_id, start time, exe, args, cgroup, container, pod.
     #[serde(flatten)]
     pub info: Arc<ProcInfo>,
@@ -142,6 +142,9 @@ pub struct ProcessTable {
     cgroup_paths: HashMap<u64, String>,
     cgroup_scanned: Option<Instant>,
     clock: Clock,
+    /// The last `comm` seen and its text: a run of events mostly comes
+    /// from one thread, and then shares one string.
+    last_comm: ([u8; agent_common::COMM_LEN], Arc<str>),
     /// Pod metadata from the Kubernetes API (empty without one).
     pub pods: crate::pods::Pods,
 }
@@ -197,8 +200,17 @@ impl ProcessTable {
             cgroup_paths: HashMap::new(),
             cgroup_scanned: None,
             clock,
+            last_comm: ([0; agent_common::COMM_LEN], Arc::from("")),
             pods: crate::pods::Pods::default(),
         }
+    }
+
+    /// `comm` as text, shared with the last event's when it is the same.
+    fn comm(&mut self, raw: &[u8; agent_common::COMM_LEN]) -> Arc<str> {
+        if self.last_comm.0 != *raw {
+            self.last_comm = (*raw, Arc::from(cstr(raw)));
+        }
+        self.last_comm.1.clone()
     }
 
     /// Fills the table from `/proc`; returns how many processes were found.
@@ -487,7 +499,7 @@ impl ProcessTable {
             euid: h.euid,
             loginuid,
             login_user: loginuid.and_then(|u| self.user_name(u)),
-            comm: cstr(&h.comm),
+            comm: self.comm(&h.comm),
             info: proc.info,
             ancestors,
             pod,

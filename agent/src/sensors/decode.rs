@@ -11,7 +11,7 @@ use agent_common::{
 use super::watch::{normalise, WatchSet};
 use crate::{
     clock::{Clock, Time},
-    event::{Event, Outcome},
+    event::{Event, Flags, Mode, Outcome},
     identity::{cstr, ProcessTable},
 };
 
@@ -58,12 +58,12 @@ fn op_name(op: FileOp) -> &'static str {
     }
 }
 
-fn open_flags(flags: u32) -> Vec<&'static str> {
-    let mut out = vec![match flags & 3 {
+fn open_flags(flags: u32) -> Flags {
+    let mut out = Flags::from([match flags & 3 {
         0 => "O_RDONLY",
         1 => "O_WRONLY",
         _ => "O_RDWR",
-    }];
+    }]);
     for (bit, name) in [
         (libc::O_CREAT, "O_CREAT"),
         (libc::O_EXCL, "O_EXCL"),
@@ -92,6 +92,21 @@ fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
+/// A `T` at the front of `bytes`, checking the length: borrowed where the
+/// record is aligned for `T` (ring records are), copied where not.
+fn view<T: Copy>(bytes: &[u8], kind: u32) -> Result<std::borrow::Cow<'_, T>, DecodeError> {
+    if bytes.len() >= std::mem::size_of::<T>()
+        && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        // SAFETY: length and alignment checked; T is a plain repr(C) record
+        // of integers and byte arrays, valid for any bytes.
+        return Ok(std::borrow::Cow::Borrowed(unsafe {
+            &*(bytes.as_ptr() as *const T)
+        }));
+    }
+    read(bytes, kind).map(std::borrow::Cow::Owned)
+}
+
 /// What a record turned into.
 pub enum Decoded {
     /// An event to emit.
@@ -105,7 +120,7 @@ pub enum Decoded {
 /// Turns records into events, keeping the process table current.
 pub struct Decoder {
     /// Node name put on every event.
-    pub node: String,
+    pub node: crate::event::Node,
     /// Boot clock to wall clock.
     pub clock: Clock,
     /// Process identities.
@@ -125,7 +140,7 @@ impl Decoder {
         let k = kind as u32;
         Ok(match kind {
             EventKind::Exec => {
-                let e: ExecEvent = read(bytes, k)?;
+                let e = view::<ExecEvent>(bytes, k)?;
                 let argv = &e.argv[..(e.argv_len as usize).min(e.argv.len())];
                 self.table.on_exec(&e.hdr, cstr(&e.exe), argv);
                 Decoded::Event(Box::new(Event::Exec {
@@ -153,7 +168,7 @@ impl Decoder {
                 }))
             }
             EventKind::File => {
-                let e: FileEvent = read(bytes, k)?;
+                let e = view::<FileEvent>(bytes, k)?;
                 self.file(&e, watch)?
             }
             EventKind::Connect => {
@@ -170,7 +185,7 @@ impl Decoder {
                     family,
                     address,
                     port: e.port,
-                    resource: watch.resource_of_port(e.port).map(str::to_owned),
+                    resource: watch.resource_of_port(e.port).cloned(),
                     result: Outcome::from_ret(i64::from(e.ret)),
                     guardrail: guardrail(e.verdict, "blocked"),
                     grant_id: (e.verdict == VERDICT_GRANTED).then_some(e.grant),
@@ -208,7 +223,7 @@ impl Decoder {
         let resource = watch
             .resource_of(&path)
             .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
-            .map(str::to_owned);
+            .cloned();
         if resource.is_none() && op != FileOp::CloseWrite {
             return Ok(Decoded::FilteredInUser);
         }
@@ -220,10 +235,10 @@ impl Decoder {
         let (flags, mode) = match op {
             FileOp::Open => (
                 open_flags(e.flags),
-                (e.flags & libc::O_CREAT as u32 != 0).then(|| format!("{:04o}", e.mode & 0o7777)),
+                (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
             ),
-            FileOp::Chmod => (Vec::new(), Some(format!("{:04o}", e.mode & 0o7777))),
-            _ => (Vec::new(), None),
+            FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
+            _ => (Flags::default(), None),
         };
         let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
         Ok(Decoded::Event(Box::new(Event::File {
@@ -293,8 +308,44 @@ mod tests {
     }
 
     #[test]
+    fn a_record_reads_the_same_aligned_or_not() {
+        // SAFETY: a record of integers and byte arrays; all zeroes is valid.
+        let mut e: FileEvent = unsafe { std::mem::zeroed() };
+        e.op = FileOp::Chmod as u32;
+        e.mode = 0o640;
+        e.path[..9].copy_from_slice(b"/etc/x.y\0");
+        // SAFETY: the record's own bytes, for as long as it lives.
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts(
+                &e as *const FileEvent as *const u8,
+                std::mem::size_of::<FileEvent>(),
+            )
+        };
+        // One byte in: the same record at an address no u64 may sit at.
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(bytes);
+        let aligned = view::<FileEvent>(bytes, 3).unwrap();
+        let unaligned = view::<FileEvent>(&shifted[1..], 3).unwrap();
+        assert!(matches!(aligned, std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(unaligned, std::borrow::Cow::Owned(_)));
+        for r in [&*aligned, &*unaligned] {
+            assert_eq!(
+                (r.op, r.mode, cstr(&r.path)),
+                (e.op, 0o640, "/etc/x.y".into())
+            );
+        }
+        assert!(view::<FileEvent>(&bytes[..10], 3).is_err());
+    }
+
+    #[test]
     fn open_flags_are_named() {
-        assert_eq!(open_flags(0o1101), ["O_WRONLY", "O_CREAT", "O_TRUNC"]);
-        assert_eq!(open_flags(2), ["O_RDWR"]);
+        assert_eq!(
+            open_flags(0o1101).as_slice(),
+            ["O_WRONLY", "O_CREAT", "O_TRUNC"]
+        );
+        assert_eq!(open_flags(2).as_slice(), ["O_RDWR"]);
+        let all = open_flags(0o2 | 0o100 | 0o200 | 0o1000 | 0o2000 | 0o20000000);
+        assert_eq!(all.as_slice().len(), 6, "{all:?}");
+        assert_eq!(serde_json::to_string(&Mode(0o100644)).unwrap(), "\"0644\"");
     }
 }

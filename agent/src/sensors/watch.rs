@@ -66,8 +66,8 @@ pub struct WatchSet {
     pub paths: Vec<WatchPath>,
     /// Port to resource index.
     pub ports: BTreeMap<u16, usize>,
-    /// Resource names, by index.
-    pub names: Vec<String>,
+    /// Resource names, by index (shared with the events that name them).
+    pub names: Vec<std::sync::Arc<str>>,
 }
 
 impl WatchSet {
@@ -144,7 +144,7 @@ impl WatchSet {
     pub fn from_policy(policy: &Policy) -> Self {
         let mut set = Self::default();
         for (i, r) in policy.resources.iter().enumerate() {
-            set.names.push(r.name.clone());
+            set.names.push(r.name.as_str().into());
             for p in &r.paths {
                 let canon = canonical(Path::new(p));
                 let text = canon.display().to_string();
@@ -176,21 +176,17 @@ impl WatchSet {
     }
 
     /// The resource name a path belongs to (longest match), if watched.
-    pub fn resource_of(&self, path: &str) -> Option<&str> {
+    pub fn resource_of(&self, path: &str) -> Option<&std::sync::Arc<str>> {
         self.paths
             .iter()
             .filter(|w| w.covers(path))
             .max_by_key(|w| w.prefix.len() + usize::from(w.exact))
             .and_then(|w| self.names.get(w.resource))
-            .map(String::as_str)
     }
 
     /// The resource name a port belongs to.
-    pub fn resource_of_port(&self, port: u16) -> Option<&str> {
-        self.ports
-            .get(&port)
-            .and_then(|i| self.names.get(*i))
-            .map(String::as_str)
+    pub fn resource_of_port(&self, port: u16) -> Option<&std::sync::Arc<str>> {
+        self.ports.get(&port).and_then(|i| self.names.get(*i))
     }
 
     /// Prefixes for display (trees end in `/`).
@@ -265,12 +261,18 @@ mod tests {
         );
         let policy = Policy::parse("p.yaml", &text).unwrap();
         let set = WatchSet::from_policy(&policy);
-        assert_eq!(set.resource_of(&format!("{root}/a/b.conf")), Some("cfg"));
-        assert_eq!(set.resource_of(&root), Some("cfg"));
+        assert_eq!(
+            set.resource_of(&format!("{root}/a/b.conf")).map(|r| &**r),
+            Some("cfg")
+        );
+        assert_eq!(set.resource_of(&root).map(|r| &**r), Some("cfg"));
         assert_eq!(set.resource_of(&format!("{root}x/a")), None);
-        assert_eq!(set.resource_of("/srv/app/settings.yaml"), Some("cfg"));
+        assert_eq!(
+            set.resource_of("/srv/app/settings.yaml").map(|r| &**r),
+            Some("cfg")
+        );
         assert_eq!(set.resource_of("/srv/app/settings.yaml.bak"), None);
-        assert_eq!(set.resource_of_port(5432), Some("db"));
+        assert_eq!(set.resource_of_port(5432).map(|r| &**r), Some("db"));
         assert_eq!(set.resource_of_port(5433), None);
         let file = set
             .paths

@@ -6,8 +6,8 @@ use driftwatch_proto::v1;
 use prost::{encoding, Message as _};
 
 use crate::{
-    event::Event,
     event::Outcome,
+    event::{Event, Node},
     identity::{Identity, ProcInfo},
 };
 
@@ -53,7 +53,7 @@ fn process_dynamic(p: &Identity) -> v1::Process {
         euid: p.euid,
         loginuid: p.loginuid,
         login_user: p.login_user.as_deref().unwrap_or_default().to_owned(),
-        comm: p.comm.clone(),
+        comm: p.comm.to_string(),
         ancestors: p
             .ancestors
             .iter()
@@ -106,7 +106,7 @@ struct Varying {
     gid: u32,
     euid: u32,
     loginuid: Option<u32>,
-    comm: String,
+    comm: Arc<str>,
     user: Option<Arc<str>>,
     login_user: Option<Arc<str>>,
     ancestors: Arc<Vec<crate::identity::Ancestor>>,
@@ -209,34 +209,61 @@ fn process(p: &Identity) -> v1::Process {
 
 /// Field number of `Event.process`.
 const PROCESS_FIELD: u32 = 100;
+/// Field number of `Event.node`.
+const NODE_FIELD: u32 = 103;
 
-/// Encodes `e` as a `driftwatch.v1.Event` numbered `seq`, as
-/// [`to_proto`] would, without building its process again: what a process
-/// shares with all its events is encoded once per process, and the whole
-/// `Process` once per change of thread or identity, then appended
-/// (protobuf merges a message's fields in any order).
-pub fn encode(e: Event, seq: u64, buf: &mut Vec<u8>) -> bool {
-    let Some((mut m, p)) = parts(e) else {
-        return false;
-    };
-    m.seq = seq;
-    m.encode_raw(buf);
-    if let Some(p) = p {
-        encode_process(&p, buf);
+/// Encodes events as `driftwatch.v1.Event`s, as [`to_proto`] would,
+/// without building what repeats again: what a process shares with all
+/// its events is encoded once per process, and the whole `Process` once per
+/// change of thread or identity, then appended (protobuf merges a message's
+/// fields in any order); the node's name is appended from the event's
+/// shared text; a file change's strings are written into the last one's.
+#[derive(Default)]
+pub struct Encoder {
+    file: v1::FileChange,
+}
+
+impl Encoder {
+    /// Appends `e`, numbered `seq`, to `buf`; false for the agent's own
+    /// notices (start, stats), which are not bound for the collector.
+    pub fn encode(&mut self, e: Event, seq: u64, buf: &mut Vec<u8>) -> bool {
+        let Some((mut m, p, node)) = parts(e, &mut self.file) else {
+            return false;
+        };
+        m.seq = seq;
+        m.encode_raw(buf);
+        if !node.is_empty() {
+            encoding::encode_key(NODE_FIELD, encoding::WireType::LengthDelimited, buf);
+            encoding::encode_varint(node.len() as u64, buf);
+            buf.extend_from_slice(node.as_bytes());
+        }
+        if let Some(p) = p {
+            encode_process(&p, buf);
+        }
+        if let Some(v1::event::Event::File(f)) = m.event.take() {
+            self.file = f;
+        }
+        true
     }
-    true
 }
 
 /// The API form of an event bound for the collector; `None` for the
 /// agent's own notices (start, policy, stats), which travel otherwise.
 pub fn to_proto(e: &Event) -> Option<v1::Event> {
-    let (mut m, p) = parts(e.clone())?;
+    let (mut m, p, node) = parts(e.clone(), &mut v1::FileChange::default())?;
     m.process = p.as_ref().map(process);
+    m.node = node.to_string();
     Some(m)
 }
 
-/// The event without its process, and the process.
-fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
+fn set(s: &mut String, v: &str) {
+    s.clear();
+    s.push_str(v);
+}
+
+/// The event without its process and node, the process, and the node. A
+/// file change is written into `file`, whose strings are reused.
+fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Identity>, Node)> {
     use v1::event::Event as K;
     let (kind, time, node, p) = match e {
         Event::Exec {
@@ -280,21 +307,37 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
             guardrail,
             process,
         } => (
-            K::File(v1::FileChange {
-                op: op.to_owned(),
-                path,
-                new_path: new_path.unwrap_or_default(),
-                target: target.unwrap_or_default(),
-                resource: resource.unwrap_or_default(),
-                flags: flags.iter().map(|f| (*f).to_owned()).collect(),
-                mode: mode.unwrap_or_default(),
-                owner_uid,
-                owner_gid,
-                resolved_from: resolved_from.to_owned(),
-                path_truncated,
-                result: Some(outcome(result)),
-                guardrail: guardrail.unwrap_or_default().to_owned(),
-            }),
+            {
+                let mut f = std::mem::take(file);
+                set(&mut f.op, op);
+                f.path = path;
+                f.new_path = new_path.unwrap_or_default();
+                f.target = target.unwrap_or_default();
+                set(&mut f.resource, resource.as_deref().unwrap_or(""));
+                let flags = flags.as_slice();
+                f.flags.truncate(flags.len());
+                for (i, name) in flags.iter().enumerate() {
+                    match f.flags.get_mut(i) {
+                        Some(s) => set(s, name),
+                        None => f.flags.push((*name).to_owned()),
+                    }
+                }
+                f.mode.clear();
+                if let Some(m) = mode {
+                    use std::fmt::Write as _;
+                    let _ = write!(f.mode, "{m}");
+                }
+                f.owner_uid = owner_uid;
+                f.owner_gid = owner_gid;
+                set(&mut f.resolved_from, resolved_from);
+                f.path_truncated = path_truncated;
+                let r = f.result.get_or_insert_default();
+                r.ok = result.ok;
+                r.errno = result.errno.unwrap_or(0);
+                set(&mut r.error, result.error.as_deref().unwrap_or(""));
+                set(&mut f.guardrail, guardrail.unwrap_or(""));
+                K::File(f)
+            },
             time,
             node,
             Some(process),
@@ -315,7 +358,7 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
                 family: family.to_owned(),
                 address,
                 port: u32::from(port),
-                resource: resource.unwrap_or_default(),
+                resource: resource.as_deref().unwrap_or_default().to_owned(),
                 result: Some(outcome(result)),
                 guardrail: guardrail.unwrap_or_default().to_owned(),
                 grant_id: grant_id.unwrap_or_default(),
@@ -421,10 +464,11 @@ fn parts(e: Event) -> Option<(v1::Event, Option<Identity>)> {
             process: None,
             seq: 0,
             time_unix_nanos: time.unix_nanos(),
-            node,
+            node: String::new(),
             chain: Vec::new(),
         },
         p,
+        node,
     ))
 }
 
@@ -496,7 +540,7 @@ mod tests {
             new_path: None,
             target: None,
             resource: Some("app".into()),
-            flags: vec!["O_WRONLY", "O_TRUNC"],
+            flags: ["O_WRONLY", "O_TRUNC"].into(),
             mode: None,
             owner_uid: None,
             owner_gid: None,
@@ -530,6 +574,27 @@ mod tests {
             p.pod_metadata = Some(crate::pods::PodState::Pending);
             p.container_meta = None;
         }
+        // A change with fewer of everything than the one before it: what
+        // the encoder kept of the last change must not show through.
+        let plain = Event::File {
+            time: Time(1_700_000_000_200_000_000),
+            node: "n1".into(),
+            op: "close_write",
+            path: "/etc/app.yaml".into(),
+            new_path: None,
+            target: None,
+            resource: None,
+            flags: Default::default(),
+            mode: None,
+            owner_uid: None,
+            owner_gid: None,
+            resolved_from: "name",
+            path_truncated: false,
+            result: Outcome::from_ret(0),
+            guardrail: None,
+            process: identity(),
+        };
+        let mut encoder = Encoder::default();
         for (e, seq) in [
             (&pending, 6),
             (&file, 7),
@@ -538,17 +603,20 @@ mod tests {
             (&other_thread, 10),
             (&other_user, 11),
             (&file, 12),
-            (&pending, 13),
+            (&plain, 13),
+            (&pending, 14),
+            (&plain, 15),
         ] {
             let mut want = to_proto(e).unwrap();
             want.seq = seq;
             let mut buf = Vec::new();
-            assert!(encode(e.clone(), seq, &mut buf));
-            assert_eq!(v1::Event::decode(&*buf).unwrap(), want);
+            assert!(encoder.encode(e.clone(), seq, &mut buf));
+            assert_eq!(v1::Event::decode(&*buf).unwrap(), want, "seq {seq}");
+            assert_eq!(want.node, "n1");
         }
         // Spooled with seq 0 and the number appended: the same message.
         let mut buf = Vec::new();
-        assert!(encode(file.clone(), 0, &mut buf));
+        assert!(encoder.encode(file.clone(), 0, &mut buf));
         encoding::uint64::encode(101, &11, &mut buf);
         let mut want = to_proto(&file).unwrap();
         want.seq = 11;
