@@ -10,6 +10,7 @@ pub mod chain;
 pub mod client;
 pub mod ops;
 pub mod raw;
+pub mod structure;
 pub mod time;
 
 /// True for the file operations after which a file's content, mode or owner
