@@ -25,6 +25,11 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::mpsc, task::JoinSet};
 
+use crate::{
+    secrets::MaskKey,
+    structure::{self, Content, Structure},
+};
+
 /// Change digests read at once.
 pub const WORKERS: usize = 2;
 /// Most files one worker takes at a time.
@@ -106,6 +111,9 @@ pub struct FileDigest {
     /// Why it could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the content says (config files, model headers), secrets masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub structure: Option<Arc<Structure>>,
 }
 
 /// What the digester reports to the event loop.
@@ -135,6 +143,8 @@ pub struct Job {
     pub path: String,
     /// Its resource.
     pub resource: Option<String>,
+    /// What is summarised of its content.
+    pub content: Content,
     /// The event that asked (the latest one when folded).
     pub trigger_seq: Option<u64>,
     /// False for chmod/chown: the content is known not to have changed, so
@@ -149,6 +159,7 @@ impl Job {
         self.content_may_change |= later.content_may_change;
         if later.resource.is_some() {
             self.resource = later.resource;
+            self.content = later.content;
         }
     }
 }
@@ -165,12 +176,19 @@ pub struct Batch {
 impl Batch {
     /// Adds a trigger for `path` and returns its job's place, where
     /// [`Batch::triggered_by`] puts the event's sequence number once known.
-    pub fn add(&mut self, path: &str, resource: &str, content_may_change: bool) -> usize {
+    pub fn add(
+        &mut self,
+        path: &str,
+        resource: &str,
+        content: Content,
+        content_may_change: bool,
+    ) -> usize {
         if let Some(&i) = self.index.get(path) {
             let job = &mut self.jobs[i];
             job.content_may_change |= content_may_change;
             if job.resource.as_deref() != Some(resource) {
                 job.resource = Some(resource.to_owned());
+                job.content = content;
             }
             return i;
         }
@@ -178,6 +196,7 @@ impl Batch {
         self.jobs.push(Job {
             path: path.to_owned(),
             resource: Some(resource.to_owned()),
+            content,
             trigger_seq: None,
             content_may_change,
         });
@@ -199,14 +218,17 @@ impl Batch {
 
 /// Cached digests by file version. The strict key includes ctime, which
 /// no caller can set, so a write that restores size and mtime still misses.
+/// A file version's digest and, for the files summarised, its structure.
+type Known = (String, Option<Arc<Structure>>);
+
 #[derive(Default)]
 struct Cache {
-    strict: HashMap<(u64, u64, u64, i64, i64), String>,
-    loose: HashMap<(u64, u64, u64, i64), String>,
+    strict: HashMap<(u64, u64, u64, i64, i64), Known>,
+    loose: HashMap<(u64, u64, u64, i64), Known>,
 }
 
 impl Cache {
-    fn get(&self, m: &Metadata, loose: bool) -> Option<String> {
+    fn get(&self, m: &Metadata, loose: bool) -> Option<Known> {
         if loose {
             self.loose.get(&loose_key(m)).cloned()
         } else {
@@ -214,14 +236,21 @@ impl Cache {
         }
     }
 
-    fn put(&mut self, m: &Metadata, sha: &str) {
+    fn put(&mut self, m: &Metadata, known: &Known) {
         if self.strict.len() >= CACHE_MAX {
             self.strict.clear();
             self.loose.clear();
         }
-        self.strict.insert(strict_key(m), sha.to_owned());
-        self.loose.insert(loose_key(m), sha.to_owned());
+        self.strict.insert(strict_key(m), known.clone());
+        self.loose.insert(loose_key(m), known.clone());
     }
+}
+
+/// What the digest workers share: the cache of known versions and the
+/// key masked values are salted with.
+struct Shared {
+    cache: Mutex<Cache>,
+    mask: Arc<MaskKey>,
 }
 
 fn mtime(m: &Metadata) -> i64 {
@@ -270,14 +299,52 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The digest of a regular file's content and what is summarised of it.
+fn read_content(
+    p: &Path,
+    path: &str,
+    content: Content,
+    size: u64,
+    mask: &MaskKey,
+) -> std::io::Result<(String, Option<Structure>)> {
+    match content {
+        Content::Config if size <= structure::CONFIG_MAX => {
+            // Small: read once, for the digest and the structure. Bounded,
+            // should it grow meanwhile (the version check after the read
+            // then reads it again).
+            let mut bytes = Vec::with_capacity(size as usize + 1);
+            std::fs::File::open(p)?
+                .take(structure::CONFIG_MAX + 1)
+                .read_to_end(&mut bytes)?;
+            let sha = hex(&Sha256::digest(&bytes));
+            let st = if bytes.len() as u64 > structure::CONFIG_MAX {
+                Some(structure::too_large(mask))
+            } else {
+                structure::config(path, &bytes, mask)
+            };
+            Ok((sha, st))
+        }
+        Content::Config => Ok((hash_file(p)?, Some(structure::too_large(mask)))),
+        Content::Model => {
+            let sha = hash_file(p)?;
+            let header = std::fs::File::open(p)
+                .ok()
+                .and_then(|f| structure::model(&f, mask));
+            Ok((sha, header))
+        }
+        Content::Plain => Ok((hash_file(p)?, None)),
+    }
+}
+
 /// Reads one file's state. `None` for what has no content state to
 /// compare (directories, devices, sockets).
 fn read_state(
     path: &str,
     resource: Option<String>,
+    content: Content,
     reason: Reason,
     loose: bool,
-    cache: &Mutex<Cache>,
+    shared: &Shared,
 ) -> Option<FileDigest> {
     let mut d = FileDigest {
         path: path.to_owned(),
@@ -293,6 +360,7 @@ fn read_state(
         scan_id: None,
         trigger_seq: None,
         error: None,
+        structure: None,
     };
     let p = Path::new(path);
     for _ in 0..ATTEMPTS {
@@ -324,20 +392,22 @@ fn read_state(
         if !ft.is_file() {
             return None;
         }
-        let cached = cache.lock().ok().and_then(|c| c.get(&before, loose));
-        if let Some(sha) = cached {
+        let cached = shared.cache.lock().ok().and_then(|c| c.get(&before, loose));
+        if let Some((sha, structure)) = cached {
             d.sha256 = Some(sha);
+            d.structure = structure;
             return Some(d);
         }
-        match hash_file(p) {
-            Ok(sha) => {
+        match read_content(p, path, content, before.size(), &shared.mask) {
+            Ok((sha, structure)) => {
                 // Changed while being read: read again.
                 match std::fs::symlink_metadata(p) {
                     Ok(after) if strict_key(&after) == strict_key(&before) => {
-                        if let Ok(mut c) = cache.lock() {
-                            c.put(&before, &sha);
+                        let known = (sha, structure.map(Arc::new));
+                        if let Ok(mut c) = shared.cache.lock() {
+                            c.put(&before, &known);
                         }
-                        d.sha256 = Some(sha);
+                        (d.sha256, d.structure) = (Some(known.0), known.1);
                         d.error = None;
                         return Some(d);
                     }
@@ -362,17 +432,21 @@ fn read_state(
 pub struct Digester {
     jobs: mpsc::UnboundedSender<Vec<Job>>,
     out: mpsc::UnboundedSender<Report>,
-    cache: Arc<Mutex<Cache>>,
+    shared: Arc<Shared>,
 }
 
 impl Digester {
     /// Starts the worker task; reports arrive on the returned receiver.
-    pub fn start() -> (Self, mpsc::UnboundedReceiver<Report>) {
+    /// Secrets in the structures of config files are masked with `mask`.
+    pub fn start(mask: Arc<MaskKey>) -> (Self, mpsc::UnboundedReceiver<Report>) {
         let (jobs, rx) = mpsc::unbounded_channel();
         let (out, reports) = mpsc::unbounded_channel();
-        let cache = Arc::new(Mutex::new(Cache::default()));
-        tokio::spawn(run(rx, out.clone(), cache.clone()));
-        (Self { jobs, out, cache }, reports)
+        let shared = Arc::new(Shared {
+            cache: Mutex::new(Cache::default()),
+            mask,
+        });
+        tokio::spawn(run(rx, out.clone(), shared.clone()));
+        (Self { jobs, out, shared }, reports)
     }
 
     /// Reads `job.path` once the changes to it settle.
@@ -391,19 +465,22 @@ impl Digester {
     }
 
     /// Reports every regular file under `root` (a file or a tree), then a
-    /// [`Report::ScanDone`]. `resource_of` names each file's resource.
+    /// [`Report::ScanDone`]. `resource_of` names each file's resource and
+    /// what is summarised of it.
     pub fn scan(
         &self,
         root: String,
         reason: Reason,
         scan_id: Option<String>,
-        resource_of: impl Fn(&str) -> Option<String> + Send + 'static,
+        resource_of: impl Fn(&str) -> (Option<String>, Content) + Send + 'static,
     ) {
         let out = self.out.clone();
-        let cache = self.cache.clone();
+        let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let (files, errors, error) = walk(&root, &mut |path| {
-                let Some(mut d) = read_state(path, resource_of(path), reason, false, &cache) else {
+                let (resource, content) = resource_of(path);
+                let Some(mut d) = read_state(path, resource, content, reason, false, &shared)
+                else {
                     return true;
                 };
                 d.scan_id.clone_from(&scan_id);
@@ -486,7 +563,7 @@ fn walk(root: &str, visit: &mut dyn FnMut(&str) -> bool) -> (u64, u64, Option<St
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Vec<Job>>,
     out: mpsc::UnboundedSender<Report>,
-    cache: Arc<Mutex<Cache>>,
+    shared: Arc<Shared>,
 ) {
     let mut queue: VecDeque<String> = VecDeque::new();
     let mut queued: HashMap<String, Job> = HashMap::new();
@@ -533,7 +610,7 @@ async fn run(
             if batch.is_empty() {
                 break;
             }
-            let cache = cache.clone();
+            let shared = shared.clone();
             tasks.spawn_blocking(move || {
                 batch.sort_by_cached_key(|job| {
                     std::fs::symlink_metadata(&job.path).is_ok_and(|m| m.len() > LARGE)
@@ -544,9 +621,10 @@ async fn run(
                         let d = read_state(
                             &job.path,
                             job.resource,
+                            job.content,
                             Reason::Change,
                             !job.content_may_change,
-                            &cache,
+                            &shared,
                         )
                         .map(|mut d| {
                             d.trigger_seq = job.trigger_seq;
@@ -628,11 +706,11 @@ mod tests {
     #[tokio::test]
     async fn a_batch_holds_one_job_per_path_with_its_latest_trigger() {
         let mut batch = Batch::default();
-        let a = batch.add("/etc/a", "app", false);
+        let a = batch.add("/etc/a", "app", Content::Plain, false);
         batch.triggered_by(a, 1);
-        let b = batch.add("/etc/b", "app", true);
+        let b = batch.add("/etc/b", "app", Content::Plain, true);
         batch.triggered_by(b, 2);
-        let again = batch.add("/etc/a", "app", true);
+        let again = batch.add("/etc/a", "app", Content::Plain, true);
         assert_eq!(again, a);
         batch.triggered_by(again, 3);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -640,7 +718,7 @@ mod tests {
         let digester = Digester {
             jobs: tx,
             out,
-            cache: Default::default(),
+            shared: shared(),
         };
         digester.submit_batch(&mut batch);
         assert!(batch.is_empty());
@@ -653,7 +731,7 @@ mod tests {
             .collect();
         assert_eq!(got, [("/etc/a", Some(3), true), ("/etc/b", Some(2), true)]);
         // Emptied, the batch starts over: a path seen before is new again.
-        assert_eq!(batch.add("/etc/b", "app", false), 0);
+        assert_eq!(batch.add("/etc/b", "app", Content::Plain, false), 0);
     }
 
     #[tokio::test]
@@ -661,10 +739,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("busy.conf");
         let path = f.to_str().expect("utf-8").to_owned();
-        let (digester, mut reports) = Digester::start();
+        let (digester, mut reports) = Digester::start(Arc::new(MaskKey::ephemeral()));
         let job = |seq| Job {
             path: path.clone(),
             resource: None,
+            content: Content::Plain,
             trigger_seq: Some(seq),
             content_may_change: true,
         };
@@ -712,8 +791,38 @@ mod tests {
         );
     }
 
-    fn state(path: &str, loose: bool, cache: &Mutex<Cache>) -> FileDigest {
-        read_state(path, None, Reason::Change, loose, cache).expect("a file")
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            cache: Mutex::new(Cache::default()),
+            mask: Arc::new(MaskKey::ephemeral()),
+        })
+    }
+
+    fn state(path: &str, loose: bool, shared: &Shared) -> FileDigest {
+        read_state(path, None, Content::Plain, Reason::Change, loose, shared).expect("a file")
+    }
+
+    #[test]
+    fn a_config_file_is_read_once_for_its_digest_and_structure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("app.yaml");
+        std::fs::write(&f, b"replicas: 1\npassword: s3cret-OLD-7f3a\n").expect("write");
+        let shared = shared();
+        let p = f.to_str().expect("utf-8");
+        let d =
+            read_state(p, None, Content::Config, Reason::Change, false, &shared).expect("a file");
+        let want = hex(&Sha256::digest(b"replicas: 1\npassword: s3cret-OLD-7f3a\n"));
+        assert_eq!(d.sha256.as_deref(), Some(want.as_str()));
+        let st = d.structure.expect("a structure");
+        assert_eq!(st.format, "yaml");
+        assert!(!format!("{st:?}").contains("s3cret"));
+        // From the cache, the structure comes with the digest.
+        let again =
+            read_state(p, None, Content::Config, Reason::Change, true, &shared).expect("a file");
+        assert_eq!(again.structure.as_deref(), Some(&*st));
+        // Plain files have none.
+        let d = state(p, false, &self::shared());
+        assert!(d.structure.is_none());
     }
 
     #[test]
@@ -722,7 +831,7 @@ mod tests {
         let f = dir.path().join("a.conf");
         std::fs::write(&f, b"abc").expect("write");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        let cache = Mutex::new(Cache::default());
+        let cache = shared();
         let p = f.to_str().expect("utf-8");
         let d = state(p, false, &cache);
         assert!(d.exists);
@@ -737,6 +846,7 @@ mod tests {
         assert!(read_state(
             dir.path().to_str().expect("utf-8"),
             None,
+            Content::Plain,
             Reason::Change,
             false,
             &cache
@@ -751,7 +861,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("m.bin");
         std::fs::write(&f, b"one").expect("write");
-        let cache = Mutex::new(Cache::default());
+        let cache = shared();
         let p = f.to_str().expect("utf-8");
         let first = state(p, false, &cache).sha256;
         let mtime = std::fs::metadata(&f)

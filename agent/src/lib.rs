@@ -18,6 +18,8 @@ pub mod guard;
 pub mod identity;
 pub mod metrics;
 pub mod pods;
+pub mod secrets;
+pub mod structure;
 pub use driftwatch_proto::policy;
 pub mod sensors;
 pub mod stream;

@@ -25,6 +25,7 @@ use driftwatch_agent::{
         preflight, Sensors, WatchSet, SENSOR_SET,
     },
 };
+use driftwatch_agent::{secrets::MaskKey, structure::Content};
 use driftwatch_proto::{client::ClientTls, v1::NodeInfo};
 use tokio::{
     io::unix::AsyncFd,
@@ -97,6 +98,14 @@ struct Args {
         default_value = "/var/lib/driftwatch/spool"
     )]
     spool_dir: PathBuf,
+
+    /// Key that salts the hashes shown in place of secrets in config
+    /// diffs (32 bytes, or 64 hex digits). Give every node the same key (a
+    /// Kubernetes Secret) to compare masked values across hosts; without
+    /// it each node makes its own, kept as `mask.key` in --spool-dir with
+    /// --collector, or for the run only with --stdout alone.
+    #[arg(long, env = "DRIFTWATCH_MASK_KEY_FILE", value_name = "FILE")]
+    mask_key_file: Option<PathBuf>,
 
     /// Most events the spool keeps for an unreachable collector; beyond it
     /// the oldest go, and the collector is told exactly which.
@@ -546,13 +555,41 @@ fn initial_policy(args: &Args) -> anyhow::Result<Running> {
     })
 }
 
+/// The resource `path` belongs to, and what is summarised of its content.
+fn resource_and_content(policy: &Policy, path: &str) -> (Option<String>, Content) {
+    let r = policy.resource_for_path(path);
+    (
+        r.map(|r| r.name.clone()),
+        Content::of(r.map(|r| r.kind), path),
+    )
+}
+
+/// The key secrets in config diffs are salted with: `--mask-key-file`,
+/// else this node's own in the spool directory (made on first start),
+/// else one for this run.
+fn mask_key(args: &Args) -> anyhow::Result<MaskKey> {
+    if let Some(path) = &args.mask_key_file {
+        return MaskKey::load(path, false);
+    }
+    if args.collector.is_some() {
+        std::fs::create_dir_all(&args.spool_dir).with_context(|| {
+            format!("creating the spool directory {}", args.spool_dir.display())
+        })?;
+        return MaskKey::load(&args.spool_dir.join("mask.key"), true);
+    }
+    tracing::info!(
+        "no --mask-key-file: secrets in config diffs are hashed with a key made for this run"
+    );
+    Ok(MaskKey::ephemeral())
+}
+
 /// Digests everything a policy watches (reason `watch`).
 fn scan_watched(digester: &Digester, policy: &Arc<Policy>) {
     for r in &policy.resources {
         for p in &r.paths {
             let policy = policy.clone();
             digester.scan(p.clone(), Reason::Watch, None, move |path| {
-                policy.resource_for_path(path).map(|r| r.name.clone())
+                resource_and_content(&policy, path)
             });
         }
     }
@@ -688,7 +725,7 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>;
     [first, second].map(|p| {
         let p = p?;
         let r = policy.resource_for_path(p)?;
-        Some(batch.add(p, &r.name, content_may_change))
+        Some(batch.add(p, &r.name, Content::of(Some(r.kind), p), content_may_change))
     })
 }
 
@@ -874,7 +911,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         out.emit(policy_applied(&sensors, &node, &running))?;
     }
     out.flush()?;
-    let (digester, mut reports) = Digester::start();
+    let mask = mask_key(&args)?;
+    tracing::info!(id = mask.id(), source = ?mask.source, "mask key for secrets in config diffs");
+    let (digester, mut reports) = Digester::start(Arc::new(mask));
     scan_watched(&digester, &running.policy);
 
     let ring = sensors.take_events()?;
@@ -1010,7 +1049,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     tracing::info!(scan = %req.scan_id, path = %req.path, "baseline scan requested by the collector");
                     let policy = running.policy.clone();
                     digester.scan(req.path, Reason::Scan, Some(req.scan_id), move |path| {
-                        policy.resource_for_path(path).map(|r| r.name.clone())
+                        resource_and_content(&policy, path)
                     });
                 }
             },

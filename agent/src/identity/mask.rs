@@ -8,27 +8,7 @@
 /// What replaces a secret.
 pub const MASK: &str = "****";
 
-/// True for an option or variable name that holds a secret.
-/// (`PWD` is the working directory, not a password, so `pwd` is not a word here.)
-fn is_secret_name(name: &str) -> bool {
-    let n = name
-        .trim_start_matches('-')
-        .to_ascii_lowercase()
-        .replace('-', "_");
-    const ENDINGS: [&str; 10] = [
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "api_key",
-        "apikey",
-        "access_key",
-        "private_key",
-        "credential",
-        "credentials",
-    ];
-    n == "pass" || n.ends_with("_pass") || ENDINGS.iter().any(|w| n.ends_with(w))
-}
+use crate::secrets::{is_secret, is_secret_name, mask_inline};
 
 /// Masks `user:secret@` in every URL of `arg`.
 fn mask_url_credentials(arg: &str) -> String {
@@ -72,11 +52,15 @@ fn mask_query(arg: &str) -> String {
 /// Returns `argv` with secrets replaced by [`MASK`].
 pub fn mask_argv(argv: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(argv.len());
-    let mut mask_next = false;
+    // The option whose value comes next.
+    let mut option: Option<&str> = None;
     for arg in argv {
-        if mask_next {
-            out.push(MASK.to_owned());
-            mask_next = false;
+        if let Some(name) = option.take() {
+            out.push(if is_secret(name, arg) {
+                MASK.to_owned()
+            } else {
+                arg.clone()
+            });
             continue;
         }
         let lower = arg.to_ascii_lowercase();
@@ -89,18 +73,29 @@ pub fn mask_argv(argv: &[String]) -> Vec<String> {
             out.push(format!("{}{MASK}", &arg[..i + word]));
             continue;
         }
-        if let Some((name, _)) = arg.split_once('=') {
-            if !name.contains("://") && !name.contains('?') && is_secret_name(name) {
-                out.push(format!("{name}={MASK}"));
+        if let Some((name, value)) = arg.split_once('=') {
+            let plain_name = name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if plain_name && is_secret_name(name) {
+                out.push(if is_secret(name, value) {
+                    format!("{name}={MASK}")
+                } else {
+                    arg.clone()
+                });
                 continue;
             }
         }
         if arg.starts_with("--") && is_secret_name(arg) {
             out.push(arg.clone());
-            mask_next = true;
+            option = Some(arg);
             continue;
         }
-        out.push(mask_query(&mask_url_credentials(arg)));
+        // Anything else: credentials in URLs and queries, and `name: value`
+        // or `name=value` inside the argument (a sed expression rewriting
+        // a password in a config file).
+        let plain = mask_query(&mask_url_credentials(arg));
+        out.push(mask_inline(&plain, &mut |_| MASK.to_owned()).0);
     }
     out
 }
@@ -179,6 +174,38 @@ mod tests {
         assert_eq!(
             m(&["curl", "-H", "authorization: basic dXNlcjpw"]),
             ["curl", "-H", "authorization: basic ****"]
+        );
+    }
+
+    #[test]
+    fn secrets_inside_an_argument() {
+        assert_eq!(
+            m(&[
+                "sed",
+                "-i",
+                "s/password: s3cret-OLD-7f3a/password: s3cret-NEW-9c1d/",
+                "app.yaml"
+            ]),
+            ["sed", "-i", "s/password: ****/password: ****/", "app.yaml"]
+        );
+        assert_eq!(
+            m(&["python3", "-c", "open('x').write('token=abc123')"]),
+            ["python3", "-c", "open('x').write('token=****')"]
+        );
+        // A key option naming a file keeps it.
+        assert_eq!(
+            m(&[
+                "curl",
+                "--key",
+                "/etc/tls/client.key",
+                "--cert=/etc/tls/c.pem"
+            ]),
+            [
+                "curl",
+                "--key",
+                "/etc/tls/client.key",
+                "--cert=/etc/tls/c.pem"
+            ]
         );
     }
 

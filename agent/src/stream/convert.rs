@@ -256,6 +256,24 @@ pub fn to_proto(e: &Event) -> Option<v1::Event> {
     Some(m)
 }
 
+/// A file's structure as the API carries it.
+fn structure(s: &crate::structure::Structure) -> v1::Structure {
+    v1::Structure {
+        format: s.format.to_owned(),
+        entries: s
+            .entries
+            .iter()
+            .map(|e| v1::StructureEntry {
+                key: e.key.clone(),
+                value: e.value.clone(),
+                masked: e.masked,
+            })
+            .collect(),
+        note: s.note.clone(),
+        mask_key_id: s.mask_key_id.clone(),
+    }
+}
+
 fn set(s: &mut String, v: &str) {
     s.clear();
     s.push_str(v);
@@ -394,6 +412,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 scan_id: state.scan_id.unwrap_or_default(),
                 trigger_seq: state.trigger_seq.unwrap_or(0),
                 error: state.error.unwrap_or_default(),
+                structure: state.structure.as_deref().map(structure),
             }),
             time,
             node,
