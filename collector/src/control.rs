@@ -142,6 +142,14 @@ fn valid_sha(field: &str, s: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A finding as the API shows it: its `changes` stand for the structures
+/// kept inside (the actual one waits there for an approval).
+fn public(mut f: driftwatch_proto::v1::Finding) -> driftwatch_proto::v1::Finding {
+    f.desired = driftwatch_proto::structure::without(f.desired);
+    f.actual = driftwatch_proto::structure::without(f.actual);
+    f
+}
+
 /// Changes read from the log per turn of a watch.
 const WATCH_PAGE: usize = 256;
 
@@ -205,7 +213,7 @@ impl FindingService for Control {
                         && tx
                             .send(Ok(FindingChange {
                                 cursor: at,
-                                finding: Some(f),
+                                finding: Some(public(f)),
                             }))
                             .await
                             .is_err()
@@ -249,7 +257,10 @@ impl FindingService for Control {
         let findings = self
             .blocking(move |c| c.with_tx(|tx| tx.findings(limit, &keep)))
             .await?
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| status_of(&e))?
+            .into_iter()
+            .map(public)
+            .collect();
         Ok(Response::new(ListFindingsResponse { findings }))
     }
 
@@ -288,7 +299,7 @@ impl FindingService for Control {
             }
         }
         Ok(Response::new(FindingDetail {
-            finding: Some(finding),
+            finding: Some(public(finding)),
             events,
             approval,
         }))
@@ -675,7 +686,14 @@ impl BaselineService for Control {
         let baselines = self
             .blocking(move |c| c.with_tx(|tx| baselines::list(tx, &r.host, &r.path_prefix)))
             .await?
-            .map_err(|e| status_of(&e))?;
+            .map_err(|e| status_of(&e))?
+            .into_iter()
+            .map(|mut b| {
+                // Digests, mode and owner; the structure stays inside.
+                b.state = driftwatch_proto::structure::without(b.state);
+                b
+            })
+            .collect();
         Ok(Response::new(ListBaselinesResponse { baselines }))
     }
 }

@@ -174,6 +174,13 @@ fn an_approved_change_is_an_audit_record_and_a_denied_one_is_drift() {
     assert_eq!(change["after"]["sha256"], after.as_str());
     assert_eq!(change["actors"][0]["exe"], "/usr/bin/sed");
     assert_eq!(change["host"], "node-appr");
+    // The approval's record says what it let change.
+    assert_eq!(
+        change["diff"],
+        serde_json::json!([{"op": "changed", "key": "replicas", "old": "2", "new": "6", "masked": false}])
+    );
+    let table = c.cli_ok("reader", &["approvals", "show", &a]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("replicas: 2 → 6"));
     let f = c.json("", &["findings", "list", "--all"]);
     assert!(
         !f.iter().any(|x| x["path"] == file.as_str()),

@@ -54,6 +54,10 @@ pub struct Occurrence {
     pub port: u32,
     /// Severity (empty: the kind's default).
     pub severity: String,
+    /// What changed in the content, desired -> actual.
+    pub changes: Vec<driftwatch_proto::v1::ConfigChange>,
+    /// Why `changes` is empty or partial.
+    pub changes_note: String,
 }
 
 /// The findings one transaction touches: those it changed, written back
@@ -249,6 +253,9 @@ impl<'c> Findings<'c> {
             }
             if o.actual.is_some() {
                 f.actual = o.actual;
+                // The changes are those of the latest actual state.
+                f.changes = o.changes;
+                f.changes_note = o.changes_note;
             }
             if !o.differences.is_empty() {
                 f.differences = o.differences;
@@ -303,6 +310,8 @@ impl<'c> Findings<'c> {
             port: o.port,
             failed: o.failed,
             severity,
+            changes: o.changes,
+            changes_note: o.changes_note,
         };
         if !tx.insert_finding(key, &mut f)? {
             // Opened under this key since it was looked up (by another
@@ -332,6 +341,8 @@ impl<'c> Findings<'c> {
                 address: f.address,
                 port: f.port,
                 severity: f.severity,
+                changes: f.changes,
+                changes_note: f.changes_note,
             };
             return self.record(tx, key, o);
         }

@@ -187,7 +187,36 @@ fn state_of(d: &Digest) -> FileState {
         mode: Some(d.mode),
         uid: Some(d.uid),
         gid: Some(d.gid),
+        structure: d.structure.clone(),
     }
+}
+
+/// What changed in the content from `want` to `actual`, when the content
+/// differs (a change of mode or owner alone has none).
+fn content_changes(
+    want: &FileState,
+    actual: &FileState,
+    diffs: &[String],
+) -> driftwatch_proto::structure::Diff {
+    if !diffs.iter().any(|d| d == "content") {
+        return Default::default();
+    }
+    driftwatch_proto::structure::diff(want.structure.as_ref(), actual.structure.as_ref())
+}
+
+/// The changes in a summary line: the first few, as read.
+fn changes_line(d: &driftwatch_proto::structure::Diff) -> String {
+    const SHOWN: usize = 3;
+    let mut parts: Vec<String> = d
+        .changes
+        .iter()
+        .take(SHOWN)
+        .map(driftwatch_proto::structure::render)
+        .collect();
+    if d.changes.len() > SHOWN {
+        parts.push(format!("{} more", d.changes.len() - SHOWN));
+    }
+    parts.join("; ")
 }
 
 fn short(sha: &str) -> &str {
@@ -964,6 +993,7 @@ impl Judge<'_> {
         };
         let want = desired.state.clone().unwrap_or_default();
         let diffs = baselines::differences(&want, &actual);
+        let content = content_changes(&want, &actual, &diffs);
         let drift_key = format!("drift\0{node}\0{}", d.path);
         let deleted_key = format!("deleted\0{node}\0{}", d.path);
         if diffs.is_empty() {
@@ -1004,11 +1034,15 @@ impl Judge<'_> {
                 node: node.clone(),
                 resource: resource.clone(),
                 path: d.path.clone(),
-                before: Some(want),
-                after: Some(actual.clone()),
+                // The diff stands for the structures, which stay with
+                // the baselines.
+                before: driftwatch_proto::structure::without(Some(want)),
+                after: driftwatch_proto::structure::without(Some(actual.clone())),
                 actors,
                 time_unix_nanos: e.time_unix_nanos,
                 evidence: ev,
+                changes: content.changes,
+                changes_note: content.note,
             };
             tracing::info!(approval = a.id, %node, path = %d.path, "approved change recorded");
             approvals::add_change(self.tx, a.id, change)?;
@@ -1070,6 +1104,12 @@ impl Judge<'_> {
             let mut parts = Vec::new();
             for x in &diffs {
                 parts.push(match x.as_str() {
+                    "content" if !content.changes.is_empty() => format!(
+                        "content {} -> {}: {}",
+                        short(&want.sha256),
+                        short(&actual.sha256),
+                        changes_line(&content)
+                    ),
                     "content" => format!(
                         "content {} -> {}",
                         short(&want.sha256),
@@ -1107,13 +1147,18 @@ impl Judge<'_> {
                 resource: resource.clone(),
                 path: d.path.clone(),
                 actor,
-                desired: Some(want),
+                // The desired structure stays with its baseline; the
+                // actual one is kept, for an approval that makes it the
+                // desired state (the API leaves it out).
+                desired: driftwatch_proto::structure::without(Some(want)),
                 actual: Some(actual),
                 differences: diffs,
                 summary,
                 time: e.time_unix_nanos,
                 evidence: ev,
                 count: 1,
+                changes: content.changes,
+                changes_note: content.note,
                 ..Default::default()
             },
         )?;
@@ -1434,13 +1479,30 @@ impl Judge<'_> {
             if f.kind == "drift" {
                 if let Some(b) = self.baseline_for(&f.node, &f.path)? {
                     self.put_baseline(&Baseline {
-                        state: Some(actual),
+                        state: Some(actual.clone()),
                         source: baselines::APPROVED.into(),
                         set_unix_nanos: now_unix_nanos(),
                         set_by: a.approver.clone(),
                         ..b
                     })?;
                 }
+                // Approved after the fact: the change it approved, with
+                // its diff, is on the approval's record too.
+                let change = ApprovedChange {
+                    id: self.tx.next_change_id()?,
+                    approval_id: id,
+                    node: f.node.clone(),
+                    resource: f.resource.clone(),
+                    path: f.path.clone(),
+                    before: f.desired.clone(),
+                    after: driftwatch_proto::structure::without(Some(actual)),
+                    actors: f.actor.clone().into_iter().collect(),
+                    time_unix_nanos: f.last_seen_unix_nanos,
+                    evidence: f.evidence.clone(),
+                    changes: f.changes.clone(),
+                    changes_note: f.changes_note.clone(),
+                };
+                approvals::add_change(self.tx, id, change)?;
             }
             resolved.push(f.id);
         }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use driftwatch_collector::{correlate::baselines::parse_manifest, units};
 use driftwatch_proto::v1::{
     approval_service_client::ApprovalServiceClient, baseline_service_client::BaselineServiceClient,
-    finding_service_client::FindingServiceClient, Approval, ApprovedChange, Baseline,
+    finding_service_client::FindingServiceClient, Approval, ApprovedChange, Baseline, ConfigChange,
     DecideApprovalRequest, FileState, Finding, GetFindingRequest, ImportBaselineRequest,
     ListApprovalsRequest, ListBaselinesRequest, ListFindingsRequest, Process,
     RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest, WatchFindingsRequest,
@@ -261,8 +261,40 @@ fn process_json(p: &Option<Process>) -> Value {
     }
 }
 
+/// A diff as JSON: one object per key or line changed.
+fn diff_json(changes: &[ConfigChange]) -> Value {
+    Value::Array(
+        changes
+            .iter()
+            .map(|c| {
+                json!({
+                    "op": c.op, "key": c.key,
+                    "old": (c.op != "added").then_some(&c.old),
+                    "new": (c.op != "removed").then_some(&c.new),
+                    "masked": c.masked,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A diff as lines under a `label`, and its note.
+fn print_diff(out: &mut impl Write, label: &str, changes: &[ConfigChange], note: &str) {
+    let pad = " ".repeat(label.len());
+    for (i, c) in changes.iter().enumerate() {
+        let head = if i == 0 { label } else { &pad };
+        let _ = writeln!(out, "{head}{}", driftwatch_proto::structure::render(c));
+    }
+    if !note.is_empty() {
+        let head = if changes.is_empty() { label } else { &pad };
+        let _ = writeln!(out, "{head}({note})");
+    }
+}
+
 fn finding_json(f: &Finding) -> Value {
     json!({
+        "diff": diff_json(&f.changes),
+        "diff_note": (!f.changes_note.is_empty()).then_some(&f.changes_note),
         "id": f.id, "kind": f.kind, "status": f.status, "host": f.node, "resource": f.resource,
         "path": f.path, "actor": process_json(&f.actor), "desired": state_json(&f.desired),
         "actual": state_json(&f.actual), "differences": f.differences, "summary": f.summary,
@@ -280,6 +312,8 @@ fn change_json(c: &ApprovedChange) -> Value {
     json!({
         "id": c.id, "approval_id": c.approval_id, "host": c.node, "resource": c.resource,
         "path": c.path, "before": state_json(&c.before), "after": state_json(&c.after),
+        "diff": diff_json(&c.changes),
+        "diff_note": (!c.changes_note.is_empty()).then_some(&c.changes_note),
         "actors": c.actors.iter().map(|p| process_json(&Some(p.clone()))).collect::<Vec<_>>(),
         "time": time(c.time_unix_nanos),
         "evidence": c.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq})).collect::<Vec<_>>(),
@@ -478,6 +512,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                         let _ = writeln!(out, "  desired:   {}", state_line(&f.desired));
                         let _ = writeln!(out, "  actual:    {}", state_line(&f.actual));
                         let _ = writeln!(out, "  differs:   {}", f.differences.join(", "));
+                        print_diff(out, "  changed:   ", &f.changes, &f.changes_note);
                     }
                     let _ = writeln!(
                         out,
@@ -617,6 +652,7 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
                     state_line(&c.after),
                     actors.join(", ")
                 );
+                print_diff(out, "    what:    ", &c.changes, &c.changes_note);
             }
         }
     }

@@ -310,6 +310,15 @@ pub(crate) fn event_json(e: &Event) -> Value {
             if !d.error.is_empty() {
                 v["error"] = json!(d.error);
             }
+            if let Some(st) = &d.structure {
+                // Secrets in it are salted hashes, masked on the node.
+                v["structure"] = json!({
+                    "format": st.format,
+                    "entries": st.entries.iter().map(|e| json!({"key": e.key, "value": e.value, "masked": e.masked})).collect::<Vec<_>>(),
+                    "note": (!st.note.is_empty()).then_some(&st.note),
+                    "mask_key_id": st.mask_key_id,
+                });
+            }
         }
         Some(event::Event::ScanDone(d)) => {
             v["scan_id"] = json!(d.scan_id);
@@ -404,10 +413,10 @@ pub(crate) fn detail(e: &Event) -> String {
             d.uid,
             d.gid,
             d.reason,
-            if d.error.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", d.error)
+            match (&d.structure, d.error.is_empty()) {
+                (_, false) => format!(" [{}]", d.error),
+                (Some(st), true) => format!(" [{}, {} entries]", st.format, st.entries.len()),
+                (None, true) => String::new(),
             }
         ),
         Some(event::Event::ScanDone(d)) => format!(
