@@ -226,3 +226,88 @@ fn sed_edits_of_every_config_format_are_diffs_with_secrets_masked_everywhere() {
         }
     }
 }
+
+/// A safetensors file: its header and zeroed tensor data.
+fn safetensors(dtype: &str, shape: [u64; 2]) -> Vec<u8> {
+    let width = if dtype == "F32" { 4 } else { 2 };
+    let len = shape[0] * shape[1] * width;
+    let header = format!(
+        "{{\"__metadata__\":{{\"format\":\"pt\"}},\"w\":{{\"dtype\":\"{dtype}\",\"shape\":[{},{}],\"data_offsets\":[0,{len}]}}}}",
+        shape[0], shape[1]
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + len as usize, 0);
+    bytes
+}
+
+#[test]
+fn other_text_is_diffed_by_line_and_a_model_by_its_header() {
+    let dir = Dir::new();
+    let conf = dir.join("etc/web");
+    let models = dir.join("models");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    std::fs::create_dir_all(&models).expect("mkdir");
+    let nginx = format!("{conf}/nginx.conf");
+    std::fs::write(&nginx, "server {\n  listen 80;\n  server_name app;\n}\n").expect("write");
+    let model = format!("{models}/ranker.safetensors");
+    std::fs::write(&model, safetensors("F16", [2, 3])).expect("write");
+    let candidate = dir.join("candidate.safetensors");
+    std::fs::write(&candidate, safetensors("F32", [2, 4])).expect("write");
+    let collector = Collector::judging(
+        &format!(
+            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  \
+             - {{ name: web, kind: config, paths: [\"{conf}/\"], writers: [ {{ user: nobody-else }} ] }}\n  \
+             - {{ name: models, kind: model, paths: [\"{models}/\"], writers: [ {{ user: nobody-else }} ] }}\n"
+        ),
+        &[],
+    );
+    let _agent = Agent::managed(&collector, "node-lines", &dir.path.join("spool"));
+    for path in [&nginx, &model] {
+        collector.wait_json(
+            &["baseline", "list", "--path", path],
+            30,
+            |b| !b.is_empty(),
+            "the learned state",
+        );
+    }
+
+    run(Command::new("python3").args([
+        "-c",
+        &format!(
+            "p='{nginx}'\ns=open(p).read().replace('listen 80;', 'listen 8080;')\nopen(p,'w').write(s)"
+        ),
+    ]));
+    run(Command::new("cp").args([&candidate, &model]));
+
+    let f = collector.wait_findings(
+        30,
+        |f| {
+            drift(f, &nginx).is_some_and(|d| change(d, "line 2").is_some())
+                && drift(f, &model).is_some_and(|d| change(d, "tensor.w").is_some())
+        },
+        "drift of nginx.conf by line and of the model by its header",
+    );
+    let line = change(drift(&f, &nginx).expect("drift"), "line 2").expect("line 2");
+    assert_eq!(
+        (&line["op"], &line["old"], &line["new"]),
+        (
+            &"changed".into(),
+            &"  listen 80;".into(),
+            &"  listen 8080;".into()
+        )
+    );
+    let d = drift(&f, &model).expect("drift");
+    let tensor = change(d, "tensor.w").expect("tensor.w");
+    assert_eq!(
+        (&tensor["old"], &tensor["new"]),
+        (&"F16 [2, 3]".into(), &"F32 [2, 4]".into()),
+        "{d:#}"
+    );
+    let params = change(d, "parameters").expect("parameters");
+    assert_eq!((&params["old"], &params["new"]), (&"6".into(), &"8".into()));
+    assert!(change(d, "metadata.format").is_none(), "unchanged: {d:#}");
+    let id = d["id"].as_u64().expect("id").to_string();
+    let shown = collector.cli_ok("reader", &["findings", "show", &id]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("tensor.w: F16 [2, 3] → F32 [2, 4]"));
+}
