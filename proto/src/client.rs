@@ -67,13 +67,22 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<(Endpoint, bool), String> 
 
 /// An error with its causes: a refused certificate or a TLS failure is
 /// several layers below "transport error".
+///
+/// A cause that says what the one before it said (`tcp connect error:
+/// tcp connect error`) is given once, and the bare `transport error` that
+/// wraps everything is left out when a cause follows.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut parts: Vec<String> = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
         cur = c.source();
     }
-    s
+    if parts.len() > 1 && parts[0] == "transport error" {
+        parts.remove(0);
+    }
+    parts.join(": ")
 }
