@@ -1,4 +1,5 @@
-//! Parsing durations (`30d`, `10m`) and sizes (`10GiB`) given on command lines.
+//! Parsing durations (`30d`, `1h30m`, `500ms`) and sizes (`10GiB`) given on
+//! command lines, and showing ages (`5m`, `2h3m`, `4d`).
 
 use std::time::Duration;
 
@@ -19,16 +20,57 @@ fn parse_with(s: &str, what: &str, units: &[(&str, u64)]) -> Result<u64, String>
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// `90s`, `10m`, `12h`, `30d`, `2w`.
+/// `90s`, `10m`, `1h30m`, `500ms`, `30d`, `2w`, `2 hours` (days are 24
+/// hours; months and years, which vary, are refused).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    const UNITS: [(&str, u64); 5] = [
-        ("s", 1),
-        ("m", 60),
-        ("h", 3600),
-        ("d", 86_400),
-        ("w", 7 * 86_400),
-    ];
-    parse_with(s, "a duration like 90s, 10m, 12h, 30d", &UNITS).map(Duration::from_secs)
+    let t = s.trim();
+    let bad = || format!("{t:?} is not a duration like 90s, 10m, 1h30m, 500ms or 30d");
+    if t.is_empty() || t.starts_with('-') {
+        return Err(bad());
+    }
+    let span: jiff::Span = t.parse().map_err(|e: jiff::Error| {
+        if e.to_string().contains("too big") || e.to_string().contains("overflow") {
+            format!("{t:?} is too large")
+        } else {
+            bad()
+        }
+    })?;
+    if span.get_years() != 0 || span.get_months() != 0 {
+        return Err(format!(
+            "{t:?}: months and years vary in length; give days or weeks"
+        ));
+    }
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|_| format!("{t:?} is too large"))?;
+    Duration::try_from(d).map_err(|_| bad())
+}
+
+/// `d` as people write it: `1s`, `1h30m`, `500ms`.
+pub fn fmt_duration(d: Duration) -> String {
+    match jiff::SignedDuration::try_from(d) {
+        Ok(sd) => format!("{sd:#}").replace(' ', ""),
+        Err(_) => format!("{}s", d.as_secs()),
+    }
+}
+
+/// How long ago `then` was, at `now` (both Unix nanoseconds), in at most
+/// two units: `40s`, `5m12s`, `2h3m`, `4d5h`; `-` for no time.
+pub fn age(then: i64, now: i64) -> String {
+    if then <= 0 {
+        return "-".into();
+    }
+    let s = (now.saturating_sub(then) / 1_000_000_000).max(0);
+    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) if sec == 0 || m >= 10 => format!("{m}m"),
+        (0, 0, _) => format!("{m}m{sec}s"),
+        (0, _, _) if m == 0 || h >= 10 => format!("{h}h"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ if h == 0 || d >= 10 => format!("{d}d"),
+        _ => format!("{d}d{h}h"),
+    }
 }
 
 /// `0`, `4096`, `512KiB`, `4MiB`, `10GiB` (also KB/MB/GB as powers of ten).
@@ -57,16 +99,33 @@ mod tests {
             parse_duration("30d").unwrap(),
             Duration::from_secs(30 * 86_400)
         );
-        assert!(parse_duration("10 minutes").is_err());
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("10 minutes").unwrap(),
+            Duration::from_secs(600)
+        );
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5m").is_err());
+        assert!(parse_duration("bogus").unwrap_err().contains("1h30m"));
+        assert!(parse_duration("1mo").unwrap_err().contains("months"));
         assert_eq!(parse_bytes("4MiB").unwrap(), 4 << 20);
         assert_eq!(parse_bytes("0").unwrap(), 0);
         assert!(parse_bytes("lots").is_err());
         // Too large is an error, not an overflow.
-        assert_eq!(
-            parse_duration("99999999999999999w").unwrap_err(),
-            "\"99999999999999999w\" is too large"
-        );
+        assert!(parse_duration("99999999999999999w").is_err());
+        assert_eq!(fmt_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(fmt_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(age(0, 5), "-");
+        let s = 1_000_000_000;
+        assert_eq!(age(100 * s, 140 * s), "40s");
+        assert_eq!(age(s, s + 312 * s), "5m12s");
+        assert_eq!(age(s, s + 7380 * s), "2h3m");
+        assert_eq!(age(s, s + (4 * 86_400 + 5 * 3600) * s), "4d5h");
         assert!(parse_bytes("99999999999999999999GiB").is_err());
     }
 }
