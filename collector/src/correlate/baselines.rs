@@ -86,8 +86,11 @@ pub fn best<'a>(of_path: &'a [Baseline], node: &str) -> Option<&'a Baseline> {
 
 /// Baselines for a selector (all when empty) under a path prefix,
 /// ordered by host selector then path.
+/// The baselines under `prefix` whose host selector `host` (a name or a
+/// glob, empty for all) matches.
 pub fn list(tx: &mut dyn JudgeTx, host: &str, prefix: &str) -> Result<Vec<Baseline>, StoreError> {
-    let mut v = tx.baselines(host, prefix)?;
+    let mut v = tx.baselines("", prefix)?;
+    v.retain(|b| host.is_empty() || host_matches(host, &b.host));
     v.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
     Ok(v)
 }
@@ -126,10 +129,12 @@ pub struct ManifestError {
     pub reason: String,
 }
 
-/// Parses a manifest: `sha256sum` output (`HEX  PATH`, `HEX *PATH`), as a
-/// Git checkout or a model registry export produces, one file per line;
-/// `#` comments and blank lines are skipped. Relative paths are joined to
-/// `root`, which must then be given.
+/// Parses a manifest: `sha256sum` output (`HEX  PATH`, `HEX *PATH`) or
+/// `sha256sum --tag` / BSD output (`SHA256 (PATH) = HEX`), as a Git
+/// checkout or a model registry export produces, one file per line; a
+/// leading `\` marks a name with escapes (`\\`, `\n`), as sha256sum
+/// writes them. `#` comments and blank lines are skipped. Relative paths
+/// are joined to `root`, which must then be given.
 pub fn parse_manifest(
     file: &str,
     text: &str,
@@ -146,18 +151,45 @@ pub fn parse_manifest(
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        let Some((hex, rest)) = line.split_once(char::is_whitespace) else {
-            return Err(err("expected \"SHA256  PATH\"".into()));
+        let (escaped, line) = match line.strip_prefix('\\') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let (hex, path) = if let Some((algo, rest)) = line
+            .split_once(" (")
+            .filter(|(a, _)| a.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            // The tagged form.
+            if !algo.eq_ignore_ascii_case("SHA256") {
+                return Err(err(format!(
+                    "{algo} digests cannot be compared; give SHA256 (sha256sum --tag)"
+                )));
+            }
+            let Some((path, hex)) = rest.rsplit_once(") = ") else {
+                return Err(err("expected \"SHA256 (PATH) = HEX\"".into()));
+            };
+            (hex.trim(), path)
+        } else {
+            let Some((hex, rest)) = line.split_once(char::is_whitespace) else {
+                return Err(err(
+                    "expected \"SHA256  PATH\" or \"SHA256 (PATH) = HEX\"".into()
+                ));
+            };
+            (hex, rest.trim_start().trim_start_matches('*'))
         };
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err(format!("{hex:?} is not a SHA-256 (64 hex digits)")));
         }
-        let path = rest.trim_start().trim_start_matches('*');
+        let path = if escaped {
+            unescape(path).map_err(err)?
+        } else {
+            path.to_owned()
+        };
         if path.is_empty() {
             return Err(err("no path after the digest".into()));
         }
         let path = if path.starts_with('/') {
-            path.to_owned()
+            path
         } else {
             match root {
                 Some(r) => format!(
@@ -175,6 +207,30 @@ pub fn parse_manifest(
             return Err(err(format!("{path:?} must not contain .. components")));
         }
         out.push((path, hex.to_ascii_lowercase()));
+    }
+    Ok(out)
+}
+
+/// A file name as sha256sum escapes it (`\\` and `\n`).
+fn unescape(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('\\') => out.push('\\'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            other => {
+                return Err(format!(
+                    "{:?} is not an escape sha256sum writes",
+                    format!("\\{}", other.map(String::from).unwrap_or_default())
+                ))
+            }
+        }
     }
     Ok(out)
 }
@@ -223,6 +279,23 @@ mod tests {
         let e = parse_manifest("m.txt", "abc  /x\n", None).expect_err("short digest");
         assert!(
             e.to_string().contains("m.txt:1: \"abc\" is not a SHA-256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tagged_and_escaped_manifest_lines() {
+        let sha = "B".repeat(64);
+        let text = format!(
+            "SHA256 (/srv/m/a (1).bin) = {sha}\n\\{}  /srv/m/odd\\nname\\\\x\n",
+            "c".repeat(64)
+        );
+        let v = parse_manifest("-", &text, None).expect("valid");
+        assert_eq!(v[0], ("/srv/m/a (1).bin".to_owned(), "b".repeat(64)));
+        assert_eq!(v[1].0, "/srv/m/odd\nname\\x");
+        let e = parse_manifest("-", &format!("MD5 (/x) = {sha}\n"), None).expect_err("md5");
+        assert!(
+            e.to_string().contains("MD5 digests cannot be compared"),
             "{e}"
         );
     }
