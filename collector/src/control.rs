@@ -247,7 +247,7 @@ impl FindingService for Control {
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let keep = move |f: &driftwatch_proto::v1::Finding| {
             (r.kinds.is_empty() || r.kinds.contains(&f.kind))
-                && (r.node.is_empty() || f.node == r.node)
+                && (r.node.is_empty() || baselines::host_matches(&r.node, &f.node))
                 && (r.resource.is_empty()
                     || f.resource == r.resource
                     || (r.resource.starts_with('/') && f.path.starts_with(&r.resource)))

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     audit::Audit,
+    correlate::baselines::host_matches,
     ingest::status_of,
     store::{order, EventLog, Scope, StoreError},
 };
@@ -32,6 +33,12 @@ pub fn kind_of(e: &Event) -> &'static str {
     }
 }
 
+/// A host filter is a name or a glob (`*` any run, `?` one character),
+/// the same everywhere a host is given.
+fn is_glob(host: &str) -> bool {
+    host.contains(['*', '?'])
+}
+
 /// True when `e` passes every filter of `r`.
 pub fn matches(r: &TimelineRequest, e: &Event) -> bool {
     let until = if r.until_unix_nanos == 0 {
@@ -42,7 +49,7 @@ pub fn matches(r: &TimelineRequest, e: &Event) -> bool {
     if e.time_unix_nanos < r.since_unix_nanos || e.time_unix_nanos >= until {
         return false;
     }
-    if !r.node.is_empty() && e.node != r.node {
+    if !r.node.is_empty() && !host_matches(&r.node, &e.node) {
         return false;
     }
     if !r.kinds.is_empty() && !r.kinds.iter().any(|k| k == kind_of(e)) {
@@ -100,6 +107,14 @@ fn page(
         Scope::Path(&r.path_prefix)
     } else if r.node.is_empty() {
         Scope::Nodes(store.nodes()?)
+    } else if is_glob(&r.node) {
+        Scope::Nodes(
+            store
+                .nodes()?
+                .into_iter()
+                .filter(|n| host_matches(&r.node, n))
+                .collect(),
+        )
     } else {
         Scope::Nodes(vec![r.node.clone()])
     };
@@ -128,10 +143,16 @@ pub fn walk(
     } else {
         usize::MAX
     };
+    let one = if is_glob(&r.node) {
+        ""
+    } else {
+        r.node.as_str()
+    };
     let mut gaps: Vec<Gap> = store
-        .gaps(&r.node)?
+        .gaps(one)?
         .into_iter()
         .filter(|g| g.to_time_unix_nanos >= r.since_unix_nanos && g.from_time_unix_nanos < until)
+        .filter(|g| r.node.is_empty() || host_matches(&r.node, &g.node))
         .collect();
     gaps.sort_by_key(|g| g.from_time_unix_nanos);
     let mut gaps = gaps.into_iter().peekable();
