@@ -578,7 +578,7 @@ impl Collector {
             who
         };
         let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-o", "json"]);
+        all.extend(["-o", "jsonl"]);
         let out = self.cli(who, &all);
         assert!(
             out.status.success(),
@@ -695,7 +695,7 @@ impl Collector {
         let who = if self.pki.is_some() { "reader" } else { "" };
         let out = self
             .command(who)
-            .args(["timeline", "-o", "json"])
+            .args(["timeline", "-o", "jsonl"])
             .args(args)
             .output()
             .expect("run driftwatch");
@@ -960,7 +960,7 @@ pub fn stored_chmods(c: &Collector, node: &str, path: &str) -> Vec<u64> {
     use std::io::BufRead as _;
     let mut child = c
         .command(if c.pki.is_some() { "reader" } else { "" })
-        .args(["timeline", "-o", "json", "--host", node])
+        .args(["timeline", "-o", "jsonl", "--host", node])
         .args(["--path", path, "--kind", "file"])
         .stdout(Stdio::piped())
         .spawn()

@@ -271,7 +271,7 @@ fn eight_agents_stream_at_once() {
         assert_exactly_once(&t, &format!("node-{i}"), "fleet", 25);
     }
     let out = Command::new(driftwatch_tests::bin("driftwatch"))
-        .args(["--collector", &collector.url, "agents", "-o", "json"])
+        .args(["--collector", &collector.url, "agents", "-o", "jsonl"])
         .output()
         .unwrap();
     let agents_json: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -315,7 +315,7 @@ fn timeline_filters_and_follow() {
             "--path",
             &tree,
             "-o",
-            "json",
+            "jsonl",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -516,7 +516,7 @@ fn a_full_disk_is_refused_meanwhile_and_recovered_from_when_space_is_back() {
         let out = c
             .command("")
             .args([
-                "timeline", "-o", "json", "--host", "full", "--kind", "file", "--path", &tree,
+                "timeline", "-o", "jsonl", "--host", "full", "--kind", "file", "--path", &tree,
             ])
             .output()
             .unwrap();

@@ -243,7 +243,7 @@ impl Watch {
     fn start(c: &Collector, extra: &[&str]) -> Self {
         let mut child = c
             .command("reader")
-            .args(["findings", "watch", "-o", "json"])
+            .args(["findings", "watch", "-o", "jsonl"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

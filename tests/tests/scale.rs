@@ -278,7 +278,7 @@ fn a_follow_on_one_replica_shows_what_another_stores() {
             "timeline",
             "--follow",
             "-o",
-            "json",
+            "jsonl",
             "--host",
             "node-followed",
         ])

@@ -872,7 +872,7 @@ fn people_s_actions_are_audited_and_verify_names_the_first_altered_event() {
     let export = dir.path.join("export.jsonl");
     let out = c
         .command("reader")
-        .args(["timeline", "--host", "chained", "-o", "json", "--chain"])
+        .args(["timeline", "--host", "chained", "-o", "jsonl", "--chain"])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -241,7 +241,7 @@ impl Procs {
 /// The collector's durable acknowledgement per host, from `driftwatch agents`.
 fn acked_seqs(cli: &Path, url: &str) -> Result<std::collections::HashMap<String, u64>> {
     let out = Command::new(cli)
-        .args(["--collector", url, "agents", "-o", "json"])
+        .args(["--collector", url, "agents", "-o", "jsonl"])
         .stderr(Stdio::null())
         .output()
         .context("running driftwatch agents")?;

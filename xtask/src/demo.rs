@@ -331,7 +331,7 @@ resources:
     show(&["findings", "list"])?;
     let list = as_user(
         "bob",
-        &["findings", "list", "--kind", "drift", "-o", "json"],
+        &["findings", "list", "--kind", "drift", "-o", "jsonl"],
     )?;
     if let Some(first) = String::from_utf8_lossy(&list.stdout).lines().next() {
         let f: Value = serde_json::from_str(first)?;

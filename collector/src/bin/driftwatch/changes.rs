@@ -124,12 +124,15 @@ pub enum Approvals {
         /// `namespace=payments,serviceAccount=api`, `label.app=reports`.
         #[arg(long, requires = "access")]
         who: Option<String>,
-        /// Expected SHA-256 of the new content (any content when absent).
-        #[arg(long, conflicts_with = "access")]
+        /// Expected SHA-256 of the new content (any content when absent), as
+        /// printed: 64 hex digits, or a prefix of at least 12 that one
+        /// finding or baseline has, with or without `sha256:`.
+        #[arg(long, conflicts_with = "access", value_parser = digest_arg)]
         digest: Option<String>,
-        /// How long the change or access may last once approved (`30m`, `2h`).
-        #[arg(long, visible_alias = "for", default_value = "2h")]
-        window: String,
+        /// How long the change or access may last once approved (`30m`,
+        /// `2h`, `1h30m`).
+        #[arg(long, visible_alias = "for", default_value = "2h", value_parser = units::parse_duration, value_name = "DURATION")]
+        window: std::time::Duration,
         /// Hosts it applies to: a name or a glob.
         #[arg(long, default_value = "*")]
         host: String,
@@ -179,8 +182,11 @@ pub enum Approvals {
 pub enum Baselines {
     /// Store a manifest (`sha256sum` format: `HEX  PATH`) as desired state.
     Import {
-        /// The manifest file.
+        /// The manifest file (`-`: standard input).
         file: String,
+        /// Its entries, read before anything is sent.
+        #[arg(skip)]
+        entries: Vec<(String, String)>,
         /// Directory the manifest's relative paths live under on the hosts.
         #[arg(long)]
         root: Option<String>,
@@ -198,9 +204,9 @@ pub enum Baselines {
         /// Hosts the result applies to [default: the reference host].
         #[arg(long)]
         apply_to: Option<String>,
-        /// Give up after this long.
-        #[arg(long, default_value = "5m")]
-        timeout: String,
+        /// How long the agent may take to digest the tree.
+        #[arg(long, default_value = "5m", value_parser = units::parse_duration, value_name = "DURATION")]
+        wait: std::time::Duration,
     },
     /// Desired state.
     List {
@@ -392,12 +398,12 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                                     from_now = false;
                                     let Some(f) = c.finding else { continue };
                                     let line = match output {
-                                        Output::Json => {
+                                        Output::Json | Output::Jsonl | Output::Yaml => {
                                             let mut v = finding_json(&f);
                                             v["cursor"] = json!(c.cursor);
                                             v.to_string()
                                         }
-                                        Output::Table => format!(
+                                        Output::Table | Output::Wide => format!(
                                             "{:>8} {:>5} {:<20} {:<8} {:<12} {}",
                                             c.cursor, f.id, f.kind, f.severity, f.status, f.summary
                                         ),
@@ -456,7 +462,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                 .map_err(|s| status_err("findings", s))?
                 .into_inner()
                 .findings;
-            if matches!(output, Output::Table) {
+            if !output.machine() {
                 let _ = writeln!(
                     out,
                     "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} SUMMARY",
@@ -465,8 +471,8 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
             }
             for f in &list {
                 let line = match output {
-                    Output::Json => finding_json(f).to_string(),
-                    Output::Table => format!(
+                    Output::Json | Output::Jsonl | Output::Yaml => finding_json(f).to_string(),
+                    Output::Table | Output::Wide => format!(
                         "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} {}",
                         f.id,
                         f.kind,
@@ -492,13 +498,13 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                 return Err(format!("finding {id}: empty answer"));
             };
             match output {
-                Output::Json => {
+                Output::Json | Output::Jsonl | Output::Yaml => {
                     let mut v = finding_json(&f);
                     v["events"] = Value::Array(d.events.iter().map(event_json).collect());
                     v["approval"] = d.approval.as_ref().map_or(Value::Null, approval_json);
                     let _ = writeln!(out, "{v}");
                 }
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     let _ = writeln!(
                         out,
                         "finding {} ({}, {}), {}",
@@ -587,10 +593,10 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
 
 fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool) {
     match output {
-        Output::Json => {
+        Output::Json | Output::Jsonl | Output::Yaml => {
             let _ = writeln!(out, "{}", approval_json(a));
         }
-        Output::Table if !full => {
+        Output::Table | Output::Wide if !full => {
             let _ = writeln!(
                 out,
                 "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} {}",
@@ -608,7 +614,7 @@ fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool
                 a.reason
             );
         }
-        Output::Table => {
+        Output::Table | Output::Wide => {
             let _ = writeln!(out, "approval {} ({})", a.id, a.status);
             let _ = writeln!(out, "  resource:  {} on {}", a.resource, a.host);
             if a.kind == "access" {
@@ -679,6 +685,7 @@ async fn decide(
 
 /// `driftwatch approvals ...`
 pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> Result<(), String> {
+    let out_channel = channel.clone();
     let mut client =
         ApprovalServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
@@ -692,7 +699,10 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
             reason,
             output,
         } => {
-            let window = units::parse_duration(&window).map_err(|e| format!("--window: {e}"))?;
+            let digest = match digest {
+                Some(d) if d.len() < 64 => Some(resolve_digest(out_channel, &d).await?),
+                d => d,
+            };
             if let Some(who) = &who {
                 driftwatch_proto::policy::Selector::parse_text(who)
                     .map_err(|e| format!("--who: {e}"))?;
@@ -712,10 +722,10 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .map_err(|s| status_err("approvals request", s))?
                 .into_inner();
             match output {
-                Output::Json => {
+                Output::Json | Output::Jsonl | Output::Yaml => {
                     let _ = writeln!(out, "{}", approval_json(&a));
                 }
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     let _ = writeln!(
                         out,
                         "approval {} requested by {}; another principal must approve it: driftwatch approvals approve {} (or deny {})",
@@ -762,7 +772,7 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .map_err(|s| status_err("approvals", s))?
                 .into_inner()
                 .approvals;
-            if matches!(output, Output::Table) {
+            if !output.machine() {
                 let _ = writeln!(
                     out,
                     "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} REASON",
@@ -791,19 +801,102 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
     Ok(())
 }
 
+/// Reads and checks the manifest of `baseline import` (before the
+/// collector is contacted: a bad line is named whether or not it is up).
+pub fn read_manifest(cmd: &mut Baselines) -> Result<(), String> {
+    let Baselines::Import {
+        file,
+        root,
+        entries,
+        ..
+    } = cmd
+    else {
+        return Ok(());
+    };
+    let text = if file == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .map_err(|e| format!("standard input: cannot read the manifest: {e}"))?;
+        t
+    } else {
+        std::fs::read_to_string(&*file)
+            .map_err(|e| format!("{file}: cannot read the manifest: {e}"))?
+    };
+    let name = if file == "-" { "(stdin)" } else { file };
+    *entries = parse_manifest(name, &text, root.as_deref()).map_err(|e| e.to_string())?;
+    if entries.is_empty() {
+        return Err(format!("{name}: no entries"));
+    }
+    Ok(())
+}
+
+/// A digest as people copy it: `sha256:` optional, at least 12 hex digits.
+fn digest_arg(s: &str) -> Result<String, String> {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s).to_ascii_lowercase();
+    if !(12..=64).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not a SHA-256: 64 hex digits, or a prefix of at least 12 as printed (sha256:0be5df8721cf)"
+        ));
+    }
+    Ok(hex)
+}
+
+/// The one full digest, among findings and baselines, that starts with
+/// `prefix`.
+async fn resolve_digest(channel: Conn, prefix: &str) -> Result<String, String> {
+    let mut known = std::collections::BTreeSet::new();
+    let findings = FindingServiceClient::new(channel.clone())
+        .max_decoding_message_size(crate::MAX_ANSWER)
+        .list(ListFindingsRequest {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_err("looking up the digest", s))?
+        .into_inner()
+        .findings;
+    for f in &findings {
+        for s in [&f.desired, &f.actual].into_iter().flatten() {
+            known.insert(s.sha256.clone());
+        }
+    }
+    let baselines = BaselineServiceClient::new(channel)
+        .max_decoding_message_size(crate::MAX_ANSWER)
+        .list(ListBaselinesRequest::default())
+        .await
+        .map_err(|s| status_err("looking up the digest", s))?
+        .into_inner()
+        .baselines;
+    for b in &baselines {
+        if let Some(s) = &b.state {
+            known.insert(s.sha256.clone());
+        }
+    }
+    let hits: Vec<&String> = known.iter().filter(|d| d.starts_with(prefix)).collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(format!(
+            "--digest {prefix}: no finding or baseline has a digest starting so; give all 64 hex digits"
+        )),
+        many => Err(format!(
+            "--digest {prefix}: {} digests start so ({}); give more digits",
+            many.len(),
+            many.iter().map(|d| &d[..16]).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// `driftwatch baseline ...`
 pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> Result<(), String> {
     let mut client =
         BaselineServiceClient::new(channel).max_decoding_message_size(crate::MAX_ANSWER);
     match cmd {
-        Baselines::Import { file, root, hosts } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| format!("{file}: cannot read the manifest: {e}"))?;
-            let entries =
-                parse_manifest(&file, &text, root.as_deref()).map_err(|e| e.to_string())?;
-            if entries.is_empty() {
-                return Err(format!("{file}: no entries"));
-            }
+        Baselines::Import {
+            file,
+            hosts,
+            entries,
+            ..
+        } => {
             let total = entries.len();
             let mut stored = 0;
             for chunk in entries.chunks(IMPORT_CHUNK) {
@@ -841,16 +934,15 @@ pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> R
             host,
             path,
             apply_to,
-            timeout,
+            wait,
         } => {
-            let timeout = units::parse_duration(&timeout).map_err(|e| format!("--timeout: {e}"))?;
             eprintln!("driftwatch: asking the agent on {host} to digest {path} ...");
             let r = client
                 .scan(Request::new(ScanBaselineRequest {
                     node: host.clone(),
                     path: path.clone(),
                     apply_to: apply_to.clone().unwrap_or_default(),
-                    timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+                    timeout_seconds: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX),
                 }))
                 .await
                 .map_err(|s| status_err("baseline scan", s))?
@@ -881,7 +973,7 @@ pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> R
                 .map_err(|s| status_err("baseline list", s))?
                 .into_inner()
                 .baselines;
-            if matches!(output, Output::Table) {
+            if !output.machine() {
                 let _ = writeln!(
                     out,
                     "{:<12} {:<16} {:<30} {:<44} PATH",
@@ -890,12 +982,12 @@ pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> R
             }
             for b in &list {
                 let line = match output {
-                    Output::Json => json!({
+                    Output::Json | Output::Jsonl | Output::Yaml => json!({
                         "hosts": b.host, "path": b.path, "state": state_json(&b.state),
                         "source": b.source, "set": time(b.set_unix_nanos), "set_by": b.set_by,
                     })
                     .to_string(),
-                    Output::Table => format!(
+                    Output::Table | Output::Wide => format!(
                         "{:<12} {:<16} {:<30} {:<44} {}",
                         b.host,
                         b.source,

@@ -40,7 +40,7 @@ impl Report {
             _ => "nothing stored".into(),
         };
         let _ = match output {
-            Output::Json => writeln!(
+            Output::Json | Output::Jsonl | Output::Yaml => writeln!(
                 out,
                 "{}",
                 json!({
@@ -51,7 +51,7 @@ impl Report {
                     "note": self.note,
                 })
             ),
-            Output::Table => match &self.broken {
+            Output::Table | Output::Wide => match &self.broken {
                 None => writeln!(
                     out,
                     "{:<24} ok      {} verified ({range}){}",
@@ -221,12 +221,23 @@ pub fn verify_file(
         .map_err(|e| format!("{}: cannot read the export: {e}", path.display()))?;
     let mut nodes: BTreeMap<String, Vec<(Event, Vec<u8>)>> = BTreeMap::new();
     let mut bad: BTreeMap<String, Broken> = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    // `-o jsonl` (a line per item) or `-o json` (one array of them).
+    let items: Vec<Value> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?
+    } else {
+        let mut v = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            v.push(
+                serde_json::from_str(line)
+                    .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?,
+            );
         }
-        let mut v: Value = serde_json::from_str(line)
-            .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+        v
+    };
+    for (i, mut v) in items.into_iter().enumerate() {
         if v["type"] != "event" {
             continue;
         }
@@ -234,7 +245,7 @@ pub fn verify_file(
         let seq = v["seq"].as_u64().unwrap_or(0);
         let (Some(chain_hex), Some(body_b64)) = (v["chain"].as_str(), v["body"].as_str()) else {
             return Err(format!(
-                "{}:{}: no chain fields; export with `driftwatch timeline -o json --chain`",
+                "{}:{}: no chain fields; export with `driftwatch timeline -o jsonl --chain`",
                 path.display(),
                 i + 1
             ));
@@ -321,7 +332,7 @@ pub async fn audit(
         .await
         .map_err(|s| status_text("audit", &s))?
         .into_inner();
-    if matches!(output, Output::Table) {
+    if !output.machine() {
         let _ = writeln!(
             out,
             "{:>6} {:<30} {:<24} {:<26} {:<40} ARGS",
@@ -330,7 +341,7 @@ pub async fn audit(
     }
     for r in a.records {
         let _ = match output {
-            Output::Json => writeln!(
+            Output::Json | Output::Jsonl | Output::Yaml => writeln!(
                 out,
                 "{}",
                 json!({
@@ -339,7 +350,7 @@ pub async fn audit(
                     "outcome": r.outcome, "chain": chain::hex(&r.chain),
                 })
             ),
-            Output::Table => writeln!(
+            Output::Table | Output::Wide => writeln!(
                 out,
                 "{:>6} {:<30} {:<24} {:<26} {:<40} {}",
                 r.seq,

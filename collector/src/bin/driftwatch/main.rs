@@ -53,16 +53,45 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     collector: String,
+    /// Give up on the collector after this long: connecting, and each
+    /// call's answer (a stream, once it has started, runs on).
+    #[arg(long, global = true, env = "DRIFTWATCH_TIMEOUT", value_parser = units::parse_duration, value_name = "DURATION")]
+    timeout: Option<std::time::Duration>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// Event kinds a timeline can be narrowed to.
+const EVENT_KINDS: [&str; 8] = [
+    "exec",
+    "exit",
+    "file",
+    "connect",
+    "loss",
+    "digest",
+    "scan_done",
+    "policy",
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Output {
     /// A readable table.
     Table,
-    /// One JSON object per line.
+    /// The table with nothing shortened.
+    Wide,
+    /// One JSON document: the object for `show`, an array of them otherwise.
     Json,
+    /// One JSON object per line (what streams such as --follow print).
+    Jsonl,
+    /// One YAML document, shaped as `json`.
+    Yaml,
+}
+
+impl Output {
+    /// For programs rather than people.
+    pub(crate) fn machine(self) -> bool {
+        matches!(self, Output::Json | Output::Jsonl | Output::Yaml)
+    }
 }
 
 #[derive(Subcommand)]
@@ -87,8 +116,8 @@ enum Cmd {
         /// Only file events under this path prefix.
         #[arg(long)]
         path: Option<String>,
-        /// Only these kinds (exec, exit, file, connect, loss); repeatable.
-        #[arg(long = "kind")]
+        /// Only these kinds; repeatable.
+        #[arg(long = "kind", value_parser = EVENT_KINDS)]
         kinds: Vec<String>,
         /// Keep streaming new events.
         #[arg(long, short)]
@@ -157,6 +186,114 @@ enum Cmd {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Print a shell completion script: `source <(driftwatch completion
+    /// bash)`, or write it where your shell loads completions from.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `driftwatch man | man -l -`.
+    Man,
+}
+
+/// How a command prints.
+struct Shape {
+    output: Output,
+    /// Shows one object (`show`, `request`): `-o json` prints it alone.
+    single: bool,
+    /// Prints as things happen (`--follow`, `watch`).
+    stream: bool,
+}
+
+fn shape_of(cmd: &Cmd) -> Shape {
+    use changes::{Approvals as A, Baselines as B, Findings as F};
+    let (output, single, stream) = match cmd {
+        Cmd::Timeline { output, follow, .. } => (*output, false, *follow),
+        Cmd::Verify { output, .. } | Cmd::Audit { output, .. } | Cmd::Agents { output } => {
+            (*output, false, false)
+        }
+        Cmd::Findings(F::List { output, .. }) => (*output, false, false),
+        Cmd::Findings(F::Watch { output, .. }) => (*output, false, true),
+        Cmd::Findings(F::Show { output, .. }) => (*output, true, false),
+        Cmd::Approvals(A::Request { output, .. }) | Cmd::Approvals(A::Show { output, .. }) => {
+            (*output, true, false)
+        }
+        Cmd::Approvals(A::List { output, .. }) | Cmd::Baseline(B::List { output, .. }) => {
+            (*output, false, false)
+        }
+        _ => (Output::Table, false, false),
+    };
+    Shape {
+        output,
+        single,
+        stream,
+    }
+}
+
+/// Checks what can be checked without the collector, so a mistake is
+/// named before any connection is tried: the output for a stream, the
+/// order of --since and --until, the manifest to import.
+fn prepare(cmd: &mut Cmd) -> Result<Shape, String> {
+    let shape = shape_of(cmd);
+    if shape.stream && matches!(shape.output, Output::Json | Output::Yaml) {
+        return Err(
+            "this prints as things happen, one document at a time: use -o jsonl (one JSON object per line) or the table"
+                .into(),
+        );
+    }
+    if let Cmd::Timeline {
+        since: Some(since),
+        until: Some(until),
+        ..
+    } = cmd
+    {
+        if since >= until {
+            return Err(format!(
+                "--since ({}) is not before --until ({}): durations count back from now, so --since 1h --until 10m is the hour up to ten minutes ago",
+                time(*since),
+                time(*until)
+            ));
+        }
+    }
+    if let Cmd::Baseline(b) = cmd {
+        changes::read_manifest(b)?;
+    }
+    Ok(shape)
+}
+
+/// Writes `bytes` to standard output; a reader that went away (`| head`)
+/// is not an error.
+fn print_whole(bytes: &[u8]) -> Result<(), String> {
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("writing to standard output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What `-o json` and `-o yaml` print: the JSON lines a command wrote,
+/// as one document (the object alone for a command that shows one).
+fn reshape(lines: &[u8], shape: &Shape) -> Result<String, String> {
+    let text = String::from_utf8_lossy(lines);
+    let mut items = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        items.push(
+            serde_json::from_str::<Value>(line)
+                .map_err(|e| format!("an answer could not be shown as JSON ({e}): {line}"))?,
+        );
+    }
+    let doc = if shape.single && items.len() == 1 {
+        items.remove(0)
+    } else {
+        Value::Array(items)
+    };
+    match shape.output {
+        Output::Yaml => serde_norway::to_string(&doc).map_err(|e| e.to_string()),
+        _ => serde_json::to_string_pretty(&doc)
+            .map(|s| s + "\n")
+            .map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(Subcommand)]
@@ -445,6 +582,10 @@ pub(crate) fn detail(e: &Event) -> String {
 /// an audit log page, can pass gRPC's default of 4 MiB.
 pub(crate) const MAX_ANSWER: usize = 64 << 20;
 
+/// The collector asked and the --timeout given, for the error a call that
+/// timed out reports.
+static ASKED: std::sync::OnceLock<(String, std::time::Duration)> = std::sync::OnceLock::new();
+
 /// Adds the caller's token, if any, to every call.
 #[derive(Clone)]
 pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -497,6 +638,14 @@ impl<W: std::io::Write> std::io::Write for Escaping<W> {
 /// A refused call as the person should read it: the collector's message,
 /// or for a transport failure (no TLS, a refused certificate) its causes.
 pub(crate) fn status_text(what: &str, s: &tonic::Status) -> String {
+    if let Some((url, t)) = ASKED.get() {
+        if s.message() == "Timeout expired" || s.code() == tonic::Code::DeadlineExceeded {
+            return format!(
+                "{what}: no answer from the collector at {url} within {} (--timeout)",
+                units::fmt_duration(*t)
+            );
+        }
+    }
     match std::error::Error::source(s) {
         Some(cause) if s.message() == "transport error" || s.message().is_empty() => {
             format!(
@@ -524,7 +673,24 @@ fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
         .filter(|t| !t.is_empty()))
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(mut cli: Cli) -> Result<(), String> {
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "driftwatch", &mut script);
+            return print_whole(&script);
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut page)
+                .map_err(|e| format!("making the manual page: {e}"))?;
+            return print_whole(&page);
+        }
+        _ => {}
+    }
     // An export is checked offline: no collector involved.
     if let Cmd::Verify {
         file: Some(f),
@@ -546,12 +712,20 @@ async fn run(cli: Cli) -> Result<(), String> {
     {
         return policy_check(file, *kubernetes, *strict);
     }
+    let shape = prepare(&mut cli.cmd)?;
     let tls = driftwatch_proto::client::ClientTls {
         ca: cli.ca.clone(),
         cert: cli.cert.clone(),
         key: cli.key.clone(),
     };
     let (endpoint, plaintext) = driftwatch_proto::client::endpoint(&cli.collector, &tls)?;
+    let endpoint = match cli.timeout {
+        Some(t) => {
+            let _ = ASKED.set((cli.collector.clone(), t));
+            endpoint.connect_timeout(t).timeout(t)
+        }
+        None => endpoint.connect_timeout(std::time::Duration::from_secs(10)),
+    };
     let token = token(cli.token_file.as_deref())?;
     if plaintext && token.is_some() {
         let loopback = endpoint.uri().host().is_some_and(|h| {
@@ -583,11 +757,30 @@ async fn run(cli: Cli) -> Result<(), String> {
         None => None,
     };
     let channel = tonic::service::interceptor::InterceptedService::new(channel, Bearer(bearer));
-    let mut client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER);
+    let client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER);
     // File names, arguments and principals come from people and programs
     // that may put terminal escapes in them: none reaches the terminal raw.
-    let mut out = Escaping(std::io::stdout().lock());
-    match cli.cmd {
+    let mut stdout = Escaping(std::io::stdout().lock());
+    // One document (-o json, -o yaml) is made of the JSON lines a command
+    // writes, once it has written them all.
+    let whole = matches!(shape.output, Output::Json | Output::Yaml);
+    let mut lines = Vec::new();
+    let out: &mut dyn std::io::Write = if whole { &mut lines } else { &mut stdout };
+    dispatch(cli.cmd, channel, client, out).await?;
+    if whole {
+        let doc = reshape(&lines, &shape)?;
+        let _ = stdout.write_all(doc.as_bytes());
+    }
+    Ok(())
+}
+
+async fn dispatch(
+    cmd: Cmd,
+    channel: Conn,
+    mut client: QueryServiceClient<Conn>,
+    mut out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    match cmd {
         Cmd::Findings(c) => changes::findings(channel, c, &mut out).await?,
         Cmd::Approvals(c) => changes::approvals(channel, c, &mut out).await?,
         Cmd::Baseline(c) => changes::baselines(channel, c, &mut out).await?,
@@ -620,7 +813,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(|s| status_text("timeline", &s))?
                 .into_inner();
-            if matches!(output, Output::Table) {
+            if !output.machine() {
                 let _ = writeln!(
                     out,
                     "{:<30} {:<12} {:>6} {:<8} {:<8} {:<7} {:<24} DETAIL",
@@ -633,17 +826,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|s| status_text("timeline", &s))?
             {
                 let line = match (&item.item, output) {
-                    (Some(timeline_item::Item::Event(e)), Output::Json) => {
+                    (Some(timeline_item::Item::Event(e)), o) if o.machine() => {
                         let mut v = event_json(e);
                         if chain {
                             evidence::add_chain(&mut v, e);
                         }
                         v.to_string()
                     }
-                    (Some(timeline_item::Item::Gap(g)), Output::Json) => gap_json(g).to_string(),
-                    (Some(timeline_item::Item::Event(e)), Output::Table)
-                        if kind_of(e) == "loss" =>
-                    {
+                    (Some(timeline_item::Item::Gap(g)), o) if o.machine() => {
+                        gap_json(g).to_string()
+                    }
+                    (Some(timeline_item::Item::Event(e)), _) if kind_of(e) == "loss" => {
                         // A kernel loss record is a hole in the history: show it as one.
                         let dropped = match &e.event {
                             Some(event::Event::Loss(l)) => format!("{:?}", l.dropped),
@@ -651,7 +844,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         };
                         format!("---- GAP {} kernel_loss (ring buffer full, records lost: {dropped}) at {} ----", e.node, time(e.time_unix_nanos))
                     }
-                    (Some(timeline_item::Item::Event(e)), Output::Table) => {
+                    (Some(timeline_item::Item::Event(e)), _) => {
                         let p = e.process.clone().unwrap_or_default();
                         let user = if p.login_user.is_empty() || p.login_user == p.user {
                             p.user.clone()
@@ -670,7 +863,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                             detail(e)
                         )
                     }
-                    (Some(timeline_item::Item::Gap(g)), Output::Table) => {
+                    (Some(timeline_item::Item::Gap(g)), _) => {
                         let seqs = if g.from_seq > 0 {
                             format!(" seq {}..{}", g.from_seq, g.to_seq)
                         } else {
@@ -716,6 +909,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             kubernetes,
             strict,
         }) => policy_check(&file, kubernetes, strict)?,
+        Cmd::Completion { .. } | Cmd::Man => {}
         Cmd::Agents { output } => {
             let agents = client
                 .agents(AgentsRequest {})
@@ -723,7 +917,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|s| status_text("agents", &s))?
                 .into_inner()
                 .agents;
-            if matches!(output, Output::Table) {
+            if !output.machine() {
                 let _ = writeln!(
                     out,
                     "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  POLICY",
@@ -734,7 +928,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 let n = a.node.clone().unwrap_or_default();
                 let lag = a.last_seq.saturating_sub(a.acked_seq);
                 let line = match output {
-                    Output::Json => json!({
+                    Output::Json | Output::Jsonl | Output::Yaml => json!({
                         "host": n.name, "connected": a.connected, "last_seen": time(a.last_seen_unix_nanos),
                         "sensor_set": n.sensor_set, "kernel": n.kernel, "agent_version": n.agent_version,
                         "acked_seq": a.acked_seq, "last_seq": a.last_seq, "lag": lag,
@@ -744,7 +938,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         "chain_head": driftwatch_proto::chain::hex(&a.chain_head),
                     })
                     .to_string(),
-                    Output::Table => format!(
+                    Output::Table | Output::Wide => format!(
                         "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  {}{}",
                         n.name,
                         if a.connected { "connected" } else { "offline" },
