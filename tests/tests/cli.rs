@@ -219,6 +219,38 @@ fn output_formats_host_globs_digest_prefixes_and_stdin_manifests() {
         serde_json::from_str::<Value>(l).unwrap();
     }
 
+    // Tables fit the terminal's width (COLUMNS stands for it here): long
+    // summaries wrap instead of running off; -o wide does not fit.
+    let table = |extra: &[&str]| {
+        let mut args = vec!["findings", "list", "--all"];
+        args.extend_from_slice(extra);
+        let o = c
+            .command("reader")
+            .args(&args)
+            .env("COLUMNS", "72")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let fitted = table(&[]);
+    let header = fitted.lines().next().unwrap_or("");
+    assert!(
+        header.contains("AGE") && header.contains("SUMMARY"),
+        "{fitted}"
+    );
+    assert!(
+        fitted.lines().all(|l| l.chars().count() <= 72),
+        "a line is wider than 72:\n{fitted}"
+    );
+    assert!(fitted.contains("drifted"), "{fitted}");
+    let wide = table(&["-o", "wide"]);
+    assert!(wide.lines().any(|l| l.chars().count() > 72), "{wide}");
+    assert!(
+        wide.lines().next().unwrap_or("").contains("LAST SEEN"),
+        "{wide}"
+    );
+
     // A host is a name or a glob, the same on findings, timeline and
     // baselines.
     for (host, found) in [

@@ -14,7 +14,7 @@ use driftwatch_proto::v1::{
 use serde_json::{json, Value};
 use tonic::{Request, Status};
 
-use crate::Conn;
+use crate::{table::Rows, Conn};
 
 use crate::{event_json, time, when, Output};
 
@@ -462,31 +462,40 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                 .map_err(|s| status_err("findings", s))?
                 .into_inner()
                 .findings;
-            if !output.machine() {
-                let _ = writeln!(
-                    out,
-                    "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} SUMMARY",
-                    "ID", "KIND", "SEVERITY", "STATUS", "HOST", "RESOURCE", "COUNT", "LAST SEEN"
-                );
+            if output.machine() {
+                for f in &list {
+                    let _ = writeln!(out, "{}", finding_json(f));
+                }
+                return Ok(());
             }
+            let wide = output == Output::Wide;
+            let mut header = vec![
+                "ID", "KIND", "SEVERITY", "STATUS", "HOST", "RESOURCE", "COUNT", "AGE",
+            ];
+            if wide {
+                header.push("LAST SEEN");
+            }
+            header.push("SUMMARY");
+            let mut rows = Rows::new(&header, &[0, 6]);
+            let now = driftwatch_proto::time::now_unix_nanos();
             for f in &list {
-                let line = match output {
-                    Output::Json | Output::Jsonl | Output::Yaml => finding_json(f).to_string(),
-                    Output::Table | Output::Wide => format!(
-                        "{:>5} {:<21} {:<8} {:<13} {:<12} {:<14} {:>5} {:<30} {}",
-                        f.id,
-                        f.kind,
-                        f.severity,
-                        f.status,
-                        f.node,
-                        f.resource,
-                        f.count,
-                        time(f.last_seen_unix_nanos),
-                        f.summary
-                    ),
-                };
-                let _ = writeln!(out, "{line}");
+                let mut row = vec![
+                    f.id.to_string(),
+                    f.kind.clone(),
+                    f.severity.clone(),
+                    f.status.clone(),
+                    f.node.clone(),
+                    f.resource.clone(),
+                    f.count.to_string(),
+                    units::age(f.last_seen_unix_nanos, now),
+                ];
+                if wide {
+                    row.push(time(f.last_seen_unix_nanos));
+                }
+                row.push(f.summary.clone());
+                rows.push(row);
             }
+            rows.print(out, output);
         }
         Findings::Show { id, output } => {
             let d = client
@@ -772,16 +781,51 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .map_err(|s| status_err("approvals", s))?
                 .into_inner()
                 .approvals;
-            if !output.machine() {
-                let _ = writeln!(
-                    out,
-                    "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} REASON",
-                    "ID", "STATUS", "RESOURCE", "HOSTS", "REQUESTER", "APPROVER", "CHANGES"
-                );
+            if output.machine() {
+                for a in &list {
+                    print_approval(out, a, output, false);
+                }
+                return Ok(());
             }
+            let mut rows = Rows::new(
+                &[
+                    "ID",
+                    "STATUS",
+                    "KIND",
+                    "RESOURCE",
+                    "HOSTS",
+                    "REQUESTER",
+                    "APPROVER",
+                    "CHANGES",
+                    "AGE",
+                    "REASON",
+                ],
+                &[0, 7],
+            );
+            let now = driftwatch_proto::time::now_unix_nanos();
             for a in &list {
-                print_approval(out, a, output, false);
+                rows.push(vec![
+                    a.id.to_string(),
+                    a.status.clone(),
+                    if a.kind.is_empty() {
+                        "change".into()
+                    } else {
+                        a.kind.clone()
+                    },
+                    a.resource.clone(),
+                    a.host.clone(),
+                    a.requester.clone(),
+                    if a.approver.is_empty() {
+                        "-".into()
+                    } else {
+                        a.approver.clone()
+                    },
+                    a.changes.len().to_string(),
+                    units::age(a.requested_unix_nanos, now),
+                    a.reason.clone(),
+                ]);
             }
+            rows.print(out, output);
         }
         Approvals::Show { id, output } => {
             let list = client
@@ -973,31 +1017,29 @@ pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> R
                 .map_err(|s| status_err("baseline list", s))?
                 .into_inner()
                 .baselines;
-            if !output.machine() {
-                let _ = writeln!(
-                    out,
-                    "{:<12} {:<16} {:<30} {:<44} PATH",
-                    "HOSTS", "SOURCE", "SET", "STATE"
-                );
-            }
-            for b in &list {
-                let line = match output {
-                    Output::Json | Output::Jsonl | Output::Yaml => json!({
+            if output.machine() {
+                for b in &list {
+                    let v = json!({
                         "hosts": b.host, "path": b.path, "state": state_json(&b.state),
                         "source": b.source, "set": time(b.set_unix_nanos), "set_by": b.set_by,
-                    })
-                    .to_string(),
-                    Output::Table | Output::Wide => format!(
-                        "{:<12} {:<16} {:<30} {:<44} {}",
-                        b.host,
-                        b.source,
-                        time(b.set_unix_nanos),
-                        state_line(&b.state),
-                        b.path
-                    ),
-                };
-                let _ = writeln!(out, "{line}");
+                    });
+                    let _ = writeln!(out, "{v}");
+                }
+                return Ok(());
             }
+            let mut rows = Rows::new(&["HOSTS", "SOURCE", "SET BY", "AGE", "STATE", "PATH"], &[]);
+            let now = driftwatch_proto::time::now_unix_nanos();
+            for b in &list {
+                rows.push(vec![
+                    b.host.clone(),
+                    b.source.clone(),
+                    b.set_by.clone(),
+                    units::age(b.set_unix_nanos, now),
+                    state_line(&b.state),
+                    b.path.clone(),
+                ]);
+            }
+            rows.print(out, output);
         }
     }
     Ok(())

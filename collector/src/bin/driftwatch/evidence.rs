@@ -332,35 +332,31 @@ pub async fn audit(
         .await
         .map_err(|s| status_text("audit", &s))?
         .into_inner();
-    if !output.machine() {
-        let _ = writeln!(
-            out,
-            "{:>6} {:<30} {:<24} {:<26} {:<40} ARGS",
-            "SEQ", "TIME", "PRINCIPAL", "CALL", "OUTCOME"
-        );
+    if output.machine() {
+        for r in a.records {
+            let v = json!({
+                "seq": r.seq, "time": time(r.time_unix_nanos), "principal": r.principal,
+                "call": r.call, "args": serde_json::from_str::<Value>(&r.args).unwrap_or(Value::Null),
+                "outcome": r.outcome, "chain": chain::hex(&r.chain),
+            });
+            let _ = writeln!(out, "{v}");
+        }
+        return Ok(());
     }
+    let mut rows = crate::table::Rows::new(
+        &["SEQ", "TIME", "PRINCIPAL", "CALL", "OUTCOME", "ARGS"],
+        &[0],
+    );
     for r in a.records {
-        let _ = match output {
-            Output::Json | Output::Jsonl | Output::Yaml => writeln!(
-                out,
-                "{}",
-                json!({
-                    "seq": r.seq, "time": time(r.time_unix_nanos), "principal": r.principal,
-                    "call": r.call, "args": serde_json::from_str::<Value>(&r.args).unwrap_or(Value::Null),
-                    "outcome": r.outcome, "chain": chain::hex(&r.chain),
-                })
-            ),
-            Output::Table | Output::Wide => writeln!(
-                out,
-                "{:>6} {:<30} {:<24} {:<26} {:<40} {}",
-                r.seq,
-                time(r.time_unix_nanos),
-                printable(&r.principal),
-                r.call,
-                printable(&r.outcome),
-                printable(&r.args)
-            ),
-        };
+        rows.push(vec![
+            r.seq.to_string(),
+            time(r.time_unix_nanos),
+            printable(&r.principal),
+            r.call,
+            printable(&r.outcome),
+            printable(&r.args),
+        ]);
     }
+    rows.print(out, output);
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod changes;
 mod evidence;
+mod table;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -917,18 +918,26 @@ async fn dispatch(
                 .map_err(|s| status_text("agents", &s))?
                 .into_inner()
                 .agents;
-            if !output.machine() {
-                let _ = writeln!(
-                    out,
-                    "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  POLICY",
-                    "HOST", "STATE", "LAST SEEN", "SENSOR SET", "ACKED", "LAG"
-                );
+            let now = now_unix_nanos();
+            let wide = output == Output::Wide;
+            let mut header = vec![
+                "HOST",
+                "STATE",
+                "SEEN",
+                "SENSOR SET",
+                "ACKED",
+                "LAG",
+                "POLICY",
+            ];
+            if wide {
+                header.extend(["LAST SEEN", "KERNEL", "VERSION"]);
             }
+            let mut rows = table::Rows::new(&header, &[4, 5]);
             for a in agents {
                 let n = a.node.clone().unwrap_or_default();
                 let lag = a.last_seq.saturating_sub(a.acked_seq);
-                let line = match output {
-                    Output::Json | Output::Jsonl | Output::Yaml => json!({
+                if output.machine() {
+                    let v = json!({
                         "host": n.name, "connected": a.connected, "last_seen": time(a.last_seen_unix_nanos),
                         "sensor_set": n.sensor_set, "kernel": n.kernel, "agent_version": n.agent_version,
                         "acked_seq": a.acked_seq, "last_seq": a.last_seq, "lag": lag,
@@ -936,25 +945,35 @@ async fn dispatch(
                         "policy_error": (!a.policy_error.is_empty()).then_some(&a.policy_error),
                         "chain_seq": a.chain_seq,
                         "chain_head": driftwatch_proto::chain::hex(&a.chain_head),
-                    })
-                    .to_string(),
-                    Output::Table | Output::Wide => format!(
-                        "{:<16} {:<10} {:<32} {:<36} {:>10} {:>8}  {}{}",
-                        n.name,
-                        if a.connected { "connected" } else { "offline" },
-                        time(a.last_seen_unix_nanos),
-                        n.sensor_set,
-                        a.acked_seq,
-                        lag,
-                        if a.policy_version.is_empty() { "-" } else { &a.policy_version },
-                        if a.policy_error.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" (refused {})", a.policy_error)
-                        }
-                    ),
+                    });
+                    let _ = writeln!(out, "{v}");
+                    continue;
+                }
+                let policy = match (a.policy_version.as_str(), a.policy_error.as_str()) {
+                    ("", "") => "-".to_owned(),
+                    (v, "") => v.to_owned(),
+                    (v, e) => format!("{v} (refused {e})"),
                 };
-                let _ = writeln!(out, "{line}");
+                let mut row = vec![
+                    n.name.clone(),
+                    if a.connected { "connected" } else { "offline" }.to_owned(),
+                    units::age(a.last_seen_unix_nanos, now),
+                    n.sensor_set.clone(),
+                    a.acked_seq.to_string(),
+                    lag.to_string(),
+                    policy,
+                ];
+                if wide {
+                    row.extend([
+                        time(a.last_seen_unix_nanos),
+                        n.kernel.clone(),
+                        n.agent_version.clone(),
+                    ]);
+                }
+                rows.push(row);
+            }
+            if !output.machine() {
+                rows.print(out, output);
             }
         }
     }
