@@ -219,6 +219,24 @@ fn output_formats_host_globs_digest_prefixes_and_stdin_manifests() {
         serde_json::from_str::<Value>(l).unwrap();
     }
 
+    // A process has one shape: the finding's actor and the timeline's
+    // process carry the same fields.
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    let events = c.json("", &["timeline", "--host", "node-glob", "--kind", "file"]);
+    let by_sed = events
+        .iter()
+        .find(|e| e["process"]["exe"] == "/usr/bin/sed")
+        .expect("sed's events");
+    assert_eq!(keys(&by_sed["process"]), keys(&drift["actor"]));
+    assert!(keys(&drift["actor"]).len() >= 20, "{:#}", drift["actor"]);
+
     // Tables fit the terminal's width (COLUMNS stands for it here): long
     // summaries wrap instead of running off; -o wide does not fit.
     let table = |extra: &[&str]| {

@@ -253,18 +253,7 @@ fn state_json(s: &Option<FileState>) -> Value {
 }
 
 fn process_json(p: &Option<Process>) -> Value {
-    match p {
-        None => Value::Null,
-        Some(p) => json!({
-            "pid": p.pid, "exec_id": p.exec_id, "uid": p.uid, "user": p.user,
-            "loginuid": p.loginuid, "login_user": p.login_user, "comm": p.comm, "exe": p.exe,
-            "args": p.args, "container": p.container.as_ref().map(|c| &c.id), "pod_uid": p.pod_uid,
-            "container_name": p.container.as_ref().map(|c| &c.name),
-            "image": p.container.as_ref().map(|c| &c.image),
-            "pod_name": p.pod_name, "pod_namespace": p.pod_namespace, "pod_labels": p.pod_labels,
-            "service_account": p.service_account, "pod_metadata": p.pod_metadata,
-        }),
-    }
+    p.as_ref().map_or(Value::Null, crate::process_json)
 }
 
 /// A diff as JSON: one object per key or line changed.

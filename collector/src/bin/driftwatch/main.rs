@@ -361,6 +361,23 @@ pub(crate) fn time(t: i64) -> String {
     rfc3339(t.into())
 }
 
+/// A process as JSON: the one shape every command prints, with every field
+/// of the API's `Process` (times as RFC 3339, `*_unix_nanos` named
+/// without the suffix).
+pub(crate) fn process_json(p: &driftwatch_proto::v1::Process) -> Value {
+    json!({
+        "pid": p.pid, "tid": p.tid, "ppid": p.ppid, "exec_id": p.exec_id,
+        "start_time": time(p.start_time_unix_nanos), "uid": p.uid, "user": p.user,
+        "gid": p.gid, "euid": p.euid, "loginuid": p.loginuid, "login_user": p.login_user,
+        "comm": p.comm, "exe": p.exe, "args": p.args, "cgroup": p.cgroup,
+        "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime, "name": c.name, "image": c.image})),
+        "pod_uid": p.pod_uid, "pod_name": p.pod_name, "pod_namespace": p.pod_namespace,
+        "pod_labels": p.pod_labels, "service_account": p.service_account,
+        "pod_metadata": p.pod_metadata,
+        "ancestors": p.ancestors.iter().map(|a| json!({"pid": a.pid, "exec_id": a.exec_id, "exe": a.exe})).collect::<Vec<_>>(),
+    })
+}
+
 pub(crate) fn event_json(e: &Event) -> Value {
     let p = e.process.as_ref();
     let mut v = json!({
@@ -371,17 +388,7 @@ pub(crate) fn event_json(e: &Event) -> Value {
         "time": time(e.time_unix_nanos),
     });
     if let Some(p) = p {
-        v["process"] = json!({
-            "pid": p.pid, "tid": p.tid, "ppid": p.ppid, "exec_id": p.exec_id,
-            "start_time": time(p.start_time_unix_nanos), "uid": p.uid, "user": p.user,
-            "gid": p.gid, "euid": p.euid, "loginuid": p.loginuid, "login_user": p.login_user,
-            "comm": p.comm, "exe": p.exe, "args": p.args, "cgroup": p.cgroup,
-            "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime, "name": c.name, "image": c.image})),
-            "pod_uid": p.pod_uid, "pod_name": p.pod_name, "pod_namespace": p.pod_namespace,
-            "pod_labels": p.pod_labels, "service_account": p.service_account,
-            "pod_metadata": p.pod_metadata,
-            "ancestors": p.ancestors.iter().map(|a| json!({"pid": a.pid, "exec_id": a.exec_id, "exe": a.exe})).collect::<Vec<_>>(),
-        });
+        v["process"] = process_json(p);
     }
     let outcome = |o: &Option<driftwatch_proto::v1::Outcome>| {
         o.as_ref()
@@ -1005,6 +1012,48 @@ fn main() -> ExitCode {
 mod tests {
     use super::Escaping;
     use std::io::Write as _;
+
+    #[test]
+    fn a_process_shows_every_field_of_the_api() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(driftwatch_proto::v1::FILE_DESCRIPTOR_SET)
+            .expect("the API's descriptors");
+        let message = |name: &str| {
+            set.file
+                .iter()
+                .flat_map(|f| &f.message_type)
+                .find(|m| m.name() == name)
+                .unwrap_or_else(|| panic!("no message {name}"))
+                .clone()
+        };
+        let v = super::process_json(&driftwatch_proto::v1::Process {
+            container: Some(Default::default()),
+            ancestors: vec![Default::default()],
+            ..Default::default()
+        });
+        let json_name = |f: &str| f.strip_suffix("_unix_nanos").unwrap_or(f).to_owned();
+        for f in &message("Process").field {
+            assert!(
+                v.get(json_name(f.name())).is_some(),
+                "process.{} missing",
+                f.name()
+            );
+        }
+        for f in &message("Container").field {
+            assert!(
+                v["container"].get(f.name()).is_some(),
+                "container.{}",
+                f.name()
+            );
+        }
+        for f in &message("Ancestor").field {
+            assert!(
+                v["ancestors"][0].get(f.name()).is_some(),
+                "ancestor.{}",
+                f.name()
+            );
+        }
+    }
 
     #[test]
     fn terminal_controls_are_shown_not_obeyed() {
