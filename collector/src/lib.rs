@@ -16,6 +16,7 @@ pub mod audit;
 pub mod control;
 pub mod correlate;
 pub mod ingest;
+pub mod json;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -6,8 +6,8 @@ use clap::Subcommand;
 use driftwatch_collector::{correlate::baselines::parse_manifest, units};
 use driftwatch_proto::v1::{
     approval_service_client::ApprovalServiceClient, baseline_service_client::BaselineServiceClient,
-    finding_service_client::FindingServiceClient, Approval, ApprovedChange, Baseline, ConfigChange,
-    DecideApprovalRequest, FileState, Finding, GetFindingRequest, ImportBaselineRequest,
+    finding_service_client::FindingServiceClient, Approval, Baseline, ConfigChange,
+    DecideApprovalRequest, FileState, GetFindingRequest, ImportBaselineRequest,
     ListApprovalsRequest, ListBaselinesRequest, ListFindingsRequest, Process,
     RequestApprovalRequest, ScanBaselineRequest, UpdateFindingRequest, WatchFindingsRequest,
 };
@@ -16,7 +16,8 @@ use tonic::{Request, Status};
 
 use crate::{table::Rows, Conn};
 
-use crate::{event_json, time, when, Output};
+use crate::{when, Output};
+use driftwatch_collector::json::{self, time};
 
 /// Entries sent per import call, well under the message size limit.
 const IMPORT_CHUNK: usize = 5_000;
@@ -242,37 +243,6 @@ fn who(p: &Option<Process>) -> String {
     }
 }
 
-fn state_json(s: &Option<FileState>) -> Value {
-    match s {
-        None => Value::Null,
-        Some(s) => json!({
-            "exists": s.exists, "sha256": s.sha256, "size": s.size,
-            "mode": s.mode.map(|m| format!("{m:04o}")), "uid": s.uid, "gid": s.gid,
-        }),
-    }
-}
-
-fn process_json(p: &Option<Process>) -> Value {
-    p.as_ref().map_or(Value::Null, crate::process_json)
-}
-
-/// A diff as JSON: one object per key or line changed.
-fn diff_json(changes: &[ConfigChange]) -> Value {
-    Value::Array(
-        changes
-            .iter()
-            .map(|c| {
-                json!({
-                    "op": c.op, "key": c.key,
-                    "old": (c.op != "added").then_some(&c.old),
-                    "new": (c.op != "removed").then_some(&c.new),
-                    "masked": c.masked,
-                })
-            })
-            .collect(),
-    )
-}
-
 /// A diff as lines under a `label`, and its note.
 fn print_diff(out: &mut impl Write, label: &str, changes: &[ConfigChange], note: &str) {
     let pad = " ".repeat(label.len());
@@ -284,53 +254,6 @@ fn print_diff(out: &mut impl Write, label: &str, changes: &[ConfigChange], note:
         let head = if changes.is_empty() { label } else { &pad };
         let _ = writeln!(out, "{head}({note})");
     }
-}
-
-fn finding_json(f: &Finding) -> Value {
-    json!({
-        "diff": diff_json(&f.changes),
-        "diff_note": (!f.changes_note.is_empty()).then_some(&f.changes_note),
-        "id": f.id, "kind": f.kind, "status": f.status, "host": f.node, "resource": f.resource,
-        "path": f.path, "actor": process_json(&f.actor), "desired": state_json(&f.desired),
-        "actual": state_json(&f.actual), "differences": f.differences, "summary": f.summary,
-        "first_seen": time(f.first_seen_unix_nanos), "last_seen": time(f.last_seen_unix_nanos),
-        "count": f.count, "failed": f.failed, "severity": f.severity,
-        "address": (!f.address.is_empty()).then_some(&f.address),
-        "port": (f.port != 0).then_some(f.port),
-        "evidence": f.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq, "time": time(e.time_unix_nanos)})).collect::<Vec<_>>(),
-        "approval_id": (f.approval_id != 0).then_some(f.approval_id),
-        "history": f.history.iter().map(|h| json!({"status": h.status, "by": h.principal, "time": time(h.time_unix_nanos), "note": h.note})).collect::<Vec<_>>(),
-    })
-}
-
-fn change_json(c: &ApprovedChange) -> Value {
-    json!({
-        "id": c.id, "approval_id": c.approval_id, "host": c.node, "resource": c.resource,
-        "path": c.path, "before": state_json(&c.before), "after": state_json(&c.after),
-        "diff": diff_json(&c.changes),
-        "diff_note": (!c.changes_note.is_empty()).then_some(&c.changes_note),
-        "actors": c.actors.iter().map(|p| process_json(&Some(p.clone()))).collect::<Vec<_>>(),
-        "time": time(c.time_unix_nanos),
-        "evidence": c.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq})).collect::<Vec<_>>(),
-    })
-}
-
-fn approval_json(a: &Approval) -> Value {
-    json!({
-        "id": a.id, "resource": a.resource, "host": a.host,
-        "digest": (!a.sha256.is_empty()).then_some(&a.sha256),
-        "window_seconds": a.window_seconds, "reason": a.reason, "requester": a.requester,
-        "requested": time(a.requested_unix_nanos), "status": a.status,
-        "approver": (!a.approver.is_empty()).then_some(&a.approver),
-        "decided": (a.decided_unix_nanos != 0).then(|| time(a.decided_unix_nanos)),
-        "valid_until": (a.valid_until_unix_nanos != 0).then(|| time(a.valid_until_unix_nanos)),
-        "note": a.note, "resolved_findings": a.resolved_findings,
-        "kind": if a.kind.is_empty() { "change" } else { a.kind.as_str() },
-        "who": (!a.who.is_empty()).then_some(&a.who),
-        "uses": a.uses,
-        "use_evidence": a.use_evidence.iter().map(|e| json!({"seq": e.seq, "node": e.node, "time": time(e.time_unix_nanos)})).collect::<Vec<_>>(),
-        "changes": a.changes.iter().map(change_json).collect::<Vec<_>>(),
-    })
 }
 
 fn short(s: &str) -> &str {
@@ -388,7 +311,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                                     let Some(f) = c.finding else { continue };
                                     let line = match output {
                                         Output::Json | Output::Jsonl | Output::Yaml => {
-                                            let mut v = finding_json(&f);
+                                            let mut v = json::finding(&f);
                                             v["cursor"] = json!(c.cursor);
                                             v.to_string()
                                         }
@@ -453,7 +376,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                 .findings;
             if output.machine() {
                 for f in &list {
-                    let _ = writeln!(out, "{}", finding_json(f));
+                    let _ = writeln!(out, "{}", json::finding(f));
                 }
                 return Ok(());
             }
@@ -497,9 +420,9 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
             };
             match output {
                 Output::Json | Output::Jsonl | Output::Yaml => {
-                    let mut v = finding_json(&f);
-                    v["events"] = Value::Array(d.events.iter().map(event_json).collect());
-                    v["approval"] = d.approval.as_ref().map_or(Value::Null, approval_json);
+                    let mut v = json::finding(&f);
+                    v["events"] = Value::Array(d.events.iter().map(json::event).collect());
+                    v["approval"] = d.approval.as_ref().map_or(Value::Null, json::approval);
                     let _ = writeln!(out, "{v}");
                 }
                 Output::Table | Output::Wide => {
@@ -592,7 +515,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
 fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool) {
     match output {
         Output::Json | Output::Jsonl | Output::Yaml => {
-            let _ = writeln!(out, "{}", approval_json(a));
+            let _ = writeln!(out, "{}", json::approval(a));
         }
         Output::Table | Output::Wide if !full => {
             let _ = writeln!(
@@ -721,7 +644,7 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .into_inner();
             match output {
                 Output::Json | Output::Jsonl | Output::Yaml => {
-                    let _ = writeln!(out, "{}", approval_json(&a));
+                    let _ = writeln!(out, "{}", json::approval(&a));
                 }
                 Output::Table | Output::Wide => {
                     let _ = writeln!(
@@ -1009,7 +932,7 @@ pub async fn baselines(channel: Conn, cmd: Baselines, out: &mut impl Write) -> R
             if output.machine() {
                 for b in &list {
                     let v = json!({
-                        "hosts": b.host, "path": b.path, "state": state_json(&b.state),
+                        "hosts": b.host, "path": b.path, "state": json::state(&b.state),
                         "source": b.source, "set": time(b.set_unix_nanos), "set_by": b.set_by,
                     });
                     let _ = writeln!(out, "{v}");

@@ -12,7 +12,8 @@ use driftwatch_proto::{
 use prost::Message as _;
 use serde_json::{json, Value};
 
-use crate::{event_json, status_text, time, Conn, Output};
+use crate::{status_text, Conn, Output};
+use driftwatch_collector::json::{self, time};
 
 type Query = driftwatch_proto::v1::query_service_client::QueryServiceClient<Conn>;
 
@@ -270,7 +271,7 @@ pub fn verify_file(
             o.remove("chain");
             o.remove("body");
         }
-        if event_json(&e) != v {
+        if json::event(&e) != v {
             bad.entry(node.clone()).or_insert(Broken {
                 seq,
                 reason: "its readable fields differ from its chained body (the export was edited)"

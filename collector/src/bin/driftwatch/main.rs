@@ -7,11 +7,15 @@ mod table;
 use std::{io::Write as _, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use driftwatch_collector::{query::kind_of, units};
+use driftwatch_collector::{
+    json::{self, time},
+    query::kind_of,
+    units,
+};
 use driftwatch_proto::{
-    time::{now_unix_nanos, parse_rfc3339, rfc3339},
+    time::{now_unix_nanos, parse_rfc3339},
     v1::{
-        event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest, Event, Gap,
+        event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest, Event,
         TimelineRequest,
     },
 };
@@ -357,145 +361,6 @@ pub(crate) fn when(s: &str) -> Result<i64, String> {
     parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
 }
 
-pub(crate) fn time(t: i64) -> String {
-    rfc3339(t.into())
-}
-
-/// A process as JSON: the one shape every command prints, with every field
-/// of the API's `Process` (times as RFC 3339, `*_unix_nanos` named
-/// without the suffix).
-pub(crate) fn process_json(p: &driftwatch_proto::v1::Process) -> Value {
-    json!({
-        "pid": p.pid, "tid": p.tid, "ppid": p.ppid, "exec_id": p.exec_id,
-        "start_time": time(p.start_time_unix_nanos), "uid": p.uid, "user": p.user,
-        "gid": p.gid, "euid": p.euid, "loginuid": p.loginuid, "login_user": p.login_user,
-        "comm": p.comm, "exe": p.exe, "args": p.args, "cgroup": p.cgroup,
-        "container": p.container.as_ref().map(|c| json!({"id": c.id, "runtime": c.runtime, "name": c.name, "image": c.image})),
-        "pod_uid": p.pod_uid, "pod_name": p.pod_name, "pod_namespace": p.pod_namespace,
-        "pod_labels": p.pod_labels, "service_account": p.service_account,
-        "pod_metadata": p.pod_metadata,
-        "ancestors": p.ancestors.iter().map(|a| json!({"pid": a.pid, "exec_id": a.exec_id, "exe": a.exe})).collect::<Vec<_>>(),
-    })
-}
-
-pub(crate) fn event_json(e: &Event) -> Value {
-    let p = e.process.as_ref();
-    let mut v = json!({
-        "type": "event",
-        "kind": kind_of(e),
-        "node": e.node,
-        "seq": e.seq,
-        "time": time(e.time_unix_nanos),
-    });
-    if let Some(p) = p {
-        v["process"] = process_json(p);
-    }
-    let outcome = |o: &Option<driftwatch_proto::v1::Outcome>| {
-        o.as_ref()
-            .map(|o| json!({"ok": o.ok, "errno": o.errno, "error": o.error}))
-    };
-    match &e.event {
-        Some(event::Event::Exec(x)) => v["args_truncated"] = json!(x.args_truncated),
-        Some(event::Event::Exit(x)) => {
-            v["exit_code"] = json!(x.exit_code);
-            v["signal"] = json!(x.signal);
-        }
-        Some(event::Event::File(f)) => {
-            v["op"] = json!(f.op);
-            v["path"] = json!(f.path);
-            if !f.new_path.is_empty() {
-                v["new_path"] = json!(f.new_path);
-            }
-            if !f.target.is_empty() {
-                v["target"] = json!(f.target);
-            }
-            v["resource"] = json!(f.resource);
-            v["flags"] = json!(f.flags);
-            if !f.mode.is_empty() {
-                v["mode"] = json!(f.mode);
-            }
-            v["owner_uid"] = json!(f.owner_uid);
-            v["owner_gid"] = json!(f.owner_gid);
-            v["resolved_from"] = json!(f.resolved_from);
-            v["result"] = json!(outcome(&f.result));
-            if !f.guardrail.is_empty() {
-                v["guardrail"] = json!(f.guardrail);
-            }
-        }
-        Some(event::Event::Connect(c)) => {
-            v["family"] = json!(c.family);
-            v["address"] = json!(c.address);
-            v["port"] = json!(c.port);
-            v["resource"] = json!(c.resource);
-            v["result"] = json!(outcome(&c.result));
-            if !c.guardrail.is_empty() {
-                v["guardrail"] = json!(c.guardrail);
-            }
-            if c.grant_id != 0 {
-                v["grant_id"] = json!(c.grant_id);
-            }
-        }
-        Some(event::Event::Loss(l)) => v["dropped"] = json!(l.dropped),
-        Some(event::Event::Digest(d)) => {
-            v["path"] = json!(d.path);
-            v["resource"] = json!(d.resource);
-            v["exists"] = json!(d.exists);
-            v["sha256"] = json!(d.sha256);
-            v["size"] = json!(d.size);
-            v["mode"] = json!(format!("{:04o}", d.mode));
-            v["uid"] = json!(d.uid);
-            v["gid"] = json!(d.gid);
-            v["reason"] = json!(d.reason);
-            if !d.scan_id.is_empty() {
-                v["scan_id"] = json!(d.scan_id);
-            }
-            if d.trigger_seq != 0 {
-                v["trigger_seq"] = json!(d.trigger_seq);
-            }
-            if !d.error.is_empty() {
-                v["error"] = json!(d.error);
-            }
-            if let Some(st) = &d.structure {
-                // Secrets in it are salted hashes, masked on the node.
-                v["structure"] = json!({
-                    "format": st.format,
-                    "entries": st.entries.iter().map(|e| json!({"key": e.key, "value": e.value, "masked": e.masked})).collect::<Vec<_>>(),
-                    "note": (!st.note.is_empty()).then_some(&st.note),
-                    "mask_key_id": st.mask_key_id,
-                });
-            }
-        }
-        Some(event::Event::ScanDone(d)) => {
-            v["scan_id"] = json!(d.scan_id);
-            v["path"] = json!(d.path);
-            v["files"] = json!(d.files);
-            v["errors"] = json!(d.errors);
-            if !d.error.is_empty() {
-                v["error"] = json!(d.error);
-            }
-        }
-        Some(event::Event::Policy(p)) => {
-            v["version"] = json!(p.version);
-            v["applied"] = json!(p.applied);
-            if !p.error.is_empty() {
-                v["error"] = json!(p.error);
-            }
-            v["watched_paths"] = json!(p.watched_paths);
-            v["watched_ports"] = json!(p.watched_ports);
-        }
-        None => {}
-    }
-    v
-}
-
-fn gap_json(g: &Gap) -> Value {
-    json!({
-        "type": "gap", "node": g.node, "reason": g.reason, "detail": g.detail,
-        "from_seq": g.from_seq, "to_seq": g.to_seq,
-        "from": time(g.from_time_unix_nanos), "to": time(g.to_time_unix_nanos),
-    })
-}
-
 pub(crate) fn detail(e: &Event) -> String {
     match &e.event {
         Some(event::Event::Exec(_)) => e
@@ -835,14 +700,14 @@ async fn dispatch(
             {
                 let line = match (&item.item, output) {
                     (Some(timeline_item::Item::Event(e)), o) if o.machine() => {
-                        let mut v = event_json(e);
+                        let mut v = json::event(e);
                         if chain {
                             evidence::add_chain(&mut v, e);
                         }
                         v.to_string()
                     }
                     (Some(timeline_item::Item::Gap(g)), o) if o.machine() => {
-                        gap_json(g).to_string()
+                        json::gap(g).to_string()
                     }
                     (Some(timeline_item::Item::Event(e)), _) if kind_of(e) == "loss" => {
                         // A kernel loss record is a hole in the history: show it as one.
@@ -1026,7 +891,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("no message {name}"))
                 .clone()
         };
-        let v = super::process_json(&driftwatch_proto::v1::Process {
+        let v = driftwatch_collector::json::process(&driftwatch_proto::v1::Process {
             container: Some(Default::default()),
             ancestors: vec![Default::default()],
             ..Default::default()
