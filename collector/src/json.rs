@@ -205,7 +205,7 @@ pub fn change(c: &ApprovedChange) -> Value {
         "path": c.path, "before": state(&c.before), "after": state(&c.after),
         "diff": diff(&c.changes),
         "diff_note": (!c.changes_note.is_empty()).then_some(&c.changes_note),
-        "actors": c.actors.iter().map(|p| process(p)).collect::<Vec<_>>(),
+        "actors": c.actors.iter().map(process).collect::<Vec<_>>(),
         "time": time(c.time_unix_nanos),
         "evidence": c.evidence.iter().map(|e| json!({"host": e.node, "seq": e.seq})).collect::<Vec<_>>(),
     })
