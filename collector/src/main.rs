@@ -492,6 +492,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         }
     });
 
+    let signals = stop_signals()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -533,7 +534,7 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
         stop_rx.clone(),
         ready.clone(),
     ));
-    tokio::spawn(stop_on_signal(stop_tx.clone()));
+    tokio::spawn(stop_on_signal(signals, stop_tx.clone()));
     tokio::spawn(reopen_when_writable(
         ingest_failure,
         args.data_dir.clone(),
@@ -616,8 +617,11 @@ async fn report_health(
 }
 
 /// Asks the server to stop on SIGINT or SIGTERM.
-async fn stop_on_signal(stop: tokio::sync::watch::Sender<Option<Stop>>) {
-    shutdown().await;
+async fn stop_on_signal(
+    signals: impl std::future::Future<Output = ()>,
+    stop: tokio::sync::watch::Sender<Option<Stop>>,
+) {
+    signals.await;
     tracing::info!("stopping");
     stop.send_replace(Some(Stop::Exit));
 }
@@ -779,16 +783,17 @@ async fn reload_policy(policies: Policies, file: Option<PathBuf>, audit: std::sy
     }
 }
 
-async fn shutdown() {
+/// SIGINT and SIGTERM, caught from the moment this is called (before the
+/// listener is bound, so a stop asked for as soon as the port answers is a
+/// clean stop, not the signal's default death).
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

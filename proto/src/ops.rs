@@ -63,7 +63,12 @@ pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
         .map_err(|e| format!("log filter {filter:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (the reader of standard error
+        // went away) is dropped: reporting it would print to that same
+        // standard error, which panics, and a panic in the task that logs
+        // "stopping" left the daemon deaf to SIGTERM.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder
             // Colour only for a person at a terminal, never into a file.

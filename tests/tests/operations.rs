@@ -372,3 +372,39 @@ fn the_agent_is_ready_only_while_its_sensors_are_attached() {
     let _ = agent.wait();
     assert!(saw_not_ready, "ready until the end of a stop");
 }
+
+#[test]
+fn the_collector_stops_on_sigterm_after_its_log_reader_went_away() {
+    // A log pipe whose reader died (a crashed log shipper, `| head`): the
+    // log lines fail to write, and the stop must not depend on them.
+    let dir = Dir::new();
+    let port = free_port();
+    let mut child = Command::new(driftwatch_tests::bin("driftwatch-collector"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log", "debug"])
+        .arg("--data-dir")
+        .arg(dir.path.join("store"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the collector");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the collector did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(child.stderr.take());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "exited with {status}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the collector ignored SIGTERM once its log reader was gone");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
