@@ -144,7 +144,7 @@ fn valid_sha(field: &str, s: &str) -> Result<(), Status> {
 
 /// A finding as the API shows it: its `changes` stand for the structures
 /// kept inside (the actual one waits there for an approval).
-fn public(mut f: driftwatch_proto::v1::Finding) -> driftwatch_proto::v1::Finding {
+pub fn public(mut f: driftwatch_proto::v1::Finding) -> driftwatch_proto::v1::Finding {
     f.desired = driftwatch_proto::structure::without(f.desired);
     f.actual = driftwatch_proto::structure::without(f.actual);
     f

@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod control;
 pub mod correlate;
+pub mod export;
 pub mod ingest;
 pub mod json;
 pub mod metrics;

@@ -183,6 +183,36 @@ struct Args {
     /// destination. Queued in the store, retried with backoff.
     #[arg(long, env = "DRIFTWATCH_NOTIFY", value_name = "FILE")]
     notify: Option<PathBuf>,
+    /// Write every finding change (and, with --export-events, every
+    /// event) to JSON Lines files in this directory, `findings.jsonl` and
+    /// `events.jsonl`, in the shape `driftwatch -o json` prints.
+    #[arg(long, env = "DRIFTWATCH_EXPORT_DIR", value_name = "DIR")]
+    export_dir: Option<PathBuf>,
+    /// Also export events, not only findings.
+    #[arg(long, env = "DRIFTWATCH_EXPORT_EVENTS")]
+    export_events: bool,
+    /// Rotate an export file once it would grow past this.
+    #[arg(long, default_value = "100MiB", value_parser = units::parse_bytes)]
+    export_max_bytes: u64,
+    /// Rotated export files kept (`findings.jsonl.1` … `.N`).
+    #[arg(long, default_value_t = 5)]
+    export_keep: usize,
+    /// Send finding changes (and events, with --export-events) as
+    /// OpenTelemetry log records to this OTLP/HTTP endpoint
+    /// (`http://otel-collector:4318/v1/logs`; JSON encoding).
+    #[arg(long, env = "DRIFTWATCH_OTLP_LOGS_URL", value_name = "URL", value_parser = otlp_url)]
+    otlp_logs_url: Option<String>,
+}
+
+/// An OTLP/HTTP URL: http(s), with a host.
+fn otlp_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(s.to_owned()),
+        _ => Err(format!(
+            "{s:?}: give an http:// or https:// URL with a host, like http://otel-collector:4318/v1/logs"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -434,6 +464,18 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     ingest.spawn_scan_router();
     // What other replicas store reaches this one's live timelines too.
     store.clone().follow_others(ingest.stored.clone());
+    driftwatch_collector::export::spawn(
+        driftwatch_collector::export::Config {
+            dir: args.export_dir.clone(),
+            events: args.export_events,
+            max_bytes: args.export_max_bytes,
+            keep: args.export_keep,
+            otlp: args.otlp_logs_url.clone(),
+        },
+        &args.data_dir,
+        correlator.clone(),
+        &ingest.stored,
+    )?;
     let audit = std::sync::Arc::new(Audit::open(&state).context("opening the audit log")?);
     tokio::spawn(reload_policy(
         policies.clone(),

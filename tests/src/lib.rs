@@ -623,8 +623,11 @@ impl Collector {
         }
     }
 
-    /// (Re)starts the process on the same port and store.
+    /// (Re)starts the process on the same port and store (after
+    /// [`Collector::stop`] or [`Collector::kill`]; one still running is
+    /// killed first).
     pub fn restart(&mut self) {
+        self.kill();
         let mut child = Command::new(bin("driftwatch-collector"))
             .args([
                 "--listen",
@@ -659,6 +662,32 @@ impl Collector {
                 "collector did not listen within 30 s"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and waits for the collector to exit (it must, within 30 s:
+    /// its stop grace is 10 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(status.success(), "the collector exited with {status}");
+                        return;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        panic!("the collector ignored SIGTERM for 30 s");
+                    }
+                }
+            }
         }
     }
 
