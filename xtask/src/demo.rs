@@ -37,7 +37,7 @@ pub fn run() -> Result<()> {
     }
     std::fs::write(
         dir.join("etc/myapp/app.conf"),
-        "debug=false\nlisten=0.0.0.0:8080\n",
+        "debug=false\nlisten=0.0.0.0:8080\ndb_password=demo-s3cret-1\n",
     )?;
     std::fs::write(dir.join("models/model.bin"), vec![1u8; 4096])?;
     std::fs::write(dir.join("scratch/candidate.bin"), vec![2u8; 4096])?;
@@ -202,9 +202,9 @@ resources:
     };
 
     step(
-        "1. drift: root edits the config with sed -i (writers are ansible-playbook and deploy)",
+        "1. drift: root edits the config with sed -i (writers are ansible-playbook and deploy): debug on, and the password rotated by hand (the finding shows it changed, never its value)",
         &mut sh(&format!(
-            "sed -i 's/debug=false/debug=true/' {d}/etc/myapp/app.conf"
+            "sed -i -e 's/debug=false/debug=true/' -e 's/db_password=demo-s3cret-1/db_password=demo-s3cret-2/' {d}/etc/myapp/app.conf"
         )),
     )?;
     step(
