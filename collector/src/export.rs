@@ -28,14 +28,16 @@ use std::{
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::{correlate::Correlator, json as shape};
+use crate::{
+    correlate::Correlator,
+    json as shape,
+    notify::{https_client, post, Client},
+};
 
 /// Finding changes read per turn.
 const PAGE: usize = 256;
 /// Longest wait between two tries of a failing OTLP endpoint.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// An OTLP endpoint that does not answer in this long has failed this try.
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to export, and where.
 #[derive(Clone, Debug, Default)]
@@ -222,40 +224,6 @@ pub fn otlp_request(records: Vec<Value>) -> Value {
     }]})
 }
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
-
-fn client() -> Result<Client, String> {
-    let b = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("no TLS roots for the OTLP endpoint: {e}"))?;
-    let https = b.https_or_http().enable_http1().build();
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https),
-    )
-}
-
-async fn post(client: &Client, url: &str, body: &Value) -> Result<(), String> {
-    let req = hyper::Request::post(url)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .map_err(|e| format!("building the request: {e}"))?;
-    let resp = tokio::time::timeout(TIMEOUT, client.request(req))
-        .await
-        .map_err(|_| format!("no answer in {TIMEOUT:?}"))?
-        .map_err(|e| driftwatch_proto::client::error_chain(&e))?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("the endpoint answered {}", resp.status()))
-    }
-}
-
 /// Starts the exports `config` asks for.
 pub fn spawn(
     config: Config,
@@ -272,7 +240,7 @@ pub fn spawn(
             .map_err(|e| {
                 anyhow::anyhow!("{}: cannot open the findings export: {e}", dir.display())
             })?;
-        tokio::spawn(findings_to_file(
+        tokio::spawn(follow_findings(
             findings,
             correlator.clone(),
             cursors.clone(),
@@ -287,13 +255,13 @@ pub fn spawn(
         tracing::info!(dir = %dir.display(), events = config.events, max_bytes = config.max_bytes, keep = config.keep, "exporting to JSON Lines files");
     }
     if let Some(url) = &config.otlp {
-        let client = client().map_err(anyhow::Error::msg)?;
-        tokio::spawn(findings_to_otlp(
-            client.clone(),
-            url.clone(),
-            correlator,
-            cursors,
-        ));
+        let client =
+            https_client().map_err(|e| anyhow::anyhow!("the OTLP export cannot start: {e}"))?;
+        let sink = Otlp {
+            client: client.clone(),
+            url: url.clone(),
+        };
+        tokio::spawn(follow_findings(sink, correlator, cursors));
         if config.events {
             tokio::spawn(events_to_otlp(client, url.clone(), stored.subscribe()));
         }
@@ -314,117 +282,101 @@ async fn page(
         .map_err(|e| e.to_string())
 }
 
-async fn findings_to_file(
-    mut file: Rotating,
-    correlator: Arc<Correlator>,
-    cursors: Arc<std::sync::Mutex<Cursors>>,
-) {
-    const SINK: &str = "file_findings";
-    let mut changed = correlator.judging().changes();
-    let mut cursor = cursors.lock().map(|c| c.get(SINK)).unwrap_or(0);
-    loop {
-        match page(&correlator, cursor).await {
-            Ok(p) if !p.is_empty() => {
-                let full = p.len() == PAGE;
-                let mut last = cursor;
-                let mut ok = true;
-                for (at, f) in &p {
-                    if let Err(e) =
-                        file.write(&finding_record(*at, &crate::control::public(f.clone())))
-                    {
-                        tracing::error!("the findings export could not be written: {e}");
-                        ok = false;
-                        break;
-                    }
-                    last = *at;
-                }
-                if ok {
-                    match file.sync() {
-                        Ok(()) => {
-                            cursor = last;
-                            if let Ok(mut c) = cursors.lock() {
-                                if let Err(e) = c.set(SINK, cursor) {
-                                    tracing::warn!(
-                                        "the findings export's cursor could not be saved: {e}"
-                                    );
-                                }
-                            }
-                        }
-                        Err(e) => tracing::error!("the findings export could not be written: {e}"),
-                    }
-                }
-                if full && ok {
-                    continue;
-                }
-                if !ok {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!("reading finding changes for the export: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
+/// Where finding changes go: a file or an endpoint.
+trait FindingSink {
+    /// Its name for the cursor file and the logs.
+    const NAME: &'static str;
+    /// Delivers `records` (finding changes with their cursors) durably:
+    /// written and synced, or acknowledged.
+    async fn deliver(&mut self, records: Vec<(u64, Value)>) -> Result<(), String>;
+}
+
+impl FindingSink for Rotating {
+    const NAME: &'static str = "file_findings";
+
+    async fn deliver(&mut self, records: Vec<(u64, Value)>) -> Result<(), String> {
+        for (_, v) in &records {
+            self.write(v).map_err(|e| e.to_string())?;
         }
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
+        self.sync().map_err(|e| e.to_string())
     }
 }
 
-async fn findings_to_otlp(
+/// An OTLP/HTTP logs endpoint.
+struct Otlp {
     client: Client,
     url: String,
+}
+
+impl FindingSink for Otlp {
+    const NAME: &'static str = "otlp_findings";
+
+    async fn deliver(&mut self, records: Vec<(u64, Value)>) -> Result<(), String> {
+        let logs = records
+            .iter()
+            .map(|(_, v)| {
+                let t = v["last_seen"]
+                    .as_str()
+                    .and_then(|t| driftwatch_proto::time::parse_rfc3339(t).ok())
+                    .unwrap_or_else(driftwatch_proto::time::now_unix_nanos);
+                log_record(v, t)
+            })
+            .collect();
+        post(&self.client, &self.url, &otlp_request(logs)).await
+    }
+}
+
+/// Delivers every finding change after the sink's cursor, as they come;
+/// a failed delivery keeps the cursor and is tried again with backoff.
+async fn follow_findings<S: FindingSink>(
+    mut sink: S,
     correlator: Arc<Correlator>,
     cursors: Arc<std::sync::Mutex<Cursors>>,
 ) {
-    const SINK: &str = "otlp_findings";
     let mut changed = correlator.judging().changes();
-    let mut cursor = cursors.lock().map(|c| c.get(SINK)).unwrap_or(0);
+    let mut cursor = cursors.lock().map(|c| c.get(S::NAME)).unwrap_or(0);
     let mut backoff = Duration::from_secs(1);
     loop {
-        match page(&correlator, cursor).await {
-            Ok(p) if !p.is_empty() => {
-                let full = p.len() == PAGE;
-                let last = p.last().map_or(cursor, |(at, _)| *at);
-                let records = p
-                    .iter()
-                    .map(|(at, f)| {
-                        log_record(
-                            &finding_record(*at, &crate::control::public(f.clone())),
-                            f.last_seen_unix_nanos,
-                        )
-                    })
-                    .collect();
-                match post(&client, &url, &otlp_request(records)).await {
-                    Ok(()) => {
-                        backoff = Duration::from_secs(1);
-                        cursor = last;
-                        if let Ok(mut c) = cursors.lock() {
-                            if let Err(e) = c.set(SINK, cursor) {
-                                tracing::warn!("the OTLP export's cursor could not be saved: {e}");
-                            }
-                        }
-                        if full {
-                            continue;
+        let page = match page(&correlator, cursor).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    sink = S::NAME,
+                    "reading finding changes for the export: {e}"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if !page.is_empty() {
+            let full = page.len() == PAGE;
+            let last = page.last().map_or(cursor, |(at, _)| *at);
+            let records = page
+                .into_iter()
+                .map(|(at, f)| (at, finding_record(at, &crate::control::public(f))))
+                .collect();
+            match sink.deliver(records).await {
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    cursor = last;
+                    if let Ok(mut c) = cursors.lock() {
+                        if let Err(e) = c.set(S::NAME, cursor) {
+                            tracing::warn!(
+                                sink = S::NAME,
+                                "the export's cursor could not be saved: {e}"
+                            );
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(%url, retry_in = ?backoff, "the OTLP logs endpoint refused finding changes: {e}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if full {
                         continue;
                     }
                 }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!("reading finding changes for the export: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                Err(e) => {
+                    tracing::warn!(sink = S::NAME, retry_in = ?backoff, "finding changes could not be exported: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
             }
         }
         tokio::select! {

@@ -279,10 +279,23 @@ pub struct Notifier {
     next: std::sync::atomic::AtomicU64,
 }
 
-type Client = hyper_util::client::legacy::Client<
+/// An HTTP(S) client for webhooks and OTLP endpoints.
+pub(crate) type Client = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Full<bytes::Bytes>,
 >;
+
+/// A client trusting the system's roots, for `http://` and `https://`.
+pub(crate) fn https_client() -> Result<Client, String> {
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no TLS roots: {e}"))?;
+    let https = b.https_or_http().enable_http1().build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
+}
 
 impl Notifier {
     /// A notifier over `store` for `config`.
@@ -368,17 +381,11 @@ impl Notifier {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let client = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-                Ok(b) => {
-                    let https = b.https_or_http().enable_http1().build();
-                    hyper_util::client::legacy::Client::builder(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .build(https)
-                }
+            let client = match https_client() {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::error!(
-                        "no TLS roots for webhook deliveries ({e}); notifications stay queued"
+                        "webhook deliveries cannot start ({e}); notifications stay queued"
                     );
                     return;
                 }
@@ -472,7 +479,9 @@ impl Notifier {
     }
 }
 
-async fn post(client: &Client, url: &str, body: &Value) -> Result<(), String> {
+/// POSTs `body` as JSON to `url`; an answer other than 2xx, or none
+/// within 10 s, is an error.
+pub(crate) async fn post(client: &Client, url: &str, body: &Value) -> Result<(), String> {
     let req = hyper::Request::post(url)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(
@@ -486,7 +495,7 @@ async fn post(client: &Client, url: &str, body: &Value) -> Result<(), String> {
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(format!("the webhook answered {}", resp.status()))
+        Err(format!("the endpoint answered {}", resp.status()))
     }
 }
 

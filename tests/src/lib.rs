@@ -1037,3 +1037,59 @@ pub fn assert_stored_once(seqs: &[u64], want: usize) {
     assert_eq!(distinct.len(), seqs.len(), "events stored more than once");
     assert_eq!(seqs.len(), want, "events stored");
 }
+
+/// A watched config tree (`etc/app` under a fresh directory, resource
+/// `app-config`, writable only by a user that does not exist), judged by a
+/// secured collector, watched by a managed agent, with the first state of
+/// every file learned before the test changes anything. Fields drop in
+/// order: the agent stops before the collector.
+pub struct ConfigTree {
+    /// The agent watching it.
+    pub agent: Agent,
+    /// The collector judging it.
+    pub collector: Collector,
+    /// The tree's path.
+    pub tree: String,
+    /// The test's directory (the tree, the agent's spool in `spool`).
+    pub dir: Dir,
+}
+
+impl ConfigTree {
+    /// `files` (name, content) in the tree; `node` names the agent's host;
+    /// `extra` goes to the collector.
+    pub fn new(node: &str, files: &[(&str, &str)], extra: &[&str]) -> Self {
+        let dir = Dir::new();
+        let tree = dir.join("etc/app");
+        std::fs::create_dir_all(&tree).expect("mkdir");
+        for (name, content) in files {
+            std::fs::write(format!("{tree}/{name}"), content).expect("write");
+        }
+        let collector = Collector::judging(
+            &format!(
+                "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: app-config, kind: config, paths: [\"{tree}/\"], writers: [ {{ user: nobody-else }} ] }}\n"
+            ),
+            extra,
+        );
+        let agent = Agent::managed(&collector, node, &dir.path.join("spool"));
+        for (name, _) in files {
+            let path = format!("{tree}/{name}");
+            collector.wait_json(
+                &["baseline", "list", "--path", &path],
+                30,
+                |b| !b.is_empty(),
+                &format!("the learned state of {name}"),
+            );
+        }
+        Self {
+            agent,
+            collector,
+            tree,
+            dir,
+        }
+    }
+
+    /// The path of `name` in the tree.
+    pub fn path(&self, name: &str) -> String {
+        format!("{}/{name}", self.tree)
+    }
+}

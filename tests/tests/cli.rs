@@ -11,7 +11,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use driftwatch_tests::{bin, free_port, run, sha256_file, Agent, Collector, Dir};
+use driftwatch_tests::{bin, free_port, run, sha256_file, ConfigTree, Dir};
 use serde_json::Value;
 
 fn driftwatch(args: &[&str]) -> Output {
@@ -152,24 +152,8 @@ fn completion_scripts_and_the_manual_page() {
 
 #[test]
 fn output_formats_host_globs_digest_prefixes_and_stdin_manifests() {
-    let dir = Dir::new();
-    let tree = dir.join("etc/app");
-    std::fs::create_dir_all(&tree).unwrap();
-    let file = format!("{tree}/app.yaml");
-    std::fs::write(&file, "replicas: 1\n").unwrap();
-    let c = Collector::judging(
-        &format!(
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: app-config, kind: config, paths: [\"{tree}/\"], writers: [ {{ user: nobody-else }} ] }}\n"
-        ),
-        &[],
-    );
-    let _agent = Agent::managed(&c, "node-glob", &dir.path.join("spool"));
-    c.wait_json(
-        &["baseline", "list", "--path", &file],
-        30,
-        |b| !b.is_empty(),
-        "the learned state",
-    );
+    let w = ConfigTree::new("node-glob", &[("app.yaml", "replicas: 1\n")], &[]);
+    let (c, dir, file) = (&w.collector, &w.dir, w.path("app.yaml"));
     run(Command::new("sed").args(["-i", "s/replicas: 1/replicas: 2/", &file]));
     let f = c.wait_findings(
         30,
@@ -305,33 +289,23 @@ fn output_formats_host_globs_digest_prefixes_and_stdin_manifests() {
     // taken for the one finding's digest it starts.
     let full = sha256_file(&file);
     let printed = format!("sha256:{}", &full[..12]);
-    let req = c.json(
-        "alice",
-        &[
+    let request = |digest: &str| {
+        let args = [
             "approvals",
             "request",
             "--resource",
             "app-config",
             "--digest",
-            &printed,
-            "--reason",
-            "r",
-        ],
-    );
-    assert_eq!(req[0]["digest"], full.as_str(), "{req:#?}");
-    let unknown = c.cli(
-        "alice",
-        &[
-            "approvals",
-            "request",
-            "--resource",
-            "app-config",
-            "--digest",
-            "sha256:0123456789ab",
-            "--reason",
-            "r",
-        ],
-    );
+            digest,
+        ];
+        c.cli(
+            "alice",
+            &[&args[..], &["--reason", "r", "-o", "json"]].concat(),
+        )
+    };
+    let req: Value = serde_json::from_slice(&request(&printed).stdout).unwrap();
+    assert_eq!(req["digest"], full.as_str(), "{req:#}");
+    let unknown = request("sha256:0123456789ab");
     assert!(stderr(&unknown).contains("no finding or baseline has a digest starting so"));
 
     // `sha256sum --tag` output, from standard input.

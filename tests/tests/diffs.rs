@@ -6,7 +6,7 @@
 
 use std::{path::Path, process::Command};
 
-use driftwatch_tests::{run, Agent, Collector, Dir};
+use driftwatch_tests::{run, Agent, Collector, ConfigTree, Dir};
 use serde_json::Value;
 
 const OLD: &str = "s3cret-OLD-7f3a";
@@ -113,31 +113,11 @@ fn change<'a>(d: &'a Value, key: &str) -> Option<&'a Value> {
 
 #[test]
 fn sed_edits_of_every_config_format_are_diffs_with_secrets_masked_everywhere() {
-    let dir = Dir::new();
-    let tree = dir.join("etc/app");
-    std::fs::create_dir_all(&tree).expect("mkdir");
     let cases = cases();
-    for c in &cases {
-        std::fs::write(format!("{tree}/{}", c.name), &c.body).expect("write");
-    }
-    let collector = Collector::judging(
-        &format!(
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - name: app-config\n    kind: config\n    paths: [\"{tree}/\"]\n    writers: [ {{ exe: /usr/bin/ansible-playbook }} ]\n"
-        ),
-        &[],
-    );
-    let spool = dir.path.join("spool");
-    let agent = Agent::managed(&collector, "node-diff", &spool);
-    // The first state of every file is learned before it is changed.
-    for c in &cases {
-        let path = format!("{tree}/{}", c.name);
-        collector.wait_json(
-            &["baseline", "list", "--path", &path],
-            30,
-            |b| !b.is_empty(),
-            &format!("the learned state of {}", c.name),
-        );
-    }
+    let files: Vec<(&str, &str)> = cases.iter().map(|c| (c.name, c.body.as_str())).collect();
+    let w = ConfigTree::new("node-diff", &files, &[]);
+    let (collector, tree) = (&w.collector, &w.tree);
+    let spool = w.dir.path.join("spool");
 
     let mut outputs = String::new();
     for c in &cases {
@@ -214,7 +194,7 @@ fn sed_edits_of_every_config_format_are_diffs_with_secrets_masked_everywhere() {
 
     // Everything stored: the collector's data directory (store, audit log)
     // and the agent's spool, read as bytes once the agent has stopped.
-    drop(agent);
+    drop(w.agent);
     assert!(
         !files_holding(&collector.data, MARKER).is_empty(),
         "the store keeps plain values as bytes the search can see"

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{free_port, run, Agent, Collector, Dir};
+use driftwatch_tests::{free_port, run, ConfigTree, Dir};
 use serde_json::Value;
 
 /// An OTLP/HTTP receiver: appends each request body as a line to `out`.
@@ -67,20 +67,15 @@ fn keys(v: &Value) -> BTreeSet<String> {
 
 #[test]
 fn findings_and_events_are_exported_to_rotated_files_and_otlp() {
-    let dir = Dir::new();
-    let tree = dir.join("etc/app");
-    std::fs::create_dir_all(&tree).unwrap();
-    let file = format!("{tree}/app.yaml");
-    std::fs::write(&file, "replicas: 1\n").unwrap();
-    let export = dir.path.join("export");
+    let scratch = Dir::new();
+    let export = scratch.path.join("export");
     let otlp_port = free_port();
-    let received = dir.path.join("otlp.jsonl");
+    let received = scratch.path.join("otlp.jsonl");
     let url = format!("http://127.0.0.1:{otlp_port}/v1/logs");
     let export_arg = export.display().to_string();
-    let mut c = Collector::judging(
-        &format!(
-            "apiVersion: driftwatch.dev/v1\nkind: Policy\nresources:\n  - {{ name: app-config, kind: config, paths: [\"{tree}/\"], writers: [ {{ user: nobody-else }} ] }}\n"
-        ),
+    let mut w = ConfigTree::new(
+        "node-exp",
+        &[("app.yaml", "replicas: 1\n")],
         &[
             "--export-dir",
             &export_arg,
@@ -93,13 +88,7 @@ fn findings_and_events_are_exported_to_rotated_files_and_otlp() {
             &url,
         ],
     );
-    let _agent = Agent::managed(&c, "node-exp", &dir.path.join("spool"));
-    c.wait_json(
-        &["baseline", "list", "--path", &file],
-        30,
-        |b| !b.is_empty(),
-        "the learned state",
-    );
+    let (file, tree) = (w.path("app.yaml"), w.tree.clone());
     run(Command::new("sed").args(["-i", "s/replicas: 1/replicas: 4/", &file]));
 
     // The findings file: the CLI's finding, with its type and cursor.
@@ -115,7 +104,8 @@ fn findings_and_events_are_exported_to_rotated_files_and_otlp() {
     assert!(exported["cursor"].as_u64().is_some_and(|c| c > 0));
     let id = exported["id"].as_u64().unwrap().to_string();
     let shown: Value = serde_json::from_slice(
-        &c.cli_ok("reader", &["findings", "show", &id, "-o", "json"])
+        &w.collector
+            .cli_ok("reader", &["findings", "show", &id, "-o", "json"])
             .stdout,
     )
     .unwrap();
@@ -175,8 +165,8 @@ fn findings_and_events_are_exported_to_rotated_files_and_otlp() {
 
     // A restart resumes after the last exported change: no cursor twice.
     let before = lines(&findings).len();
-    c.stop();
-    c.restart();
+    w.collector.stop();
+    w.collector.restart();
     run(Command::new("sed").args(["-i", "s/replicas: 4/replicas: 5/", &file]));
     wait_until(30, "the new change exported after the restart", || {
         (lines(&findings).len() > before).then_some(())
