@@ -183,8 +183,14 @@ pub fn is_secret(name: &str, value: &str) -> bool {
     looks_secret(value)
 }
 
-/// True for a value shaped like a credential, whatever its name.
+/// True for a value shaped like a credential, or random like one,
+/// whatever its name.
 pub fn looks_secret(value: &str) -> bool {
+    credential_shape(value) || high_entropy(value.trim())
+}
+
+/// True for a value in a known credential's shape.
+fn credential_shape(value: &str) -> bool {
     let v = value.trim();
     if v.contains("PRIVATE KEY") && v.contains("-----BEGIN") {
         return true;
@@ -226,15 +232,14 @@ pub fn looks_secret(value: &str) -> bool {
     if v.len() >= 24 && (v.starts_with("sk-") || v.starts_with("hf_")) {
         return true;
     }
-    if v.starts_with("eyJ") && v.matches('.').count() == 2 && v.len() >= 32 {
-        return true;
-    }
-    high_entropy(v)
+    v.starts_with("eyJ") && v.matches('.').count() == 2 && v.len() >= 32
 }
 
 /// A long token of letters and digits (and `+/=_-`) whose symbols are
-/// spread as evenly as random ones would be. Hex digests stay visible:
-/// sixteen symbols cannot reach the bar for their length.
+/// spread as evenly as random ones would be, with a run of at least 16
+/// that mixes letters and digits. Names made of words and numbers
+/// (`web-frontend-2024-prod`, a UUID's groups) are not; hex digests stay
+/// visible: sixteen symbols cannot reach the bar for their length.
 fn high_entropy(v: &str) -> bool {
     let n = v.len();
     if !(20..=4096).contains(&n) {
@@ -243,9 +248,12 @@ fn high_entropy(v: &str) -> bool {
     let charset = v
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'_' | b'-'));
-    let letters = v.bytes().any(|b| b.is_ascii_alphabetic());
-    let digits = v.bytes().any(|b| b.is_ascii_digit());
-    if !charset || !letters || !digits {
+    let random_run = v.split(['-', '_', '.']).any(|run| {
+        run.len() >= 16
+            && run.bytes().any(|b| b.is_ascii_alphabetic())
+            && run.bytes().any(|b| b.is_ascii_digit())
+    });
+    if !charset || !random_run {
         return false;
     }
     let mut counts = [0u32; 256];
@@ -286,10 +294,16 @@ fn has_url_password(v: &str) -> bool {
 }
 
 /// Replaces, inside free text, every `name: value` or `name=value` whose
-/// name is a secret name, and every secret-looking word, by what `hide`
-/// makes of it. Used on command-line arguments (a `sed` expression
-/// rewriting a password) and on lines of text files.
-pub fn mask_inline(text: &str, hide: &mut dyn FnMut(&str) -> String) -> (String, bool) {
+/// name is a secret name, every URL's password, and every word shaped
+/// like a credential (and, with `entropy`, every random-looking token),
+/// by what `hide` makes of it. Used on command-line arguments (a `sed`
+/// expression rewriting a password; without `entropy`, so identifiers a
+/// responder needs stay) and on lines of text files (with it).
+pub fn mask_inline(
+    text: &str,
+    entropy: bool,
+    hide: &mut dyn FnMut(&str) -> String,
+) -> (String, bool) {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut masked = false;
@@ -376,7 +390,12 @@ pub fn mask_inline(text: &str, hide: &mut dyn FnMut(&str) -> String) -> (String,
             k
         };
         let token = &text[start..token_end];
-        if looks_secret(token) {
+        let secret = if entropy {
+            looks_secret(token)
+        } else {
+            credential_shape(token)
+        };
+        if secret {
             out.push_str(&hide(token));
             masked = true;
             i = token_end;
@@ -434,6 +453,7 @@ mod tests {
             "postgresql://app:hunter2@db:5432/prod",
             "-----BEGIN RSA PRIVATE KEY-----\nMIIE...",
             "q8Zr2Lx0VbN4tYw7KpD1sFgH3jMc",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         ] {
             assert!(looks_secret(v), "{v}");
         }
@@ -447,6 +467,9 @@ mod tests {
             "config_manager_2024_production",
             "/var/lib/models/llama-3-8b-instruct.safetensors",
             "a sentence with several words in it",
+            "dw-marker-28641-exit",
+            "web-frontend-2024-prod-eu1",
+            "550e8400-e29b-41d4-a716-446655440000",
         ] {
             assert!(!looks_secret(v), "{v}");
         }
@@ -458,17 +481,22 @@ mod tests {
         let mut hide = |v: &str| format!("<{}>", key.hash(v));
         let (s, m) = mask_inline(
             "s/password: s3cret-OLD-7f3a/password: s3cret-NEW-9c1d/",
+            true,
             &mut hide,
         );
         assert!(m);
         assert!(!s.contains("s3cret"), "{s}");
         assert!(s.starts_with("s/password: <"), "{s}");
-        let (s, _) = mask_inline("export API_TOKEN=\"abc123\" # note", &mut hide);
+        let (s, _) = mask_inline("export API_TOKEN=\"abc123\" # note", true, &mut hide);
         assert!(!s.contains("abc123"), "{s}");
-        let (s, m) = mask_inline("replicas: 3 # three of them", &mut hide);
+        let (s, m) = mask_inline("replicas: 3 # three of them", true, &mut hide);
         assert_eq!((s.as_str(), m), ("replicas: 3 # three of them", false));
-        let (s, m) = mask_inline("url = postgresql://u:pw@db/x", &mut hide);
+        let (s, m) = mask_inline("url = postgresql://u:pw@db/x", true, &mut hide);
         assert!(m && !s.contains("pw@"), "{s}");
+        // A random token: hidden in text, kept in a command line.
+        let token = "q8Zr2Lx0VbN4tYw7KpD1sFgH3jMc";
+        assert!(mask_inline(token, true, &mut hide).1);
+        assert!(!mask_inline(token, false, &mut hide).1);
     }
 
     #[test]

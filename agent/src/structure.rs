@@ -382,7 +382,7 @@ fn lines(key: &MaskKey, text: &str, note: String) -> Structure {
             };
         }
         let (value, masked) =
-            crate::secrets::mask_inline(line, &mut |v| format!("[masked {}]", key.hash(v)));
+            crate::secrets::mask_inline(line, true, &mut |v| format!("[masked {}]", key.hash(v)));
         entries.push(Entry {
             key: String::new(),
             value: bounded(&value),

@@ -95,7 +95,7 @@ pub fn mask_argv(argv: &[String]) -> Vec<String> {
         // or `name=value` inside the argument (a sed expression rewriting
         // a password in a config file).
         let plain = mask_query(&mask_url_credentials(arg));
-        out.push(mask_inline(&plain, &mut |_| MASK.to_owned()).0);
+        out.push(mask_inline(&plain, false, &mut |_| MASK.to_owned()).0);
     }
     out
 }
@@ -212,6 +212,8 @@ mod tests {
     #[test]
     fn ordinary_arguments_untouched() {
         let args = [
+            "dw-marker-28641-exit",
+            "3f0c9a1d2b4e5f6071829304a5b6c7d8",
             "sed",
             "-i",
             "s/a/b/",
