@@ -26,6 +26,7 @@ pub mod security;
 pub mod statuses;
 pub mod store;
 pub mod units;
+pub mod web;
 
 /// Resolves once `closing` turns true; never when its sender is gone
 /// without having said so (a service built without a stop signal).

@@ -202,6 +202,11 @@ struct Args {
     /// (`http://otel-collector:4318/v1/logs`; JSON encoding).
     #[arg(long, env = "DRIFTWATCH_OTLP_LOGS_URL", value_name = "URL", value_parser = otlp_url)]
     otlp_logs_url: Option<String>,
+    /// Serve the timeline web view for responders on this address (plain
+    /// HTTP; the same credentials as the API: a bearer token, or in a
+    /// browser the token as the Basic password; the viewer role).
+    #[arg(long, env = "DRIFTWATCH_WEB_LISTEN", value_name = "ADDR")]
+    web_listen: Option<std::net::SocketAddr>,
 }
 
 /// An OTLP/HTTP URL: http(s), with a host.
@@ -464,6 +469,9 @@ async fn run(args: Args) -> anyhow::Result<Stop> {
     ingest.spawn_scan_router();
     // What other replicas store reaches this one's live timelines too.
     store.clone().follow_others(ingest.stored.clone());
+    if let Some(addr) = args.web_listen {
+        driftwatch_collector::web::serve(addr, correlator.clone(), auth.clone()).await?;
+    }
     driftwatch_collector::export::spawn(
         driftwatch_collector::export::Config {
             dir: args.export_dir.clone(),

@@ -126,6 +126,8 @@ fn test(args: &[String]) -> Result<()> {
     // Real servers the tests start on loopback: Prometheus scrapes both
     // daemons' /metrics.
     setup::apt(&["prometheus"])?;
+    // The timeline web view is checked in a headless browser.
+    setup::apt(&["chromium"])?;
     // The manifests under deploy/ are validated against the Kubernetes
     // API's schemas.
     setup::pip(&["kubernetes-validate"])?;
