@@ -228,3 +228,95 @@ pub fn approval(a: &Approval) -> Value {
         "changes": a.changes.iter().map(change).collect::<Vec<_>>(),
     })
 }
+
+/// One line saying what an event did, as the CLI's tables and the web
+/// view show it.
+pub fn detail(e: &Event) -> String {
+    match &e.event {
+        Some(event::Event::Exec(_)) => e
+            .process
+            .as_ref()
+            .map(|p| p.args.join(" "))
+            .unwrap_or_default(),
+        Some(event::Event::Exit(x)) => format!("exit {} signal {}", x.exit_code, x.signal),
+        Some(event::Event::File(f)) => {
+            let res = f
+                .result
+                .as_ref()
+                .map(|r| {
+                    if r.ok {
+                        String::new()
+                    } else {
+                        format!(" [{}]", r.error)
+                    }
+                })
+                .unwrap_or_default();
+            let guard = match f.guardrail.as_str() {
+                "" | "allowed" => String::new(),
+                g => format!(" (guardrail: {g})"),
+            };
+            if f.new_path.is_empty() {
+                format!("{} {}{res}{guard}", f.op, f.path)
+            } else {
+                format!("{} {} -> {}{res}{guard}", f.op, f.path, f.new_path)
+            }
+        }
+        Some(event::Event::Connect(c)) => {
+            let res = c
+                .result
+                .as_ref()
+                .map(|r| {
+                    if r.ok {
+                        "ok".to_owned()
+                    } else {
+                        r.error.clone()
+                    }
+                })
+                .unwrap_or_default();
+            let guard = match c.guardrail.as_str() {
+                "" | "allowed" => String::new(),
+                "granted" => format!(" (guardrail: granted by approval {})", c.grant_id),
+                g => format!(" (guardrail: {g})"),
+            };
+            format!("connect {}:{} {res}{guard}", c.address, c.port)
+        }
+        Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
+        Some(event::Event::Digest(d)) if !d.exists => {
+            format!("state {} gone ({})", d.path, d.reason)
+        }
+        Some(event::Event::Digest(d)) => format!(
+            "state {} sha256:{} {}B mode {:04o} owner {}:{} ({}){}",
+            d.path,
+            d.sha256.get(..12).unwrap_or(&d.sha256),
+            d.size,
+            d.mode,
+            d.uid,
+            d.gid,
+            d.reason,
+            match (&d.structure, d.error.is_empty()) {
+                (_, false) => format!(" [{}]", d.error),
+                (Some(st), true) => format!(" [{}, {} entries]", st.format, st.entries.len()),
+                (None, true) => String::new(),
+            }
+        ),
+        Some(event::Event::ScanDone(d)) => format!(
+            "scan {} of {}: {} files, {} errors{}",
+            if d.scan_id.is_empty() {
+                "(watched)"
+            } else {
+                &d.scan_id
+            },
+            d.path,
+            d.files,
+            d.errors,
+            if d.error.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", d.error)
+            }
+        ),
+        Some(event::Event::Policy(p)) if p.applied => format!("policy {} applied", p.version),
+        Some(event::Event::Policy(p)) => format!("policy {} refused: {}", p.version, p.error),
+        None => String::new(),
+    }
+}

@@ -46,6 +46,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| bad())
 }
 
+/// A moment as people give it: a duration back from now (`10m`, `1h30m`)
+/// or an RFC 3339 time; Unix nanoseconds.
+pub fn when(s: &str) -> Result<i64, String> {
+    if let Ok(d) = parse_duration(s) {
+        let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        return Ok(driftwatch_proto::time::now_unix_nanos().saturating_sub(back));
+    }
+    driftwatch_proto::time::parse_rfc3339(s)
+        .map_err(|e| format!("{e}, or a duration back from now like 10m"))
+}
+
 /// `d` as people write it: `1s`, `1h30m`, `500ms`.
 pub fn fmt_duration(d: Duration) -> String {
     match jiff::SignedDuration::try_from(d) {

@@ -19,7 +19,6 @@ use axum::{
     Router,
 };
 use driftwatch_proto::v1::{event, timeline_item, Event, Finding, Gap, TimelineRequest};
-use serde_json::Value;
 
 use crate::{
     correlate::{baselines::host_matches, Correlator},
@@ -206,17 +205,10 @@ tr:target{background:#fff3b0}code{font:12px ui-monospace,monospace}\
 .refused{color:#b00}.gaps li{color:#a33}.diff td{padding:1px 8px;font:12px ui-monospace,monospace}\
 .muted{color:#777}";
 
-/// A time from a query: a duration back from now (`10m`, `1h30m`) or RFC 3339.
+/// A time from a query (a duration back from now, or RFC 3339); none when
+/// empty or unreadable.
 fn when(s: &str) -> Option<i64> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(d) = crate::units::parse_duration(s) {
-        let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        return Some(driftwatch_proto::time::now_unix_nanos().saturating_sub(back));
-    }
-    driftwatch_proto::time::parse_rfc3339(s).ok()
+    crate::units::when(s.trim()).ok()
 }
 
 async fn index(State(web): State<Web>, headers: HeaderMap) -> Response {
@@ -248,17 +240,24 @@ async fn index(State(web): State<Web>, headers: HeaderMap) -> Response {
     for f in &open {
         let _ = write!(
             body,
-            "<li><a href=\"/findings/{}\">#{} {}</a> <span class=\"muted\">{} · {}</span> {}</li>",
-            f.id,
-            f.id,
-            esc(&f.kind),
-            esc(&f.severity),
-            esc(&f.node),
+            "<li>{} {}</li>",
+            finding_link(f, &f.node),
             esc(&f.summary)
         );
     }
     body.push_str("</ul>");
     page("hosts", "", &body)
+}
+
+/// A finding's link and kind, its severity and `also` (host or status).
+fn finding_link(f: &Finding, also: &str) -> String {
+    format!(
+        "<a href=\"/findings/{id}\">#{id} {}</a> <span class=\"muted\">{} · {}</span>",
+        esc(&f.kind),
+        esc(&f.severity),
+        esc(also),
+        id = f.id
+    )
 }
 
 fn error(why: &str) -> Response {
@@ -348,39 +347,6 @@ fn anchor(node: &str, seq: u64) -> String {
         })
         .collect();
     format!("ev-{node}-{seq}")
-}
-
-/// One line saying what an event did.
-fn detail(v: &Value) -> String {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-    match v["kind"].as_str().unwrap_or("") {
-        "file" => {
-            let mut d = format!("{} {}", s("op"), s("path"));
-            if !s("new_path").is_empty() {
-                let _ = write!(d, " → {}", s("new_path"));
-            }
-            if v["ok"] == false || v["result"]["ok"] == false {
-                d.push_str(" (refused)");
-            }
-            d
-        }
-        "exec" => v["process"]["args"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default(),
-        "connect" => format!("{}:{}", s("address"), v["port"]),
-        "digest" => format!(
-            "state {} sha256:{}",
-            s("path"),
-            s("sha256").get(..12).unwrap_or("")
-        ),
-        other => other.to_owned(),
-    }
 }
 
 async fn timeline(
@@ -532,12 +498,8 @@ async fn timeline(
             .collect();
         let _ = write!(
             body,
-            "<li class=\"finding\"><a href=\"/findings/{}\">#{} {}</a> <span class=\"muted\">{} · {}</span> {} <span class=\"muted\">evidence:</span> {}</li>",
-            f.id,
-            f.id,
-            esc(&f.kind),
-            esc(&f.severity),
-            esc(&f.status),
+            "<li class=\"finding\">{} {} <span class=\"muted\">evidence:</span> {}</li>",
+            finding_link(f, &f.status),
             esc(&f.summary),
             ev.join(", ")
         );
@@ -622,7 +584,6 @@ fn process_tree(events: &[Event]) -> String {
     fn rows(out: &mut String, events: &[&Event]) {
         out.push_str("<table class=\"events\">");
         for e in events {
-            let v = shape::event(e);
             let _ = write!(
                 out,
                 "<tr id=\"{}\" class=\"{}\"><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -630,7 +591,7 @@ fn process_tree(events: &[Event]) -> String {
                 class_of(e),
                 esc(&shape::time(e.time_unix_nanos)),
                 esc(crate::query::kind_of(e)),
-                esc(&detail(&v))
+                esc(&shape::detail(e))
             );
         }
         out.push_str("</table>");

@@ -16,8 +16,9 @@ use tonic::{Request, Status};
 
 use crate::{table::Rows, Conn};
 
-use crate::{when, Output};
+use crate::Output;
 use driftwatch_collector::json::{self, time};
+use driftwatch_collector::units::when;
 
 /// Entries sent per import call, well under the message size limit.
 const IMPORT_CHUNK: usize = 5_000;
@@ -476,7 +477,7 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
                             e.seq,
                             driftwatch_collector::query::kind_of(e),
                             e.process.as_ref().map(|p| p.exe.as_str()).unwrap_or(""),
-                            crate::detail(e)
+                            json::detail(e)
                         );
                     }
                 }

@@ -10,12 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use driftwatch_collector::{
     json::{self, time},
     query::kind_of,
-    units,
+    units::{self, when},
 };
 use driftwatch_proto::{
-    time::{now_unix_nanos, parse_rfc3339},
+    time::now_unix_nanos,
     v1::{
-        event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest, Event,
+        event, query_service_client::QueryServiceClient, timeline_item, AgentsRequest,
         TimelineRequest,
     },
 };
@@ -353,104 +353,6 @@ fn policy_check(file: &std::path::Path, kubernetes: bool, strict: bool) -> Resul
     Ok(())
 }
 
-pub(crate) fn when(s: &str) -> Result<i64, String> {
-    if let Ok(d) = units::parse_duration(s) {
-        let back = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        return Ok(now_unix_nanos().saturating_sub(back));
-    }
-    parse_rfc3339(s).map_err(|e| format!("{e}, or a duration back from now like 10m"))
-}
-
-pub(crate) fn detail(e: &Event) -> String {
-    match &e.event {
-        Some(event::Event::Exec(_)) => e
-            .process
-            .as_ref()
-            .map(|p| p.args.join(" "))
-            .unwrap_or_default(),
-        Some(event::Event::Exit(x)) => format!("exit {} signal {}", x.exit_code, x.signal),
-        Some(event::Event::File(f)) => {
-            let res = f
-                .result
-                .as_ref()
-                .map(|r| {
-                    if r.ok {
-                        String::new()
-                    } else {
-                        format!(" [{}]", r.error)
-                    }
-                })
-                .unwrap_or_default();
-            let guard = match f.guardrail.as_str() {
-                "" | "allowed" => String::new(),
-                g => format!(" (guardrail: {g})"),
-            };
-            if f.new_path.is_empty() {
-                format!("{} {}{res}{guard}", f.op, f.path)
-            } else {
-                format!("{} {} -> {}{res}{guard}", f.op, f.path, f.new_path)
-            }
-        }
-        Some(event::Event::Connect(c)) => {
-            let res = c
-                .result
-                .as_ref()
-                .map(|r| {
-                    if r.ok {
-                        "ok".to_owned()
-                    } else {
-                        r.error.clone()
-                    }
-                })
-                .unwrap_or_default();
-            let guard = match c.guardrail.as_str() {
-                "" | "allowed" => String::new(),
-                "granted" => format!(" (guardrail: granted by approval {})", c.grant_id),
-                g => format!(" (guardrail: {g})"),
-            };
-            format!("connect {}:{} {res}{guard}", c.address, c.port)
-        }
-        Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
-        Some(event::Event::Digest(d)) if !d.exists => {
-            format!("state {} gone ({})", d.path, d.reason)
-        }
-        Some(event::Event::Digest(d)) => format!(
-            "state {} sha256:{} {}B mode {:04o} owner {}:{} ({}){}",
-            d.path,
-            d.sha256.get(..12).unwrap_or(&d.sha256),
-            d.size,
-            d.mode,
-            d.uid,
-            d.gid,
-            d.reason,
-            match (&d.structure, d.error.is_empty()) {
-                (_, false) => format!(" [{}]", d.error),
-                (Some(st), true) => format!(" [{}, {} entries]", st.format, st.entries.len()),
-                (None, true) => String::new(),
-            }
-        ),
-        Some(event::Event::ScanDone(d)) => format!(
-            "scan {} of {}: {} files, {} errors{}",
-            if d.scan_id.is_empty() {
-                "(watched)"
-            } else {
-                &d.scan_id
-            },
-            d.path,
-            d.files,
-            d.errors,
-            if d.error.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", d.error)
-            }
-        ),
-        Some(event::Event::Policy(p)) if p.applied => format!("policy {} applied", p.version),
-        Some(event::Event::Policy(p)) => format!("policy {} refused: {}", p.version, p.error),
-        None => String::new(),
-    }
-}
-
 /// The largest answer the CLI reads: a thousand findings of long paths, or
 /// an audit log page, can pass gRPC's default of 4 MiB.
 pub(crate) const MAX_ANSWER: usize = 64 << 20;
@@ -733,7 +635,7 @@ async fn dispatch(
                             user,
                             p.pid,
                             p.exe,
-                            detail(e)
+                            json::detail(e)
                         )
                     }
                     (Some(timeline_item::Item::Gap(g)), _) => {
