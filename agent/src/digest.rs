@@ -26,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    policy::ResourceKind,
     secrets::MaskKey,
     structure::{self, Content, Structure},
 };
@@ -143,8 +144,9 @@ pub struct Job {
     pub path: String,
     /// Its resource.
     pub resource: Option<String>,
-    /// What is summarised of its content.
-    pub content: Content,
+    /// Its resource's kind, which (with its name) decides what is
+    /// summarised of its content, on the worker, off the event loop.
+    pub kind: Option<ResourceKind>,
     /// The event that asked (the latest one when folded).
     pub trigger_seq: Option<u64>,
     /// False for chmod/chown: the content is known not to have changed, so
@@ -159,7 +161,7 @@ impl Job {
         self.content_may_change |= later.content_may_change;
         if later.resource.is_some() {
             self.resource = later.resource;
-            self.content = later.content;
+            self.kind = later.kind;
         }
     }
 }
@@ -180,7 +182,7 @@ impl Batch {
         &mut self,
         path: &str,
         resource: &str,
-        content: Content,
+        kind: ResourceKind,
         content_may_change: bool,
     ) -> usize {
         if let Some(&i) = self.index.get(path) {
@@ -188,7 +190,7 @@ impl Batch {
             job.content_may_change |= content_may_change;
             if job.resource.as_deref() != Some(resource) {
                 job.resource = Some(resource.to_owned());
-                job.content = content;
+                job.kind = Some(kind);
             }
             return i;
         }
@@ -196,7 +198,7 @@ impl Batch {
         self.jobs.push(Job {
             path: path.to_owned(),
             resource: Some(resource.to_owned()),
-            content,
+            kind: Some(kind),
             trigger_seq: None,
             content_may_change,
         });
@@ -618,10 +620,11 @@ async fn run(
                 batch
                     .into_iter()
                     .map(|job| {
+                        let content = Content::of(job.kind, &job.path);
                         let d = read_state(
                             &job.path,
                             job.resource,
-                            job.content,
+                            content,
                             Reason::Change,
                             !job.content_may_change,
                             &shared,
@@ -706,11 +709,11 @@ mod tests {
     #[tokio::test]
     async fn a_batch_holds_one_job_per_path_with_its_latest_trigger() {
         let mut batch = Batch::default();
-        let a = batch.add("/etc/a", "app", Content::Plain, false);
+        let a = batch.add("/etc/a", "app", ResourceKind::Config, false);
         batch.triggered_by(a, 1);
-        let b = batch.add("/etc/b", "app", Content::Plain, true);
+        let b = batch.add("/etc/b", "app", ResourceKind::Config, true);
         batch.triggered_by(b, 2);
-        let again = batch.add("/etc/a", "app", Content::Plain, true);
+        let again = batch.add("/etc/a", "app", ResourceKind::Config, true);
         assert_eq!(again, a);
         batch.triggered_by(again, 3);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -731,7 +734,7 @@ mod tests {
             .collect();
         assert_eq!(got, [("/etc/a", Some(3), true), ("/etc/b", Some(2), true)]);
         // Emptied, the batch starts over: a path seen before is new again.
-        assert_eq!(batch.add("/etc/b", "app", Content::Plain, false), 0);
+        assert_eq!(batch.add("/etc/b", "app", ResourceKind::Config, false), 0);
     }
 
     #[tokio::test]
@@ -743,7 +746,7 @@ mod tests {
         let job = |seq| Job {
             path: path.clone(),
             resource: None,
-            content: Content::Plain,
+            kind: None,
             trigger_seq: Some(seq),
             content_may_change: true,
         };

@@ -725,7 +725,7 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>;
     [first, second].map(|p| {
         let p = p?;
         let r = policy.resource_for_path(p)?;
-        Some(batch.add(p, &r.name, Content::of(Some(r.kind), p), content_may_change))
+        Some(batch.add(p, &r.name, r.kind, content_may_change))
     })
 }
 
