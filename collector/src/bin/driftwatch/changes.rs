@@ -513,28 +513,11 @@ pub async fn findings(channel: Conn, cmd: Findings, out: &mut impl Write) -> Res
     Ok(())
 }
 
-fn print_approval(out: &mut impl Write, a: &Approval, output: Output, full: bool) {
+/// One approval: JSON, or the whole record as `approvals show` prints it.
+fn print_approval(out: &mut impl Write, a: &Approval, output: Output) {
     match output {
         Output::Json | Output::Jsonl | Output::Yaml => {
             let _ = writeln!(out, "{}", json::approval(a));
-        }
-        Output::Table | Output::Wide if !full => {
-            let _ = writeln!(
-                out,
-                "{:>4} {:<9} {:<20} {:<8} {:<12} {:<12} {:>7} {}",
-                a.id,
-                a.status,
-                a.resource,
-                a.host,
-                a.requester,
-                if a.approver.is_empty() {
-                    "-"
-                } else {
-                    &a.approver
-                },
-                a.changes.len(),
-                a.reason
-            );
         }
         Output::Table | Output::Wide => {
             let _ = writeln!(out, "approval {} ({})", a.id, a.status);
@@ -696,7 +679,7 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .approvals;
             if output.machine() {
                 for a in &list {
-                    print_approval(out, a, output, false);
+                    print_approval(out, a, output);
                 }
                 return Ok(());
             }
@@ -751,7 +734,7 @@ pub async fn approvals(channel: Conn, cmd: Approvals, out: &mut impl Write) -> R
                 .into_inner()
                 .approvals;
             for a in &list {
-                print_approval(out, a, output, true);
+                print_approval(out, a, output);
             }
         }
     }
