@@ -219,11 +219,27 @@ pub struct ConnectEvent {
     pub addr: [u8; 16],
     /// A `VERDICT_*`: what the guardrail of the port's resource decided.
     pub verdict: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// How the socket reached the port: a `VIA_*`. Only [`VIA_CONNECT`]
+    /// carries the call's result in `ret`; the others report before the
+    /// result exists.
+    pub via: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u16,
     /// The grant that let the connect through (`VERDICT_GRANTED`), else 0.
     pub grant: u64,
 }
+
+/// `connect(2)`: the event waits for the call's exit and carries its result.
+pub const VIA_CONNECT: u16 = 0;
+/// An io_uring `IORING_OP_CONNECT`, issued from the submitting thread or an
+/// io-wq worker: no syscall exit follows, the result is unknown.
+pub const VIA_IO_URING: u16 = 1;
+/// A stream socket connected by a send (`sendto`/`sendmsg` with
+/// `MSG_FASTOPEN`, TCP Fast Open): the result is unknown.
+pub const VIA_FASTOPEN: u16 = 2;
+/// A datagram sent to the address without a connect (`cgroup/sendmsg4|6`):
+/// reported once per process, destination and second.
+pub const VIA_SENDMSG: u16 = 3;
 
 /// A connect seen by the cgroup hook, waiting for the syscall's result.
 #[repr(C)]
@@ -239,6 +255,16 @@ pub struct PendingConnect {
     pub addr: [u8; 16],
     /// The grant that let the connect through, else 0.
     pub grant: u64,
+    /// Who armed the record: [`VIA_CONNECT`] at `connect(2)`'s entry,
+    /// [`VIA_IO_URING`] at an io_uring connect's submission.
+    pub via: u16,
+    /// Set by the cgroup hook once the destination is known to be watched;
+    /// a record still unset at the call's exit is dropped.
+    pub watched: u16,
+    /// `IPPROTO_*` of the socket.
+    pub protocol: u16,
+    /// Explicit padding.
+    pub _pad: u16,
 }
 
 /// A file syscall's arguments, kept from its entry to its exit.
@@ -361,6 +387,8 @@ pub struct KernelOffsets {
     pub task_files: u32,
     /// `task_struct.exit_code`
     pub task_exit_code: u32,
+    /// `task_struct.flags`
+    pub task_flags: u32,
     /// `cred.euid`
     pub cred_euid: u32,
     /// `mm_struct.arg_start`
@@ -552,7 +580,7 @@ mod tests {
             size_of::<Header>() + 8 + 32 + 2 * PATH_LEN
         );
         assert_eq!(size_of::<ConnectEvent>(), size_of::<Header>() + 8 + 16 + 16);
-        assert_eq!(size_of::<PendingConnect>(), 8 + 16 + 8);
+        assert_eq!(size_of::<PendingConnect>(), 8 + 16 + 8 + 8);
         assert_eq!(size_of::<GateKey>(), 24);
         assert_eq!(size_of::<GateRule>(), 8 + 8 * FACTS + 16 * GRANT_SLOTS);
         assert_eq!(size_of::<PendingFile>(), 8 * 4 + 16 + 8);

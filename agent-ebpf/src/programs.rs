@@ -19,7 +19,7 @@ use agent_common::{
     GateKey, GateRule, KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
     ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
     COUNTER_SEEN, COUNTER_SLOTS, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
-    VERDICT_BLOCKED,
+    VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -107,7 +107,9 @@ pub(crate) static GATES: HashMap<GateKey, u64> = HashMap::with_max_entries(65536
 #[btf_map]
 static PENDING_FILE: TaskStorage<PendingFile> = TaskStorage::new();
 
-/// A watched connect between the cgroup hook and the syscall's exit, by thread.
+/// A connect in flight, by thread: armed at `connect(2)`'s entry (or an
+/// io_uring connect's submission), filled by the cgroup hook when the port
+/// is watched, reported at the syscall's exit.
 #[map]
 static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
 
@@ -743,52 +745,195 @@ unsafe fn on_close(fd: i32, expected: u64) {
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-    on_connect(sa, AF_INET, addr)
+    on_connect(sa, AF_INET, v4(sa), false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &*ctx.sock_addr };
+    on_connect(sa, AF_INET6, v6(sa), false)
+}
+
+/// A datagram sent to an address (`sendto`, `sendmsg` on an unconnected
+/// UDP socket, or io_uring's `SEND`/`SENDMSG`): no connect ever runs.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &*ctx.sock_addr };
+    on_connect(sa, AF_INET, v4(sa), true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &*ctx.sock_addr };
+    on_connect(sa, AF_INET6, v6(sa), true)
+}
+
+#[inline(always)]
+fn v4(sa: &bpf_sock_addr) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    addr
+}
+
+#[inline(always)]
+fn v6(sa: &bpf_sock_addr) -> [u8; 16] {
     let mut addr = [0u8; 16];
     for (i, w) in sa.user_ip6.iter().enumerate() {
         addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
     }
-    on_connect(sa, AF_INET6, addr)
+    addr
 }
 
-/// Records a connect to a watched port and returns the hook's answer:
-/// 1 lets it proceed, 0 makes `connect()` fail with EPERM before any
-/// packet leaves (the guardrail of an enforced resource).
+/// The kernel marks io-wq worker threads with this task flag.
+const PF_IO_WORKER: u32 = 0x10;
+
+/// Datagrams to one destination are reported once per this many ns.
+const SENDMSG_EVERY_NS: u64 = 1_000_000_000;
+
+/// Records a connect (or a datagram) to a watched port and returns the
+/// hook's answer: 1 lets it proceed, 0 makes the call fail with EPERM
+/// before any packet leaves (the guardrail of an enforced resource).
+///
+/// Only a `connect(2)`, armed at its entry, has an exit to wait for; a
+/// connect reached any other way is reported here, with no result, so
+/// that it is neither lost nor attached to the thread's next connect.
 #[inline(always)]
-fn on_connect(sa: &bpf_sock_addr, family: u16, addr: [u8; 16]) -> i32 {
+fn on_connect(sa: &bpf_sock_addr, family: u16, addr: [u8; 16], sendmsg: bool) -> i32 {
     if !ready() {
         return 1;
     }
     count(EventKind::Connect, COUNTER_SEEN);
     // user_port holds the port in network order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
+    let key = bpf_get_current_pid_tgid();
     // SAFETY: read-only lookup of a plain value.
     let Some(resource) = (unsafe { WATCH_PORTS.get(&port) }).copied() else {
         count(EventKind::Connect, COUNTER_FILTERED);
         return 1;
     };
     let decided = gate::decide(resource);
-    let p = PendingConnect {
+    let verdict = decided as u32 & 0xf;
+    let answer = if verdict == VERDICT_BLOCKED { 0 } else { 1 };
+    let protocol = sa.protocol as u16;
+    let armed = if sendmsg {
+        None
+    } else {
+        PENDING_CONNECT.get_ptr_mut(&key)
+    };
+    let via = match armed {
+        Some(p) => {
+            // SAFETY: this thread's own record; only its programs touch it.
+            let via = unsafe { (*p).via };
+            if via == VIA_CONNECT {
+                // SAFETY: as above.
+                unsafe {
+                    (*p).family = family;
+                    (*p).port = port;
+                    (*p).verdict = verdict;
+                    (*p).addr = addr;
+                    (*p).grant = decided >> 4;
+                    (*p).protocol = protocol;
+                    (*p).watched = 1;
+                }
+                return answer;
+            }
+            let _ = PENDING_CONNECT.remove(&key);
+            via
+        }
+        None if sendmsg => {
+            if !sendmsg_due(key, family, port, addr) {
+                return answer;
+            }
+            VIA_SENDMSG
+        }
+        None => {
+            // SAFETY: probe read of the current task.
+            let task_flags: u32 = unsafe { task::read(task::current(), off!(task_flags)) };
+            if task_flags & PF_IO_WORKER != 0 {
+                VIA_IO_URING
+            } else {
+                VIA_FASTOPEN
+            }
+        }
+    };
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<ConnectEvent>(EventKind::Connect, |e| unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::Connect, task::current());
+        (*e).family = family;
+        (*e).port = port;
+        (*e).ret = 0;
+        (*e).addr = addr;
+        (*e).verdict = verdict;
+        (*e).via = via;
+        (*e).protocol = protocol;
+        (*e).grant = decided >> 4;
+    });
+    answer
+}
+
+/// Whether a datagram from this process to this destination is to be
+/// reported: the first, then at most one a second.
+#[inline(always)]
+fn sendmsg_due(pid_tgid: u64, family: u16, port: u16, addr: [u8; 16]) -> bool {
+    let key = SentKey {
+        tgid: (pid_tgid >> 32) as u32,
         family,
         port,
-        verdict: decided as u32 & 0xf,
         addr,
-        grant: decided >> 4,
+    };
+    // SAFETY: the boot clock.
+    let now = unsafe { gen::bpf_ktime_get_boot_ns() };
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(last) = unsafe { SENT.get(&key) } {
+        if now.saturating_sub(*last) < SENDMSG_EVERY_NS {
+            return false;
+        }
+    }
+    let _ = SENT.insert(&key, &now, 0);
+    true
+}
+
+/// The key of [`SENT`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SentKey {
+    tgid: u32,
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+}
+
+/// When a datagram from a process to a watched destination was last reported.
+#[map]
+static SENT: LruHashMap<SentKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Arms the thread's connect record before `connect(2)` runs, so that the
+/// cgroup hook knows a syscall exit will follow.
+#[tracepoint]
+pub fn enter_connect(_ctx: TracePointContext) -> u32 {
+    if ready() {
+        arm_connect(VIA_CONNECT);
+    }
+    0
+}
+
+#[inline(always)]
+fn arm_connect(via: u16) {
+    let p = PendingConnect {
+        family: 0,
+        port: 0,
+        verdict: 0,
+        addr: [0; 16],
+        grant: 0,
+        via,
+        watched: 0,
+        protocol: 0,
+        _pad: 0,
     };
     let _ = PENDING_CONNECT.insert(&bpf_get_current_pid_tgid(), &p, 0);
-    if p.verdict == VERDICT_BLOCKED {
-        0
-    } else {
-        1
-    }
 }
 
 #[tracepoint]
@@ -799,6 +944,9 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = PENDING_CONNECT.remove(&key);
+    if p.watched == 0 {
+        return 0;
+    }
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
     let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
     // SAFETY: writes into our reserved record; task reads are probe reads.
@@ -809,9 +957,31 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
         (*e).ret = ret as i32;
         (*e).addr = p.addr;
         (*e).verdict = p.verdict;
-        (*e)._pad = 0;
+        (*e).via = VIA_CONNECT;
+        (*e).protocol = p.protocol;
         (*e).grant = p.grant;
     });
+    0
+}
+
+// ---------------------------------------------------------------- io_uring
+
+/// `IORING_OP_CONNECT`.
+const IORING_OP_CONNECT: u8 = 16;
+
+/// `io_uring:io_uring_submit_req`, after the request's preparation and
+/// before its issue: an io_uring connect arms the thread's connect record
+/// so that the cgroup hook, if the issue runs inline, names io_uring.
+#[tracepoint]
+pub fn uring_submit(ctx: TracePointContext) -> u32 {
+    if !ready() {
+        return 0;
+    }
+    // SAFETY: the tracepoint's `u8 opcode` field is at offset 32.
+    let opcode = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(32)) };
+    if opcode == IORING_OP_CONNECT {
+        arm_connect(VIA_IO_URING);
+    }
     0
 }
 

@@ -287,8 +287,14 @@ pub enum Event {
         /// The policy resource the port belongs to.
         #[serde(skip_serializing_if = "Option::is_none")]
         resource: Option<std::sync::Arc<str>>,
-        /// Success, `EINPROGRESS` (non-blocking), or the errno.
-        result: Outcome,
+        /// Success, `EINPROGRESS` (non-blocking), or the errno; `None` when
+        /// the socket reached the port without `connect(2)` (see `via`).
+        result: Option<Outcome>,
+        /// `tcp` or `udp`.
+        protocol: &'static str,
+        /// How: `connect`, `io_uring`, `fastopen` or `sendmsg` (see
+        /// `v1::Connect.via`).
+        via: &'static str,
         /// What the guardrail decided (see `v1::Connect.guardrail`).
         #[serde(skip_serializing_if = "Option::is_none")]
         guardrail: Option<&'static str>,

@@ -81,7 +81,14 @@ pub fn event(e: &Event) -> Value {
             v["address"] = json!(c.address);
             v["port"] = json!(c.port);
             v["resource"] = json!(c.resource);
+            // No result: the socket reached the port without connect(2).
             v["result"] = json!(outcome(&c.result));
+            v["protocol"] = json!(if c.protocol.is_empty() {
+                "tcp"
+            } else {
+                &c.protocol
+            });
+            v["via"] = json!(if c.via.is_empty() { "connect" } else { &c.via });
             if !c.guardrail.is_empty() {
                 v["guardrail"] = json!(c.guardrail);
             }
@@ -257,6 +264,8 @@ pub fn detail(e: &Event) -> String {
             };
             if f.new_path.is_empty() {
                 format!("{} {}{res}{guard}", f.op, f.path)
+            } else if f.flags.iter().any(|x| x == "RENAME_EXCHANGE") {
+                format!("exchange {} <-> {}{res}{guard}", f.path, f.new_path)
             } else {
                 format!("{} {} -> {}{res}{guard}", f.op, f.path, f.new_path)
             }
@@ -272,13 +281,24 @@ pub fn detail(e: &Event) -> String {
                         r.error.clone()
                     }
                 })
-                .unwrap_or_default();
+                .unwrap_or_else(|| "result unknown".to_owned());
             let guard = match c.guardrail.as_str() {
                 "" | "allowed" => String::new(),
                 "granted" => format!(" (guardrail: granted by approval {})", c.grant_id),
                 g => format!(" (guardrail: {g})"),
             };
-            format!("connect {}:{} {res}{guard}", c.address, c.port)
+            let how = match (c.protocol.as_str(), c.via.as_str()) {
+                ("" | "tcp", "" | "connect") => String::new(),
+                (p, "" | "connect") => format!(" [{p}]"),
+                ("", v) => format!(" [tcp {v}]"),
+                (p, v) => format!(" [{p} {v}]"),
+            };
+            let verb = if c.via == "sendmsg" {
+                "send to"
+            } else {
+                "connect"
+            };
+            format!("{verb} {}:{}{how} {res}{guard}", c.address, c.port)
         }
         Some(event::Event::Loss(l)) => format!("kernel lost records: {:?}", l.dropped),
         Some(event::Event::Digest(d)) if !d.exists => {

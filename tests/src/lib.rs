@@ -282,6 +282,15 @@ pub fn run(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 
+/// Builds the C helper `tests/helpers/NAME.c` with the machine's C compiler
+/// into `dir` and returns the binary's path.
+pub fn c_helper(dir: &Dir, name: &str) -> String {
+    let src = format!("{}/helpers/{name}.c", env!("CARGO_MANIFEST_DIR"));
+    let out = dir.join(name);
+    run(Command::new("cc").args(["-O1", "-Wall", "-Werror", "-o", &out, &src]));
+    out
+}
+
 /// Runs `python3 -c script`.
 pub fn python(script: &str) -> Command {
     let mut c = Command::new("python3");

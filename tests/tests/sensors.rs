@@ -5,7 +5,9 @@ use std::{
     process::Command,
 };
 
-use driftwatch_tests::{file_events, final_stats, policy, python, run, Agent, Dir};
+use driftwatch_tests::{
+    c_helper, file_events, final_stats, policy, python, run, sha256_file, Agent, Dir,
+};
 use serde_json::Value;
 
 fn ops(events: &[&Value]) -> Vec<String> {
@@ -332,6 +334,156 @@ fn connects_to_watched_ports_are_reported_with_results_unwatched_are_not() {
             .as_u64()
             .unwrap()
             >= 1
+    );
+}
+
+/// `renameat2`'s flags are reported, and an exchange, which leaves both
+/// names with other content, has both names digested.
+#[test]
+fn an_exchange_rename_is_named_and_both_names_are_digested() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let (a, b, c) = (
+        format!("{etc}/a.conf"),
+        format!("{etc}/b.conf"),
+        format!("{etc}/c.conf"),
+    );
+    std::fs::write(&a, "alpha\n").unwrap();
+    std::fs::write(&b, "beta\n").unwrap();
+    let (sha_alpha, sha_beta) = (sha256_file(&a), sha256_file(&b));
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    run(&mut python(&format!(
+        "import ctypes, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         AT_FDCWD = -100\n\
+         assert libc.renameat2(AT_FDCWD, b'{a}', AT_FDCWD, b'{b}', 2) == 0, os.strerror(ctypes.get_errno())\n\
+         assert libc.renameat2(AT_FDCWD, b'{a}', AT_FDCWD, b'{c}', 1) == 0, os.strerror(ctypes.get_errno())\n"
+    )));
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == c.as_str() && e["sha256"] == sha_beta.as_str(),
+        "the digest of the name renamed to without replacing",
+    );
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == b.as_str() && e["sha256"] == sha_alpha.as_str(),
+        "the digest of the second name after the exchange",
+    );
+    let events = agent.stop();
+    let renames: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "file" && e["op"] == "rename")
+        .collect();
+    assert_eq!(renames.len(), 2, "{renames:#?}");
+    assert_eq!(renames[0]["path"], a.as_str());
+    assert_eq!(renames[0]["new_path"], b.as_str());
+    assert_eq!(renames[0]["flags"], serde_json::json!(["RENAME_EXCHANGE"]));
+    assert_eq!(renames[1]["flags"], serde_json::json!(["RENAME_NOREPLACE"]));
+    // After the exchange the first name held the second's content, and
+    // was digested so before it moved on.
+    assert!(
+        events.iter().any(|e| e["kind"] == "digest"
+            && e["path"] == a.as_str()
+            && (e["sha256"] == sha_beta.as_str() || e["exists"] == false)),
+        "no digest of the first name after the exchange"
+    );
+}
+
+/// Connects that never pass through `connect(2)` (io_uring, TCP Fast Open)
+/// and datagrams sent to a watched port are reported when the kernel checks
+/// the destination, say so, and leave nothing behind for the thread's next
+/// plain connect to inherit.
+#[test]
+fn connects_by_io_uring_fast_open_and_datagrams_are_reported_and_not_lent_to_the_next_connect() {
+    let dir = Dir::new();
+    let uring = c_helper(&dir, "uring");
+    let watched = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = watched.local_addr().unwrap().port();
+    let unwatched = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = unwatched.local_addr().unwrap().port();
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let agent = Agent::start(&policy(&[], &[port, closed_port, udp_port]));
+
+    // io_uring's connect, then a plain connect(2) to an unwatched port on
+    // the same thread.
+    let out = Command::new(&uring)
+        .args([
+            "connect",
+            "127.0.0.1",
+            &port.to_string(),
+            &other.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("then 0"),
+        "{out:?}"
+    );
+    // TCP Fast Open: the send connects. Then a plain connect to an
+    // unwatched port and one to a watched port nobody listens on; three
+    // datagrams to a watched UDP port, one to an unwatched one.
+    let py = python(&format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.sendto(b'x', socket.MSG_FASTOPEN, ('127.0.0.1', {port}))\n\
+         socket.create_connection(('127.0.0.1', {other})).close()\n\
+         try:\n    socket.create_connection(('127.0.0.1', {closed_port}))\nexcept ConnectionRefusedError:\n    pass\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range(3):\n    u.sendto(b'ping', ('127.0.0.1', {udp_port}))\n\
+         u.sendto(b'ping', ('127.0.0.1', {other}))\n\
+         import os; print(os.getpid())\n"
+    ))
+    .output()
+    .unwrap();
+    assert!(py.status.success(), "{py:?}");
+    let py_pid: u64 = String::from_utf8_lossy(&py.stdout).trim().parse().unwrap();
+    let events = agent.stop();
+
+    let connects = |pid: Option<u64>, comm: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| {
+                e["kind"] == "connect"
+                    && match pid {
+                        Some(p) => e["process"]["pid"] == p,
+                        None => e["process"]["comm"] == comm,
+                    }
+            })
+            .collect()
+    };
+    let by_uring = connects(None, "uring");
+    assert_eq!(by_uring.len(), 1, "{by_uring:#?}");
+    assert_eq!(by_uring[0]["via"], "io_uring", "{by_uring:#?}");
+    assert_eq!(by_uring[0]["port"], port);
+    assert_eq!(by_uring[0]["protocol"], "tcp");
+    assert!(by_uring[0]["result"].is_null(), "{by_uring:#?}");
+
+    let by_py = connects(Some(py_pid), "");
+    let fast = by_py
+        .iter()
+        .find(|e| e["via"] == "fastopen")
+        .unwrap_or_else(|| panic!("no fast open connect: {by_py:#?}"));
+    assert_eq!(fast["port"], port);
+    assert!(fast["result"].is_null());
+    let refused = by_py
+        .iter()
+        .find(|e| e["port"] == closed_port)
+        .unwrap_or_else(|| panic!("no connect to the closed port: {by_py:#?}"));
+    assert_eq!(refused["via"], "connect");
+    assert_eq!(refused["result"]["error"], "ECONNREFUSED");
+    let sent: Vec<&&Value> = by_py.iter().filter(|e| e["via"] == "sendmsg").collect();
+    assert_eq!(sent.len(), 1, "one report for three datagrams: {by_py:#?}");
+    assert_eq!(sent[0]["port"], udp_port);
+    assert_eq!(sent[0]["protocol"], "udp");
+    assert_eq!(
+        by_py.len(),
+        3,
+        "the connects to the unwatched port were reported: {by_py:#?}"
     );
 }
 

@@ -255,6 +255,7 @@ impl Btf {
             task_fs: self.offset("task_struct", "fs")?,
             task_files: self.offset("task_struct", "files")?,
             task_exit_code: self.offset("task_struct", "exit_code")?,
+            task_flags: self.offset("task_struct", "flags")?,
             cred_euid: self.offset("cred", "euid")?,
             mm_arg_start: self.offset("mm_struct", "arg_start")?,
             mm_arg_end: self.offset("mm_struct", "arg_end")?,

@@ -5,7 +5,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
     ARGV_TRUNCATED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
-    VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK,
+    VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK, VIA_CONNECT,
+    VIA_FASTOPEN, VIA_IO_URING,
 };
 
 use super::watch::{normalise, WatchSet};
@@ -72,6 +73,22 @@ fn open_flags(flags: u32) -> Flags {
         (libc::O_TMPFILE & !libc::O_DIRECTORY, "O_TMPFILE"),
     ] {
         if flags & bit as u32 != 0 {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Names `renameat2`'s flags: an exchange swaps the two names (both now
+/// hold other content), a whiteout leaves an overlay whiteout at the old.
+fn rename_flags(flags: u32) -> Flags {
+    let mut out = Flags::default();
+    for (bit, name) in [
+        (libc::RENAME_NOREPLACE, "RENAME_NOREPLACE"),
+        (libc::RENAME_EXCHANGE, "RENAME_EXCHANGE"),
+        (libc::RENAME_WHITEOUT, "RENAME_WHITEOUT"),
+    ] {
+        if flags & bit != 0 {
             out.push(name);
         }
     }
@@ -186,7 +203,18 @@ impl Decoder {
                     address,
                     port: e.port,
                     resource: watch.resource_of_port(e.port).cloned(),
-                    result: Outcome::from_ret(i64::from(e.ret)),
+                    result: (e.via == VIA_CONNECT).then(|| Outcome::from_ret(i64::from(e.ret))),
+                    protocol: if e.protocol == libc::IPPROTO_UDP as u16 {
+                        "udp"
+                    } else {
+                        "tcp"
+                    },
+                    via: match e.via {
+                        VIA_CONNECT => "connect",
+                        VIA_IO_URING => "io_uring",
+                        VIA_FASTOPEN => "fastopen",
+                        _ => "sendmsg",
+                    },
                     guardrail: guardrail(e.verdict, "blocked"),
                     grant_id: (e.verdict == VERDICT_GRANTED).then_some(e.grant),
                     process: self.table.identity(&e.hdr),
@@ -238,6 +266,7 @@ impl Decoder {
                 (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
             ),
             FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
+            FileOp::Rename => (rename_flags(e.flags), None),
             _ => (Flags::default(), None),
         };
         let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
@@ -347,5 +376,11 @@ mod tests {
         let all = open_flags(0o2 | 0o100 | 0o200 | 0o1000 | 0o2000 | 0o20000000);
         assert_eq!(all.as_slice().len(), 6, "{all:?}");
         assert_eq!(serde_json::to_string(&Mode(0o100644)).unwrap(), "\"0644\"");
+        assert_eq!(rename_flags(0).as_slice(), [] as [&str; 0]);
+        assert_eq!(
+            rename_flags(2 | 4).as_slice(),
+            ["RENAME_EXCHANGE", "RENAME_WHITEOUT"]
+        );
+        assert_eq!(rename_flags(1).as_slice(), ["RENAME_NOREPLACE"]);
     }
 }

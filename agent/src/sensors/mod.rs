@@ -160,6 +160,15 @@ struct Syscalls<'a> {
 
 impl Syscalls<'_> {
     fn attach(&mut self, name: &'static str, tp: &str) -> Result<(), SensorError> {
+        self.attach_in(name, "syscalls", tp)
+    }
+
+    fn attach_in(
+        &mut self,
+        name: &'static str,
+        category: &str,
+        tp: &str,
+    ) -> Result<(), SensorError> {
         let prog: &mut TracePoint = self
             .ebpf
             .program_mut(name)
@@ -169,10 +178,10 @@ impl Syscalls<'_> {
         if self.loaded.insert(name) {
             prog.load().map_err(program_err(name))?;
         }
-        let id = prog.attach("syscalls", tp).map_err(program_err(name))?;
+        let id = prog.attach(category, tp).map_err(program_err(name))?;
         self.links
             .push(Box::new(prog.take_link(id).map_err(program_err(name))?));
-        self.hooks.push(format!("syscalls/{tp}"));
+        self.hooks.push(format!("{category}/{tp}"));
         Ok(())
     }
 }
@@ -312,7 +321,7 @@ impl Sensors {
             path: cgroup_root.display().to_string(),
             source,
         })?;
-        for name in ["connect4", "connect6"] {
+        for name in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
@@ -327,19 +336,26 @@ impl Sensors {
             links.push(Box::new(prog.take_link(id).map_err(program_err(name))?));
             hooks.push(format!("cgroup/{name}@{}", cgroup_root.display()));
         }
-        let exit: &mut TracePoint = ebpf
-            .program_mut("exit_connect")
-            .ok_or_else(|| SensorError::MissingHook("program exit_connect in the object".into()))?
-            .try_into()
-            .map_err(program_err("exit_connect"))?;
-        exit.load().map_err(program_err("exit_connect"))?;
-        let id = exit
-            .attach("syscalls", "sys_exit_connect")
-            .map_err(program_err("exit_connect"))?;
-        links.push(Box::new(
-            exit.take_link(id).map_err(program_err("exit_connect"))?,
-        ));
-        hooks.push("syscalls/sys_exit_connect".into());
+        let mut syscalls = Syscalls {
+            ebpf: &mut ebpf,
+            loaded: std::collections::HashSet::new(),
+            links: &mut links,
+            hooks: &mut hooks,
+        };
+        syscalls.attach("enter_connect", "sys_enter_connect")?;
+        syscalls.attach("exit_connect", "sys_exit_connect")?;
+        // io_uring requests: without this hook an io_uring connect would
+        // still be reported (by the cgroup hook), but not named as one.
+        if Path::new(&format!(
+            "{}/events/io_uring/io_uring_submit_req",
+            preflight::TRACEFS
+        ))
+        .exists()
+        {
+            syscalls.attach_in("uring_submit", "io_uring", "io_uring_submit_req")?;
+        } else {
+            tracing::warn!("no tracepoint io_uring/io_uring_submit_req on this kernel: io_uring requests are not named");
+        }
 
         Ok(Self {
             ebpf,

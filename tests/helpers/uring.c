@@ -1,0 +1,166 @@
+/* Drives file and socket operations through io_uring with raw syscalls
+ * (no liburing), so that tests can check what the sensors see of them.
+ *
+ *   uring connect ADDR PORT [THEN]
+ *                               IORING_OP_CONNECT to an IPv4 address, then
+ *                               (with THEN) a plain connect(2) to port THEN
+ *   uring write PATH TEXT       IORING_OP_OPENAT (write, create, truncate),
+ *                               IORING_OP_WRITE, IORING_OP_CLOSE
+ *   uring rename OLD NEW        IORING_OP_RENAMEAT
+ *   uring unlink PATH           IORING_OP_UNLINKAT
+ *
+ * Prints each request's result; exits 0 when every io_uring request
+ * succeeded. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct ring {
+	int fd;
+	unsigned *sq_tail, *sq_mask, *sq_array;
+	unsigned *cq_head, *cq_tail, *cq_mask;
+	struct io_uring_sqe *sqes;
+	struct io_uring_cqe *cqes;
+};
+
+static void die(const char *what)
+{
+	perror(what);
+	exit(2);
+}
+
+static void ring_init(struct ring *r)
+{
+	struct io_uring_params p;
+	memset(&p, 0, sizeof p);
+	r->fd = (int)syscall(__NR_io_uring_setup, 8, &p);
+	if (r->fd < 0)
+		die("io_uring_setup");
+	size_t sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+	size_t cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+	if (p.features & IORING_FEAT_SINGLE_MMAP && cq_len > sq_len)
+		sq_len = cq_len;
+	char *sq = mmap(0, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+			IORING_OFF_SQ_RING);
+	if (sq == MAP_FAILED)
+		die("mmap sq");
+	char *cq = sq;
+	if (!(p.features & IORING_FEAT_SINGLE_MMAP)) {
+		cq = mmap(0, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+			  IORING_OFF_CQ_RING);
+		if (cq == MAP_FAILED)
+			die("mmap cq");
+	}
+	r->sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+		       MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQES);
+	if (r->sqes == MAP_FAILED)
+		die("mmap sqes");
+	r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+	r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+	r->sq_array = (unsigned *)(sq + p.sq_off.array);
+	r->cq_head = (unsigned *)(cq + p.cq_off.head);
+	r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+	r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+	r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+}
+
+/* Submits one request and waits for its completion; returns its result. */
+static int ring_run(struct ring *r, const struct io_uring_sqe *sqe, const char *name)
+{
+	unsigned tail = *r->sq_tail;
+	unsigned i = tail & *r->sq_mask;
+	r->sqes[i] = *sqe;
+	r->sq_array[i] = i;
+	__atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+	if (syscall(__NR_io_uring_enter, r->fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
+		die("io_uring_enter");
+	unsigned head = *r->cq_head;
+	while (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+		if (syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
+			die("io_uring_enter");
+	int res = r->cqes[head & *r->cq_mask].res;
+	__atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+	printf("%s %d%s%s\n", name, res, res < 0 ? " " : "", res < 0 ? strerror(-res) : "");
+	return res;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: uring connect ADDR PORT | write PATH TEXT | rename OLD NEW | unlink PATH\n");
+		return 2;
+	}
+	struct ring r;
+	ring_init(&r);
+	struct io_uring_sqe sqe;
+	memset(&sqe, 0, sizeof sqe);
+	const char *op = argv[1];
+	if (!strcmp(op, "connect") && (argc == 4 || argc == 5)) {
+		int s = socket(AF_INET, SOCK_STREAM, 0);
+		if (s < 0)
+			die("socket");
+		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+		if (inet_pton(AF_INET, argv[2], &sa.sin_addr) != 1)
+			die("inet_pton");
+		sqe.opcode = IORING_OP_CONNECT;
+		sqe.fd = s;
+		sqe.addr = (uint64_t)(uintptr_t)&sa;
+		sqe.off = sizeof sa;
+		int res = ring_run(&r, &sqe, "connect");
+		if (argc == 5) {
+			int t = socket(AF_INET, SOCK_STREAM, 0);
+			sa.sin_port = htons(atoi(argv[4]));
+			int then = connect(t, (struct sockaddr *)&sa, sizeof sa);
+			printf("then %d\n", then < 0 ? -errno : 0);
+		}
+		return res == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "write") && argc == 4) {
+		sqe.opcode = IORING_OP_OPENAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		sqe.len = 0644;
+		sqe.open_flags = O_WRONLY | O_CREAT | O_TRUNC;
+		int fd = ring_run(&r, &sqe, "openat");
+		if (fd < 0)
+			return 1;
+		memset(&sqe, 0, sizeof sqe);
+		sqe.opcode = IORING_OP_WRITE;
+		sqe.fd = fd;
+		sqe.addr = (uint64_t)(uintptr_t)argv[3];
+		sqe.len = strlen(argv[3]);
+		sqe.off = 0;
+		if (ring_run(&r, &sqe, "write") != (int)strlen(argv[3]))
+			return 1;
+		memset(&sqe, 0, sizeof sqe);
+		sqe.opcode = IORING_OP_CLOSE;
+		sqe.fd = fd;
+		return ring_run(&r, &sqe, "close") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "rename") && argc == 4) {
+		sqe.opcode = IORING_OP_RENAMEAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		sqe.len = (uint32_t)AT_FDCWD;
+		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
+		return ring_run(&r, &sqe, "renameat") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "unlink") && argc == 3) {
+		sqe.opcode = IORING_OP_UNLINKAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		return ring_run(&r, &sqe, "unlinkat") == 0 ? 0 : 1;
+	}
+	fprintf(stderr, "uring: unknown request %s\n", op);
+	return 2;
+}
