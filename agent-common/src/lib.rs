@@ -67,6 +67,9 @@ pub enum FileOp {
     Symlink = 8,
     /// Last `close` of an fd that was opened for write on a watched file.
     CloseWrite = 9,
+    /// Data written to a watched file by a request that no close follows
+    /// for the agent to see (an io_uring `WRITE`, `WRITEV`, `FALLOCATE`).
+    Write = 10,
 }
 
 impl FileOp {
@@ -82,6 +85,7 @@ impl FileOp {
             7 => Self::Link,
             8 => Self::Symlink,
             9 => Self::CloseWrite,
+            10 => Self::Write,
             _ => return None,
         })
     }
@@ -195,8 +199,9 @@ pub struct FileEvent {
     pub path_flags: u32,
     /// A `VERDICT_*`: what the guardrail of the path's resource decided.
     pub verdict: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// How the call came: [`VIA_SYSCALL`] or [`VIA_IO_URING`] (whose
+    /// requests have no syscall of their own).
+    pub via: u32,
     /// Absolute path, NUL-terminated.
     pub path: [u8; PATH_LEN],
     /// Second path (rename/link target), NUL-terminated; empty otherwise.
@@ -228,6 +233,9 @@ pub struct ConnectEvent {
     /// The grant that let the connect through (`VERDICT_GRANTED`), else 0.
     pub grant: u64,
 }
+
+/// A file call made by its own syscall.
+pub const VIA_SYSCALL: u32 = 0;
 
 /// `connect(2)`: the event waits for the call's exit and carries its result.
 pub const VIA_CONNECT: u16 = 0;
@@ -443,6 +451,45 @@ pub struct KernelOffsets {
     pub inode_i_sb: u32,
     /// `super_block.s_dev`
     pub sb_s_dev: u32,
+    /// `io_kiocb.opcode` (the io_uring offsets below are 0, and `uring` 0,
+    /// on a kernel whose BTF lacks one of them)
+    pub io_kiocb_opcode: u32,
+    /// `io_kiocb.file`
+    pub io_kiocb_file: u32,
+    /// `io_rename.old_dfd`
+    pub io_rename_old_dfd: u32,
+    /// `io_rename.new_dfd`
+    pub io_rename_new_dfd: u32,
+    /// `io_rename.oldpath`
+    pub io_rename_oldpath: u32,
+    /// `io_rename.newpath`
+    pub io_rename_newpath: u32,
+    /// `io_rename.flags`
+    pub io_rename_flags: u32,
+    /// `io_unlink.dfd`
+    pub io_unlink_dfd: u32,
+    /// `io_unlink.filename`
+    pub io_unlink_filename: u32,
+    /// `io_unlink.flags`
+    pub io_unlink_flags: u32,
+    /// `io_link.old_dfd`
+    pub io_link_old_dfd: u32,
+    /// `io_link.new_dfd`
+    pub io_link_new_dfd: u32,
+    /// `io_link.oldpath`
+    pub io_link_oldpath: u32,
+    /// `io_link.newpath`
+    pub io_link_newpath: u32,
+    /// `io_link.flags`
+    pub io_link_flags: u32,
+    /// `io_open.how` (an `open_how`, whose `flags` come first)
+    pub io_open_how: u32,
+    /// `io_open.file_slot`
+    pub io_open_file_slot: u32,
+    /// `filename.name`
+    pub filename_name: u32,
+    /// 1 when every io_uring offset above was found.
+    pub uring: u32,
     /// 1 once the agent has filled this struct; programs do nothing before.
     pub ready: u32,
 }

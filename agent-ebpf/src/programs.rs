@@ -19,7 +19,7 @@ use agent_common::{
     GateKey, GateRule, KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
     ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
     COUNTER_SEEN, COUNTER_SLOTS, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
-    VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG,
+    VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -643,17 +643,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
     // tree), then the file acted on. The call has run by now; a refused
     // caller is killed before it returns to user space, so it never writes
     // through the fd it got or goes on to its next step.
-    let mut verdict = if hit2 {
-        gate::decide(resource2 as u32) as u32 & 0xf
-    } else {
-        0
-    };
-    if hit1 && verdict != VERDICT_BLOCKED {
-        let v = gate::decide(s.hit_resource as u32) as u32 & 0xf;
-        if v > verdict {
-            verdict = v;
-        }
-    }
+    let verdict = verdict_of(hit1, s.hit_resource, hit2, resource2);
     if verdict == VERDICT_BLOCKED {
         // SAFETY: signals the current process.
         unsafe { gen::bpf_send_signal(SIGKILL) };
@@ -669,7 +659,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         (*e).gid = p.gid;
         (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
         (*e).verdict = verdict;
-        (*e)._pad = 0;
+        (*e).via = VIA_SYSCALL;
         path::copy_key(s, (*e).path.as_mut_ptr());
         if two_paths || op == FileOp::Symlink as u32 {
             path::copy_saved(s, (*e).path2.as_mut_ptr());
@@ -733,7 +723,7 @@ unsafe fn on_close(fd: i32, expected: u64) {
         (*e).gid = u32::MAX;
         (*e).path_flags = flags;
         (*e).verdict = 0;
-        (*e)._pad = 0;
+        (*e).via = VIA_SYSCALL;
         path::copy_key(s, (*e).path.as_mut_ptr());
         (*e).path2[0] = 0;
     });
@@ -965,24 +955,319 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------- io_uring
+//
+// io_uring requests make file changes and connects without the syscalls
+// the hooks above watch. Connects meet the cgroup hooks all the same; file
+// requests are judged here:
+// - requests that name files (rename, unlink, link, symlink) at submission,
+//   after their preparation copied the names into the kernel and before
+//   they run; the event is kept by request and sent at completion with the
+//   result;
+// - requests on an open file (write, fallocate, ftruncate) and opens at
+//   completion, from the file they wrote or the fd they installed.
 
-/// `IORING_OP_CONNECT`.
+const IORING_OP_WRITEV: u8 = 2;
+const IORING_OP_WRITE_FIXED: u8 = 5;
 const IORING_OP_CONNECT: u8 = 16;
+const IORING_OP_FALLOCATE: u8 = 17;
+const IORING_OP_OPENAT: u8 = 18;
+const IORING_OP_WRITE: u8 = 23;
+const IORING_OP_OPENAT2: u8 = 28;
+const IORING_OP_RENAMEAT: u8 = 35;
+const IORING_OP_UNLINKAT: u8 = 36;
+const IORING_OP_SYMLINKAT: u8 = 38;
+const IORING_OP_LINKAT: u8 = 39;
+const IORING_OP_FTRUNCATE: u8 = 55;
+const IORING_OP_WRITEV_FIXED: u8 = 61;
 
-/// `io_uring:io_uring_submit_req`, after the request's preparation and
-/// before its issue: an io_uring connect arms the thread's connect record
-/// so that the cgroup hook, if the issue runs inline, names io_uring.
+/// Events of io_uring requests that name watched files, built at
+/// submission and sent at completion, by request.
+#[map]
+static URING_PENDING: LruHashMap<u64, FileEvent> = LruHashMap::with_max_entries(1024, 0);
+
+/// Where such an event is built (too large for the stack).
+#[map]
+static URING_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// `io_uring:io_uring_submit_req`: after the request's preparation, before
+/// its issue.
 #[tracepoint]
 pub fn uring_submit(ctx: TracePointContext) -> u32 {
     if !ready() {
         return 0;
     }
-    // SAFETY: the tracepoint's `u8 opcode` field is at offset 32.
-    let opcode = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(32)) };
-    if opcode == IORING_OP_CONNECT {
-        arm_connect(VIA_IO_URING);
+    // SAFETY: the tracepoint's `void *req` is at offset 16, `u8 opcode` at 32.
+    let (req, opcode) = unsafe {
+        let base = ctx.as_ptr() as *const u8;
+        (
+            core::ptr::read(base.add(16) as *const u64),
+            core::ptr::read(base.add(32)),
+        )
+    };
+    match opcode {
+        // If the connect is issued inline, the cgroup hook runs on this
+        // thread and finds the record named io_uring.
+        IORING_OP_CONNECT => arm_connect(VIA_IO_URING),
+        IORING_OP_RENAMEAT | IORING_OP_UNLINKAT | IORING_OP_SYMLINKAT | IORING_OP_LINKAT
+            if off!(uring) == 1 =>
+        {
+            // SAFETY: probe reads of the request.
+            unsafe { uring_named(req, opcode) }
+        }
+        _ => {}
     }
     0
+}
+
+/// The kernel's copy of a name an io_uring request holds (`struct filename *`).
+#[inline(always)]
+unsafe fn filename(f: u64) -> u64 {
+    if f == 0 {
+        0
+    } else {
+        unsafe { task::read(f, off!(filename_name)) }
+    }
+}
+
+/// Judges a request naming files and keeps its event for the completion.
+unsafe fn uring_named(req: u64, opcode: u8) {
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let task = task::current();
+    // SAFETY: probe reads of the request's command area.
+    let p = unsafe {
+        match opcode {
+            IORING_OP_RENAMEAT => PendingFile {
+                dfd: task::read(req, off!(io_rename_old_dfd)),
+                path: filename(task::read(req, off!(io_rename_oldpath))),
+                dfd2: task::read(req, off!(io_rename_new_dfd)),
+                path2: filename(task::read(req, off!(io_rename_newpath))),
+                flags: task::read(req, off!(io_rename_flags)),
+                ..pending(FileOp::Rename)
+            },
+            IORING_OP_UNLINKAT => PendingFile {
+                dfd: task::read(req, off!(io_unlink_dfd)),
+                path: filename(task::read(req, off!(io_unlink_filename))),
+                flags: task::read(req, off!(io_unlink_flags)),
+                ..pending(FileOp::Unlink)
+            },
+            _ => PendingFile {
+                dfd: task::read(req, off!(io_link_old_dfd)),
+                path: filename(task::read(req, off!(io_link_oldpath))),
+                dfd2: task::read(req, off!(io_link_new_dfd)),
+                path2: filename(task::read(req, off!(io_link_newpath))),
+                flags: task::read(req, off!(io_link_flags)),
+                ..pending(if opcode == IORING_OP_LINKAT {
+                    FileOp::Link
+                } else {
+                    FileOp::Symlink
+                })
+            },
+        }
+    };
+    let op = p.op;
+    let two = op != FileOp::Unlink as u32;
+    let mut flags2 = 0u32;
+    let mut hit2 = false;
+    if two {
+        let odd = unsafe { path::odd_name(s, p.path2, true) };
+        flags2 = unsafe { path::resolve_name(s, task, p.dfd2, p.path2, true) };
+        hit2 = path::matches(s, &mut flags2, odd);
+        path::save_key(s);
+    }
+    let resource2 = s.hit_resource;
+    let mut hit1 = false;
+    let flags1 = if op == FileOp::Symlink as u32 {
+        unsafe { path::read_text(s, p.path, true) }
+    } else {
+        let odd = unsafe { path::odd_name(s, p.path, true) };
+        let mut f = unsafe { path::resolve_name(s, task, p.dfd, p.path, true) };
+        hit1 = path::matches(s, &mut f, odd);
+        f
+    };
+    if !hit1 && !hit2 {
+        count(EventKind::File, COUNTER_FILTERED);
+        return;
+    }
+    // Refused before the request runs: the submitter does not return to
+    // user space, and io_uring cancels what it left at its exit.
+    let verdict = verdict_of(hit1, s.hit_resource, hit2, resource2);
+    if verdict == VERDICT_BLOCKED {
+        // SAFETY: signals the current process.
+        unsafe { gen::bpf_send_signal(SIGKILL) };
+    }
+    let Some(e) = URING_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: our per-CPU record; task reads are probe reads.
+    unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task);
+        (*e).ret = 0;
+        (*e).op = op;
+        (*e).flags = p.flags;
+        (*e).mode = 0;
+        (*e).uid = u32::MAX;
+        (*e).gid = u32::MAX;
+        (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
+        (*e).verdict = verdict;
+        (*e).via = VIA_IO_URING as u32;
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        if two {
+            path::copy_saved(s, (*e).path2.as_mut_ptr());
+        } else {
+            (*e).path2[0] = 0;
+        }
+        if URING_PENDING.insert(&req, &*e, 0).is_err() {
+            count(EventKind::File, COUNTER_DROPPED);
+        }
+    }
+}
+
+/// The guardrail's verdict over the file(s) a call hit: the new name first
+/// (a rename or link into a protected tree), then the file acted on.
+#[inline(always)]
+fn verdict_of(hit1: bool, resource1: u64, hit2: bool, resource2: u64) -> u32 {
+    let mut verdict = if hit2 {
+        gate::decide(resource2 as u32) as u32 & 0xf
+    } else {
+        0
+    };
+    if hit1 && verdict != VERDICT_BLOCKED {
+        let v = gate::decide(resource1 as u32) as u32 & 0xf;
+        if v > verdict {
+            verdict = v;
+        }
+    }
+    verdict
+}
+
+/// `io_uring:io_uring_complete`: a request's result is posted.
+#[tracepoint]
+pub fn uring_complete(ctx: TracePointContext) -> u32 {
+    if !ready() || off!(uring) != 1 {
+        return 0;
+    }
+    // SAFETY: the tracepoint's `void *req` is at offset 16, `int res` at 32.
+    let (req, res) = unsafe {
+        let base = ctx.as_ptr() as *const u8;
+        (
+            core::ptr::read(base.add(16) as *const u64),
+            core::ptr::read(base.add(32) as *const i32),
+        )
+    };
+    // SAFETY: probe reads of the request, which lives until after this.
+    let opcode: u8 = unsafe { task::read(req, off!(io_kiocb_opcode)) };
+    match opcode {
+        IORING_OP_RENAMEAT | IORING_OP_UNLINKAT | IORING_OP_SYMLINKAT | IORING_OP_LINKAT => {
+            if opcode == IORING_OP_RENAMEAT && res == 0 {
+                // As for rename(2): cached directory verdicts go.
+                step_watch_gen();
+            }
+            uring_named_done(req, res);
+        }
+        IORING_OP_WRITE
+        | IORING_OP_WRITEV
+        | IORING_OP_WRITE_FIXED
+        | IORING_OP_WRITEV_FIXED
+        | IORING_OP_FALLOCATE
+        | IORING_OP_FTRUNCATE
+            if res >= 0 =>
+        {
+            let op = if opcode == IORING_OP_FTRUNCATE {
+                FileOp::Truncate
+            } else {
+                FileOp::Write
+            };
+            // SAFETY: probe reads only.
+            unsafe {
+                let file: u64 = task::read(req, off!(io_kiocb_file));
+                uring_on_file(file, op, res, 0);
+            }
+        }
+        IORING_OP_OPENAT | IORING_OP_OPENAT2 if res >= 0 => {
+            // SAFETY: probe reads only.
+            unsafe {
+                let flags: u32 = task::read(req, off!(io_open_how));
+                let slot: u32 = task::read(req, off!(io_open_file_slot));
+                // Opened into a fixed-file slot, there is no fd to follow.
+                if writes(flags) && slot == 0 {
+                    let file = task::fd_file(task::current(), res);
+                    if uring_on_file(file, FileOp::Open, res, flags) {
+                        let _ = WRITE_FDS.insert(
+                            &FdKey {
+                                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                                fd: res as u32,
+                            },
+                            &file,
+                            0,
+                        );
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// Sends the event kept at a named request's submission, with its result.
+#[inline(always)]
+fn uring_named_done(req: u64, res: i32) {
+    let Some(kept) = URING_PENDING.get_ptr_mut(&req) else {
+        return;
+    };
+    // SAFETY: the kept record is copied whole into the reserved one.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
+        gen::bpf_probe_read_kernel(
+            e as *mut c_void,
+            core::mem::size_of::<FileEvent>() as u32,
+            kept as *const c_void,
+        );
+        (*e).ret = i64::from(res);
+    });
+    let _ = URING_PENDING.remove(&req);
+}
+
+/// Judges a request's open file; reports it when watched. True when it was.
+unsafe fn uring_on_file(file: u64, op: FileOp, res: i32, flags: u32) -> bool {
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let s = unsafe { &mut *s };
+    if unsafe { path::dir_cached(s, file, watch_gen()) } {
+        count(EventKind::File, COUNTER_FILTERED);
+        return false;
+    }
+    let mut f = unsafe { path::resolve_file(s, file) };
+    if !path::matches(s, &mut f, false) {
+        path::dir_remember(s, f);
+        count(EventKind::File, COUNTER_FILTERED);
+        return false;
+    }
+    let verdict = verdict_of(true, s.hit_resource, false, 0);
+    if verdict == VERDICT_BLOCKED {
+        // SAFETY: signals the current process.
+        unsafe { gen::bpf_send_signal(SIGKILL) };
+    }
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task::current());
+        (*e).ret = i64::from(res);
+        (*e).op = op as u32;
+        (*e).flags = flags;
+        (*e).mode = 0;
+        (*e).uid = u32::MAX;
+        (*e).gid = u32::MAX;
+        (*e).path_flags = f;
+        (*e).verdict = verdict;
+        (*e).via = VIA_IO_URING as u32;
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        (*e).path2[0] = 0;
+    })
 }
 
 #[cfg(not(test))]

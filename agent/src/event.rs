@@ -264,6 +264,10 @@ pub enum Event {
         /// The path did not fit and was cut.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         path_truncated: bool,
+        /// `io_uring` when an io_uring request made the change; absent for
+        /// a syscall.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        via: Option<&'static str>,
         /// Success, or the errno.
         result: Outcome,
         /// What the guardrail decided (see `v1::FileChange.guardrail`).

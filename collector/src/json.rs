@@ -72,6 +72,9 @@ pub fn event(e: &Event) -> Value {
             v["owner_gid"] = json!(f.owner_gid);
             v["resolved_from"] = json!(f.resolved_from);
             v["result"] = json!(outcome(&f.result));
+            if !f.via.is_empty() {
+                v["via"] = json!(f.via);
+            }
             if !f.guardrail.is_empty() {
                 v["guardrail"] = json!(f.guardrail);
             }
@@ -261,6 +264,11 @@ pub fn detail(e: &Event) -> String {
             let guard = match f.guardrail.as_str() {
                 "" | "allowed" => String::new(),
                 g => format!(" (guardrail: {g})"),
+            };
+            let guard = if f.via.is_empty() {
+                guard
+            } else {
+                format!(" [{}]{guard}", f.via)
             };
             if f.new_path.is_empty() {
                 format!("{} {}{res}{guard}", f.op, f.path)

@@ -19,7 +19,15 @@ pub mod time;
 pub fn completes_change(op: &str) -> bool {
     matches!(
         op,
-        "close_write" | "rename" | "unlink" | "chmod" | "chown" | "truncate" | "link" | "symlink"
+        "close_write"
+            | "write"
+            | "rename"
+            | "unlink"
+            | "chmod"
+            | "chown"
+            | "truncate"
+            | "link"
+            | "symlink"
     )
 }
 

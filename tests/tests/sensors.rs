@@ -389,6 +389,86 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
     );
 }
 
+/// File requests made through io_uring (open, write and close; rename;
+/// unlink) are reported like their syscall twins, named as io_uring, and
+/// the written content is digested.
+#[test]
+fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
+    let dir = Dir::new();
+    let uring = c_helper(&dir, "uring");
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let conf = format!("{etc}/app.conf");
+    let moved = format!("{etc}/app.conf.old");
+    let other = dir.join("other.txt");
+    std::fs::write(&conf, "v1\n").unwrap();
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    run(Command::new(&uring).args(["write", &other, "noise"]));
+    run(Command::new(&uring).args(["write", &conf, "v2 written by io_uring\n"]));
+    let sha = sha256_file(&conf);
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+        "the digest of what io_uring wrote",
+    );
+    run(Command::new(&uring).args(["rename", &conf, &moved]));
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["sha256"] == sha.as_str(),
+        "the digest of the name io_uring renamed to",
+    );
+    run(Command::new(&uring).args(["unlink", &moved]));
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
+        "the digest of the name io_uring unlinked",
+    );
+    let events = agent.stop();
+
+    let changes: Vec<&Value> = events
+        .iter()
+        // Requests that io-wq runs are reported from its worker thread
+        // (`iou-wrk-PID`), of the same process.
+        .filter(|e| e["kind"] == "file" && e["process"]["exe"] == uring.as_str())
+        .collect();
+    let summary: Vec<(String, String)> = changes
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap_or("").to_owned(),
+                e["path"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        changes
+            .iter()
+            .all(|e| e["via"] == "io_uring" && e["result"]["ok"] == true),
+        "{changes:#?}"
+    );
+    assert!(
+        !summary.iter().any(|(_, p)| p == &other),
+        "an unwatched file was reported: {summary:?}"
+    );
+    for (op, path) in [
+        ("open", &conf),
+        ("write", &conf),
+        ("rename", &conf),
+        ("unlink", &moved),
+    ] {
+        assert!(
+            summary.iter().any(|(o, p)| o == op && p == path),
+            "no {op} of {path}: {summary:?}"
+        );
+    }
+    let rename = changes.iter().find(|e| e["op"] == "rename").unwrap();
+    assert_eq!(rename["new_path"], moved.as_str());
+    let open = changes.iter().find(|e| e["op"] == "open").unwrap();
+    assert_eq!(open["resolved_from"], "file");
+    assert_eq!(
+        open["flags"],
+        serde_json::json!(["O_WRONLY", "O_CREAT", "O_TRUNC"])
+    );
+}
+
 /// Connects that never pass through `connect(2)` (io_uring, TCP Fast Open)
 /// and datagrams sent to a watched port are reported when the kernel checks
 /// the destination, say so, and leave nothing behind for the thread's next

@@ -258,12 +258,36 @@ pub unsafe fn resolve_file(s: &mut Scratch, file: u64) -> u32 {
 /// root when absolute), into the key. Returns `PATH_*` flags.
 #[inline(always)]
 pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> u32 {
+    unsafe { resolve_name(s, task, dfd, upath, false) }
+}
+
+/// Reads a string from user memory, or from kernel memory (`kernel`: the
+/// copy an io_uring request keeps), as the `bpf_probe_read_*_str` helpers do.
+#[inline(always)]
+unsafe fn read_str(dst: *mut u8, len: u32, src: u64, kernel: bool) -> i64 {
+    unsafe {
+        if kernel {
+            gen::bpf_probe_read_kernel_str(dst as *mut c_void, len, src as *const c_void)
+        } else {
+            gen::bpf_probe_read_user_str(dst as *mut c_void, len, src as *const c_void)
+        }
+    }
+}
+
+/// [`resolve_user`] for a name in user memory or, with `kernel`, in kernel
+/// memory.
+#[inline(always)]
+pub unsafe fn resolve_name(s: &mut Scratch, task: u64, dfd: i32, upath: u64, kernel: bool) -> u32 {
     s.join = 0;
     s.key[0] = 0;
     if upath == 0 {
         return 0;
     }
-    let first: u8 = unsafe { bpf_probe_read_user(upath as *const u8) }.unwrap_or(0);
+    // Two bytes: a string read keeps the last for the NUL.
+    let mut first = [0u8; 2];
+    // SAFETY: a probe read into a local buffer.
+    unsafe { read_str(first.as_mut_ptr(), 2, upath, kernel) };
+    let first = first[0];
     let mut flags = 0;
     let mut at = 0usize;
     if first != b'/' {
@@ -285,10 +309,11 @@ pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> 
     }
     s.join = at as u32;
     let n = unsafe {
-        gen::bpf_probe_read_user_str(
-            s.key.as_mut_ptr().add(at & 255) as *mut c_void,
+        read_str(
+            s.key.as_mut_ptr().add(at & 255),
             PATH_LEN as u32,
-            upath as *const c_void,
+            upath,
+            kernel,
         )
     };
     if n < 0 {
@@ -364,16 +389,16 @@ pub unsafe fn start_dir_cached(s: &mut Scratch, task: u64, dfd: i32, gen: u64) -
 /// Reads a user string verbatim (a symlink's target text) into the key.
 #[inline(always)]
 pub unsafe fn read_user_text(s: &mut Scratch, upath: u64) -> u32 {
+    unsafe { read_text(s, upath, false) }
+}
+
+/// [`read_user_text`] from user or (`kernel`) kernel memory.
+#[inline(always)]
+pub unsafe fn read_text(s: &mut Scratch, upath: u64, kernel: bool) -> u32 {
     s.join = 0;
     s.key[0] = 0;
     if upath != 0 {
-        unsafe {
-            gen::bpf_probe_read_user_str(
-                s.key.as_mut_ptr() as *mut c_void,
-                PATH_LEN as u32,
-                upath as *const c_void,
-            );
-        }
+        unsafe { read_str(s.key.as_mut_ptr(), PATH_LEN as u32, upath, kernel) };
     }
     0
 }
@@ -418,18 +443,18 @@ pub fn matches(s: &mut Scratch, flags: &mut u32, odd: bool) -> bool {
 /// exit program the loop would be walked once per path into it.
 #[inline(always)]
 pub unsafe fn odd_string(s: &mut Scratch, upath: u64) -> bool {
+    unsafe { odd_name(s, upath, false) }
+}
+
+/// [`odd_string`] for a name in user or (`kernel`) kernel memory.
+#[inline(always)]
+pub unsafe fn odd_name(s: &mut Scratch, upath: u64, kernel: bool) -> bool {
     if upath == 0 {
         return false;
     }
     s.odd = 0;
     s.slash = 1;
-    let n = unsafe {
-        gen::bpf_probe_read_user_str(
-            s.key.as_mut_ptr() as *mut c_void,
-            PATH_LEN as u32,
-            upath as *const c_void,
-        )
-    };
+    let n = unsafe { read_str(s.key.as_mut_ptr(), PATH_LEN as u32, upath, kernel) };
     if n <= 0 {
         return false;
     }

@@ -242,7 +242,7 @@ impl Btf {
 
     /// Every offset the sensors use, read from this BTF.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
-        Ok(KernelOffsets {
+        Ok(self.with_uring(KernelOffsets {
             task_real_parent: self.offset("task_struct", "real_parent")?,
             task_group_leader: self.offset("task_struct", "group_leader")?,
             task_tgid: self.offset("task_struct", "tgid")?,
@@ -284,7 +284,45 @@ impl Btf {
             inode_i_sb: self.offset("inode", "i_sb")?,
             sb_s_dev: self.offset("super_block", "s_dev")?,
             ready: 1,
-        })
+            ..KernelOffsets::zeroed()
+        }))
+    }
+}
+
+impl Btf {
+    /// Adds the io_uring request layouts the programs read, which only BTF
+    /// gives (they are private to io_uring): all found, or none used.
+    fn with_uring(&self, mut o: KernelOffsets) -> KernelOffsets {
+        let btf = self;
+        let found = (|| -> Result<(), BtfError> {
+            o.io_kiocb_opcode = btf.offset("io_kiocb", "opcode")?;
+            o.io_kiocb_file = btf.offset("io_kiocb", "file")?;
+            o.io_rename_old_dfd = btf.offset("io_rename", "old_dfd")?;
+            o.io_rename_new_dfd = btf.offset("io_rename", "new_dfd")?;
+            o.io_rename_oldpath = btf.offset("io_rename", "oldpath")?;
+            o.io_rename_newpath = btf.offset("io_rename", "newpath")?;
+            o.io_rename_flags = btf.offset("io_rename", "flags")?;
+            o.io_unlink_dfd = btf.offset("io_unlink", "dfd")?;
+            o.io_unlink_filename = btf.offset("io_unlink", "filename")?;
+            o.io_unlink_flags = btf.offset("io_unlink", "flags")?;
+            o.io_link_old_dfd = btf.offset("io_link", "old_dfd")?;
+            o.io_link_new_dfd = btf.offset("io_link", "new_dfd")?;
+            o.io_link_oldpath = btf.offset("io_link", "oldpath")?;
+            o.io_link_newpath = btf.offset("io_link", "newpath")?;
+            o.io_link_flags = btf.offset("io_link", "flags")?;
+            o.io_open_how = btf.offset("io_open", "how")?;
+            o.io_open_file_slot = btf.offset("io_open", "file_slot")?;
+            o.filename_name = btf.offset("filename", "name")?;
+            Ok(())
+        })();
+        match found {
+            Ok(()) => o.uring = 1,
+            Err(e) => {
+                tracing::warn!("io_uring file requests are named but not resolved to files on this kernel: {e}");
+                o.uring = 0;
+            }
+        }
+        o
     }
 }
 

@@ -6,7 +6,7 @@ use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
     ARGV_TRUNCATED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
     VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK, VIA_CONNECT,
-    VIA_FASTOPEN, VIA_IO_URING,
+    VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
 };
 
 use super::watch::{normalise, WatchSet};
@@ -56,6 +56,7 @@ fn op_name(op: FileOp) -> &'static str {
         FileOp::Link => "link",
         FileOp::Symlink => "symlink",
         FileOp::CloseWrite => "close_write",
+        FileOp::Write => "write",
     }
 }
 
@@ -288,6 +289,7 @@ impl Decoder {
                 "name"
             },
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
+            via: (e.via != VIA_SYSCALL).then_some("io_uring"),
             result: Outcome::from_ret(e.ret),
             guardrail: guardrail(e.verdict, "killed"),
             process: self.table.identity(&e.hdr),

@@ -353,6 +353,7 @@ impl Sensors {
         .exists()
         {
             syscalls.attach_in("uring_submit", "io_uring", "io_uring_submit_req")?;
+            syscalls.attach_in("uring_complete", "io_uring", "io_uring_complete")?;
         } else {
             tracing::warn!("no tracepoint io_uring/io_uring_submit_req on this kernel: io_uring requests are not named");
         }

@@ -321,6 +321,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
             owner_gid,
             resolved_from,
             path_truncated,
+            via,
             result,
             guardrail,
             process,
@@ -354,6 +355,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 r.errno = result.errno.unwrap_or(0);
                 set(&mut r.error, result.error.as_deref().unwrap_or(""));
                 set(&mut f.guardrail, guardrail.unwrap_or(""));
+                set(&mut f.via, via.unwrap_or(""));
                 K::File(f)
             },
             time,
@@ -569,6 +571,7 @@ mod tests {
             owner_gid: None,
             resolved_from: "file",
             path_truncated: false,
+            via: None,
             result: Outcome::from_ret(-13),
             guardrail: Some("killed"),
             process: identity(),
@@ -613,6 +616,7 @@ mod tests {
             owner_gid: None,
             resolved_from: "name",
             path_truncated: false,
+            via: None,
             result: Outcome::from_ret(0),
             guardrail: None,
             process: identity(),
