@@ -70,6 +70,16 @@ pub enum FileOp {
     /// Data written to a watched file by a request that no close follows
     /// for the agent to see (an io_uring `WRITE`, `WRITEV`, `FALLOCATE`).
     Write = 10,
+    /// `setxattr`/`lsetxattr`/`fsetxattr`/`setxattrat`: `path2` holds the
+    /// attribute's name.
+    SetXattr = 11,
+    /// `removexattr`/`lremovexattr`/`fremovexattr`/`removexattrat`: `path2`
+    /// holds the attribute's name.
+    RemoveXattr = 12,
+    /// `utime`/`utimes`/`utimensat`/`futimesat`: timestamps set.
+    Utimes = 13,
+    /// `ioctl(FS_IOC_SETFLAGS)`: `mode` holds the new inode flags.
+    SetFlags = 14,
 }
 
 impl FileOp {
@@ -86,6 +96,10 @@ impl FileOp {
             8 => Self::Symlink,
             9 => Self::CloseWrite,
             10 => Self::Write,
+            11 => Self::SetXattr,
+            12 => Self::RemoveXattr,
+            13 => Self::Utimes,
+            14 => Self::SetFlags,
             _ => return None,
         })
     }

@@ -140,6 +140,8 @@ const O_TRUNC: u32 = 0o1000;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SIGKILL: u32 = 9;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 
 #[inline(always)]
 fn count(kind: EventKind, slot: u32) {
@@ -529,6 +531,84 @@ enter!(enter_symlinkat, |ctx| Some(PendingFile {
     ..pending(FileOp::Symlink)
 }));
 enter!(enter_symlink, |ctx| Some(two(&ctx, FileOp::Symlink)));
+enter!(enter_open_by_handle_at, |ctx| {
+    // (mount_fd, handle, flags): judged from the fd it returns, as an open.
+    let flags = arg(&ctx, 2) as u32;
+    writes(flags).then(|| PendingFile {
+        flags,
+        ..pending(FileOp::Open)
+    })
+});
+// Metadata. The attribute's name rides in `path2`, which these calls do
+// not otherwise use.
+enter!(enter_setxattr, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::SetXattr)
+}));
+enter!(enter_fsetxattr, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    by_fd: 1,
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::SetXattr)
+}));
+enter!(enter_setxattrat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    flags: arg(&ctx, 2) as u32,
+    path2: arg(&ctx, 3),
+    ..pending(FileOp::SetXattr)
+}));
+enter!(enter_removexattr, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::RemoveXattr)
+}));
+enter!(enter_fremovexattr, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    by_fd: 1,
+    path2: arg(&ctx, 1),
+    ..pending(FileOp::RemoveXattr)
+}));
+enter!(enter_removexattrat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    flags: arg(&ctx, 2) as u32,
+    path2: arg(&ctx, 3),
+    ..pending(FileOp::RemoveXattr)
+}));
+enter!(enter_utimes, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    ..pending(FileOp::Utimes)
+}));
+enter!(enter_futimesat, |ctx| Some(PendingFile {
+    dfd: arg(&ctx, 0) as i32,
+    path: arg(&ctx, 1),
+    ..pending(FileOp::Utimes)
+}));
+enter!(enter_utimensat, |ctx| {
+    // (dfd, path, times, flags); a NULL path is futimens(dfd).
+    let path = arg(&ctx, 1);
+    Some(PendingFile {
+        dfd: arg(&ctx, 0) as i32,
+        path,
+        by_fd: u32::from(path == 0),
+        flags: arg(&ctx, 3) as u32,
+        ..pending(FileOp::Utimes)
+    })
+});
+enter!(enter_ioctl, |ctx| {
+    // Only the inode-flags setter (chattr); every other ioctl leaves here.
+    let cmd = arg(&ctx, 1) as u32;
+    (cmd == FS_IOC_SETFLAGS || cmd == FS_IOC32_SETFLAGS).then(|| PendingFile {
+        dfd: arg(&ctx, 0) as i32,
+        by_fd: 1,
+        // SAFETY: the new flags, an int in user memory; read with a probe.
+        mode: unsafe { aya_ebpf::helpers::bpf_probe_read_user(arg(&ctx, 2) as *const u32) }
+            .unwrap_or(0),
+        ..pending(FileOp::SetFlags)
+    })
+});
 
 /// Attached to the `sys_exit_*` of every call above.
 #[tracepoint]
@@ -663,6 +743,13 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         path::copy_key(s, (*e).path.as_mut_ptr());
         if two_paths || op == FileOp::Symlink as u32 {
             path::copy_saved(s, (*e).path2.as_mut_ptr());
+        } else if op == FileOp::SetXattr as u32 || op == FileOp::RemoveXattr as u32 {
+            // The attribute's name.
+            gen::bpf_probe_read_user_str(
+                (*e).path2.as_mut_ptr() as *mut c_void,
+                PATH_LEN as u32,
+                p.path2 as *const c_void,
+            );
         } else {
             (*e).path2[0] = 0;
         }

@@ -115,6 +115,10 @@ pub struct FileDigest {
     /// What the content says (config files, model headers), secrets masked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub structure: Option<Arc<Structure>>,
+    /// Extended attributes and inode flags; `None` when they could not be
+    /// read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<crate::attributes::Attributes>,
 }
 
 /// What the digester reports to the event loop.
@@ -363,6 +367,7 @@ fn read_state(
         trigger_seq: None,
         error: None,
         structure: None,
+        attributes: None,
     };
     let p = Path::new(path);
     for _ in 0..ATTEMPTS {
@@ -385,6 +390,15 @@ fn read_state(
         d.gid = before.gid();
         d.mtime_unix_nanos = mtime(&before);
         let ft = before.file_type();
+        if ft.is_symlink() || ft.is_file() {
+            d.attributes = match crate::attributes::read(p, ft.is_file(), &shared.mask) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::debug!(path, "attributes not read: {e}");
+                    None
+                }
+            };
+        }
         if ft.is_symlink() {
             d.sha256 = std::fs::read_link(p)
                 .ok()
@@ -428,6 +442,17 @@ fn read_state(
     }
     Some(d)
 }
+
+/// What a digest found, as compared with the one reported before it:
+/// existence, content, mode, owner and attributes.
+type Seen = (
+    bool,
+    Option<String>,
+    u32,
+    u32,
+    u32,
+    Option<crate::attributes::Attributes>,
+);
 
 /// The change digester and the scans.
 #[derive(Clone)]
@@ -574,7 +599,7 @@ async fn run(
     let mut tasks: JoinSet<Vec<(String, Option<FileDigest>)>> = JoinSet::new();
     // What was last reported per path: a read that finds the same state
     // again (a burst of changes folded into two reads) is not reported twice.
-    let mut last: HashMap<String, (bool, Option<String>, u32, u32, u32)> = HashMap::new();
+    let mut last: HashMap<String, Seen> = HashMap::new();
     let mut open = true;
     // When each path's last read started, and the paths whose next read
     // waits for CADENCE to pass since then (their jobs are in `queued`).
@@ -685,7 +710,14 @@ async fn run(
                         enqueue(path.clone(), &mut queue);
                     }
                     let Some(d) = d else { continue };
-                    let seen = (d.exists, d.sha256.clone(), d.mode, d.uid, d.gid);
+                    let seen = (
+                        d.exists,
+                        d.sha256.clone(),
+                        d.mode,
+                        d.uid,
+                        d.gid,
+                        d.attributes.clone(),
+                    );
                     if d.error.is_none() && last.get(&path) == Some(&seen) {
                         continue;
                     }

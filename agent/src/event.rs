@@ -268,6 +268,9 @@ pub enum Event {
         /// a syscall.
         #[serde(skip_serializing_if = "Option::is_none")]
         via: Option<&'static str>,
+        /// setxattr/removexattr: the attribute's name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        xattr: Option<String>,
         /// Success, or the errno.
         result: Outcome,
         /// What the guardrail decided (see `v1::FileChange.guardrail`).

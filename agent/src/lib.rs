@@ -11,6 +11,7 @@
 //! - [`guard`]: the guardrails compiled for the kernel;
 //! - [`stream`]: the spool and the stream to the collector.
 
+pub mod attributes;
 pub mod clock;
 pub mod digest;
 pub mod event;

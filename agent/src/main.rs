@@ -721,7 +721,10 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>;
         "link" | "symlink" => (new_path.as_deref(), None),
         _ => (Some(path.as_str()), None),
     };
-    let content_may_change = !matches!(*op, "chmod" | "chown");
+    let content_may_change = !matches!(
+        *op,
+        "chmod" | "chown" | "setxattr" | "removexattr" | "utimes" | "setflags"
+    );
     [first, second].map(|p| {
         let p = p?;
         let r = policy.resource_for_path(p)?;

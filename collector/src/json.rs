@@ -75,6 +75,9 @@ pub fn event(e: &Event) -> Value {
             if !f.via.is_empty() {
                 v["via"] = json!(f.via);
             }
+            if !f.xattr.is_empty() {
+                v["xattr"] = json!(f.xattr);
+            }
             if !f.guardrail.is_empty() {
                 v["guardrail"] = json!(f.guardrail);
             }
@@ -270,7 +273,16 @@ pub fn detail(e: &Event) -> String {
             } else {
                 format!(" [{}]{guard}", f.via)
             };
-            if f.new_path.is_empty() {
+            if !f.xattr.is_empty() {
+                format!("{} {} {}{res}{guard}", f.op, f.path, f.xattr)
+            } else if f.op == "setflags" {
+                let set = if f.flags.is_empty() {
+                    "none".to_owned()
+                } else {
+                    f.flags.join(",")
+                };
+                format!("setflags {} {set}{res}{guard}", f.path)
+            } else if f.new_path.is_empty() {
                 format!("{} {}{res}{guard}", f.op, f.path)
             } else if f.flags.iter().any(|x| x == "RENAME_EXCHANGE") {
                 format!("exchange {} <-> {}{res}{guard}", f.path, f.new_path)

@@ -28,6 +28,10 @@ pub fn completes_change(op: &str) -> bool {
             | "truncate"
             | "link"
             | "symlink"
+            | "setxattr"
+            | "removexattr"
+            | "utimes"
+            | "setflags"
     )
 }
 

@@ -291,3 +291,69 @@ fn other_text_is_diffed_by_line_and_a_model_by_its_header() {
     let shown = collector.cli_ok("reader", &["findings", "show", &id]);
     assert!(String::from_utf8_lossy(&shown.stdout).contains("tensor.w: F16 [2, 3] → F32 [2, 4]"));
 }
+
+/// A change that leaves content, mode and owner alone but changes what the
+/// file means: a capability set on a binary, an extended attribute, the
+/// immutable flag. Each is a drift naming what changed, with the event
+/// that did it as evidence.
+#[test]
+fn attribute_and_inode_flag_changes_are_drift() {
+    let w = ConfigTree::new(
+        "node-attrs",
+        &[("app.conf", "mode=prod\n"), ("tool", "#!/bin/sh\n")],
+        &[],
+    );
+    let (collector, conf, tool) = (&w.collector, w.path("app.conf"), w.path("tool"));
+    run(&mut driftwatch_tests::python(&format!(
+        "import os, struct\n\
+         os.setxattr('{tool}', 'security.capability', struct.pack('<IIIII', 0x02000001, 1 << 13, 0, 0, 0))\n\
+         os.setxattr('{conf}', 'user.tier', b'gold')\n"
+    )));
+    let f = collector.wait_findings(
+        30,
+        |f| {
+            drift(f, &tool).is_some_and(|d| {
+                d["summary"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("+security.capability=cap_net_raw=ep"))
+            })
+        },
+        "a drift naming the capability set on the binary",
+    );
+    let d = drift(&f, &tool).expect("drift");
+    assert!(
+        d["differences"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "xattrs")),
+        "{d:#}"
+    );
+    collector.wait_findings(
+        30,
+        |f| {
+            drift(f, &conf).is_some_and(|d| {
+                d["summary"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("+user.tier=gold"))
+            })
+        },
+        "a drift naming the attribute set on the config",
+    );
+    run(Command::new("chattr").args(["+i", &conf]));
+    let found = collector.wait_json(
+        &["findings", "list", "--all"],
+        30,
+        |f| {
+            f.iter().any(|x| {
+                x["kind"] == "drift"
+                    && x["path"] == conf.as_str()
+                    && x["summary"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("inode flags [] -> [immutable]"))
+            })
+        },
+        "a drift naming the immutable flag",
+    );
+    // Cleared before anything can fail, so the tree can be removed.
+    run(Command::new("chattr").args(["-i", &conf]));
+    assert!(!found.is_empty());
+}

@@ -389,6 +389,98 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
     );
 }
 
+/// Changes to a watched file's metadata are events: extended attributes
+/// (by name and by fd; a binary's `security.capability` called out),
+/// timestamps (`os.utime`, `touch -d`, by fd) and inode flags (`chattr`).
+/// A file opened for write by handle (`open_by_handle_at`) is an open.
+#[test]
+fn metadata_changes_and_opens_by_handle_are_reported() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let conf = format!("{etc}/app.conf");
+    let tool = format!("{etc}/tool");
+    let other = dir.join("other.conf");
+    for f in [&conf, &tool, &other] {
+        std::fs::write(f, "v1\n").unwrap();
+    }
+    let agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    run(&mut python(&format!(
+        "import ctypes, os, struct\n\
+         os.setxattr('{other}', 'user.noise', b'1')\n\
+         os.setxattr('{conf}', 'user.owner', b'team-a')\n\
+         fd = os.open('{conf}', os.O_RDONLY)\n\
+         os.setxattr(fd, 'user.by_fd', b'1')\n\
+         os.utime(fd, (1, 1))\n\
+         os.close(fd)\n\
+         os.removexattr('{conf}', 'user.owner')\n\
+         os.utime('{conf}', (0, 0))\n\
+         os.setxattr('{tool}', 'security.capability', struct.pack('<IIIII', 0x02000001, 1 << 13, 0, 0, 0))\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         handle = ctypes.create_string_buffer(8 + 128)\n\
+         struct.pack_into('<I', handle, 0, 128)\n\
+         mount_id = ctypes.c_int()\n\
+         assert libc.name_to_handle_at(-100, b'{conf}', handle, ctypes.byref(mount_id), 0) == 0, os.strerror(ctypes.get_errno())\n\
+         mount_fd = os.open('{etc}', os.O_RDONLY)\n\
+         fd = libc.open_by_handle_at(mount_fd, handle, os.O_WRONLY | os.O_TRUNC)\n\
+         assert fd >= 0, os.strerror(ctypes.get_errno())\n\
+         os.write(fd, b'v2 by handle\\n')\n\
+         os.close(fd)\n"
+    )));
+    run(Command::new("touch").args(["-d", "@1000000000", &conf]));
+    run(Command::new("chattr").args(["+i", &conf]));
+    run(Command::new("chattr").args(["-i", &conf]));
+    let events = agent.stop();
+
+    let on_conf = file_events(&events, &conf);
+    let find = |op: &str, pred: &dyn Fn(&Value) -> bool| {
+        on_conf
+            .iter()
+            .find(|e| e["op"] == op && pred(e))
+            .copied()
+            .unwrap_or_else(|| panic!("no {op} on {conf}: {on_conf:#?}"))
+    };
+    let set = find("setxattr", &|e| e["xattr"] == "user.owner");
+    assert_eq!(set["resolved_from"], "name");
+    assert_eq!(set["process"]["comm"], "python3");
+    assert_eq!(
+        find("setxattr", &|e| e["xattr"] == "user.by_fd")["resolved_from"],
+        "file"
+    );
+    find("removexattr", &|e| e["xattr"] == "user.owner");
+    let utimes: Vec<&&Value> = on_conf.iter().filter(|e| e["op"] == "utimes").collect();
+    assert!(
+        utimes.len() >= 3,
+        "by fd, by name and touch: {:#?}",
+        ops(&on_conf)
+    );
+    assert!(utimes.iter().any(|e| e["process"]["comm"] == "touch"));
+    find("setflags", &|e| {
+        e["flags"] == serde_json::json!(["immutable"])
+    });
+    // Cleared: no flag named.
+    find("setflags", &|e| {
+        e["flags"].as_array().is_none_or(|a| a.is_empty())
+    });
+    let by_handle = find("open", &|e| e["process"]["comm"] == "python3");
+    assert_eq!(by_handle["resolved_from"], "file");
+    assert_eq!(
+        by_handle["flags"],
+        serde_json::json!(["O_WRONLY", "O_TRUNC"])
+    );
+    find("close_write", &|_| true);
+    let cap = file_events(&events, &tool)
+        .into_iter()
+        .find(|e| e["op"] == "setxattr")
+        .expect("the capability set on the binary");
+    assert_eq!(cap["xattr"], "security.capability");
+    assert_eq!(cap["flags"], serde_json::json!(["file_capability"]));
+    assert!(
+        file_events(&events, &other).is_empty(),
+        "an unwatched file's attribute was reported"
+    );
+}
+
 /// File requests made through io_uring (open, write and close; rename;
 /// unlink) are reported like their syscall twins, named as io_uring, and
 /// the written content is digested.

@@ -57,6 +57,10 @@ fn op_name(op: FileOp) -> &'static str {
         FileOp::Symlink => "symlink",
         FileOp::CloseWrite => "close_write",
         FileOp::Write => "write",
+        FileOp::SetXattr => "setxattr",
+        FileOp::RemoveXattr => "removexattr",
+        FileOp::Utimes => "utimes",
+        FileOp::SetFlags => "setflags",
     }
 }
 
@@ -92,6 +96,16 @@ fn rename_flags(flags: u32) -> Flags {
         if flags & bit != 0 {
             out.push(name);
         }
+    }
+    out
+}
+
+/// Names the inode flags `chattr` sets (`FS_IOC_SETFLAGS`) that matter to
+/// integrity; an empty list means none of them is set any more.
+fn inode_flags(flags: u32) -> Flags {
+    let mut out = Flags::default();
+    for name in crate::attributes::flag_names(flags) {
+        out.push(name);
     }
     out
 }
@@ -244,6 +258,7 @@ impl Decoder {
         };
         let raw1 = cstr(&e.path);
         let raw2 = cstr(&e.path2);
+        let xattr = matches!(op, FileOp::SetXattr | FileOp::RemoveXattr).then(|| cstr(&e.path2));
         let (path, new_path, target) = match op {
             FileOp::Symlink => (fix(raw2, flags2), None, Some(raw1)),
             FileOp::Rename | FileOp::Link => (fix(raw1, flags1), Some(fix(raw2, flags2)), None),
@@ -268,6 +283,10 @@ impl Decoder {
             ),
             FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
             FileOp::Rename => (rename_flags(e.flags), None),
+            FileOp::SetFlags => (inode_flags(e.mode), None),
+            FileOp::SetXattr if xattr.as_deref() == Some("security.capability") => {
+                (Flags::from(["file_capability"]), None)
+            }
             _ => (Flags::default(), None),
         };
         let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
@@ -290,6 +309,7 @@ impl Decoder {
             },
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
             via: (e.via != VIA_SYSCALL).then_some("io_uring"),
+            xattr,
             result: Outcome::from_ret(e.ret),
             guardrail: guardrail(e.verdict, "killed"),
             process: self.table.identity(&e.hdr),

@@ -322,6 +322,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
             resolved_from,
             path_truncated,
             via,
+            xattr,
             result,
             guardrail,
             process,
@@ -356,6 +357,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 set(&mut r.error, result.error.as_deref().unwrap_or(""));
                 set(&mut f.guardrail, guardrail.unwrap_or(""));
                 set(&mut f.via, via.unwrap_or(""));
+                f.xattr = xattr.unwrap_or_default();
                 K::File(f)
             },
             time,
@@ -419,6 +421,10 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 trigger_seq: state.trigger_seq.unwrap_or(0),
                 error: state.error.unwrap_or_default(),
                 structure: state.structure.as_deref().map(structure),
+                attributes: state.attributes.map(|a| v1::Attributes {
+                    xattrs: a.xattrs.into_iter().collect(),
+                    flags: a.flags.into_iter().map(str::to_owned).collect(),
+                }),
             }),
             time,
             node,
@@ -572,6 +578,7 @@ mod tests {
             resolved_from: "file",
             path_truncated: false,
             via: None,
+            xattr: None,
             result: Outcome::from_ret(-13),
             guardrail: Some("killed"),
             process: identity(),
@@ -617,6 +624,7 @@ mod tests {
             resolved_from: "name",
             path_truncated: false,
             via: None,
+            xattr: None,
             result: Outcome::from_ret(0),
             guardrail: None,
             process: identity(),

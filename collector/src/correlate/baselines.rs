@@ -114,6 +114,14 @@ pub fn differences(desired: &FileState, actual: &FileState) -> Vec<String> {
     {
         d.push("owner".to_owned());
     }
+    if let (Some(want), Some(got)) = (&desired.attributes, &actual.attributes) {
+        if want.xattrs != got.xattrs {
+            d.push("xattrs".to_owned());
+        }
+        if want.flags != got.flags {
+            d.push("inode flags".to_owned());
+        }
+    }
     d
 }
 

@@ -188,7 +188,33 @@ fn state_of(d: &Digest) -> FileState {
         uid: Some(d.uid),
         gid: Some(d.gid),
         structure: d.structure.clone(),
+        attributes: d.attributes.clone(),
     }
+}
+
+/// The extended attributes added, removed or changed from `want` to
+/// `actual`: `+security.capability=cap_net_raw=ep`, `-user.owner`,
+/// `~user.tier=a->b`.
+fn xattr_changes(
+    want: Option<&driftwatch_proto::v1::Attributes>,
+    actual: Option<&driftwatch_proto::v1::Attributes>,
+) -> String {
+    let empty = std::collections::HashMap::new();
+    let want = want.map_or(&empty, |a| &a.xattrs);
+    let actual = actual.map_or(&empty, |a| &a.xattrs);
+    let mut names: Vec<&String> = want.keys().chain(actual.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|n| match (want.get(n), actual.get(n)) {
+            (None, Some(v)) => Some(format!("+{n}={v}")),
+            (Some(_), None) => Some(format!("-{n}")),
+            (Some(a), Some(b)) if a != b => Some(format!("~{n}={a}->{b}")),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What changed in the content from `want` to `actual`, when the content
@@ -1126,6 +1152,22 @@ impl Judge<'_> {
                         want.gid.unwrap_or(0),
                         actual.uid.unwrap_or(0),
                         actual.gid.unwrap_or(0)
+                    ),
+                    "xattrs" => format!(
+                        "xattrs {}",
+                        xattr_changes(want.attributes.as_ref(), actual.attributes.as_ref())
+                    ),
+                    "inode flags" => format!(
+                        "inode flags [{}] -> [{}]",
+                        want.attributes
+                            .as_ref()
+                            .map(|a| a.flags.join(","))
+                            .unwrap_or_default(),
+                        actual
+                            .attributes
+                            .as_ref()
+                            .map(|a| a.flags.join(","))
+                            .unwrap_or_default()
                     ),
                     other => other.to_owned(),
                 });
