@@ -118,6 +118,9 @@ pub const PATH2_SHIFT: u32 = 8;
 pub const ARGV_TRUNCATED: u32 = 1 << 0;
 /// The exe path did not fit in [`PATH_LEN`] bytes.
 pub const EXE_TRUNCATED: u32 = 1 << 1;
+/// The executed file has no name left in any directory: a memfd (`exe` is
+/// then `/memfd:NAME`) or a file deleted before or while it ran.
+pub const EXE_DELETED: u32 = 1 << 2;
 
 /// Fields every record starts with: who did it and when.
 #[repr(C)]
@@ -157,7 +160,7 @@ pub struct ExecEvent {
     pub hdr: Header,
     /// Bytes of `argv` in use.
     pub argv_len: u32,
-    /// [`ARGV_TRUNCATED`], [`EXE_TRUNCATED`].
+    /// [`ARGV_TRUNCATED`], [`EXE_TRUNCATED`], [`EXE_DELETED`].
     pub flags: u32,
     /// Absolute path of the executed file, NUL-terminated.
     pub exe: [u8; PATH_LEN],
@@ -457,6 +460,8 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     /// `inode.i_generation`
     pub inode_i_generation: u32,
+    /// `inode.i_nlink`
+    pub inode_i_nlink: u32,
     /// `mm_struct.exe_file`
     pub mm_exe_file: u32,
     /// `file.f_inode`

@@ -18,7 +18,7 @@ use agent_common::{
     ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
     GateKey, GateRule, KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
     ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
-    COUNTER_SEEN, COUNTER_SLOTS, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
+    COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
     VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
 };
 use aya_ebpf::{
@@ -217,6 +217,16 @@ unsafe fn on_exec(bprm: u64) {
     let exe_flags = unsafe { path::resolve_file(s, file) };
     if exe_flags & agent_common::PATH_TRUNCATED != 0 {
         flags |= EXE_TRUNCATED;
+    }
+    // SAFETY: probe reads of the file's inode and dentry.
+    unsafe {
+        let inode: u64 = task::read(file, off!(file_f_inode));
+        let nlink: u32 = task::read(inode, off!(inode_i_nlink));
+        if nlink == 0 {
+            flags |= EXE_DELETED;
+            // A memfd's dentry has no parent to walk to: its name is all.
+            path::pseudo_name(s, file);
+        }
     }
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ExecEvent>(EventKind::Exec, |e| unsafe {

@@ -389,6 +389,59 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
     );
 }
 
+/// Every exec carries its executable's SHA-256; a program run from memory
+/// (`memfd_create` + `execveat(AT_EMPTY_PATH)`) or from a file unlinked
+/// before it ran is named as such and flagged fileless, and still hashed
+/// while it runs (one that has exited when the agent reads the ring has no
+/// file left to hash: the digest is then absent, never wrong).
+#[test]
+fn execs_carry_the_executable_digest_and_fileless_programs_are_named() {
+    let dir = Dir::new();
+    let tool = dir.join("tool");
+    std::fs::copy("/bin/sleep", &tool).unwrap();
+    let sha_sleep = sha256_file("/bin/sleep");
+    let sha_sed = sha256_file("/usr/bin/sed");
+    let agent = Agent::start(&policy(&[], &[]));
+    run(Command::new("sed").args(["-n", "1p", "/dev/null"]));
+    run(&mut python(
+        "import os\n\
+         fd = os.memfd_create('payload')\n\
+         os.write(fd, open('/bin/sleep', 'rb').read())\n\
+         os.execve(fd, ['payload', '0.5'], {})\n",
+    ));
+    run(&mut python(&format!(
+        "import os\n\
+         fd = os.open('{tool}', os.O_RDONLY)\n\
+         os.unlink('{tool}')\n\
+         os.execve(fd, ['tool', '0.6'], {{}})\n"
+    )));
+    let events = agent.stop();
+
+    let exec_with = |arg: &str| {
+        events
+            .iter()
+            .find(|e| {
+                e["kind"] == "exec"
+                    && e["process"]["args"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x == arg))
+            })
+            .unwrap_or_else(|| panic!("no exec with {arg}"))
+    };
+    let sed = &exec_with("/dev/null")["process"];
+    assert_eq!(sed["exe"], "/usr/bin/sed");
+    assert_eq!(sed["exe_sha256"], sha_sed.as_str());
+    assert!(sed.get("fileless").is_none_or(|f| f == false), "{sed}");
+    let memfd = &exec_with("0.5")["process"];
+    assert_eq!(memfd["exe"], "memfd:payload", "{memfd}");
+    assert_eq!(memfd["fileless"], true);
+    assert_eq!(memfd["exe_sha256"], sha_sleep.as_str());
+    let unlinked = &exec_with("0.6")["process"];
+    assert_eq!(unlinked["exe"], format!("{tool} (deleted)"), "{unlinked}");
+    assert_eq!(unlinked["fileless"], true);
+    assert_eq!(unlinked["exe_sha256"], sha_sleep.as_str());
+}
+
 /// Changes to a watched file's metadata are events: extended attributes
 /// (by name and by fd; a binary's `security.capability` called out),
 /// timestamps (`os.utime`, `touch -d`, by fd) and inode flags (`chattr`).

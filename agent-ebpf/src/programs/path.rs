@@ -254,6 +254,24 @@ pub unsafe fn resolve_file(s: &mut Scratch, file: u64) -> u32 {
     }
 }
 
+/// When the key holds just `/` (the walk of a dentry with no parent, as a
+/// memfd's is), writes the dentry's own name after it: `/memfd:NAME`.
+#[inline(always)]
+pub unsafe fn pseudo_name(s: &mut Scratch, file: u64) {
+    if file == 0 || s.key[0] != b'/' || s.key[1] != 0 {
+        return;
+    }
+    unsafe {
+        let dentry: u64 = task::read(file + off!(file_f_path) as u64, off!(path_dentry));
+        let name: u64 = task::read(dentry + off!(dentry_d_name) as u64, off!(qstr_name));
+        gen::bpf_probe_read_kernel_str(
+            s.key.as_mut_ptr().add(1) as *mut c_void,
+            (PATH_LEN - 1) as u32,
+            name as *const c_void,
+        );
+    }
+}
+
 /// Resolves the user string `upath`, relative to `dfd` (or the cwd, or the
 /// root when absolute), into the key. Returns `PATH_*` flags.
 #[inline(always)]

@@ -5,6 +5,7 @@
 //! fork, exec and exit records.
 
 pub mod cgroup;
+pub mod exe;
 pub mod mask;
 
 use std::{
@@ -33,8 +34,16 @@ pub struct ProcInfo {
     pub exec_id: String,
     /// When the process started (RFC 3339).
     pub start_time: crate::clock::Time,
-    /// Executable path.
+    /// Executable path; `memfd:NAME` for a program run from memory,
+    /// `PATH (deleted)` for one whose file was removed.
     pub exe: String,
+    /// SHA-256 of the executable (absent when it could not be read, or
+    /// while a large one is still being hashed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_sha256: Option<Arc<str>>,
+    /// The program has no file in any directory: a memfd or a deleted file.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fileless: bool,
     /// Arguments, secrets masked.
     pub args: Vec<String>,
     /// cgroup v2 path.
@@ -147,6 +156,8 @@ pub struct ProcessTable {
     last_comm: ([u8; agent_common::COMM_LEN], Arc<str>),
     /// Pod metadata from the Kubernetes API (empty without one).
     pub pods: crate::pods::Pods,
+    /// Digests of executables.
+    exes: exe::ExeHashes,
 }
 
 /// FNV-1a, 64-bit: a hash that never changes between builds, so ids do not.
@@ -202,6 +213,7 @@ impl ProcessTable {
             clock,
             last_comm: ([0; agent_common::COMM_LEN], Arc::from("")),
             pods: crate::pods::Pods::default(),
+            exes: exe::ExeHashes::default(),
         }
     }
 
@@ -266,6 +278,8 @@ impl ProcessTable {
                 exec_id: self.exec_id(tgid, start_ticks),
                 start_time: self.clock.at_boot_ns(start_ticks * self.ns_per_tick),
                 exe: shape.exe,
+                exe_sha256: shape.exe_sha256,
+                fileless: shape.fileless,
                 args: shape.args,
                 cgroup: shape.cgroup,
                 placement: shape.placement,
@@ -285,9 +299,15 @@ impl ProcessTable {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ppid = fields.get(1)?.parse().ok()?;
         let start_ticks = fields.get(19)?.parse().ok()?;
-        let exe = std::fs::read_link(base.join("exe"))
+        let raw = std::fs::read_link(base.join("exe"))
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        let (exe, fileless) = exe::display_name(&raw, false);
+        let exe_sha256 = if raw.is_empty() {
+            None
+        } else {
+            self.exes.of(pid, &raw, fileless)
+        };
         let args = std::fs::read(base.join("cmdline"))
             .map(|b| mask::mask_argv(&split_argv(&b)))
             .unwrap_or_default();
@@ -300,6 +320,8 @@ impl ProcessTable {
             start_ticks,
             Shape {
                 exe,
+                exe_sha256,
+                fileless,
                 args,
                 cgroup,
                 placement,
@@ -357,15 +379,20 @@ impl ProcessTable {
     }
 
     /// A process executed a new program.
-    pub fn on_exec(&mut self, h: &Header, exe: String, argv: &[u8]) {
+    /// `deleted`: the kernel found no link left to the executable.
+    pub fn on_exec(&mut self, h: &Header, raw_exe: &str, deleted: bool, argv: &[u8]) {
         let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
         let args = mask::mask_argv(&split_argv(argv));
+        let (exe, fileless) = exe::display_name(raw_exe, deleted);
+        let exe_sha256 = self.exes.of(h.tgid, raw_exe, fileless);
         let p = self.entry(
             h.tgid,
             h.ppid,
             self.ticks(h.start_ns),
             Shape {
                 exe,
+                exe_sha256,
+                fileless,
                 args,
                 cgroup,
                 placement,
@@ -513,6 +540,8 @@ impl ProcessTable {
 #[derive(Default)]
 struct Shape {
     exe: String,
+    exe_sha256: Option<Arc<str>>,
+    fileless: bool,
     args: Vec<String>,
     cgroup: String,
     placement: Placement,
@@ -522,6 +551,8 @@ impl Shape {
     fn of(info: &ProcInfo) -> Self {
         Self {
             exe: info.exe.clone(),
+            exe_sha256: info.exe_sha256.clone(),
+            fileless: info.fileless,
             args: info.args.clone(),
             cgroup: info.cgroup.clone(),
             placement: info.placement.clone(),

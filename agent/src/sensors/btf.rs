@@ -279,6 +279,7 @@ impl Btf {
             dentry_d_inode: self.offset("dentry", "d_inode")?,
             inode_i_ino: self.offset("inode", "i_ino")?,
             inode_i_generation: self.offset("inode", "i_generation")?,
+            inode_i_nlink: self.offset("inode", "i_nlink")?,
             mm_exe_file: self.offset("mm_struct", "exe_file")?,
             file_f_inode: self.offset("file", "f_inode")?,
             inode_i_sb: self.offset("inode", "i_sb")?,

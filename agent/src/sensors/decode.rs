@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
-    ARGV_TRUNCATED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
+    ARGV_TRUNCATED, EXE_DELETED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
     VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK, VIA_CONNECT,
     VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
 };
@@ -174,7 +174,8 @@ impl Decoder {
             EventKind::Exec => {
                 let e = view::<ExecEvent>(bytes, k)?;
                 let argv = &e.argv[..(e.argv_len as usize).min(e.argv.len())];
-                self.table.on_exec(&e.hdr, cstr(&e.exe), argv);
+                self.table
+                    .on_exec(&e.hdr, &cstr(&e.exe), e.flags & EXE_DELETED != 0, argv);
                 Decoded::Event(Box::new(Event::Exec {
                     time: self.time(&e.hdr),
                     node: self.node.clone(),

@@ -25,6 +25,8 @@ fn process_static(info: &ProcInfo) -> v1::Process {
         exec_id: info.exec_id.clone(),
         start_time_unix_nanos: info.start_time.unix_nanos(),
         exe: info.exe.clone(),
+        exe_sha256: info.exe_sha256.as_deref().unwrap_or_default().to_owned(),
+        fileless: info.fileless,
         args: info.args.clone(),
         cgroup: info.cgroup.clone(),
         container: info.placement.container.as_ref().map(|c| v1::Container {
@@ -528,6 +530,8 @@ mod tests {
                 exec_id: "e1".into(),
                 start_time: Time(1_700_000_000_000_000_000),
                 exe: "/usr/bin/vim".into(),
+                exe_sha256: None,
+                fileless: false,
                 args: vec!["vim".into(), "/etc/app.yaml".into()],
                 cgroup: "/kubepods/pod1/abc".into(),
                 placement: Placement {
