@@ -80,6 +80,11 @@ pub enum FileOp {
     Utimes = 13,
     /// `ioctl(FS_IOC_SETFLAGS)`: `mode` holds the new inode flags.
     SetFlags = 14,
+    /// `mount`/`move_mount` onto `path`. Reported whatever the path (mounts
+    /// are few); user space keeps those on, above or below a watched path.
+    Mount = 15,
+    /// `umount2` of `path`, likewise.
+    Umount = 16,
 }
 
 impl FileOp {
@@ -100,6 +105,8 @@ impl FileOp {
             12 => Self::RemoveXattr,
             13 => Self::Utimes,
             14 => Self::SetFlags,
+            15 => Self::Mount,
+            16 => Self::Umount,
             _ => return None,
         })
     }

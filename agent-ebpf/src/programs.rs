@@ -141,6 +141,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SIGKILL: u32 = 9;
 const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 
 #[inline(always)]
@@ -651,8 +652,31 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
     0
 }
 
+enter!(enter_mount, |ctx| Some(PendingFile {
+    // (source, target, type, flags, data)
+    path: arg(&ctx, 1),
+    ..pending(FileOp::Mount)
+}));
+enter!(enter_umount, |ctx| Some(PendingFile {
+    path: arg(&ctx, 0),
+    ..pending(FileOp::Umount)
+}));
+enter!(enter_move_mount, |ctx| {
+    // (from_dfd, from_path, to_dfd, to_path, flags); with
+    // MOVE_MOUNT_T_EMPTY_PATH the target is `to_dfd` itself.
+    let empty = arg(&ctx, 4) as u32 & MOVE_MOUNT_T_EMPTY_PATH != 0;
+    Some(PendingFile {
+        dfd: arg(&ctx, 2) as i32,
+        path: if empty { 0 } else { arg(&ctx, 3) },
+        by_fd: u32::from(empty),
+        ..pending(FileOp::Mount)
+    })
+});
+
 /// Attached to the `sys_exit_*` of mount, move_mount, umount and
-/// pivot_root: a directory may show another path afterwards.
+/// pivot_root: a directory may show another path afterwards, so cached
+/// verdicts go; a mount or unmount is reported with its target, which user
+/// space keeps when it is on, above or below a watched path.
 #[tracepoint]
 pub fn exit_mount(ctx: TracePointContext) -> u32 {
     // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
@@ -660,7 +684,56 @@ pub fn exit_mount(ctx: TracePointContext) -> u32 {
     if ret == 0 {
         step_watch_gen();
     }
+    let Some(slot) = PENDING_FILE.current(false) else {
+        return 0;
+    };
+    // SAFETY: this thread's own slot (see `stash`); copied once.
+    let p = unsafe { core::ptr::read_volatile(slot) };
+    if p.live == 0 {
+        return 0;
+    }
+    // SAFETY: the same slot, emptied.
+    unsafe { (*slot).live = 0 };
+    if ret != 0 {
+        return 0;
+    }
+    // SAFETY: probe reads only.
+    unsafe { on_mount(&p) };
     0
+}
+
+unsafe fn on_mount(p: &PendingFile) {
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let task = task::current();
+    let flags = if p.by_fd == 1 {
+        unsafe { path::resolve_file(s, task::fd_file(task, p.dfd)) }
+    } else {
+        unsafe { path::resolve_user(s, task, p.dfd, p.path) }
+    };
+    let flags = if p.odd & 1 != 0 {
+        flags | agent_common::PATH_UNNORMALISED
+    } else {
+        flags
+    };
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task);
+        (*e).ret = 0;
+        (*e).op = p.op;
+        (*e).flags = 0;
+        (*e).mode = 0;
+        (*e).uid = u32::MAX;
+        (*e).gid = u32::MAX;
+        (*e).path_flags = flags;
+        (*e).verdict = 0;
+        (*e).via = VIA_SYSCALL;
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        (*e).path2[0] = 0;
+    });
 }
 
 /// Resolves the file(s) a call named, matches them against the watch trie and

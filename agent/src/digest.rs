@@ -112,6 +112,11 @@ pub struct FileDigest {
     /// Why it could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a symlink, what it points to. Its digest, mode and owner are then
+    /// those of the regular file it resolves to (what a reader of the name
+    /// gets), or of its target text when it resolves to no regular file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
     /// What the content says (config files, model headers), secrets masked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub structure: Option<Arc<Structure>>,
@@ -177,6 +182,9 @@ impl Job {
 pub struct Batch {
     jobs: Vec<Job>,
     index: HashMap<String, usize>,
+    /// Jobs added for the event being handled, whose sequence number
+    /// [`Batch::triggered`] hands them.
+    awaiting: Vec<usize>,
 }
 
 impl Batch {
@@ -196,8 +204,10 @@ impl Batch {
                 job.resource = Some(resource.to_owned());
                 job.kind = Some(kind);
             }
+            self.awaiting.push(i);
             return i;
         }
+        self.awaiting.push(self.jobs.len());
         self.index.insert(path.to_owned(), self.jobs.len());
         self.jobs.push(Job {
             path: path.to_owned(),
@@ -214,6 +224,17 @@ impl Batch {
         if let Some(job) = self.jobs.get_mut(i) {
             job.trigger_seq = Some(seq);
         }
+    }
+
+    /// Hands the jobs added since the last call the event behind them
+    /// (`None`: the event was not kept).
+    pub fn triggered(&mut self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            for i in std::mem::take(&mut self.awaiting) {
+                self.triggered_by(i, seq);
+            }
+        }
+        self.awaiting.clear();
     }
 
     /// True when no trigger waits.
@@ -366,12 +387,29 @@ fn read_state(
         scan_id: None,
         trigger_seq: None,
         error: None,
+        link_target: None,
         structure: None,
         attributes: None,
     };
     let p = Path::new(path);
     for _ in 0..ATTEMPTS {
-        let before = match std::fs::symlink_metadata(p) {
+        let link = std::fs::symlink_metadata(p);
+        let mut follow = false;
+        if let Ok(m) = &link {
+            if m.file_type().is_symlink() {
+                d.link_target = std::fs::read_link(p).ok().map(|t| t.display().to_string());
+                follow = std::fs::metadata(p).is_ok_and(|t| t.is_file());
+            }
+        }
+        // The state of a symlink that resolves to a file is that file's.
+        let stat = |p: &Path| {
+            if follow {
+                std::fs::metadata(p)
+            } else {
+                std::fs::symlink_metadata(p)
+            }
+        };
+        let before = match if follow { stat(p) } else { link } {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 d.exists = false;
@@ -391,7 +429,9 @@ fn read_state(
         d.mtime_unix_nanos = mtime(&before);
         let ft = before.file_type();
         if ft.is_symlink() || ft.is_file() {
-            d.attributes = match crate::attributes::read(p, ft.is_file(), &shared.mask) {
+            let target = follow.then(|| std::fs::canonicalize(p).ok()).flatten();
+            let of = target.as_deref().unwrap_or(p);
+            d.attributes = match crate::attributes::read(of, ft.is_file(), &shared.mask) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     tracing::debug!(path, "attributes not read: {e}");
@@ -417,7 +457,7 @@ fn read_state(
         match read_content(p, path, content, before.size(), &shared.mask) {
             Ok((sha, structure)) => {
                 // Changed while being read: read again.
-                match std::fs::symlink_metadata(p) {
+                match stat(p) {
                     Ok(after) if strict_key(&after) == strict_key(&before) => {
                         let known = (sha, structure.map(Arc::new));
                         if let Ok(mut c) = shared.cache.lock() {
@@ -487,6 +527,7 @@ impl Digester {
             return;
         }
         batch.index.clear();
+        batch.awaiting.clear();
         // Copied out, so the batch keeps its room for the next run.
         let _ = self.jobs.send(batch.jobs.drain(..).collect());
     }
@@ -532,6 +573,15 @@ impl Digester {
 /// non-directory (false from `visit` counts an error). Returns files,
 /// errors, and why the walk failed as a whole.
 fn walk(root: &str, visit: &mut dyn FnMut(&str) -> bool) -> (u64, u64, Option<String>) {
+    walk_bounded(root, SCAN_MAX_FILES as usize, visit)
+}
+
+/// [`walk`], stopping after `max` files (the third value then says so).
+pub fn walk_bounded(
+    root: &str,
+    max: usize,
+    visit: &mut dyn FnMut(&str) -> bool,
+) -> (u64, u64, Option<String>) {
     let meta = match std::fs::symlink_metadata(root) {
         Ok(m) => m,
         Err(e) => return (0, 0, Some(format!("{root}: {e}"))),
@@ -570,12 +620,8 @@ fn walk(root: &str, visit: &mut dyn FnMut(&str) -> bool) -> (u64, u64, Option<St
                 }
                 continue;
             }
-            if files + errors >= SCAN_MAX_FILES {
-                return (
-                    files,
-                    errors,
-                    Some(format!("stopped after {SCAN_MAX_FILES} files")),
-                );
+            if files + errors >= max as u64 {
+                return (files, errors, Some(format!("stopped after {max} files")));
             }
             if visit(&path) {
                 files += 1;

@@ -700,21 +700,23 @@ fn refresh_gates(
     }
 }
 
-/// Adds the reads a file event calls for to `batch`; returns their places
-/// there, for the event's sequence number.
-fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>; 2] {
+/// Digests to take after a change event: the file(s) it names, and when a
+/// directory or symlink moved (or a mount changed what a path shows),
+/// what is now reachable through it under watched names.
+fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) {
     let Event::File {
         op,
         path,
         new_path,
         result,
+        flags,
         ..
     } = e
     else {
-        return [None; 2];
+        return;
     };
     if !result.ok || !driftwatch_proto::completes_change(op) {
-        return [None; 2];
+        return;
     }
     let (first, second) = match *op {
         "rename" => (Some(path.as_str()), new_path.as_deref()),
@@ -725,11 +727,90 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) -> [Option<usize>;
         *op,
         "chmod" | "chown" | "setxattr" | "removexattr" | "utimes" | "setflags"
     );
-    [first, second].map(|p| {
-        let p = p?;
-        let r = policy.resource_for_path(p)?;
-        Some(batch.add(p, &r.name, r.kind, content_may_change))
-    })
+    for p in [first, second].into_iter().flatten() {
+        if let Some(r) = policy.resource_for_path(p) {
+            batch.add(p, &r.name, r.kind, content_may_change);
+        }
+    }
+    match *op {
+        "rename" => {
+            // An exchange moved something to both names.
+            let exchanged = flags.as_slice().contains(&"RENAME_EXCHANGE");
+            let moved = [new_path.as_deref(), exchanged.then_some(path.as_str())];
+            for p in moved.into_iter().flatten() {
+                reach(p, policy, batch);
+            }
+        }
+        "mount" | "umount" => {
+            // A mount above watched trees changes what each shows.
+            let dir = format!("{}/", path.trim_end_matches('/'));
+            let mut below = policy
+                .resources
+                .iter()
+                .flat_map(|r| &r.paths)
+                .filter(|p| p.starts_with(&dir))
+                .peekable();
+            if below.peek().is_none() {
+                reach(path, policy, batch);
+            }
+            for root in below {
+                reach(root.trim_end_matches('/'), policy, batch);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Files digested at most on the event path after one move or mount; the
+/// rest are digested at their next change (said in the log).
+const REACH_MAX: usize = 1024;
+
+/// After `moved` (a directory or symlink) was renamed into place or had a
+/// mount put over it: digests the watched files under it, and the watched
+/// symlinks beside it, whose targets may now resolve through it (as a
+/// Kubernetes ConfigMap's `app.yaml -> ..data/app.yaml` after kubelet
+/// renames a new `..data` into place).
+fn reach(moved: &str, policy: &Policy, batch: &mut Batch) {
+    let Ok(meta) = std::fs::symlink_metadata(moved) else {
+        return;
+    };
+    if !meta.is_dir() && !meta.file_type().is_symlink() {
+        return;
+    }
+    let mut added = 0usize;
+    let mut add = |p: &str, batch: &mut Batch| {
+        if let Some(r) = policy.resource_for_path(p) {
+            batch.add(p, &r.name, r.kind, true);
+            added += 1;
+        }
+    };
+    if meta.is_dir() {
+        let (_, _, cut) = driftwatch_agent::digest::walk_bounded(moved, REACH_MAX, &mut |p| {
+            add(p, batch);
+            true
+        });
+        if let Some(why) = cut {
+            tracing::warn!(
+                path = moved,
+                "a directory moved into a watched tree: {why}; the rest are digested at their next change"
+            );
+        }
+    }
+    let parent = std::path::Path::new(moved).parent();
+    if let Some(Ok(entries)) = parent.map(std::fs::read_dir) {
+        for e in entries.filter_map(Result::ok).take(REACH_MAX) {
+            if e.file_type().is_ok_and(|t| t.is_symlink()) {
+                if let Some(p) = e.path().to_str() {
+                    add(p, batch);
+                }
+            }
+        }
+    }
+    tracing::debug!(
+        path = moved,
+        digests = added,
+        "what a move or mount reaches"
+    );
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -970,13 +1051,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     } => *user.guardrail.entry(("connect", g)).or_default() += 1,
                     _ => {}
                 }
-                let jobs = digest_jobs(&e, policy, digests);
+                digest_jobs(&e, policy, digests);
                 let seq = out.emit(*e)?;
-                if let Some(seq) = seq {
-                    for i in jobs.into_iter().flatten() {
-                        digests.triggered_by(i, seq);
-                    }
-                }
+                digests.triggered(seq);
             }
             Ok(Decoded::Internal) => {}
             Ok(Decoded::FilteredInUser) => *user.filtered_user.entry(kind).or_default() += 1,

@@ -109,6 +109,9 @@ pub fn event(e: &Event) -> Value {
             v["resource"] = json!(d.resource);
             v["exists"] = json!(d.exists);
             v["sha256"] = json!(d.sha256);
+            if !d.link_target.is_empty() {
+                v["link_target"] = json!(d.link_target);
+            }
             v["size"] = json!(d.size);
             v["mode"] = json!(format!("{:04o}", d.mode));
             v["uid"] = json!(d.uid);

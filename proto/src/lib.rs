@@ -32,6 +32,8 @@ pub fn completes_change(op: &str) -> bool {
             | "removexattr"
             | "utimes"
             | "setflags"
+            | "mount"
+            | "umount"
     )
 }
 

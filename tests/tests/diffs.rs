@@ -357,3 +357,61 @@ fn attribute_and_inode_flag_changes_are_drift() {
     run(Command::new("chattr").args(["-i", &conf]));
     assert!(!found.is_empty());
 }
+
+/// Kubelet's AtomicWriter updates a ConfigMap volume without writing to the
+/// file consumers read: it writes a new timestamped directory, points a
+/// `..data_tmp` symlink at it, renames that over `..data`, and removes the
+/// old directory; `app.yaml` stays a symlink to `..data/app.yaml`. The
+/// change of `app.yaml` itself is judged: a drift with its diff.
+#[test]
+fn a_configmap_update_by_atomic_symlink_swap_is_judged_on_the_file_consumers_read() {
+    let w = ConfigTree::new("node-configmap", &[], &[]);
+    let (collector, tree) = (&w.collector, &w.tree);
+    let app = w.path("app.yaml");
+    let publish = |stamp: &str, replicas: u32, first: bool| {
+        run(&mut driftwatch_tests::python(&format!(
+            "import os, shutil\n\
+             os.chdir('{tree}')\n\
+             old = os.readlink('..data') if os.path.islink('..data') else None\n\
+             os.mkdir('{stamp}')\n\
+             with open('{stamp}/app.yaml', 'w') as f: f.write('image: app:1\\nreplicas: {replicas}\\n')\n\
+             os.symlink('{stamp}', '..data_tmp')\n\
+             os.rename('..data_tmp', '..data')\n\
+             if {first}: os.symlink('..data/app.yaml', 'app.yaml')\n\
+             if old: shutil.rmtree(old)\n",
+            first = if first { "True" } else { "False" },
+        )));
+    };
+    publish("..2026_12_03_10_00_00.000000001", 1, true);
+    collector.wait_json(
+        &["baseline", "list", "--path", &app],
+        30,
+        |b| {
+            b.iter()
+                .any(|x| x["state"]["sha256"].as_str().is_some_and(|s| !s.is_empty()))
+        },
+        "the learned state of app.yaml, read through its symlinks",
+    );
+    publish("..2026_12_03_10_05_00.000000002", 2, false);
+    let f = collector.wait_findings(
+        30,
+        |f| drift(f, &app).is_some_and(|d| change(d, "replicas").is_some()),
+        "a drift of app.yaml after the ..data swap, naming what changed",
+    );
+    let d = drift(&f, &app).expect("drift");
+    let replicas = change(d, "replicas").expect("replicas changed");
+    assert_eq!(
+        (&replicas["old"], &replicas["new"]),
+        (&"1".into(), &"2".into()),
+        "{d:#}"
+    );
+    // What the node reported for the name: the file it resolves to, and
+    // the link itself.
+    let digests = collector.json("", &["timeline", "--path", &app, "--kind", "digest"]);
+    assert!(
+        digests
+            .iter()
+            .any(|e| e["link_target"] == "..data/app.yaml"),
+        "{digests:#?}"
+    );
+}

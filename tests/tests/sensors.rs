@@ -389,6 +389,56 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
     );
 }
 
+/// A bind mount over a watched directory, and its unmount, are events of
+/// their own, and what the watched names show afterwards is digested.
+#[test]
+fn a_mount_over_a_watched_directory_is_reported_and_what_it_shows_digested() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let conf = format!("{etc}/app.conf");
+    std::fs::write(&conf, "mode=prod\n").unwrap();
+    std::fs::write(format!("{other}/app.conf"), "mode=debug\n").unwrap();
+    let (sha_prod, sha_debug) = (
+        sha256_file(&conf),
+        sha256_file(&format!("{other}/app.conf")),
+    );
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    run(Command::new("mount").args(["--bind", &other, &etc]));
+    let over = agent.wait_for(
+        |e| {
+            e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha_debug.as_str()
+        },
+        "the digest of what the watched name shows under the mount",
+    );
+    run(Command::new("umount").arg(&etc));
+    agent.wait_for(
+        |e| {
+            e["kind"] == "digest"
+                && e["path"] == conf.as_str()
+                && e["sha256"] == sha_prod.as_str()
+                && e["reason"] == "change"
+        },
+        "the digest after the unmount",
+    );
+    let events = agent.stop();
+    assert_eq!(over["reason"], "change");
+    let mounts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "file" && (e["op"] == "mount" || e["op"] == "umount"))
+        .collect();
+    assert_eq!(ops(&mounts), ["mount", "umount"], "{mounts:#?}");
+    for m in &mounts {
+        assert_eq!(m["path"], etc.as_str());
+        assert_eq!(m["resource"], "cfg");
+        assert_eq!(m["result"]["ok"], true);
+    }
+    assert_eq!(mounts[0]["process"]["comm"], "mount");
+}
+
 /// Every exec carries its executable's SHA-256; a program run from memory
 /// (`memfd_create` + `execveat(AT_EMPTY_PATH)`) or from a file unlinked
 /// before it ran is named as such and flagged fileless, and still hashed

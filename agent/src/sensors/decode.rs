@@ -61,6 +61,8 @@ fn op_name(op: FileOp) -> &'static str {
         FileOp::RemoveXattr => "removexattr",
         FileOp::Utimes => "utimes",
         FileOp::SetFlags => "setflags",
+        FileOp::Mount => "mount",
+        FileOp::Umount => "umount",
     }
 }
 
@@ -265,10 +267,14 @@ impl Decoder {
             FileOp::Rename | FileOp::Link => (fix(raw1, flags1), Some(fix(raw2, flags2)), None),
             _ => (fix(raw1, flags1), None, None),
         };
-        let resource = watch
-            .resource_of(&path)
-            .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
-            .cloned();
+        let resource = if matches!(op, FileOp::Mount | FileOp::Umount) {
+            watch.resource_at_or_below(&path)
+        } else {
+            watch
+                .resource_of(&path)
+                .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
+        }
+        .cloned();
         if resource.is_none() && op != FileOp::CloseWrite {
             return Ok(Decoded::FilteredInUser);
         }

@@ -322,15 +322,18 @@ impl Sensors {
         // Calls that change which path a directory has: the kernel's cache
         // of directories with nothing watched below is dropped after each.
         // (Renames do the same in exit_file.)
-        for tp in [
-            "sys_exit_mount",
-            "sys_exit_move_mount",
-            "sys_exit_umount",
-            "sys_exit_pivot_root",
+        for (enter, tp) in [
+            (Some("enter_mount"), "sys_exit_mount"),
+            (Some("enter_move_mount"), "sys_exit_move_mount"),
+            (Some("enter_umount"), "sys_exit_umount"),
+            (None, "sys_exit_pivot_root"),
         ] {
             if !syscall_tracepoint(tp) {
                 tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
                 continue;
+            }
+            if let Some(enter) = enter {
+                syscalls.attach(enter, &tp.replacen("sys_exit_", "sys_enter_", 1))?;
             }
             syscalls.attach("exit_mount", tp)?;
         }

@@ -184,6 +184,17 @@ impl WatchSet {
             .and_then(|w| self.names.get(w.resource))
     }
 
+    /// The resource of a watched path at or below `dir` (a mount over `/etc`
+    /// changes what `/etc/app/` shows), else of the tree `dir` is in.
+    pub fn resource_at_or_below(&self, dir: &str) -> Option<&std::sync::Arc<str>> {
+        let base = format!("{}/", dir.trim_end_matches('/'));
+        self.paths
+            .iter()
+            .find(|w| w.prefix.starts_with(&base) || w.prefix == dir)
+            .and_then(|w| self.names.get(w.resource))
+            .or_else(|| self.resource_of(dir))
+    }
+
     /// The resource name a port belongs to.
     pub fn resource_of_port(&self, port: u16) -> Option<&std::sync::Arc<str>> {
         self.ports.get(&port).and_then(|i| self.names.get(*i))

@@ -422,6 +422,7 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 scan_id: state.scan_id.unwrap_or_default(),
                 trigger_seq: state.trigger_seq.unwrap_or(0),
                 error: state.error.unwrap_or_default(),
+                link_target: state.link_target.unwrap_or_default(),
                 structure: state.structure.as_deref().map(structure),
                 attributes: state.attributes.map(|a| v1::Attributes {
                     xattrs: a.xattrs.into_iter().collect(),
