@@ -119,6 +119,10 @@ pub struct KindCounters {
 }
 
 /// One line of the agent's output.
+// File changes, the largest variant, are most events: boxing its fields
+// would cost an allocation on the hot path, and events travel boxed already
+// (`Decoded::Event`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
@@ -271,6 +275,13 @@ pub enum Event {
         /// setxattr/removexattr: the attribute's name.
         #[serde(skip_serializing_if = "Option::is_none")]
         xattr: Option<String>,
+        /// `path` as the process saw it, when it came through another path
+        /// that shows the watched one (a bind mount, a container volume).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seen_as: Option<String>,
+        /// The same for `new_path`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        new_path_seen_as: Option<String>,
         /// Success, or the errno.
         result: Outcome,
         /// What the guardrail decided (see `v1::FileChange.guardrail`).

@@ -334,6 +334,9 @@ struct UserCounts {
     malformed: u64,
     /// Guardrail decisions by kind of event and verdict.
     guardrail: BTreeMap<(&'static str, &'static str), u64>,
+    /// A mount or unmount happened somewhere since the aliases of the
+    /// watched trees were last looked for.
+    mounts_changed: bool,
 }
 
 struct Output {
@@ -607,6 +610,22 @@ fn policy_applied(sensors: &Sensors, node: &str, running: &Running) -> Event {
     }
 }
 
+/// The watched set of `policy`, with the other paths mounts on this node
+/// show its trees at.
+fn watch_set(policy: &Policy) -> WatchSet {
+    let set = WatchSet::from_policy(policy);
+    let roots = set.alias_roots();
+    let aliases = driftwatch_agent::sensors::aliases::find(&roots);
+    for (alias, shows) in &aliases {
+        tracing::info!(
+            alias,
+            shows,
+            "a mount shows a watched path elsewhere; watched there too"
+        );
+    }
+    set.with_aliases(aliases)
+}
+
 /// Applies a policy to the kernel's maps and reports it.
 fn apply_policy(
     sensors: &mut Sensors,
@@ -616,7 +635,7 @@ fn apply_policy(
     running: &mut Running,
 ) -> anyhow::Result<()> {
     let time = Clock::now();
-    if let Err(e) = sensors.apply(WatchSet::from_policy(&next.policy)) {
+    if let Err(e) = sensors.apply(watch_set(&next.policy)) {
         tracing::error!(
             "policy {} could not be applied, the running policy stays in force: {e:#}",
             next.version
@@ -710,12 +729,22 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) {
         new_path,
         result,
         flags,
+        path_truncated,
         ..
     } = e
     else {
         return;
     };
     if !result.ok || !driftwatch_proto::completes_change(op) {
+        return;
+    }
+    if *path_truncated {
+        // A cut path names another file, or none: its digest would be a
+        // false state (a deletion, most often). The event says it was cut.
+        tracing::warn!(
+            path,
+            "a change on a path too long to report whole is not digested"
+        );
         return;
     }
     let (first, second) = match *op {
@@ -859,7 +888,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         probes = ?sensors.probes,
         "sensors attached; selected sensor set {SENSOR_SET}"
     );
-    sensors.apply(WatchSet::from_policy(&running.policy))?;
+    sensors.apply(watch_set(&running.policy))?;
 
     let clock = Clock::new();
     let mut table = ProcessTable::new(Some(cgroup_root.clone()), clock);
@@ -1051,11 +1080,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     } => *user.guardrail.entry(("connect", g)).or_default() += 1,
                     _ => {}
                 }
+                if let Event::File {
+                    op: "mount" | "umount",
+                    ..
+                } = &*e
+                {
+                    user.mounts_changed = true;
+                }
                 digest_jobs(&e, policy, digests);
                 let seq = out.emit(*e)?;
                 digests.triggered(seq);
             }
             Ok(Decoded::Internal) => {}
+            Ok(Decoded::Mounted) => {
+                user.mounts_changed = true;
+                *user.filtered_user.entry(kind).or_default() += 1;
+            }
             Ok(Decoded::FilteredInUser) => *user.filtered_user.entry(kind).or_default() += 1,
             Err(e) => {
                 user.malformed += 1;
@@ -1152,6 +1192,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = second.tick() => {
                 refresh_gates(&mut sensors, &running.policy, &mut grants, &cgroup_root, &decoder.table.pods);
+                // Mounts came or went: the watched trees may show elsewhere.
+                if std::mem::take(&mut user.mounts_changed) {
+                    let next = watch_set(&running.policy);
+                    if next.aliases != sensors.watch().aliases {
+                        if let Err(e) = sensors.apply(next) {
+                            tracing::error!("the watched set with new aliases could not be applied: {e:#}");
+                        }
+                    }
+                }
                 if args.metrics_listen.is_some() {
                     update_metrics(&metrics, &sensors, &user, &out, &delivery)?;
                     match sensors.take_ring_peak() {

@@ -79,6 +79,12 @@ pub fn event(e: &Event) -> Value {
             if !f.xattr.is_empty() {
                 v["xattr"] = json!(f.xattr);
             }
+            if !f.seen_as.is_empty() {
+                v["seen_as"] = json!(f.seen_as);
+            }
+            if !f.new_path_seen_as.is_empty() {
+                v["new_path_seen_as"] = json!(f.new_path_seen_as);
+            }
             if !f.guardrail.is_empty() {
                 v["guardrail"] = json!(f.guardrail);
             }

@@ -389,6 +389,203 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
     );
 }
 
+/// A mount namespace of its own (as a container's) with a bind mount of a
+/// watched tree at another path (as a hostPath volume): changes made
+/// through that path are reported as the watched files they are, with the
+/// path the process saw. A namespace made while the agent runs is found
+/// after its mount.
+#[test]
+fn changes_through_a_bind_mount_in_another_mount_namespace_are_the_watched_files() {
+    use std::io::BufRead as _;
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    let (view, later_view) = (dir.join("ns-view"), dir.join("later-view"));
+    for d in [&etc, &view, &later_view] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let conf = format!("{etc}/app.conf");
+    std::fs::write(&conf, "mode=prod\n").unwrap();
+    let namespace = |target: &str| {
+        let mut child = Command::new("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &format!("mount --bind {etc} {target} && echo ready && exec sleep 120"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let first = Kill(namespace(&view));
+    let inside = |ns: &Kill, cmd: &str| {
+        run(Command::new("nsenter").args(["-t", &ns.0.id().to_string(), "-m", "sh", "-c", cmd]));
+    };
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    inside(&first, &format!("sed -i s/prod/debug/ {view}/app.conf"));
+    let sha = sha256_file(&conf);
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+        "the digest of the watched file written through the other view",
+    );
+    // A namespace made now: found once its mount is seen.
+    let second = Kill(namespace(&later_view));
+    let mut found = false;
+    let probes = format!("{etc}/probe-");
+    for i in 0..60 {
+        inside(&second, &format!("echo {i} > {later_view}/probe-{i}"));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if agent.events().iter().any(|e| {
+            e["kind"] == "file" && e["path"].as_str().is_some_and(|p| p.starts_with(&probes))
+        }) {
+            found = true;
+            break;
+        }
+    }
+    let events = agent.stop();
+    drop((first, second));
+    assert!(
+        found,
+        "no write through the later namespace's view was seen"
+    );
+
+    let rename = events
+        .iter()
+        .find(|e| e["kind"] == "file" && e["op"] == "rename" && e["new_path"] == conf.as_str())
+        .unwrap_or_else(|| panic!("no rename into {conf}"));
+    assert_eq!(rename["new_path_seen_as"], format!("{view}/app.conf"));
+    assert!(
+        rename["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{etc}/")),
+        "{rename}"
+    );
+    assert!(
+        rename["seen_as"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{view}/")),
+        "{rename}"
+    );
+    assert_eq!(rename["resource"], "cfg");
+    assert_eq!(rename["process"]["comm"], "sed");
+    let probe = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "file"
+                && e["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{etc}/probe-")))
+        })
+        .unwrap();
+    assert!(
+        probe["seen_as"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{later_view}/probe-")),
+        "{probe}"
+    );
+}
+
+/// A path longer than the kernel reports is flagged as cut, and never
+/// digested under its cut name (which would read as a deletion).
+#[test]
+fn a_path_too_long_to_report_is_flagged_and_not_digested_as_gone() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    let deep = format!("{etc}/{}", vec!["d".repeat(60); 5].join("/"));
+    std::fs::create_dir_all(&deep).unwrap();
+    let file = format!("{deep}/app.conf");
+    assert!(file.len() > 300);
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    std::fs::write(&file, "mode=debug\n").unwrap();
+    let marker = format!("{etc}/after.conf");
+    std::fs::write(&marker, "x").unwrap();
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == marker.as_str(),
+        "the digest of a file changed after",
+    );
+    let events = agent.stop();
+    let cut: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "file" && e["path_truncated"] == true)
+        .collect();
+    assert!(!cut.is_empty(), "no change flagged as cut");
+    assert!(
+        !events.iter().any(|e| e["kind"] == "digest"
+            && e["exists"] == false
+            && e["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(&deep[..100]))),
+        "a cut path was digested as gone"
+    );
+}
+
+/// Names through `/proc/self/root`, `/proc/PID/root` and `/proc/self/cwd`
+/// reach watched files by another path; they are reported as the files
+/// (a `cwd` link is read while the process lives: it stays a little).
+#[test]
+fn names_through_proc_root_and_cwd_links_are_the_watched_files() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let conf = format!("{etc}/app.conf");
+    std::fs::write(&conf, "mode=prod\n").unwrap();
+    let agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    run(&mut python(&format!(
+        "import os\n\
+         os.chmod('/proc/self/root{conf}', 0o600)\n\
+         os.link('/proc/%d/root{conf}' % os.getpid(), '/proc/self/root{etc}/hard')\n\
+         os.chdir('{etc}')\n\
+         os.rename('/proc/self/cwd/hard', '/proc/self/cwd/moved')\n\
+         os.unlink('/proc/thread-self/root{etc}/moved')\n\
+         import time; time.sleep(0.5)\n"
+    )));
+    let events = agent.stop();
+    let on_conf = file_events(&events, &conf);
+    let chmod = on_conf
+        .iter()
+        .find(|e| e["op"] == "chmod")
+        .unwrap_or_else(|| panic!("no chmod of {conf}: {on_conf:#?}"));
+    assert_eq!(chmod["resource"], "cfg");
+    assert_eq!(chmod["mode"], "0600");
+    let link = on_conf
+        .iter()
+        .find(|e| e["op"] == "link")
+        .expect("the link");
+    assert_eq!(link["new_path"], format!("{etc}/hard"));
+    let moved = format!("{etc}/moved");
+    let rename = file_events(&events, &moved)
+        .into_iter()
+        .find(|e| e["op"] == "rename")
+        .expect("the rename through /proc/self/cwd");
+    assert_eq!(rename["path"], format!("{etc}/hard"));
+    assert!(
+        file_events(&events, &moved)
+            .iter()
+            .any(|e| e["op"] == "unlink"),
+        "no unlink through /proc/thread-self/root"
+    );
+}
+
 /// A bind mount over a watched directory, and its unmount, are events of
 /// their own, and what the watched names show afterwards is digested.
 #[test]

@@ -479,6 +479,12 @@ pub unsafe fn odd_name(s: &mut Scratch, upath: u64, kernel: bool) -> bool {
     if n > 1 {
         s.slash = 0;
     }
+    // A name through /proc/PID/root or /cwd reaches a file by another
+    // path: user space resolves it.
+    if n > 6 && s.key[..6] == *b"/proc/" {
+        s.slash = 1;
+        return true;
+    }
     // A relative name is joined to its directory with one '/': put it before
     // the string so a leading `./` or `../` is seen. An absolute one has its own.
     s.key[511] = if s.key[0] == b'/' { 0 } else { b'/' };

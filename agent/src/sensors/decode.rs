@@ -86,6 +86,34 @@ fn open_flags(flags: u32) -> Flags {
     out
 }
 
+/// A name through `/proc/PID/root`, `/proc/self/root`, or a `cwd` link
+/// there, as the path it reaches in the agent's view: the named process's
+/// root or working directory joined to the rest. A process gone by now is
+/// taken to have had the node's root (its working directory is lost).
+/// `None` for any other path.
+fn through_proc(path: &str, caller: u32) -> Option<String> {
+    let rest = path.strip_prefix("/proc/")?;
+    let (who, rest) = rest.split_once('/')?;
+    let pid = match who {
+        "self" | "thread-self" => caller.to_string(),
+        n if n.bytes().all(|b| b.is_ascii_digit()) => n.to_owned(),
+        _ => return None,
+    };
+    let (link, rest) = match rest.split_once('/') {
+        Some((l, r)) => (l, r),
+        None => (rest, ""),
+    };
+    if link != "root" && link != "cwd" {
+        return None;
+    }
+    let base = match std::fs::read_link(format!("/proc/{pid}/{link}")) {
+        Ok(b) => b.to_str()?.trim_end_matches('/').to_owned(),
+        Err(_) if link == "root" => String::new(),
+        Err(_) => return None,
+    };
+    Some(normalise(&format!("{base}/{rest}")))
+}
+
 /// Names `renameat2`'s flags: an exchange swaps the two names (both now
 /// hold other content), a whiteout leaves an overlay whiteout at the old.
 fn rename_flags(flags: u32) -> Flags {
@@ -149,6 +177,9 @@ pub enum Decoded {
     Internal,
     /// Passed on by the kernel, but outside the watched set once normalised.
     FilteredInUser,
+    /// A mount or unmount away from the watched paths: where mounts show
+    /// watched trees may have changed.
+    Mounted,
 }
 
 /// Turns records into events, keeping the process table current.
@@ -251,10 +282,12 @@ impl Decoder {
         let flags2 = (e.path_flags >> PATH2_SHIFT) & 0xff;
         // Paths built from a string may hold `.`, `..` or `//`; the kernel
         // matched a prefix or passed them on, so decide here on the normal form.
+        let tgid = e.hdr.tgid;
         let fix = |raw: String, flags: u32| {
             if flags & PATH_FROM_FILE == 0 && (flags & PATH_UNNORMALISED != 0 || raw.contains("/."))
             {
-                normalise(&raw)
+                let raw = normalise(&raw);
+                through_proc(&raw, tgid).unwrap_or(raw)
             } else {
                 raw
             }
@@ -275,9 +308,22 @@ impl Decoder {
                 .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
         }
         .cloned();
+        if resource.is_none() && matches!(op, FileOp::Mount | FileOp::Umount) {
+            return Ok(Decoded::Mounted);
+        }
         if resource.is_none() && op != FileOp::CloseWrite {
             return Ok(Decoded::FilteredInUser);
         }
+        // Seen through an alias (a bind mount, a container's volume): the
+        // watched path it is, and the path as the process saw it.
+        let (path, seen_as) = match watch.unalias(&path) {
+            Some(real) => (real, Some(path)),
+            None => (path, None),
+        };
+        let (new_path, new_path_seen_as) = match new_path.as_deref().map(|p| watch.unalias(p)) {
+            Some(Some(real)) => (Some(real), new_path),
+            _ => (new_path, None),
+        };
         let main_flags = if op == FileOp::Symlink {
             flags2
         } else {
@@ -317,6 +363,8 @@ impl Decoder {
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
             via: (e.via != VIA_SYSCALL).then_some("io_uring"),
             xattr,
+            seen_as,
+            new_path_seen_as,
             result: Outcome::from_ret(e.ret),
             guardrail: guardrail(e.verdict, "killed"),
             process: self.table.identity(&e.hdr),

@@ -7,6 +7,7 @@
 //! the richer program types too and reports what it found, so a node's
 //! capabilities are visible before a sensor set that uses them exists.
 
+pub mod aliases;
 pub mod btf;
 pub mod decode;
 pub mod preflight;

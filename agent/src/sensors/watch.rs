@@ -68,6 +68,9 @@ pub struct WatchSet {
     pub ports: BTreeMap<u16, usize>,
     /// Resource names, by index (shared with the events that name them).
     pub names: Vec<std::sync::Arc<str>>,
+    /// Other paths that show a watched path (bind mounts, container
+    /// volumes): `(alias, watched path)`, each also in `paths`.
+    pub aliases: Vec<(String, String)>,
 }
 
 impl WatchSet {
@@ -173,6 +176,71 @@ impl WatchSet {
         }
         set.paths.dedup_by(|a, b| a.same_key(b));
         set
+    }
+
+    /// The watched paths (trees without their `/`) that mounts elsewhere
+    /// may show.
+    pub fn alias_roots(&self) -> Vec<String> {
+        let mut roots: Vec<String> = self
+            .paths
+            .iter()
+            .filter(|w| {
+                !self
+                    .aliases
+                    .iter()
+                    .any(|(a, _)| w.prefix.starts_with(a.as_str()))
+            })
+            .map(|w| w.prefix.trim_end_matches('/').to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        roots.sort();
+        roots.dedup();
+        roots
+    }
+
+    /// Adds `aliases` (`(alias, watched path)`) as watched paths of the
+    /// resource of the path each shows.
+    pub fn with_aliases(mut self, aliases: Vec<(String, String)>) -> Self {
+        for (alias, shows) in &aliases {
+            let Some(w) = self
+                .paths
+                .iter()
+                .filter(|w| w.covers(shows) || w.covers(&format!("{shows}/")))
+                .max_by_key(|w| w.prefix.len() + usize::from(w.exact))
+                .cloned()
+            else {
+                continue;
+            };
+            if Path::new(shows).is_dir() {
+                self.paths.push(WatchPath {
+                    prefix: format!("{alias}/"),
+                    exact: false,
+                    resource: w.resource,
+                });
+            }
+            self.paths.push(WatchPath {
+                prefix: alias.clone(),
+                exact: true,
+                resource: w.resource,
+            });
+        }
+        self.paths.dedup_by(|a, b| a.same_key(b));
+        self.aliases = aliases;
+        self
+    }
+
+    /// The watched path that `path`, seen through an alias, is; `None` when
+    /// it is not under one.
+    pub fn unalias(&self, path: &str) -> Option<String> {
+        self.aliases
+            .iter()
+            .filter_map(|(alias, shows)| {
+                let rest = path.strip_prefix(alias.as_str())?;
+                (rest.is_empty() || rest.starts_with('/'))
+                    .then(|| (alias.len(), format!("{shows}{rest}")))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, p)| p)
     }
 
     /// The resource name a path belongs to (longest match), if watched.

@@ -325,6 +325,8 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
             path_truncated,
             via,
             xattr,
+            seen_as,
+            new_path_seen_as,
             result,
             guardrail,
             process,
@@ -360,6 +362,8 @@ fn parts(e: Event, file: &mut v1::FileChange) -> Option<(v1::Event, Option<Ident
                 set(&mut f.guardrail, guardrail.unwrap_or(""));
                 set(&mut f.via, via.unwrap_or(""));
                 f.xattr = xattr.unwrap_or_default();
+                f.seen_as = seen_as.unwrap_or_default();
+                f.new_path_seen_as = new_path_seen_as.unwrap_or_default();
                 K::File(f)
             },
             time,
@@ -584,6 +588,8 @@ mod tests {
             path_truncated: false,
             via: None,
             xattr: None,
+            seen_as: None,
+            new_path_seen_as: None,
             result: Outcome::from_ret(-13),
             guardrail: Some("killed"),
             process: identity(),
@@ -630,6 +636,8 @@ mod tests {
             path_truncated: false,
             via: None,
             xattr: None,
+            seen_as: None,
+            new_path_seen_as: None,
             result: Outcome::from_ret(0),
             guardrail: None,
             process: identity(),
