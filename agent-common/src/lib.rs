@@ -85,6 +85,13 @@ pub enum FileOp {
     Mount = 15,
     /// `umount2` of `path`, likewise.
     Umount = 16,
+    /// A shared writable mapping of a watched file opened for write: its
+    /// writes need no syscall, so the file is read again at `munmap` and
+    /// when the process exits.
+    Mmap = 17,
+    /// `munmap` in a process holding such a mapping (at most one report a
+    /// tenth of a second).
+    Munmap = 18,
 }
 
 impl FileOp {
@@ -107,6 +114,8 @@ impl FileOp {
             14 => Self::SetFlags,
             15 => Self::Mount,
             16 => Self::Umount,
+            17 => Self::Mmap,
+            18 => Self::Munmap,
             _ => return None,
         })
     }
@@ -330,6 +339,16 @@ pub struct PendingFile {
     /// 1 from the call's entry until its exit has taken the record (the
     /// record stays in the thread's storage, emptied, for its next call).
     pub live: u32,
+}
+
+/// A process's shared writable mapping of a watched file.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Mapped {
+    /// The mapped `struct file *`.
+    pub file: u64,
+    /// When a `munmap` of the process was last reported (boot clock, ns).
+    pub reported_ns: u64,
 }
 
 /// Key of the open-for-write fd table: which fds to report on close.
@@ -627,6 +646,7 @@ mod pod {
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for PendingFile {}
     unsafe impl aya::Pod for FdKey {}
+    unsafe impl aya::Pod for Mapped {}
     unsafe impl aya::Pod for DirKey {}
     unsafe impl aya::Pod for WatchValue {}
     unsafe impl aya::Pod for KernelOffsets {}

@@ -16,7 +16,7 @@ mod task;
 
 use agent_common::{
     ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
-    GateKey, GateRule, KernelOffsets, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
+    GateKey, GateRule, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
     ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
     COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
     VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
@@ -114,9 +114,15 @@ static PENDING_FILE: TaskStorage<PendingFile> = TaskStorage::new();
 static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
 
 /// fds opened for write on a watched file, valued by their `struct file *`
-/// so that a reused fd number is not mistaken for the watched file.
+/// so that a reused fd number is not mistaken for the watched file; 0 for
+/// an fd the agent found open at its start (the file is then judged by
+/// its path at close). A `dup` of one is tracked too.
 #[map]
-static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Processes holding a shared writable mapping of a watched file.
+#[map]
+static MAPPED: LruHashMap<u32, Mapped> = LruHashMap::with_max_entries(4096, 0);
 
 /// Per-kind counters: seen, filtered, emitted, dropped.
 #[map]
@@ -142,6 +148,13 @@ const AF_INET6: u16 = 10;
 const SIGKILL: u32 = 9;
 const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
 const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
+const F_DUPFD: u32 = 0;
+const F_DUPFD_CLOEXEC: u32 = 1030;
+const MAP_SHARED: u32 = 0x01;
+const PROT_WRITE: u32 = 0x2;
+/// `munmap`s of a process with a watched mapping are reported at most once
+/// in this many ns.
+const MUNMAP_EVERY_NS: u64 = 100_000_000;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 
 #[inline(always)]
@@ -297,6 +310,7 @@ unsafe fn on_exit() {
         return;
     }
     count(EventKind::Exit, COUNTER_SEEN);
+    let _ = MAPPED.remove(&((pid_tgid >> 32) as u32));
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ExitEvent>(EventKind::Exit, |e| unsafe {
         let task = task::current();
@@ -873,7 +887,7 @@ unsafe fn on_close(fd: i32, expected: u64) {
     let task = task::current();
     let file = unsafe { task::fd_file(task, fd) };
     // The fd was closed some other way (dup2, exit of a thread) and reused.
-    if file == 0 || file != expected {
+    if file == 0 || (expected != 0 && file != expected) {
         return;
     }
     count(EventKind::File, COUNTER_SEEN);
@@ -881,12 +895,188 @@ unsafe fn on_close(fd: i32, expected: u64) {
         return;
     };
     let s = unsafe { &mut *s };
-    let flags = unsafe { path::resolve_file(s, file) };
+    let mut flags = unsafe { path::resolve_file(s, file) };
+    // Found open at the agent's start: only a watched file is reported.
+    if expected == 0 && !path::matches(s, &mut flags, false) {
+        return;
+    }
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
         (*e).ret = 0;
         (*e).op = FileOp::CloseWrite as u32;
+        (*e).flags = 0;
+        (*e).mode = 0;
+        (*e).uid = u32::MAX;
+        (*e).gid = u32::MAX;
+        (*e).path_flags = flags;
+        (*e).verdict = 0;
+        (*e).via = VIA_SYSCALL;
+        path::copy_key(s, (*e).path.as_mut_ptr());
+        (*e).path2[0] = 0;
+    });
+}
+
+/// `dup`/`dup2`/`dup3`/`fcntl(F_DUPFD*)` of a tracked write fd: the copy
+/// is tracked too, so its close reports the file as well.
+#[tracepoint]
+pub fn exit_dup(ctx: TracePointContext) -> u32 {
+    let Some(slot) = DUP_FROM.current(false) else {
+        return 0;
+    };
+    // SAFETY: this thread's own slot.
+    let from = unsafe { core::ptr::read_volatile(slot) };
+    if from == u64::MAX {
+        return 0;
+    }
+    // SAFETY: the same slot, emptied.
+    unsafe { *slot = u64::MAX };
+    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
+    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    if ret < 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = FdKey {
+        tgid,
+        fd: from as u32,
+    };
+    // SAFETY: copied out.
+    if let Some(expected) = unsafe { WRITE_FDS.get(&key) }.copied() {
+        let _ = WRITE_FDS.insert(
+            &FdKey {
+                tgid,
+                fd: ret as u32,
+            },
+            &expected,
+            0,
+        );
+    }
+    0
+}
+
+/// The fd a `dup` copies, between its entry and exit (`u64::MAX`: none).
+#[btf_map]
+static DUP_FROM: TaskStorage<u64> = TaskStorage::new();
+
+#[inline(always)]
+fn dup_entry(fd: u64) {
+    if !ready() {
+        return;
+    }
+    let key = FdKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        fd: fd as u32,
+    };
+    // SAFETY: a lookup only: most dups are of fds nobody watches.
+    if unsafe { WRITE_FDS.get(&key) }.is_none() {
+        return;
+    }
+    if let Some(slot) = DUP_FROM.current(true) {
+        // SAFETY: this thread's own slot.
+        unsafe { *slot = fd };
+    }
+}
+
+#[tracepoint]
+pub fn enter_dup(ctx: TracePointContext) -> u32 {
+    dup_entry(arg(&ctx, 0));
+    0
+}
+
+#[tracepoint]
+pub fn enter_fcntl(ctx: TracePointContext) -> u32 {
+    let cmd = arg(&ctx, 1) as u32;
+    if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
+        dup_entry(arg(&ctx, 0));
+    }
+    0
+}
+
+/// A shared writable mapping of a tracked write fd: reported, and the
+/// process remembered for its `munmap`s.
+#[tracepoint]
+pub fn enter_mmap(ctx: TracePointContext) -> u32 {
+    // (addr, len, prot, flags, fd, off)
+    let prot = arg(&ctx, 2) as u32;
+    let flags = arg(&ctx, 3) as u32;
+    if flags & MAP_SHARED == 0 || prot & PROT_WRITE == 0 || !ready() {
+        return 0;
+    }
+    let fd = arg(&ctx, 4) as i32;
+    if fd < 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: copied out.
+    let Some(expected) = (unsafe {
+        WRITE_FDS.get(&FdKey {
+            tgid,
+            fd: fd as u32,
+        })
+    })
+    .copied() else {
+        return 0;
+    };
+    let task = task::current();
+    // SAFETY: probe reads only.
+    let file = unsafe { task::fd_file(task, fd) };
+    if file == 0 || (expected != 0 && file != expected) {
+        return 0;
+    }
+    let _ = MAPPED.insert(
+        &tgid,
+        &Mapped {
+            file,
+            reported_ns: 0,
+        },
+        0,
+    );
+    // SAFETY: probe reads only.
+    unsafe { report_mapped(file, FileOp::Mmap) };
+    0
+}
+
+#[tracepoint]
+pub fn enter_munmap(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(m) = MAPPED.get_ptr_mut(&tgid) else {
+        return 0;
+    };
+    // SAFETY: the boot clock.
+    let now = unsafe { gen::bpf_ktime_get_boot_ns() };
+    // SAFETY: the process's own entry; a race with another of its threads
+    // only reports twice.
+    let file = unsafe {
+        if now.saturating_sub((*m).reported_ns) < MUNMAP_EVERY_NS {
+            return 0;
+        }
+        (*m).reported_ns = now;
+        (*m).file
+    };
+    // SAFETY: probe reads only.
+    unsafe { report_mapped(file, FileOp::Munmap) };
+    0
+}
+
+unsafe fn report_mapped(file: u64, op: FileOp) {
+    count(EventKind::File, COUNTER_SEEN);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let s = unsafe { &mut *s };
+    let mut flags = unsafe { path::resolve_file(s, file) };
+    // A file the process no longer maps may be gone: only a watched path
+    // is reported.
+    if !path::matches(s, &mut flags, false) {
+        count(EventKind::File, COUNTER_FILTERED);
+        return;
+    }
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task::current());
+        (*e).ret = 0;
+        (*e).op = op as u32;
         (*e).flags = 0;
         (*e).mode = 0;
         (*e).uid = u32::MAX;

@@ -337,6 +337,9 @@ struct UserCounts {
     /// A mount or unmount happened somewhere since the aliases of the
     /// watched trees were last looked for.
     mounts_changed: bool,
+    /// Watched files each process maps shared and writable: read again
+    /// when it exits.
+    mapped: BTreeMap<u32, std::collections::BTreeSet<String>>,
 }
 
 struct Output {
@@ -889,6 +892,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sensors attached; selected sensor set {SENSOR_SET}"
     );
     sensors.apply(watch_set(&running.policy))?;
+    // Write handles open since before the start are followed like those
+    // the agent sees opened.
+    let handles = driftwatch_agent::sensors::handles::find(sensors.watch());
+    for (pid, fd, path) in &handles.write_fds {
+        tracing::info!(
+            pid,
+            fd,
+            path,
+            "a watched file was open for write before the start; followed"
+        );
+        if let Err(e) = sensors.track_write_fd(*pid, *fd) {
+            tracing::warn!(
+                pid,
+                fd,
+                path,
+                "cannot follow a write fd open before the start: {e}"
+            );
+        }
+    }
+    for (pid, paths) in &handles.mapped {
+        tracing::info!(pid, ?paths, "watched files mapped shared and writable before the start; read again when the process exits");
+    }
+    let mapped_at_start = handles.mapped;
 
     let clock = Clock::new();
     let mut table = ProcessTable::new(Some(cgroup_root.clone()), clock);
@@ -1044,7 +1070,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // delay of a lone event.
     let mut drain = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut user = UserCounts::default();
+    let mut user = UserCounts {
+        mapped: mapped_at_start,
+        ..UserCounts::default()
+    };
     // Each second: metrics taken in (when served), the policy file looked at.
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1080,12 +1109,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     } => *user.guardrail.entry(("connect", g)).or_default() += 1,
                     _ => {}
                 }
-                if let Event::File {
-                    op: "mount" | "umount",
-                    ..
-                } = &*e
-                {
-                    user.mounts_changed = true;
+                match &*e {
+                    Event::File {
+                        op: "mount" | "umount",
+                        ..
+                    } => user.mounts_changed = true,
+                    Event::File {
+                        op: "mmap",
+                        path,
+                        process,
+                        ..
+                    } => {
+                        user.mapped
+                            .entry(process.pid)
+                            .or_default()
+                            .insert(path.clone());
+                    }
+                    Event::Exit { process, .. } => {
+                        // Its mappings are gone: what they wrote is read.
+                        for path in user.mapped.remove(&process.pid).unwrap_or_default() {
+                            if let Some(r) = policy.resource_for_path(&path) {
+                                digests.add(&path, &r.name, r.kind, true);
+                            }
+                        }
+                    }
+                    _ => {}
                 }
                 digest_jobs(&e, policy, digests);
                 let seq = out.emit(*e)?;

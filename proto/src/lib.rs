@@ -34,6 +34,7 @@ pub fn completes_change(op: &str) -> bool {
             | "setflags"
             | "mount"
             | "umount"
+            | "munmap"
     )
 }
 

@@ -504,6 +504,95 @@ fn changes_through_a_bind_mount_in_another_mount_namespace_are_the_watched_files
     );
 }
 
+/// Write handles the agent did not see opened: an fd open for write since
+/// before its start, a `dup` of a tracked fd written after the original
+/// closed, and shared writable mappings (one made since, written after its
+/// fd closed; one made before the start, written and left at exit). Each
+/// ends in a digest of what was written.
+#[test]
+fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
+    use std::io::{BufRead as _, Write as _};
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let [early, duped, mapped, premapped] =
+        ["early.conf", "duped.conf", "mapped.bin", "premapped.bin"].map(|n| format!("{etc}/{n}"));
+    for f in [&early, &duped] {
+        std::fs::write(f, "v1\n").unwrap();
+    }
+    for f in [&mapped, &premapped] {
+        std::fs::write(f, "........\n").unwrap();
+    }
+    // Opened and mapped before the agent starts; written when told.
+    let mut before = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import mmap, os, sys\n\
+                 fd = os.open('{early}', os.O_WRONLY | os.O_TRUNC)\n\
+                 mfd = os.open('{premapped}', os.O_RDWR)\n\
+                 mm = mmap.mmap(mfd, 9, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n\
+                 os.close(mfd)\n\
+                 print('ready', flush=True)\n\
+                 sys.stdin.readline()\n\
+                 os.write(fd, b'written after the start\\n')\n\
+                 os.close(fd)\n\
+                 mm[0:8] = b'PREMAPPD'\n\
+                 os._exit(0)\n"
+            ),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(before.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    writeln!(before.stdin.take().unwrap()).unwrap();
+    assert!(before.wait().unwrap().success());
+    run(&mut python(&format!(
+        "import mmap, os, time\n\
+         fd = os.open('{duped}', os.O_WRONLY | os.O_TRUNC)\n\
+         fd2 = os.dup(fd)\n\
+         os.close(fd)\n\
+         os.write(fd2, b'written through the dup\\n')\n\
+         os.close(fd2)\n\
+         fd = os.open('{mapped}', os.O_RDWR)\n\
+         mm = mmap.mmap(fd, 9, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n\
+         os.close(fd)\n\
+         time.sleep(0.2)\n\
+         mm[0:8] = b'MAPPED!!'\n\
+         mm.close()\n\
+         time.sleep(1)\n"
+    )));
+    for (path, content) in [
+        (&early, "written after the start\n"),
+        (&duped, "written through the dup\n"),
+        (&mapped, "MAPPED!!\n"),
+        (&premapped, "PREMAPPD\n"),
+    ] {
+        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
+        let sha = sha256_file(path);
+        agent.wait_for(
+            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
+            &format!("the digest of what was written to {path}"),
+        );
+    }
+    let events = agent.stop();
+    let on_mapped = file_events(&events, &mapped);
+    assert!(
+        ["mmap", "munmap"]
+            .iter()
+            .all(|op| on_mapped.iter().any(|e| e["op"] == *op)),
+        "{:?}",
+        ops(&on_mapped)
+    );
+}
+
 /// A path longer than the kernel reports is flagged as cut, and never
 /// digested under its cut name (which would read as a deletion).
 #[test]

@@ -63,6 +63,8 @@ fn op_name(op: FileOp) -> &'static str {
         FileOp::SetFlags => "setflags",
         FileOp::Mount => "mount",
         FileOp::Umount => "umount",
+        FileOp::Mmap => "mmap",
+        FileOp::Munmap => "munmap",
     }
 }
 

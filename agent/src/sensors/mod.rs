@@ -10,6 +10,7 @@
 pub mod aliases;
 pub mod btf;
 pub mod decode;
+pub mod handles;
 pub mod preflight;
 pub mod watch;
 
@@ -320,6 +321,27 @@ impl Sensors {
             }
         }
 
+        // Write handles the open did not make: dup'd fds and shared
+        // writable mappings of tracked write fds.
+        for (name, tp) in [
+            ("enter_dup", "sys_enter_dup"),
+            ("enter_dup", "sys_enter_dup2"),
+            ("enter_dup", "sys_enter_dup3"),
+            ("enter_fcntl", "sys_enter_fcntl"),
+            ("exit_dup", "sys_exit_dup"),
+            ("exit_dup", "sys_exit_dup2"),
+            ("exit_dup", "sys_exit_dup3"),
+            ("exit_dup", "sys_exit_fcntl"),
+            ("enter_mmap", "sys_enter_mmap"),
+            ("enter_munmap", "sys_enter_munmap"),
+        ] {
+            if !syscall_tracepoint(tp) {
+                tracing::debug!("tracepoint syscalls/{tp} not on this kernel; skipped");
+                continue;
+            }
+            syscalls.attach(name, tp)?;
+        }
+
         // Calls that change which path a directory has: the kernel's cache
         // of directories with nothing watched below is dropped after each.
         // (Renames do the same in exit_file.)
@@ -582,6 +604,24 @@ impl Sensors {
         }
         self.gates = next;
         Ok(())
+    }
+
+    /// Tracks an fd found open for write at start, as if its open had been
+    /// seen: its close (or a dup's, or a shared mapping's end) reports the
+    /// file.
+    pub fn track_write_fd(&mut self, tgid: u32, fd: u32) -> Result<(), SensorError> {
+        let map_err = |source| SensorError::Map {
+            name: "WRITE_FDS",
+            source,
+        };
+        let map = self
+            .ebpf
+            .map_mut("WRITE_FDS")
+            .ok_or_else(|| missing_map("WRITE_FDS"))?;
+        let mut fds: aya::maps::HashMap<&mut MapData, agent_common::FdKey, u64> =
+            aya::maps::HashMap::try_from(map).map_err(map_err)?;
+        fds.insert(agent_common::FdKey { tgid, fd }, 0, 0)
+            .map_err(map_err)
     }
 
     /// The most bytes that waited in the ring buffer since the last call
