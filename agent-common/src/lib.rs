@@ -128,6 +128,9 @@ pub const PATH_TRUNCATED: u32 = 1 << 1;
 /// `path` contains `.`/`..`/`//` components: the kernel passed it on without a
 /// prefix match so that user space can normalise it and decide.
 pub const PATH_UNNORMALISED: u32 = 1 << 2;
+/// `path` is another name (a hard link outside the watched trees) of a
+/// watched file, matched by its inode: user space finds the watched name.
+pub const PATH_BY_INODE: u32 = 1 << 3;
 /// The same three flags for `path2`, shifted.
 pub const PATH2_SHIFT: u32 = 8;
 /// The argv did not fit in [`ARGV_LEN`] bytes.
@@ -409,6 +412,16 @@ pub struct DirKey {
     pub _pad: u32,
 }
 
+/// A file by device and inode: watched files with more than one name.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct InodeKey {
+    /// `super_block.s_dev` (the kernel's encoding: major << 20 | minor).
+    pub dev: u64,
+    /// `inode.i_ino`.
+    pub ino: u64,
+}
+
 /// Struct member offsets of the running kernel, read from its BTF at start.
 ///
 /// Rust eBPF gets no CO-RE relocations, so the agent passes these in as a
@@ -648,6 +661,7 @@ mod pod {
     unsafe impl aya::Pod for FdKey {}
     unsafe impl aya::Pod for Mapped {}
     unsafe impl aya::Pod for DirKey {}
+    unsafe impl aya::Pod for InodeKey {}
     unsafe impl aya::Pod for WatchValue {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for GateKey {}

@@ -16,10 +16,11 @@ mod task;
 
 use agent_common::{
     ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
-    GateKey, GateRule, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
-    ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
-    COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT, PATH_LEN,
-    VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
+    GateKey, GateRule, InodeKey, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue,
+    ARGV_LEN, ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
+    COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT,
+    PATH_BY_INODE, PATH_LEN, VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG,
+    VIA_SYSCALL,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -119,6 +120,88 @@ static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_e
 /// its path at close). A `dup` of one is tracked too.
 #[map]
 pub(crate) static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Watched files that have more than one name, by inode, to their
+/// resource: a write through a name outside the watched trees (a hard link
+/// made before they were watched) is caught by the inode.
+#[map]
+static WATCH_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// The inode key of `file` when it has more than one name; a key no file
+/// has (all zero) otherwise.
+#[inline(always)]
+unsafe fn linked_key(file: u64) -> InodeKey {
+    unsafe {
+        let inode: u64 = task::read(file, off!(file_f_inode));
+        let nlink: u32 = task::read(inode, off!(inode_i_nlink));
+        if nlink < 2 {
+            return InodeKey { dev: 0, ino: 0 };
+        }
+        let sb: u64 = task::read(inode, off!(inode_i_sb));
+        let dev: u32 = task::read(sb, off!(sb_s_dev));
+        InodeKey {
+            dev: u64::from(dev),
+            ino: task::read(inode, off!(inode_i_ino)),
+        }
+    }
+}
+
+/// Reports a call on `file` when it is a watched file with several names
+/// (a hard link may sit outside the watched trees); true when it did. The
+/// record names the file by inode, `(dev, ino)` in `path2`, with the name
+/// used (its last component) in `path`, and user space finds the watched
+/// name: building the whole path here would take the exit program past
+/// the verifier's budget.
+#[inline(never)]
+unsafe fn linked_emit(p: &PendingFile, ret: i64, file: u64) -> bool {
+    let key = unsafe { linked_key(file) };
+    if key.ino == 0 {
+        return false;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    let Some(resource) = (unsafe { WATCH_INODES.get(&key) }).copied() else {
+        return false;
+    };
+    let verdict = gate::decide(resource) as u32 & 0xf;
+    if verdict == VERDICT_BLOCKED {
+        // SAFETY: signals the current process.
+        unsafe { gen::bpf_send_signal(SIGKILL) };
+    }
+    let task = task::current();
+    // SAFETY: writes into our reserved record; task reads are probe reads.
+    emit::<FileEvent>(EventKind::File, |e| unsafe {
+        task::fill_header(&mut (*e).hdr, EventKind::File, task);
+        (*e).ret = ret;
+        (*e).op = p.op;
+        (*e).flags = p.flags;
+        (*e).mode = p.mode;
+        (*e).uid = p.uid;
+        (*e).gid = p.gid;
+        (*e).path_flags = PATH_BY_INODE;
+        (*e).verdict = verdict;
+        (*e).via = VIA_SYSCALL;
+        // The name used, without its directories.
+        let dentry: u64 = task::read(file + off!(file_f_path) as u64, off!(path_dentry));
+        let name: u64 = task::read(dentry + off!(dentry_d_name) as u64, off!(qstr_name));
+        gen::bpf_probe_read_kernel_str(
+            (*e).path.as_mut_ptr() as *mut c_void,
+            PATH_LEN as u32,
+            name as *const c_void,
+        );
+        core::ptr::write_unaligned((*e).path2.as_mut_ptr() as *mut InodeKey, key);
+    });
+    if p.op == FileOp::Open as u32 && ret >= 0 {
+        let _ = WRITE_FDS.insert(
+            &FdKey {
+                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                fd: ret as u32,
+            },
+            &file,
+            0,
+        );
+    }
+    true
+}
 
 /// Processes holding a shared writable mapping of a watched file.
 #[map]
@@ -779,6 +862,11 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
     } else if (op == FileOp::Open as u32 && ret >= 0) || p.by_fd == 1 {
         let fd = if p.by_fd == 1 { p.dfd } else { ret as i32 };
         let file = unsafe { task::fd_file(task, fd) };
+        // Another name of a watched file: reported there, whatever the
+        // directory's cached verdict.
+        if unsafe { linked_emit(p, ret, file) } {
+            return;
+        }
         // Read before the lookup: a change meanwhile leaves a verdict
         // stored under a generation already gone.
         if unsafe { path::dir_cached(s, file, watch_gen()) } {

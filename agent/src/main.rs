@@ -626,7 +626,7 @@ fn watch_set(policy: &Policy) -> WatchSet {
             "a mount shows a watched path elsewhere; watched there too"
         );
     }
-    set.with_aliases(aliases)
+    set.with_aliases(aliases).with_linked()
 }
 
 /// Applies a policy to the kernel's maps and reports it.

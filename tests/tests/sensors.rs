@@ -593,6 +593,43 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
     );
 }
 
+/// A hard link made before the tree was watched, outside it: a write
+/// through that name is caught by the file's inode and reported as the
+/// watched file, with the name used.
+#[test]
+fn a_write_through_an_outside_hard_link_is_the_watched_file() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let conf = format!("{etc}/app.conf");
+    let outside = dir.join("outside.conf");
+    std::fs::write(&conf, "mode=prod\n").unwrap();
+    std::fs::hard_link(&conf, &outside).unwrap();
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    run(&mut python(&format!(
+        "open('{outside}', 'w').write('mode=debug\\n')\n"
+    )));
+    let sha = sha256_file(&conf);
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+        "the digest of the watched file written through its other name",
+    );
+    let events = agent.stop();
+    let open = file_events(&events, &conf)
+        .into_iter()
+        .find(|e| e["op"] == "open")
+        .unwrap_or_else(|| panic!("no open of {conf}"));
+    // The whole name while the writer holds its fd, else the last part.
+    let seen = open["seen_as"].as_str().unwrap_or_default();
+    assert!(
+        outside.ends_with(seen) && seen.ends_with("outside.conf"),
+        "{open}"
+    );
+    assert_eq!(open["resource"], "cfg");
+    assert_eq!(open["process"]["comm"], "python3");
+}
+
 /// A path longer than the kernel reports is flagged as cut, and never
 /// digested under its cut name (which would read as a deletion).
 #[test]

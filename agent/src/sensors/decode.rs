@@ -4,9 +4,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
-    ARGV_TRUNCATED, EXE_DELETED, PATH2_SHIFT, PATH_FROM_FILE, PATH_TRUNCATED, PATH_UNNORMALISED,
-    VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK, VIA_CONNECT,
-    VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
+    ARGV_TRUNCATED, EXE_DELETED, PATH2_SHIFT, PATH_BY_INODE, PATH_FROM_FILE, PATH_TRUNCATED,
+    PATH_UNNORMALISED, VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK,
+    VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
 };
 
 use super::watch::{normalise, WatchSet};
@@ -294,6 +294,9 @@ impl Decoder {
                 raw
             }
         };
+        if flags1 & PATH_BY_INODE != 0 {
+            return Ok(self.by_inode(e, op, watch));
+        }
         let raw1 = cstr(&e.path);
         let raw2 = cstr(&e.path2);
         let xattr = matches!(op, FileOp::SetXattr | FileOp::RemoveXattr).then(|| cstr(&e.path2));
@@ -308,6 +311,11 @@ impl Decoder {
             watch
                 .resource_of(&path)
                 .or_else(|| new_path.as_deref().and_then(|p| watch.resource_of(p)))
+                .or_else(|| {
+                    // Another name of a watched file, found by its inode.
+                    let real = watch.by_inode(&path)?;
+                    watch.resource_of(real)
+                })
         }
         .cloned();
         if resource.is_none() && matches!(op, FileOp::Mount | FileOp::Umount) {
@@ -316,9 +324,11 @@ impl Decoder {
         if resource.is_none() && op != FileOp::CloseWrite {
             return Ok(Decoded::FilteredInUser);
         }
-        // Seen through an alias (a bind mount, a container's volume): the
-        // watched path it is, and the path as the process saw it.
-        let (path, seen_as) = match watch.unalias(&path) {
+        // Seen through an alias (a bind mount, a container's volume), or
+        // another name of a watched file (matched by inode): the watched
+        // path it is, and the path as the process saw it.
+        let by_inode = || watch.by_inode(&path).map(str::to_owned);
+        let (path, seen_as) = match watch.unalias(&path).or_else(by_inode) {
             Some(real) => (real, Some(path)),
             None => (path, None),
         };
@@ -371,6 +381,58 @@ impl Decoder {
             guardrail: guardrail(e.verdict, "killed"),
             process: self.table.identity(&e.hdr),
         })))
+    }
+
+    /// A call on a watched file with several names, which the kernel names
+    /// by inode: the watched name it has, and the name the process used
+    /// when its fd still shows it.
+    fn by_inode(&mut self, e: &FileEvent, op: FileOp, watch: &WatchSet) -> Decoded {
+        // SAFETY: the kernel wrote an `InodeKey` at the front of `path2`,
+        // which is larger; unaligned read of plain integers.
+        let key: agent_common::InodeKey =
+            unsafe { std::ptr::read_unaligned(e.path2.as_ptr() as *const agent_common::InodeKey) };
+        let Some((path, _)) = watch.inodes.get(&key) else {
+            return Decoded::FilteredInUser;
+        };
+        // The whole name while the fd lasts, else the last component.
+        let seen_as = (op == FileOp::Open && e.ret >= 0)
+            .then(|| std::fs::read_link(format!("/proc/{}/fd/{}", e.hdr.tgid, e.ret)).ok())
+            .flatten()
+            .and_then(|p| p.to_str().map(str::to_owned))
+            .unwrap_or_else(|| cstr(&e.path));
+        let seen_as =
+            (seen_as != *path && !path.ends_with(&format!("/{seen_as}"))).then_some(seen_as);
+        let (flags, mode) = match op {
+            FileOp::Open => (
+                open_flags(e.flags),
+                (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
+            ),
+            FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
+            _ => (Flags::default(), None),
+        };
+        let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
+        Decoded::Event(Box::new(Event::File {
+            time: self.time(&e.hdr),
+            node: self.node.clone(),
+            op: op_name(op),
+            path: path.clone(),
+            new_path: None,
+            target: None,
+            resource: watch.resource_of(path).cloned(),
+            flags,
+            mode,
+            owner_uid: owner(e.uid),
+            owner_gid: owner(e.gid),
+            resolved_from: "inode",
+            path_truncated: false,
+            via: None,
+            xattr: None,
+            seen_as,
+            new_path_seen_as: None,
+            result: Outcome::from_ret(e.ret),
+            guardrail: guardrail(e.verdict, "killed"),
+            process: self.table.identity(&e.hdr),
+        }))
     }
 }
 

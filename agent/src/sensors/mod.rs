@@ -528,6 +528,28 @@ impl Sensors {
                 ports.remove(port).map_err(map_err("WATCH_PORTS"))?;
             }
         }
+        {
+            let mut inodes: BpfHashMap<&mut MapData, agent_common::InodeKey, u32> =
+                BpfHashMap::try_from(
+                    self.ebpf
+                        .map_mut("WATCH_INODES")
+                        .ok_or_else(|| missing_map("WATCH_INODES"))?,
+                )
+                .map_err(map_err("WATCH_INODES"))?;
+            for (key, (_, resource)) in &next.inodes {
+                inodes
+                    .insert(key, *resource as u32, 0)
+                    .map_err(map_err("WATCH_INODES"))?;
+            }
+            for key in self
+                .watch
+                .inodes
+                .keys()
+                .filter(|k| !next.inodes.contains_key(k))
+            {
+                inodes.remove(key).map_err(map_err("WATCH_INODES"))?;
+            }
+        }
         self.watch = next;
         Ok(())
     }

@@ -71,6 +71,28 @@ pub struct WatchSet {
     /// Other paths that show a watched path (bind mounts, container
     /// volumes): `(alias, watched path)`, each also in `paths`.
     pub aliases: Vec<(String, String)>,
+    /// Watched files with more than one name, by inode (the kernel's
+    /// device encoding): their watched path and resource index.
+    pub inodes: std::collections::HashMap<agent_common::InodeKey, (String, usize)>,
+}
+
+/// Files looked at for other names at most, per policy apply.
+pub const LINKED_SCAN_MAX: usize = 50_000;
+
+/// A device number as the kernel's `s_dev` holds it.
+fn kernel_dev(st_dev: u64) -> u64 {
+    let (major, minor) = (libc::major(st_dev) as u64, libc::minor(st_dev) as u64);
+    (major << 20) | minor
+}
+
+/// The inode key of the file at `path` (following symlinks).
+pub fn inode_of(path: &str) -> Option<agent_common::InodeKey> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(agent_common::InodeKey {
+        dev: kernel_dev(m.dev()),
+        ino: m.ino(),
+    })
 }
 
 impl WatchSet {
@@ -176,6 +198,69 @@ impl WatchSet {
         }
         set.paths.dedup_by(|a, b| a.same_key(b));
         set
+    }
+
+    /// Adds the watched files that have more than one name (hard links),
+    /// so that a write through a name outside the trees is caught by its
+    /// inode.
+    pub fn with_linked(mut self) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        let seen = std::cell::Cell::new(0usize);
+        let roots: Vec<(String, usize)> = self
+            .paths
+            .iter()
+            .filter(|w| {
+                !self
+                    .aliases
+                    .iter()
+                    .any(|(a, _)| w.prefix.starts_with(a.as_str()))
+            })
+            .map(|w| (w.prefix.trim_end_matches('/').to_owned(), w.resource))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let visit = |path: &str, resource: usize, inodes: &mut std::collections::HashMap<_, _>| {
+            seen.set(seen.get() + 1);
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if m.is_file() && m.nlink() > 1 {
+                    inodes.insert(
+                        agent_common::InodeKey {
+                            dev: kernel_dev(m.dev()),
+                            ino: m.ino(),
+                        },
+                        (path.to_owned(), resource),
+                    );
+                }
+            }
+        };
+        for (root, resource) in roots {
+            if root.is_empty() || seen.get() >= LINKED_SCAN_MAX {
+                continue;
+            }
+            if !Path::new(&root).is_dir() {
+                visit(&root, resource, &mut self.inodes);
+                continue;
+            }
+            let left = LINKED_SCAN_MAX - seen.get();
+            let inodes = &mut self.inodes;
+            let (_, _, cut) = crate::digest::walk_bounded(&root, left, &mut |p| {
+                visit(p, resource, inodes);
+                true
+            });
+            if let Some(why) = cut {
+                tracing::warn!(root, "looking for watched files with other names: {why}");
+            }
+        }
+        self
+    }
+
+    /// The watched path of a file reached through another name, when it is
+    /// one of the watched files with several names.
+    pub fn by_inode(&self, path: &str) -> Option<&str> {
+        if self.inodes.is_empty() {
+            return None;
+        }
+        self.inodes.get(&inode_of(path)?).map(|(p, _)| p.as_str())
     }
 
     /// The watched paths (trees without their `/`) that mounts elsewhere
