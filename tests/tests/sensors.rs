@@ -712,6 +712,32 @@ fn names_through_proc_root_and_cwd_links_are_the_watched_files() {
     );
 }
 
+/// A watched directory replaced whole: a staged copy renamed into place.
+/// No file under it is written, yet each now holds other content: each is
+/// digested.
+#[test]
+fn a_watched_directory_replaced_by_a_staged_one_is_digested() {
+    let dir = Dir::new();
+    let (app, staged, old) = (dir.join("app"), dir.join("app.new"), dir.join("app.old"));
+    std::fs::create_dir_all(format!("{app}/conf.d")).unwrap();
+    std::fs::create_dir_all(format!("{staged}/conf.d")).unwrap();
+    std::fs::write(format!("{app}/conf.d/db.conf"), "host=db-1\n").unwrap();
+    std::fs::write(format!("{staged}/conf.d/db.conf"), "host=db-evil\n").unwrap();
+    let sha = sha256_file(&format!("{staged}/conf.d/db.conf"));
+    let mut agent = Agent::start(&policy(&[format!("{app}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    std::fs::rename(&app, &old).unwrap();
+    std::fs::rename(&staged, &app).unwrap();
+    let conf = format!("{app}/conf.d/db.conf");
+    let d = agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+        "the digest of a file the replacement brought",
+    );
+    agent.stop();
+    assert_eq!(d["reason"], "change");
+    assert_eq!(d["resource"], "cfg");
+}
+
 /// A bind mount over a watched directory, and its unmount, are events of
 /// their own, and what the watched names show afterwards is digested.
 #[test]
