@@ -181,6 +181,13 @@ pub struct ExecEvent {
     pub argv_len: u32,
     /// [`ARGV_TRUNCATED`], [`EXE_TRUNCATED`], [`EXE_DELETED`].
     pub flags: u32,
+    /// The executable's device (`s_dev`), inode and modification time
+    /// (ns): the key its digest is cached under, read without a `stat`.
+    pub exe_dev: u64,
+    /// See `exe_dev`.
+    pub exe_ino: u64,
+    /// See `exe_dev`.
+    pub exe_mtime_ns: i64,
     /// Absolute path of the executed file, NUL-terminated.
     pub exe: [u8; PATH_LEN],
     /// Arguments, NUL-separated.
@@ -501,6 +508,10 @@ pub struct KernelOffsets {
     pub inode_i_generation: u32,
     /// `inode.i_nlink`
     pub inode_i_nlink: u32,
+    /// `inode.i_mtime_sec` (`i_mtime.tv_sec` before 6.7)
+    pub inode_i_mtime_sec: u32,
+    /// `inode.i_mtime_nsec` (`i_mtime.tv_nsec` before 6.7)
+    pub inode_i_mtime_nsec: u32,
     /// `mm_struct.exe_file`
     pub mm_exe_file: u32,
     /// `file.f_inode`
@@ -680,7 +691,7 @@ mod tests {
         assert_eq!(size_of::<Header>(), 8 * 4 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
-            size_of::<Header>() + 8 + PATH_LEN + ARGV_LEN
+            size_of::<Header>() + 8 + 24 + PATH_LEN + ARGV_LEN
         );
         assert_eq!(
             size_of::<FileEvent>(),

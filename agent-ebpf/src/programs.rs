@@ -316,7 +316,7 @@ unsafe fn on_exec(bprm: u64) {
         flags |= EXE_TRUNCATED;
     }
     // SAFETY: probe reads of the file's inode and dentry.
-    unsafe {
+    let (dev, ino, mtime) = unsafe {
         let inode: u64 = task::read(file, off!(file_f_inode));
         let nlink: u32 = task::read(inode, off!(inode_i_nlink));
         if nlink == 0 {
@@ -324,7 +324,16 @@ unsafe fn on_exec(bprm: u64) {
             // A memfd's dentry has no parent to walk to: its name is all.
             path::pseudo_name(s, file);
         }
-    }
+        let sb: u64 = task::read(inode, off!(inode_i_sb));
+        let dev: u32 = task::read(sb, off!(sb_s_dev));
+        let sec: i64 = task::read(inode, off!(inode_i_mtime_sec));
+        let nsec: u32 = task::read(inode, off!(inode_i_mtime_nsec));
+        (
+            u64::from(dev),
+            task::read::<u64>(inode, off!(inode_i_ino)),
+            sec.wrapping_mul(1_000_000_000) + i64::from(nsec),
+        )
+    };
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ExecEvent>(EventKind::Exec, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Exec, task);
@@ -347,6 +356,9 @@ unsafe fn on_exec(bprm: u64) {
         }
         (*e).argv_len = len as u32;
         (*e).flags = flags;
+        (*e).exe_dev = dev;
+        (*e).exe_ino = ino;
+        (*e).exe_mtime_ns = mtime;
     });
 }
 

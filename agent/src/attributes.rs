@@ -3,7 +3,7 @@
 //! (`chattr +i`). Both change a file's meaning without a write to it, so
 //! the digest records them and drift compares them.
 
-use std::{collections::BTreeMap, os::fd::AsRawFd, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -74,6 +74,43 @@ pub fn read(path: &Path, is_file: bool, mask: &MaskKey) -> std::io::Result<Attri
     Ok(a)
 }
 
+/// Attributes read before, by (device, inode), with the inode's change
+/// time then: a setxattr, a chattr and a write all move the change time, so
+/// an unchanged one means unchanged attributes and no reads.
+#[derive(Default)]
+pub struct Cache {
+    known: std::collections::HashMap<(u64, u64), (i64, Attributes)>,
+}
+
+/// Entries kept before the cache starts over.
+const CACHE_MAX: usize = 65_536;
+
+impl Cache {
+    /// The attributes of `path` (whose metadata is `m`), read again only
+    /// when its change time moved.
+    pub fn read(
+        &mut self,
+        path: &Path,
+        m: &std::fs::Metadata,
+        mask: &MaskKey,
+    ) -> std::io::Result<Attributes> {
+        use std::os::unix::fs::MetadataExt as _;
+        let key = (m.dev(), m.ino());
+        let ctime = m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec();
+        if let Some((at, a)) = self.known.get(&key) {
+            if *at == ctime {
+                return Ok(a.clone());
+            }
+        }
+        let a = read(path, m.is_file(), mask)?;
+        if self.known.len() >= CACHE_MAX {
+            self.known.clear();
+        }
+        self.known.insert(key, (ctime, a.clone()));
+        Ok(a)
+    }
+}
+
 fn unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -81,21 +118,32 @@ fn unsupported(e: &std::io::Error) -> bool {
     )
 }
 
-nix::ioctl_read_bad!(get_flags, 0x8008_6601, libc::c_int);
-
+/// The flags `statx` reports (`STATX_ATTR_IMMUTABLE`, `_APPEND`, `_NODUMP`
+/// share their bits with the inode flags): one call, no open. The other
+/// inode flags (sync, no_atime, no_cow) are named in `setflags` events but
+/// not kept in the digest.
 fn inode_flags(path: &Path) -> std::io::Result<Vec<&'static str>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer.
-    match unsafe { get_flags(f.as_raw_fd(), &mut flags) } {
-        Ok(_) => Ok(flag_names(flags as u32).collect()),
-        Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::ENOTSUP) => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: an all-zero statx is a valid value for the kernel to fill.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statx buffer of the right size.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            0,
+            &mut st,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    let kept =
+        (libc::STATX_ATTR_IMMUTABLE | libc::STATX_ATTR_APPEND | libc::STATX_ATTR_NODUMP) as u64;
+    Ok(flag_names((st.stx_attributes & st.stx_attributes_mask & kept) as u32).collect())
 }
 
 /// An attribute's value as the digest records it.

@@ -277,6 +277,7 @@ impl Cache {
 /// key masked values are salted with.
 struct Shared {
     cache: Mutex<Cache>,
+    attributes: Mutex<crate::attributes::Cache>,
     mask: Arc<MaskKey>,
 }
 
@@ -431,7 +432,12 @@ fn read_state(
         if ft.is_symlink() || ft.is_file() {
             let target = follow.then(|| std::fs::canonicalize(p).ok()).flatten();
             let of = target.as_deref().unwrap_or(p);
-            d.attributes = match crate::attributes::read(of, ft.is_file(), &shared.mask) {
+            let read = shared
+                .attributes
+                .lock()
+                .map_err(|_| std::io::Error::other("attribute cache poisoned"))
+                .and_then(|mut c| c.read(of, &before, &shared.mask));
+            d.attributes = match read {
                 Ok(a) => Some(a),
                 Err(e) => {
                     tracing::debug!(path, "attributes not read: {e}");
@@ -510,6 +516,7 @@ impl Digester {
         let (out, reports) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             cache: Mutex::new(Cache::default()),
+            attributes: Mutex::new(crate::attributes::Cache::default()),
             mask,
         });
         tokio::spawn(run(rx, out.clone(), shared.clone()));
@@ -875,6 +882,7 @@ mod tests {
     fn shared() -> Arc<Shared> {
         Arc::new(Shared {
             cache: Mutex::new(Cache::default()),
+            attributes: Mutex::new(crate::attributes::Cache::default()),
             mask: Arc::new(MaskKey::ephemeral()),
         })
     }

@@ -36,7 +36,8 @@ pub fn display_name(raw: &str, deleted: bool) -> (String, bool) {
     }
 }
 
-type Key = (u64, u64, i64);
+/// `(s_dev as the kernel encodes it, inode, mtime ns)`.
+pub type Key = (u64, u64, i64);
 
 /// Digests of executables by (device, inode, mtime).
 #[derive(Default)]
@@ -51,6 +52,23 @@ impl ExeHashes {
     /// not fileless). `None` when it cannot be read, or while a large one
     /// is being hashed.
     pub fn of(&self, pid: u32, exe: &str, fileless: bool) -> Option<Arc<str>> {
+        self.of_key(pid, exe, fileless, None)
+    }
+
+    /// [`ExeHashes::of`], first by the key the kernel read at exec
+    /// (`(s_dev, inode, mtime ns)`): a program run before costs no `stat`.
+    pub fn of_key(
+        &self,
+        pid: u32,
+        exe: &str,
+        fileless: bool,
+        kernel_key: Option<Key>,
+    ) -> Option<Arc<str>> {
+        if let Some(k) = kernel_key {
+            if let Some(h) = self.known.lock().ok()?.get(&k) {
+                return Some(h.clone());
+            }
+        }
         let via_proc = format!("/proc/{pid}/exe");
         let (path, meta) = match std::fs::metadata(&via_proc) {
             Ok(m) => (via_proc, m),
@@ -60,7 +78,7 @@ impl ExeHashes {
             Err(_) => return None,
         };
         let key = (
-            meta.dev(),
+            crate::sensors::watch::kernel_dev(meta.dev()),
             meta.ino(),
             meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
         );

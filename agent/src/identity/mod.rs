@@ -380,11 +380,20 @@ impl ProcessTable {
 
     /// A process executed a new program.
     /// `deleted`: the kernel found no link left to the executable.
-    pub fn on_exec(&mut self, h: &Header, raw_exe: &str, deleted: bool, argv: &[u8]) {
+    /// `exe_key`: the executable's `(s_dev, inode, mtime ns)` as the kernel
+    /// read them.
+    pub fn on_exec(
+        &mut self,
+        h: &Header,
+        raw_exe: &str,
+        deleted: bool,
+        exe_key: Option<exe::Key>,
+        argv: &[u8],
+    ) {
         let (cgroup, placement) = self.cgroup_of(h.tgid, h.cgroup_id);
         let args = mask::mask_argv(&split_argv(argv));
         let (exe, fileless) = exe::display_name(raw_exe, deleted);
-        let exe_sha256 = self.exes.of(h.tgid, raw_exe, fileless);
+        let exe_sha256 = self.exes.of_key(h.tgid, raw_exe, fileless, exe_key);
         let p = self.entry(
             h.tgid,
             h.ppid,

@@ -280,6 +280,12 @@ impl Btf {
             inode_i_ino: self.offset("inode", "i_ino")?,
             inode_i_generation: self.offset("inode", "i_generation")?,
             inode_i_nlink: self.offset("inode", "i_nlink")?,
+            inode_i_mtime_sec: self
+                .offset("inode", "i_mtime_sec")
+                .or_else(|_| self.offset("inode", "i_mtime.tv_sec"))?,
+            inode_i_mtime_nsec: self
+                .offset("inode", "i_mtime_nsec")
+                .or_else(|_| self.offset("inode", "i_mtime.tv_nsec"))?,
             mm_exe_file: self.offset("mm_struct", "exe_file")?,
             file_f_inode: self.offset("file", "f_inode")?,
             inode_i_sb: self.offset("inode", "i_sb")?,

@@ -209,8 +209,9 @@ impl Decoder {
             EventKind::Exec => {
                 let e = view::<ExecEvent>(bytes, k)?;
                 let argv = &e.argv[..(e.argv_len as usize).min(e.argv.len())];
+                let key = (e.exe_ino != 0).then_some((e.exe_dev, e.exe_ino, e.exe_mtime_ns));
                 self.table
-                    .on_exec(&e.hdr, &cstr(&e.exe), e.flags & EXE_DELETED != 0, argv);
+                    .on_exec(&e.hdr, &cstr(&e.exe), e.flags & EXE_DELETED != 0, key, argv);
                 Decoded::Event(Box::new(Event::Exec {
                     time: self.time(&e.hdr),
                     node: self.node.clone(),

@@ -80,7 +80,7 @@ pub struct WatchSet {
 pub const LINKED_SCAN_MAX: usize = 50_000;
 
 /// A device number as the kernel's `s_dev` holds it.
-fn kernel_dev(st_dev: u64) -> u64 {
+pub fn kernel_dev(st_dev: u64) -> u64 {
     let (major, minor) = (libc::major(st_dev) as u64, libc::minor(st_dev) as u64);
     (major << 20) | minor
 }
