@@ -553,6 +553,10 @@ pub struct KernelOffsets {
     pub io_link_flags: u32,
     /// `io_open.how` (an `open_how`, whose `flags` come first)
     pub io_open_how: u32,
+    /// `io_open.dfd`
+    pub io_open_dfd: u32,
+    /// `io_open.filename`
+    pub io_open_filename: u32,
     /// `io_open.file_slot`
     pub io_open_file_slot: u32,
     /// `filename.name`

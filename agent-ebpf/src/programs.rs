@@ -1474,6 +1474,18 @@ pub fn uring_submit(ctx: TracePointContext) -> u32 {
             // SAFETY: probe reads of the request.
             unsafe { uring_named(req, opcode) }
         }
+        // An open into a fixed-file slot installs no fd to follow at
+        // completion: judged here by its name, like the requests above.
+        IORING_OP_OPENAT | IORING_OP_OPENAT2 if off!(uring) == 1 => {
+            // SAFETY: probe reads of the request.
+            unsafe {
+                let flags: u32 = task::read(req, off!(io_open_how));
+                let slot: u32 = task::read(req, off!(io_open_file_slot));
+                if slot != 0 && writes(flags) {
+                    uring_named(req, opcode);
+                }
+            }
+        }
         _ => {}
     }
     0
@@ -1508,6 +1520,12 @@ unsafe fn uring_named(req: u64, opcode: u8) {
                 flags: task::read(req, off!(io_rename_flags)),
                 ..pending(FileOp::Rename)
             },
+            IORING_OP_OPENAT | IORING_OP_OPENAT2 => PendingFile {
+                dfd: task::read(req, off!(io_open_dfd)),
+                path: filename(task::read(req, off!(io_open_filename))),
+                flags: task::read(req, off!(io_open_how)),
+                ..pending(FileOp::Open)
+            },
             IORING_OP_UNLINKAT => PendingFile {
                 dfd: task::read(req, off!(io_unlink_dfd)),
                 path: filename(task::read(req, off!(io_unlink_filename))),
@@ -1529,7 +1547,7 @@ unsafe fn uring_named(req: u64, opcode: u8) {
         }
     };
     let op = p.op;
-    let two = op != FileOp::Unlink as u32;
+    let two = op != FileOp::Unlink as u32 && op != FileOp::Open as u32;
     let mut flags2 = 0u32;
     let mut hit2 = false;
     if two {
@@ -1647,13 +1665,15 @@ pub fn uring_complete(ctx: TracePointContext) -> u32 {
                 uring_on_file(file, op, res, 0);
             }
         }
-        IORING_OP_OPENAT | IORING_OP_OPENAT2 if res >= 0 => {
+        IORING_OP_OPENAT | IORING_OP_OPENAT2 => {
             // SAFETY: probe reads only.
             unsafe {
                 let flags: u32 = task::read(req, off!(io_open_how));
                 let slot: u32 = task::read(req, off!(io_open_file_slot));
-                // Opened into a fixed-file slot, there is no fd to follow.
-                if writes(flags) && slot == 0 {
+                if slot != 0 {
+                    // Judged at submission (no fd to follow).
+                    uring_named_done(req, res);
+                } else if res >= 0 && writes(flags) {
                     let file = task::fd_file(task::current(), res);
                     if uring_on_file(file, FileOp::Open, res, flags) {
                         let _ = WRITE_FDS.insert(

@@ -6,6 +6,8 @@
  *                               (with THEN) a plain connect(2) to port THEN
  *   uring write PATH TEXT       IORING_OP_OPENAT (write, create, truncate),
  *                               IORING_OP_WRITE, IORING_OP_CLOSE
+ *   uring write-fixed PATH TEXT the same through a registered (fixed) file
+ *                               slot: no fd is ever installed
  *   uring rename OLD NEW        IORING_OP_RENAMEAT
  *   uring unlink PATH           IORING_OP_UNLINKAT
  *
@@ -146,6 +148,31 @@ int main(int argc, char **argv)
 		sqe.opcode = IORING_OP_CLOSE;
 		sqe.fd = fd;
 		return ring_run(&r, &sqe, "close") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "write-fixed") && argc == 4) {
+		int none[1] = {-1};
+		if (syscall(__NR_io_uring_register, r.fd, IORING_REGISTER_FILES, none, 1) < 0)
+			die("io_uring_register");
+		sqe.opcode = IORING_OP_OPENAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		sqe.len = 0644;
+		sqe.open_flags = O_WRONLY | O_CREAT | O_TRUNC;
+		sqe.file_index = 1; /* slot 0 */
+		if (ring_run(&r, &sqe, "openat-fixed") != 0)
+			return 1;
+		memset(&sqe, 0, sizeof sqe);
+		sqe.opcode = IORING_OP_WRITE;
+		sqe.fd = 0;
+		sqe.flags = IOSQE_FIXED_FILE;
+		sqe.addr = (uint64_t)(uintptr_t)argv[3];
+		sqe.len = strlen(argv[3]);
+		if (ring_run(&r, &sqe, "write-fixed") != (int)strlen(argv[3]))
+			return 1;
+		memset(&sqe, 0, sizeof sqe);
+		sqe.opcode = IORING_OP_CLOSE;
+		sqe.file_index = 1;
+		return ring_run(&r, &sqe, "close-fixed") == 0 ? 0 : 1;
 	}
 	if (!strcmp(op, "rename") && argc == 4) {
 		sqe.opcode = IORING_OP_RENAMEAT;

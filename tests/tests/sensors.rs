@@ -955,6 +955,18 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
         |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
         "the digest of what io_uring wrote",
     );
+    // Through a fixed-file slot: no fd is installed to follow.
+    let fixed = format!("{etc}/fixed.conf");
+    run(Command::new(&uring).args(["write-fixed", &fixed, "written through a fixed slot\n"]));
+    let sha_fixed = sha256_file(&fixed);
+    agent.wait_for(
+        |e| {
+            e["kind"] == "digest"
+                && e["path"] == fixed.as_str()
+                && e["sha256"] == sha_fixed.as_str()
+        },
+        "the digest of what io_uring wrote through a fixed file",
+    );
     run(Command::new(&uring).args(["rename", &conf, &moved]));
     agent.wait_for(
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["sha256"] == sha.as_str(),
@@ -995,6 +1007,8 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
     for (op, path) in [
         ("open", &conf),
         ("write", &conf),
+        ("open", &fixed),
+        ("write", &fixed),
         ("rename", &conf),
         ("unlink", &moved),
     ] {

@@ -318,6 +318,8 @@ impl Btf {
             o.io_link_newpath = btf.offset("io_link", "newpath")?;
             o.io_link_flags = btf.offset("io_link", "flags")?;
             o.io_open_how = btf.offset("io_open", "how")?;
+            o.io_open_dfd = btf.offset("io_open", "dfd")?;
+            o.io_open_filename = btf.offset("io_open", "filename")?;
             o.io_open_file_slot = btf.offset("io_open", "file_slot")?;
             o.filename_name = btf.offset("filename", "name")?;
             Ok(())
