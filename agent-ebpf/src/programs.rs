@@ -661,42 +661,72 @@ enter!(enter_open_by_handle_at, |ctx| {
 });
 // Metadata. The attribute's name rides in `path2`, which these calls do
 // not otherwise use.
-enter!(enter_setxattr, |ctx| Some(PendingFile {
-    path: arg(&ctx, 0),
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::SetXattr)
-}));
-enter!(enter_fsetxattr, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    by_fd: 1,
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::SetXattr)
-}));
-enter!(enter_setxattrat, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    path: arg(&ctx, 1),
-    flags: arg(&ctx, 2) as u32,
-    path2: arg(&ctx, 3),
-    ..pending(FileOp::SetXattr)
-}));
-enter!(enter_removexattr, |ctx| Some(PendingFile {
-    path: arg(&ctx, 0),
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::RemoveXattr)
-}));
-enter!(enter_fremovexattr, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    by_fd: 1,
-    path2: arg(&ctx, 1),
-    ..pending(FileOp::RemoveXattr)
-}));
-enter!(enter_removexattrat, |ctx| Some(PendingFile {
-    dfd: arg(&ctx, 0) as i32,
-    path: arg(&ctx, 1),
-    flags: arg(&ctx, 2) as u32,
-    path2: arg(&ctx, 3),
-    ..pending(FileOp::RemoveXattr)
-}));
+
+/// How an xattr call names its file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// `(path, name, ...)`: setxattr, lsetxattr, removexattr, lremovexattr.
+    Path,
+    /// `(fd, name, ...)`: fsetxattr, fremovexattr.
+    Fd,
+    /// `(dfd, path, at_flags, name, ...)`: setxattrat, removexattrat.
+    At,
+}
+
+#[inline(always)]
+fn xattr(ctx: &TracePointContext, op: FileOp, named: Named) -> PendingFile {
+    match named {
+        Named::Path => PendingFile {
+            path: arg(ctx, 0),
+            path2: arg(ctx, 1),
+            ..pending(op)
+        },
+        Named::Fd => PendingFile {
+            dfd: arg(ctx, 0) as i32,
+            by_fd: 1,
+            path2: arg(ctx, 1),
+            ..pending(op)
+        },
+        Named::At => PendingFile {
+            dfd: arg(ctx, 0) as i32,
+            path: arg(ctx, 1),
+            flags: arg(ctx, 2) as u32,
+            path2: arg(ctx, 3),
+            ..pending(op)
+        },
+    }
+}
+
+enter!(enter_setxattr, |ctx| Some(xattr(
+    &ctx,
+    FileOp::SetXattr,
+    Named::Path
+)));
+enter!(enter_fsetxattr, |ctx| Some(xattr(
+    &ctx,
+    FileOp::SetXattr,
+    Named::Fd
+)));
+enter!(enter_setxattrat, |ctx| Some(xattr(
+    &ctx,
+    FileOp::SetXattr,
+    Named::At
+)));
+enter!(enter_removexattr, |ctx| Some(xattr(
+    &ctx,
+    FileOp::RemoveXattr,
+    Named::Path
+)));
+enter!(enter_fremovexattr, |ctx| Some(xattr(
+    &ctx,
+    FileOp::RemoveXattr,
+    Named::Fd
+)));
+enter!(enter_removexattrat, |ctx| Some(xattr(
+    &ctx,
+    FileOp::RemoveXattr,
+    Named::At
+)));
 enter!(enter_utimes, |ctx| Some(PendingFile {
     path: arg(&ctx, 0),
     ..pending(FileOp::Utimes)

@@ -207,15 +207,7 @@ impl WatchSet {
         use std::os::unix::fs::MetadataExt as _;
         let seen = std::cell::Cell::new(0usize);
         let roots: Vec<(String, usize)> = self
-            .paths
-            .iter()
-            .filter(|w| {
-                !self
-                    .aliases
-                    .iter()
-                    .any(|(a, _)| w.prefix.starts_with(a.as_str()))
-            })
-            .map(|w| (w.prefix.trim_end_matches('/').to_owned(), w.resource))
+            .own_roots()
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -263,11 +255,10 @@ impl WatchSet {
         self.inodes.get(&inode_of(path)?).map(|(p, _)| p.as_str())
     }
 
-    /// The watched paths (trees without their `/`) that mounts elsewhere
-    /// may show.
-    pub fn alias_roots(&self) -> Vec<String> {
-        let mut roots: Vec<String> = self
-            .paths
+    /// The watched paths of the policy itself (not aliases), trees without
+    /// their `/`, with their resource index.
+    fn own_roots(&self) -> impl Iterator<Item = (String, usize)> + '_ {
+        self.paths
             .iter()
             .filter(|w| {
                 !self
@@ -275,7 +266,15 @@ impl WatchSet {
                     .iter()
                     .any(|(a, _)| w.prefix.starts_with(a.as_str()))
             })
-            .map(|w| w.prefix.trim_end_matches('/').to_owned())
+            .map(|w| (w.prefix.trim_end_matches('/').to_owned(), w.resource))
+    }
+
+    /// The watched paths (trees without their `/`) that mounts elsewhere
+    /// may show.
+    pub fn alias_roots(&self) -> Vec<String> {
+        let mut roots: Vec<String> = self
+            .own_roots()
+            .map(|(p, _)| p)
             .filter(|p| !p.is_empty())
             .collect();
         roots.sort();
