@@ -617,8 +617,12 @@ fn policy_applied(sensors: &Sensors, node: &str, running: &Running) -> Event {
 /// show its trees at.
 fn watch_set(policy: &Policy) -> WatchSet {
     let set = WatchSet::from_policy(policy);
-    let roots = set.alias_roots();
-    let aliases = driftwatch_agent::sensors::aliases::find(&roots);
+    let aliases = driftwatch_agent::sensors::aliases::find(&set.alias_roots());
+    with_aliases(set, aliases)
+}
+
+/// `set` with `aliases` and the watched files that have other names.
+fn with_aliases(set: WatchSet, aliases: Vec<(String, String)>) -> WatchSet {
     for (alias, shows) in &aliases {
         tracing::info!(
             alias,
@@ -1242,8 +1246,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 refresh_gates(&mut sensors, &running.policy, &mut grants, &cgroup_root, &decoder.table.pods);
                 // Mounts came or went: the watched trees may show elsewhere.
                 if std::mem::take(&mut user.mounts_changed) {
-                    let next = watch_set(&running.policy);
-                    if next.aliases != sensors.watch().aliases {
+                    let aliases = driftwatch_agent::sensors::aliases::find(&sensors.watch().alias_roots());
+                    if aliases != sensors.watch().aliases {
+                        let next = with_aliases(WatchSet::from_policy(&running.policy), aliases);
                         if let Err(e) = sensors.apply(next) {
                             tracing::error!("the watched set with new aliases could not be applied: {e:#}");
                         }

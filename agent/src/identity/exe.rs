@@ -13,8 +13,10 @@ use std::{
 use sha2::{Digest as _, Sha256};
 
 /// Executables up to this size are hashed when first run, on the event
-/// path; larger ones on a thread of their own, for the runs after.
-const HASH_NOW_MAX: u64 = 64 << 20;
+/// path (about a millisecond); larger ones on a thread of their own, one
+/// at a time, for the runs after: a new large program must not hold up the
+/// events behind it.
+const HASH_NOW_MAX: u64 = 1 << 20;
 
 /// Cached digests kept before the cache starts over.
 const CACHE_MAX: usize = 8192;
@@ -44,7 +46,13 @@ pub type Key = (u64, u64, i64);
 pub struct ExeHashes {
     known: Arc<Mutex<HashMap<Key, Arc<str>>>>,
     hashing: Arc<Mutex<HashSet<Key>>>,
+    /// The thread that hashes large executables, started on first use.
+    aside: Mutex<Option<std::sync::mpsc::Sender<(Key, std::fs::File)>>>,
 }
+
+/// Large executables waiting to be hashed aside at most; more are hashed
+/// at a later run.
+const ASIDE_MAX: usize = 64;
 
 impl ExeHashes {
     /// The SHA-256 of the program process `pid` runs (`exe` as the kernel
@@ -92,30 +100,53 @@ impl ExeHashes {
         }
         // Large: hashed aside, through a handle opened now (the process
         // may be gone by the time the thread reads).
-        if !self.hashing.lock().ok()?.insert(key) {
-            return None;
+        {
+            let mut hashing = self.hashing.lock().ok()?;
+            if hashing.len() >= ASIDE_MAX || !hashing.insert(key) {
+                return None;
+            }
         }
         let file = std::fs::File::open(&path).ok()?;
+        let mut aside = self.aside.lock().ok()?;
+        if aside.is_none() {
+            *aside = self.start_aside();
+        }
+        if let Some(tx) = aside.as_ref() {
+            if tx.send((key, file)).is_err() {
+                *aside = None;
+            }
+        }
+        None
+    }
+
+    /// Starts the thread that hashes large executables one at a time.
+    fn start_aside(&self) -> Option<std::sync::mpsc::Sender<(Key, std::fs::File)>> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Key, std::fs::File)>();
         let (known, hashing) = (self.known.clone(), self.hashing.clone());
         let spawned = std::thread::Builder::new()
             .name("exe-hash".into())
             .spawn(move || {
-                if let Some(h) = hash_reader(file) {
-                    if let Ok(mut k) = known.lock() {
-                        if k.len() >= CACHE_MAX {
-                            k.clear();
+                for (key, file) in rx {
+                    if let Some(h) = hash_reader(file) {
+                        if let Ok(mut k) = known.lock() {
+                            if k.len() >= CACHE_MAX {
+                                k.clear();
+                            }
+                            k.insert(key, h);
                         }
-                        k.insert(key, h);
+                    }
+                    if let Ok(mut h) = hashing.lock() {
+                        h.remove(&key);
                     }
                 }
-                if let Ok(mut h) = hashing.lock() {
-                    h.remove(&key);
-                }
             });
-        if let Err(e) = spawned {
-            tracing::debug!("no thread to hash a large executable: {e}");
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::debug!("no thread to hash large executables: {e}");
+                None
+            }
         }
-        None
     }
 
     fn remember(&self, key: Key, h: Arc<str>) {
