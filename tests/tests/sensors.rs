@@ -757,6 +757,17 @@ fn a_mount_over_a_watched_directory_is_reported_and_what_it_shows_digested() {
     let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
     agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
     run(Command::new("mount").args(["--bind", &other, &etc]));
+    // Undone however the test ends, so no mount outlives it.
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _mounted = Unmount(etc.clone());
     let over = agent.wait_for(
         |e| {
             e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha_debug.as_str()
