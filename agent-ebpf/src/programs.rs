@@ -127,6 +127,19 @@ pub(crate) static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entri
 #[map]
 static WATCH_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
 
+/// An inode by its filesystem's device and its number.
+#[inline(always)]
+unsafe fn inode_key(inode: u64) -> InodeKey {
+    unsafe {
+        let sb: u64 = task::read(inode, off!(inode_i_sb));
+        let dev: u32 = task::read(sb, off!(sb_s_dev));
+        InodeKey {
+            dev: u64::from(dev),
+            ino: task::read(inode, off!(inode_i_ino)),
+        }
+    }
+}
+
 /// The inode key of `file` when it has more than one name; a key no file
 /// has (all zero) otherwise.
 #[inline(always)]
@@ -137,12 +150,7 @@ unsafe fn linked_key(file: u64) -> InodeKey {
         if nlink < 2 {
             return InodeKey { dev: 0, ino: 0 };
         }
-        let sb: u64 = task::read(inode, off!(inode_i_sb));
-        let dev: u32 = task::read(sb, off!(sb_s_dev));
-        InodeKey {
-            dev: u64::from(dev),
-            ino: task::read(inode, off!(inode_i_ino)),
-        }
+        inode_key(inode)
     }
 }
 
@@ -230,6 +238,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SIGKILL: u32 = 9;
 const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
 const F_DUPFD: u32 = 0;
 const F_DUPFD_CLOEXEC: u32 = 1030;
@@ -238,7 +247,6 @@ const PROT_WRITE: u32 = 0x2;
 /// `munmap`s of a process with a watched mapping are reported at most once
 /// in this many ns.
 const MUNMAP_EVERY_NS: u64 = 100_000_000;
-const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 
 #[inline(always)]
 fn count(kind: EventKind, slot: u32) {
@@ -324,13 +332,12 @@ unsafe fn on_exec(bprm: u64) {
             // A memfd's dentry has no parent to walk to: its name is all.
             path::pseudo_name(s, file);
         }
-        let sb: u64 = task::read(inode, off!(inode_i_sb));
-        let dev: u32 = task::read(sb, off!(sb_s_dev));
+        let key = inode_key(inode);
         let sec: i64 = task::read(inode, off!(inode_i_mtime_sec));
         let nsec: u32 = task::read(inode, off!(inode_i_mtime_nsec));
         (
-            u64::from(dev),
-            task::read::<u64>(inode, off!(inode_i_ino)),
+            key.dev,
+            key.ino,
             sec.wrapping_mul(1_000_000_000) + i64::from(nsec),
         )
     };
@@ -432,6 +439,14 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 fn arg_probed(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: a probe read of the context; failure reads as 0.
     unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+}
+
+/// A `sys_exit_*` tracepoint's `long ret`.
+#[inline(always)]
+fn exit_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16, inside
+    // the record the verifier bounds.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) }
 }
 
 #[inline(always)]
@@ -760,12 +775,11 @@ enter!(enter_ioctl, |ctx| {
     })
 });
 
-/// Attached to the `sys_exit_*` of every call above.
-#[tracepoint]
-pub fn exit_file(ctx: TracePointContext) -> u32 {
-    let Some(slot) = PENDING_FILE.current(false) else {
-        return 0;
-    };
+/// The arguments `stash` kept for this thread's call, taken out: a later
+/// exit without an entry (a read-only open) finds nothing.
+#[inline(always)]
+fn take_pending() -> Option<PendingFile> {
+    let slot = PENDING_FILE.current(false)?;
     // SAFETY: this thread's own slot (see `stash`). The copy is volatile
     // so that every later use reads the one copy: fields re-read from the
     // map value would be unrelated unknowns to the verifier, whose paths
@@ -774,13 +788,20 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
     // Judged on `live`, not on `op`: a bound on `op` here splits every
     // later test of it in two for the verifier, past its limit.
     if p.live == 0 {
-        return 0;
+        return None;
     }
-    // SAFETY: the same slot; emptied, so a later exit without an entry
-    // (a read-only open) finds nothing.
+    // SAFETY: the same slot, emptied.
     unsafe { (*slot).live = 0 };
-    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    Some(p)
+}
+
+/// Attached to the `sys_exit_*` of every call above.
+#[tracepoint]
+pub fn exit_file(ctx: TracePointContext) -> u32 {
+    let Some(p) = take_pending() else {
+        return 0;
+    };
+    let ret = exit_ret(&ctx);
     if p.op == FileOp::Rename as u32 && ret == 0 {
         // A renamed directory has another path now, and so has everything
         // below it: cached verdicts go.
@@ -818,21 +839,13 @@ enter!(enter_move_mount, |ctx| {
 /// space keeps when it is on, above or below a watched path.
 #[tracepoint]
 pub fn exit_mount(ctx: TracePointContext) -> u32 {
-    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    let ret = exit_ret(&ctx);
     if ret == 0 {
         step_watch_gen();
     }
-    let Some(slot) = PENDING_FILE.current(false) else {
+    let Some(p) = take_pending() else {
         return 0;
     };
-    // SAFETY: this thread's own slot (see `stash`); copied once.
-    let p = unsafe { core::ptr::read_volatile(slot) };
-    if p.live == 0 {
-        return 0;
-    }
-    // SAFETY: the same slot, emptied.
-    unsafe { (*slot).live = 0 };
     if ret != 0 {
         return 0;
     }
@@ -858,21 +871,46 @@ unsafe fn on_mount(p: &PendingFile) {
     } else {
         flags
     };
+    let ev = OnePath {
+        op: p.op,
+        ret: 0,
+        flags: 0,
+        path_flags: flags,
+        verdict: 0,
+        via: VIA_SYSCALL,
+    };
+    unsafe { emit_one(s, task, ev) };
+}
+
+/// A file event on one path, the one now in the scratch key: no owner
+/// change, no second path.
+struct OnePath {
+    op: u32,
+    ret: i64,
+    flags: u32,
+    path_flags: u32,
+    verdict: u32,
+    via: u32,
+}
+
+/// Sends `ev` as `task`'s; returns whether it was sent.
+#[inline(always)]
+unsafe fn emit_one(s: &Scratch, task: u64, ev: OnePath) -> bool {
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
-        (*e).ret = 0;
-        (*e).op = p.op;
-        (*e).flags = 0;
+        (*e).ret = ev.ret;
+        (*e).op = ev.op;
+        (*e).flags = ev.flags;
         (*e).mode = 0;
         (*e).uid = u32::MAX;
         (*e).gid = u32::MAX;
-        (*e).path_flags = flags;
-        (*e).verdict = 0;
-        (*e).via = VIA_SYSCALL;
+        (*e).path_flags = ev.path_flags;
+        (*e).verdict = ev.verdict;
+        (*e).via = ev.via;
         path::copy_key(s, (*e).path.as_mut_ptr());
         (*e).path2[0] = 0;
-    });
+    })
 }
 
 /// Resolves the file(s) a call named, matches them against the watch trie and
@@ -1030,21 +1068,15 @@ unsafe fn on_close(fd: i32, expected: u64) {
     if expected == 0 && !path::matches(s, &mut flags, false) {
         return;
     }
-    // SAFETY: writes into our reserved record; task reads are probe reads.
-    emit::<FileEvent>(EventKind::File, |e| unsafe {
-        task::fill_header(&mut (*e).hdr, EventKind::File, task);
-        (*e).ret = 0;
-        (*e).op = FileOp::CloseWrite as u32;
-        (*e).flags = 0;
-        (*e).mode = 0;
-        (*e).uid = u32::MAX;
-        (*e).gid = u32::MAX;
-        (*e).path_flags = flags;
-        (*e).verdict = 0;
-        (*e).via = VIA_SYSCALL;
-        path::copy_key(s, (*e).path.as_mut_ptr());
-        (*e).path2[0] = 0;
-    });
+    let ev = OnePath {
+        op: FileOp::CloseWrite as u32,
+        ret: 0,
+        flags: 0,
+        path_flags: flags,
+        verdict: 0,
+        via: VIA_SYSCALL,
+    };
+    unsafe { emit_one(s, task, ev) };
 }
 
 /// `dup`/`dup2`/`dup3`/`fcntl(F_DUPFD*)` of a tracked write fd: the copy
@@ -1061,8 +1093,7 @@ pub fn exit_dup(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: the same slot, emptied.
     unsafe { *slot = u64::MAX };
-    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    let ret = exit_ret(&ctx);
     if ret < 0 {
         return 0;
     }
@@ -1202,21 +1233,15 @@ unsafe fn report_mapped(file: u64, op: FileOp) {
         count(EventKind::File, COUNTER_FILTERED);
         return;
     }
-    // SAFETY: writes into our reserved record; task reads are probe reads.
-    emit::<FileEvent>(EventKind::File, |e| unsafe {
-        task::fill_header(&mut (*e).hdr, EventKind::File, task::current());
-        (*e).ret = 0;
-        (*e).op = op as u32;
-        (*e).flags = 0;
-        (*e).mode = 0;
-        (*e).uid = u32::MAX;
-        (*e).gid = u32::MAX;
-        (*e).path_flags = flags;
-        (*e).verdict = 0;
-        (*e).via = VIA_SYSCALL;
-        path::copy_key(s, (*e).path.as_mut_ptr());
-        (*e).path2[0] = 0;
-    });
+    let ev = OnePath {
+        op: op as u32,
+        ret: 0,
+        flags: 0,
+        path_flags: flags,
+        verdict: 0,
+        via: VIA_SYSCALL,
+    };
+    unsafe { emit_one(s, task::current(), ev) };
 }
 
 // ---------------------------------------------------------------- connects
@@ -1427,8 +1452,7 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
     if p.watched == 0 {
         return 0;
     }
-    // SAFETY: sys_exit tracepoints carry `long ret` at offset 16.
-    let ret = unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(16) as *const i64) };
+    let ret = exit_ret(&ctx);
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ConnectEvent>(EventKind::Connect, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::Connect, task::current());
@@ -1763,21 +1787,15 @@ unsafe fn uring_on_file(file: u64, op: FileOp, res: i32, flags: u32) -> bool {
         // SAFETY: signals the current process.
         unsafe { gen::bpf_send_signal(SIGKILL) };
     }
-    // SAFETY: writes into our reserved record; task reads are probe reads.
-    emit::<FileEvent>(EventKind::File, |e| unsafe {
-        task::fill_header(&mut (*e).hdr, EventKind::File, task::current());
-        (*e).ret = i64::from(res);
-        (*e).op = op as u32;
-        (*e).flags = flags;
-        (*e).mode = 0;
-        (*e).uid = u32::MAX;
-        (*e).gid = u32::MAX;
-        (*e).path_flags = f;
-        (*e).verdict = verdict;
-        (*e).via = VIA_IO_URING as u32;
-        path::copy_key(s, (*e).path.as_mut_ptr());
-        (*e).path2[0] = 0;
-    })
+    let ev = OnePath {
+        op: op as u32,
+        ret: i64::from(res),
+        flags,
+        path_flags: f,
+        verdict,
+        via: VIA_IO_URING as u32,
+    };
+    unsafe { emit_one(s, task::current(), ev) }
 }
 
 #[cfg(not(test))]
