@@ -188,8 +188,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Adds a trigger for `path` and returns its job's place, where
-    /// [`Batch::triggered_by`] puts the event's sequence number once known.
+    /// Adds a trigger for `path` and returns its job's place; the event's
+    /// sequence number, once known, comes through [`Batch::triggered`].
     pub fn add(
         &mut self,
         path: &str,
@@ -219,19 +219,14 @@ impl Batch {
         self.jobs.len() - 1
     }
 
-    /// The event behind the job at `i` (the latest one when folded).
-    pub fn triggered_by(&mut self, i: usize, seq: u64) {
-        if let Some(job) = self.jobs.get_mut(i) {
-            job.trigger_seq = Some(seq);
-        }
-    }
-
-    /// Hands the jobs added since the last call the event behind them
-    /// (`None`: the event was not kept).
+    /// Hands the jobs added since the last call the event behind them (the
+    /// latest one when folded; `None`: the event was not kept).
     pub fn triggered(&mut self, seq: Option<u64>) {
         if let Some(seq) = seq {
-            for i in std::mem::take(&mut self.awaiting) {
-                self.triggered_by(i, seq);
+            for &i in &self.awaiting {
+                if let Some(job) = self.jobs.get_mut(i) {
+                    job.trigger_seq = Some(seq);
+                }
             }
         }
         self.awaiting.clear();
@@ -300,11 +295,15 @@ fn strict_key(m: &Metadata) -> (u64, u64, u64, i64, i64) {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<String> {
+    hash_reader(std::fs::File::open(path)?)
+}
+
+/// SHA-256 of everything `f` reads, hex.
+pub fn hash_reader(mut f: impl Read) -> std::io::Result<String> {
     thread_local! {
         // One read buffer per worker thread, not a fresh megabyte per file.
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
     }
-    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     BUF.with_borrow_mut(|buf| loop {
         match f.read(buf) {
@@ -394,15 +393,21 @@ fn read_state(
     };
     let p = Path::new(path);
     for _ in 0..ATTEMPTS {
-        let link = std::fs::symlink_metadata(p);
-        let mut follow = false;
-        if let Ok(m) = &link {
-            if m.file_type().is_symlink() {
-                d.link_target = std::fs::read_link(p).ok().map(|t| t.display().to_string());
-                follow = std::fs::metadata(p).is_ok_and(|t| t.is_file());
-            }
-        }
         // The state of a symlink that resolves to a file is that file's.
+        let mut follow = false;
+        let first = match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                d.link_target = std::fs::read_link(p).ok().map(|t| t.display().to_string());
+                match std::fs::metadata(p) {
+                    Ok(t) if t.is_file() => {
+                        follow = true;
+                        Ok(t)
+                    }
+                    _ => Ok(m),
+                }
+            }
+            other => other,
+        };
         let stat = |p: &Path| {
             if follow {
                 std::fs::metadata(p)
@@ -410,7 +415,7 @@ fn read_state(
                 std::fs::symlink_metadata(p)
             }
         };
-        let before = match if follow { stat(p) } else { link } {
+        let before = match first {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 d.exists = false;
@@ -795,12 +800,12 @@ mod tests {
     async fn a_batch_holds_one_job_per_path_with_its_latest_trigger() {
         let mut batch = Batch::default();
         let a = batch.add("/etc/a", "app", ResourceKind::Config, false);
-        batch.triggered_by(a, 1);
-        let b = batch.add("/etc/b", "app", ResourceKind::Config, true);
-        batch.triggered_by(b, 2);
+        batch.triggered(Some(1));
+        batch.add("/etc/b", "app", ResourceKind::Config, true);
+        batch.triggered(Some(2));
         let again = batch.add("/etc/a", "app", ResourceKind::Config, true);
         assert_eq!(again, a);
-        batch.triggered_by(again, 3);
+        batch.triggered(Some(3));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (out, _reports) = mpsc::unbounded_channel();
         let digester = Digester {

@@ -764,9 +764,7 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) {
         "chmod" | "chown" | "setxattr" | "removexattr" | "utimes" | "setflags"
     );
     for p in [first, second].into_iter().flatten() {
-        if let Some(r) = policy.resource_for_path(p) {
-            batch.add(p, &r.name, r.kind, content_may_change);
-        }
+        add_watched(batch, policy, p, content_may_change);
     }
     match *op {
         "rename" => {
@@ -797,6 +795,16 @@ fn digest_jobs(e: &Event, policy: &Policy, batch: &mut Batch) {
     }
 }
 
+/// Adds a digest of `path` to `batch` when the policy watches it; true when
+/// it does.
+fn add_watched(batch: &mut Batch, policy: &Policy, path: &str, content_may_change: bool) -> bool {
+    let Some(r) = policy.resource_for_path(path) else {
+        return false;
+    };
+    batch.add(path, &r.name, r.kind, content_may_change);
+    true
+}
+
 /// Files digested at most on the event path after one move or mount; the
 /// rest are digested at their next change (said in the log).
 const REACH_MAX: usize = 1024;
@@ -815,10 +823,7 @@ fn reach(moved: &str, policy: &Policy, batch: &mut Batch) {
     }
     let mut added = 0usize;
     let mut add = |p: &str, batch: &mut Batch| {
-        if let Some(r) = policy.resource_for_path(p) {
-            batch.add(p, &r.name, r.kind, true);
-            added += 1;
-        }
+        added += usize::from(add_watched(batch, policy, p, true));
     };
     if meta.is_dir() {
         let (_, _, cut) = driftwatch_agent::digest::walk_bounded(moved, REACH_MAX, &mut |p| {
@@ -918,7 +923,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (pid, paths) in &handles.mapped {
         tracing::info!(pid, ?paths, "watched files mapped shared and writable before the start; read again when the process exits");
     }
-    let mapped_at_start = handles.mapped;
 
     let clock = Clock::new();
     let mut table = ProcessTable::new(Some(cgroup_root.clone()), clock);
@@ -1075,7 +1079,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(Duration::from_millis(DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut user = UserCounts {
-        mapped: mapped_at_start,
+        mapped: handles.mapped,
         ..UserCounts::default()
     };
     // Each second: metrics taken in (when served), the policy file looked at.
@@ -1132,9 +1136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     Event::Exit { process, .. } => {
                         // Its mappings are gone: what they wrote is read.
                         for path in user.mapped.remove(&process.pid).unwrap_or_default() {
-                            if let Some(r) = policy.resource_for_path(&path) {
-                                digests.add(&path, &r.name, r.kind, true);
-                            }
+                            add_watched(digests, policy, &path, true);
                         }
                     }
                     _ => {}

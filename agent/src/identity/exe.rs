@@ -5,12 +5,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Read as _,
     os::unix::fs::MetadataExt as _,
     sync::{Arc, Mutex},
 };
-
-use sha2::{Digest as _, Sha256};
 
 /// Executables up to this size are hashed when first run, on the event
 /// path (about a millisecond); larger ones on a thread of their own, one
@@ -94,8 +91,8 @@ impl ExeHashes {
             return Some(h.clone());
         }
         if meta.len() <= HASH_NOW_MAX {
-            let h = hash(&path)?;
-            self.remember(key, h.clone());
+            let h = hash_reader(std::fs::File::open(&path).ok()?)?;
+            remember(&self.known, key, h.clone());
             return Some(h);
         }
         // Large: hashed aside, through a handle opened now (the process
@@ -128,12 +125,7 @@ impl ExeHashes {
             .spawn(move || {
                 for (key, file) in rx {
                     if let Some(h) = hash_reader(file) {
-                        if let Ok(mut k) = known.lock() {
-                            if k.len() >= CACHE_MAX {
-                                k.clear();
-                            }
-                            k.insert(key, h);
-                        }
+                        remember(&known, key, h);
                     }
                     if let Ok(mut h) = hashing.lock() {
                         h.remove(&key);
@@ -148,38 +140,26 @@ impl ExeHashes {
             }
         }
     }
+}
 
-    fn remember(&self, key: Key, h: Arc<str>) {
-        if let Ok(mut k) = self.known.lock() {
-            if k.len() >= CACHE_MAX {
-                k.clear();
-            }
-            k.insert(key, h);
+/// Keeps a digest, starting the cache over when it is full.
+fn remember(known: &Mutex<HashMap<Key, Arc<str>>>, key: Key, h: Arc<str>) {
+    if let Ok(mut k) = known.lock() {
+        if k.len() >= CACHE_MAX {
+            k.clear();
         }
+        k.insert(key, h);
     }
 }
 
-fn hash(path: &str) -> Option<Arc<str>> {
-    hash_reader(std::fs::File::open(path).ok()?)
-}
-
-fn hash_reader(mut f: std::fs::File) -> Option<Arc<str>> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    Some(crate::digest::hex(&h.finalize()).into())
+fn hash_reader(f: std::fs::File) -> Option<Arc<str>> {
+    crate::digest::hash_reader(f).ok().map(Arc::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest as _, Sha256};
 
     #[test]
     fn fileless_and_deleted_programs_are_named_as_such() {

@@ -116,6 +116,29 @@ fn through_proc(path: &str, caller: u32) -> Option<String> {
     Some(normalise(&format!("{base}/{rest}")))
 }
 
+/// The flags and mode a file record says, by its op; `xattr` is the
+/// attribute a setxattr names.
+fn flags_and_mode(op: FileOp, e: &FileEvent, xattr: Option<&str>) -> (Flags, Option<Mode>) {
+    match op {
+        FileOp::Open => (
+            open_flags(e.flags),
+            (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
+        ),
+        FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
+        FileOp::Rename => (rename_flags(e.flags), None),
+        FileOp::SetFlags => (inode_flags(e.mode), None),
+        FileOp::SetXattr if xattr == Some("security.capability") => {
+            (Flags::from(["file_capability"]), None)
+        }
+        _ => (Flags::default(), None),
+    }
+}
+
+/// A chown's new owner id; `None` for other ops and for an id left as is.
+fn owner(op: FileOp, id: u32) -> Option<u32> {
+    (op == FileOp::Chown && id != u32::MAX).then_some(id)
+}
+
 /// Names `renameat2`'s flags: an exchange swaps the two names (both now
 /// hold other content), a whiteout leaves an overlay whiteout at the old.
 fn rename_flags(flags: u32) -> Flags {
@@ -342,20 +365,7 @@ impl Decoder {
         } else {
             flags1
         };
-        let (flags, mode) = match op {
-            FileOp::Open => (
-                open_flags(e.flags),
-                (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
-            ),
-            FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
-            FileOp::Rename => (rename_flags(e.flags), None),
-            FileOp::SetFlags => (inode_flags(e.mode), None),
-            FileOp::SetXattr if xattr.as_deref() == Some("security.capability") => {
-                (Flags::from(["file_capability"]), None)
-            }
-            _ => (Flags::default(), None),
-        };
-        let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
+        let (flags, mode) = flags_and_mode(op, e, xattr.as_deref());
         Ok(Decoded::Event(Box::new(Event::File {
             time: self.time(&e.hdr),
             node: self.node.clone(),
@@ -366,8 +376,8 @@ impl Decoder {
             resource,
             flags,
             mode,
-            owner_uid: owner(e.uid),
-            owner_gid: owner(e.gid),
+            owner_uid: owner(op, e.uid),
+            owner_gid: owner(op, e.gid),
             resolved_from: if main_flags & PATH_FROM_FILE != 0 {
                 "file"
             } else {
@@ -403,15 +413,7 @@ impl Decoder {
             .unwrap_or_else(|| cstr(&e.path));
         let seen_as =
             (seen_as != *path && !path.ends_with(&format!("/{seen_as}"))).then_some(seen_as);
-        let (flags, mode) = match op {
-            FileOp::Open => (
-                open_flags(e.flags),
-                (e.flags & libc::O_CREAT as u32 != 0).then_some(Mode(e.mode)),
-            ),
-            FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
-            _ => (Flags::default(), None),
-        };
-        let owner = |v: u32| (op == FileOp::Chown && v != u32::MAX).then_some(v);
+        let (flags, mode) = flags_and_mode(op, e, None);
         Decoded::Event(Box::new(Event::File {
             time: self.time(&e.hdr),
             node: self.node.clone(),
@@ -422,8 +424,8 @@ impl Decoder {
             resource: watch.resource_of(path).cloned(),
             flags,
             mode,
-            owner_uid: owner(e.uid),
-            owner_gid: owner(e.gid),
+            owner_uid: owner(op, e.uid),
+            owner_gid: owner(op, e.gid),
             resolved_from: "inode",
             path_truncated: false,
             via: None,

@@ -206,6 +206,26 @@ impl Syscalls<'_> {
     }
 }
 
+/// Puts `wanted` into the kernel hash map `name` and takes `stale` out.
+fn sync_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    wanted: impl IntoIterator<Item = (K, V)>,
+    stale: impl IntoIterator<Item = K>,
+) -> Result<(), SensorError> {
+    let map_err = |source| SensorError::Map { name, source };
+    let mut map: BpfHashMap<&mut MapData, K, V> =
+        BpfHashMap::try_from(ebpf.map_mut(name).ok_or_else(|| missing_map(name))?)
+            .map_err(map_err)?;
+    for (k, v) in wanted {
+        map.insert(k, v, 0).map_err(map_err)?;
+    }
+    for k in stale {
+        map.remove(&k).map_err(map_err)?;
+    }
+    Ok(())
+}
+
 /// The error for a map the object does not have.
 fn missing_map(name: &'static str) -> SensorError {
     SensorError::Map {
@@ -507,49 +527,26 @@ impl Sensors {
             gen.set(0, now.max(before + 1), 0)
                 .map_err(map_err("WATCH_GEN"))?;
         }
-        {
-            let mut ports: BpfHashMap<&mut MapData, u16, u32> = BpfHashMap::try_from(
-                self.ebpf
-                    .map_mut("WATCH_PORTS")
-                    .ok_or_else(|| missing_map("WATCH_PORTS"))?,
-            )
-            .map_err(map_err("WATCH_PORTS"))?;
-            for (port, resource) in &next.ports {
-                ports
-                    .insert(port, *resource as u32, 0)
-                    .map_err(map_err("WATCH_PORTS"))?;
-            }
-            for port in self
-                .watch
+        sync_hash(
+            &mut self.ebpf,
+            "WATCH_PORTS",
+            next.ports.iter().map(|(p, r)| (*p, *r as u32)),
+            self.watch
                 .ports
                 .keys()
                 .filter(|p| !next.ports.contains_key(p))
-            {
-                ports.remove(port).map_err(map_err("WATCH_PORTS"))?;
-            }
-        }
-        {
-            let mut inodes: BpfHashMap<&mut MapData, agent_common::InodeKey, u32> =
-                BpfHashMap::try_from(
-                    self.ebpf
-                        .map_mut("WATCH_INODES")
-                        .ok_or_else(|| missing_map("WATCH_INODES"))?,
-                )
-                .map_err(map_err("WATCH_INODES"))?;
-            for (key, (_, resource)) in &next.inodes {
-                inodes
-                    .insert(key, *resource as u32, 0)
-                    .map_err(map_err("WATCH_INODES"))?;
-            }
-            for key in self
-                .watch
+                .copied(),
+        )?;
+        sync_hash(
+            &mut self.ebpf,
+            "WATCH_INODES",
+            next.inodes.iter().map(|(k, (_, r))| (*k, *r as u32)),
+            self.watch
                 .inodes
                 .keys()
                 .filter(|k| !next.inodes.contains_key(k))
-            {
-                inodes.remove(key).map_err(map_err("WATCH_INODES"))?;
-            }
-        }
+                .copied(),
+        )?;
         self.watch = next;
         Ok(())
     }
@@ -632,18 +629,13 @@ impl Sensors {
     /// seen: its close (or a dup's, or a shared mapping's end) reports the
     /// file.
     pub fn track_write_fd(&mut self, tgid: u32, fd: u32) -> Result<(), SensorError> {
-        let map_err = |source| SensorError::Map {
-            name: "WRITE_FDS",
-            source,
-        };
-        let map = self
-            .ebpf
-            .map_mut("WRITE_FDS")
-            .ok_or_else(|| missing_map("WRITE_FDS"))?;
-        let mut fds: aya::maps::HashMap<&mut MapData, agent_common::FdKey, u64> =
-            aya::maps::HashMap::try_from(map).map_err(map_err)?;
-        fds.insert(agent_common::FdKey { tgid, fd }, 0, 0)
-            .map_err(map_err)
+        // Its `struct file *` is not known here: 0 has it judged by path.
+        sync_hash(
+            &mut self.ebpf,
+            "WRITE_FDS",
+            [(agent_common::FdKey { tgid, fd }, 0u64)],
+            [],
+        )
     }
 
     /// The most bytes that waited in the ring buffer since the last call
