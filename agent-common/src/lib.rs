@@ -279,6 +279,11 @@ pub struct ConnectEvent {
 
 /// A file call made by its own syscall.
 pub const VIA_SYSCALL: u32 = 0;
+/// A file still held by a process when it exited: its last reference in
+/// that process went with the exit, not with a `close`.
+pub const VIA_EXIT: u32 = 4;
+/// A close-on-exec fd, closed by the `execve` of the process holding it.
+pub const VIA_EXEC: u32 = 5;
 
 /// `connect(2)`: the event waits for the call's exit and carries its result.
 pub const VIA_CONNECT: u16 = 0;
@@ -361,15 +366,14 @@ pub struct Mapped {
     pub reported_ns: u64,
 }
 
-/// Key of the open-for-write fd table: which fds to report on close.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FdKey {
-    /// Process id.
-    pub tgid: u32,
-    /// File descriptor.
-    pub fd: u32,
-}
+/// A process in `HOLDERS` may hold a file opened for write on a watched
+/// file: it opened one, or its parent held one when it forked, or it took
+/// fds over a Unix socket while a holder was passing some.
+pub const HOLD_FILE: u32 = 1 << 0;
+/// A process in `HOLDERS` held write handles on watched files when the
+/// agent started (or descends from one that did): their `struct file`s are
+/// unknown, so any file it closes open for write is judged by its path.
+pub const HOLD_BY_PATH: u32 = 1 << 1;
 
 /// Counter slots per event kind, in the `COUNTERS` per-CPU array at
 /// `kind * COUNTER_SLOTS + slot`.
@@ -460,6 +464,8 @@ pub struct KernelOffsets {
     pub task_exit_code: u32,
     /// `task_struct.flags`
     pub task_flags: u32,
+    /// `task_struct.comm`
+    pub task_comm: u32,
     /// `cred.euid`
     pub cred_euid: u32,
     /// `mm_struct.arg_start`
@@ -516,6 +522,16 @@ pub struct KernelOffsets {
     pub mm_exe_file: u32,
     /// `file.f_inode`
     pub file_f_inode: u32,
+    /// `file.f_mode`
+    pub file_f_mode: u32,
+    /// `file.f_ref` (`f_count` before 6.13): the file's reference count
+    pub file_f_ref: u32,
+    /// What to add to the count at `file_f_ref` to get the references:
+    /// 1 for a `file_ref_t`, which counts from 0 for one reference; 0 for
+    /// an `atomic_long_t f_count`.
+    pub file_ref_bias: u32,
+    /// `fdtable.close_on_exec`
+    pub fdt_close_on_exec: u32,
     /// `inode.i_sb`
     pub inode_i_sb: u32,
     /// `super_block.s_dev`
@@ -673,7 +689,6 @@ mod pod {
     unsafe impl aya::Pod for ConnectEvent {}
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for PendingFile {}
-    unsafe impl aya::Pod for FdKey {}
     unsafe impl aya::Pod for Mapped {}
     unsafe impl aya::Pod for DirKey {}
     unsafe impl aya::Pod for InodeKey {}

@@ -15,16 +15,16 @@ mod path;
 mod task;
 
 use agent_common::{
-    ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FdKey, FileEvent, FileOp, ForkEvent,
-    GateKey, GateRule, InodeKey, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue,
-    ARGV_LEN, ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
-    COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, PATH2_SHIFT,
-    PATH_BY_INODE, PATH_LEN, VERDICT_BLOCKED, VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG,
-    VIA_SYSCALL,
+    ConnectEvent, DirKey, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, GateKey,
+    GateRule, InodeKey, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
+    ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
+    COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, HOLD_BY_PATH,
+    HOLD_FILE, PATH2_SHIFT, PATH_BY_INODE, PATH_LEN, VERDICT_BLOCKED, VIA_CONNECT, VIA_EXEC,
+    VIA_EXIT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_pid_tgid, generated as gen},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated as gen},
     macros::{btf_map, btf_tracepoint, cgroup_sock_addr, map, tracepoint},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
@@ -114,12 +114,31 @@ static PENDING_FILE: TaskStorage<PendingFile> = TaskStorage::new();
 #[map]
 static PENDING_CONNECT: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
 
-/// fds opened for write on a watched file, valued by their `struct file *`
-/// so that a reused fd number is not mistaken for the watched file; 0 for
-/// an fd the agent found open at its start (the file is then judged by
-/// its path at close). A `dup` of one is tracked too.
+/// Files opened for write on a watched file, by `struct file *`, valued by
+/// their inode (a `struct file` freed and reused for another inode is not
+/// taken for one). Whichever process closes an fd of one reports it: the
+/// opener, a child that inherited it, a process it was passed to, a dup.
 #[map]
-pub(crate) static WRITE_FDS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static WRITE_FILES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Processes that may hold a file of `WRITE_FILES` (`HOLD_FILE`), or held
+/// watched write handles at the agent's start (`HOLD_BY_PATH`): only their
+/// closes are looked at, so everybody else's cost one lookup.
+#[map]
+pub(crate) static HOLDERS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// When a holder last sent a message with control data (boot clock, ns):
+/// fds may be on their way over a Unix socket, and whoever receives some
+/// in the next [`PASSING_NS`] becomes a holder.
+#[map]
+static PASSING: Array<u64> = Array::with_max_entries(1, 0);
+
+/// How long after a holder's `sendmsg` received fds are followed.
+const PASSING_NS: u64 = 60_000_000_000;
+
+/// The `struct user_msghdr *` of a `recvmsg` while fds may be passing.
+#[btf_map]
+static RECV_MSG: TaskStorage<u64> = TaskStorage::new();
 
 /// Watched files that have more than one name, by inode, to their
 /// resource: a write through a name outside the watched trees (a hard link
@@ -199,16 +218,26 @@ unsafe fn linked_emit(p: &PendingFile, ret: i64, file: u64) -> bool {
         core::ptr::write_unaligned((*e).path2.as_mut_ptr() as *mut InodeKey, key);
     });
     if p.op == FileOp::Open as u32 && ret >= 0 {
-        let _ = WRITE_FDS.insert(
-            &FdKey {
-                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-                fd: ret as u32,
-            },
-            &file,
-            0,
-        );
+        // SAFETY: probe reads only.
+        unsafe { track_write(file) };
     }
     true
+}
+
+/// Follows `file`, just opened for write on a watched file, wherever its
+/// fds go; the current process holds it.
+#[inline(always)]
+unsafe fn track_write(file: u64) {
+    if file == 0 {
+        return;
+    }
+    let inode: u64 = unsafe { task::read(file, off!(file_f_inode)) };
+    let _ = WRITE_FILES.insert(&file, &inode, 0);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a lookup of a plain value.
+    if unsafe { HOLDERS.get(&tgid) }.is_none() {
+        let _ = HOLDERS.insert(&tgid, &HOLD_FILE, 0);
+    }
 }
 
 /// Processes holding a shared writable mapping of a watched file.
@@ -240,8 +269,13 @@ const SIGKILL: u32 = 9;
 const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
-const F_DUPFD: u32 = 0;
-const F_DUPFD_CLOEXEC: u32 = 1030;
+const FMODE_WRITE: u32 = 0x2;
+const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+const SOL_SOCKET: i32 = 1;
+const SCM_RIGHTS: i32 = 1;
+/// Offsets in `struct user_msghdr`.
+const MSG_CONTROL: u64 = 32;
+const MSG_CONTROLLEN: u64 = 40;
 const MAP_SHARED: u32 = 0x01;
 const PROT_WRITE: u32 = 0x2;
 /// `munmap`s of a process with a watched mapping are reported at most once
@@ -386,6 +420,17 @@ unsafe fn on_fork(child: u64) {
     if pid != tgid {
         return;
     }
+    // The child has copies of the parent's fds and mappings.
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: lookups of plain values, copied out.
+    unsafe {
+        if let Some(how) = HOLDERS.get(&parent).copied() {
+            let _ = HOLDERS.insert(&tgid, &how, 0);
+        }
+        if let Some(m) = MAPPED.get(&parent).copied() {
+            let _ = MAPPED.insert(&tgid, &m, 0);
+        }
+    }
     count(EventKind::Fork, COUNTER_SEEN);
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ForkEvent>(EventKind::Fork, |e| unsafe {
@@ -412,7 +457,15 @@ unsafe fn on_exit() {
         return;
     }
     count(EventKind::Exit, COUNTER_SEEN);
-    let _ = MAPPED.remove(&((pid_tgid >> 32) as u32));
+    let tgid = (pid_tgid >> 32) as u32;
+    let _ = MAPPED.remove(&tgid);
+    // What a holder still has open goes with it: reported before its exit.
+    // SAFETY: copied out.
+    if let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() {
+        let _ = HOLDERS.remove(&tgid);
+        // SAFETY: probe reads only.
+        unsafe { sweep(0, u32::MAX, how, VIA_EXIT) };
+    }
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<ExitEvent>(EventKind::Exit, |e| unsafe {
         let task = task::current();
@@ -1021,141 +1074,283 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
     });
 
     if op == FileOp::Open as u32 && ret >= 0 && hit1 {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let file = unsafe { task::fd_file(task, ret as i32) };
-        let _ = WRITE_FDS.insert(
-            &FdKey {
-                tgid,
-                fd: ret as u32,
-            },
-            &file,
-            0,
-        );
+        unsafe { track_write(task::fd_file(task, ret as i32)) };
     }
 }
 
 #[tracepoint]
 pub fn enter_close(ctx: TracePointContext) -> u32 {
-    let fd = arg(&ctx, 0) as u32;
-    let key = FdKey {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        fd,
-    };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(expected) = (unsafe { WRITE_FDS.get(&key) }).copied() else {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: copied out.
+    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
         return 0;
     };
-    let _ = WRITE_FDS.remove(&key);
     // SAFETY: probe reads only.
-    unsafe { on_close(fd as i32, expected) };
+    unsafe {
+        let file = task::fd_file(task::current(), arg(&ctx, 0) as i32);
+        report_close(file, how, VIA_SYSCALL);
+    }
     0
 }
 
-unsafe fn on_close(fd: i32, expected: u64) {
-    let task = task::current();
-    let file = unsafe { task::fd_file(task, fd) };
-    // The fd was closed some other way (dup2, exit of a thread) and reused.
-    if file == 0 || (expected != 0 && file != expected) {
-        return;
+/// Whether a holder's `file` is a watched file open for write: `Some(true)`
+/// when it is followed, `Some(false)` when only its path can tell.
+#[inline(always)]
+unsafe fn held_write(file: u64, how: u32) -> Option<bool> {
+    if file == 0 {
+        return None;
     }
+    unsafe {
+        let inode: u64 = task::read(file, off!(file_f_inode));
+        if WRITE_FILES.get(&file).is_some_and(|v| *v == inode) {
+            return Some(true);
+        }
+        let mode: u32 = task::read(file, off!(file_f_mode));
+        (how & HOLD_BY_PATH != 0 && mode & FMODE_WRITE != 0).then_some(false)
+    }
+}
+
+/// Reports that a holder let go of `file` (closed an fd of it, or dropped
+/// it with its exit or exec) when it is a watched file open for write. A
+/// close says how many references are left elsewhere (other fds, other
+/// processes, mappings); the last one ends the following.
+unsafe fn report_close(file: u64, how: u32, via: u32) {
+    let Some(followed) = (unsafe { held_write(file, how) }) else {
+        return;
+    };
     count(EventKind::File, COUNTER_SEEN);
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let s = unsafe { &mut *s };
     let mut flags = unsafe { path::resolve_file(s, file) };
-    // Found open at the agent's start: only a watched file is reported.
-    if expected == 0 && !path::matches(s, &mut flags, false) {
+    if !followed && !path::matches(s, &mut flags, false) {
+        count(EventKind::File, COUNTER_FILTERED);
         return;
+    }
+    let mut left = 0;
+    if via == VIA_SYSCALL {
+        // SAFETY: a probe read of the count, this close's reference included.
+        let refs: i64 = unsafe { task::read(file, off!(file_f_ref)) };
+        left = (refs + i64::from(off!(file_ref_bias)) - 1).clamp(0, i64::from(u32::MAX)) as u32;
+        if left == 0 {
+            let _ = WRITE_FILES.remove(&file);
+        }
     }
     let ev = OnePath {
         op: FileOp::CloseWrite as u32,
         ret: 0,
-        flags: 0,
+        flags: left,
         path_flags: flags,
         verdict: 0,
-        via: VIA_SYSCALL,
+        via,
     };
-    unsafe { emit_one(s, task, ev) };
+    unsafe { emit_one(s, task::current(), ev) };
 }
 
-/// `dup`/`dup2`/`dup3`/`fcntl(F_DUPFD*)` of a tracked write fd: the copy
-/// is tracked too, so its close reports the file as well.
-#[tracepoint]
-pub fn exit_dup(ctx: TracePointContext) -> u32 {
-    let Some(slot) = DUP_FROM.current(false) else {
-        return 0;
-    };
-    // SAFETY: this thread's own slot.
-    let from = unsafe { core::ptr::read_volatile(slot) };
-    if from == u64::MAX {
-        return 0;
+/// The most fds one sweep looks at.
+const SWEEP_MAX: u32 = 1 << 16;
+
+/// A sweep over part of a holder's fd table, for `bpf_loop`.
+#[repr(C)]
+struct Sweep {
+    /// `fdtable.fd`.
+    fds: u64,
+    /// `fdtable.close_on_exec`, read when `via` is [`VIA_EXEC`].
+    cloexec: u64,
+    /// The first fd.
+    first: u32,
+    /// The holder's `HOLD_*` bits.
+    how: u32,
+    /// Why the fds go: `VIA_SYSCALL` (`close_range`), `VIA_EXIT`, `VIA_EXEC`.
+    via: u32,
+}
+
+/// One fd of a [`Sweep`]; `bpf_loop` has it verified once, whatever the
+/// number of fds.
+unsafe extern "C" fn sweep_fd(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Sweep`, on its stack.
+    let c = unsafe { &*(ctx as *const Sweep) };
+    let fd = c.first.wrapping_add(i);
+    // SAFETY: probe reads only.
+    unsafe {
+        if c.via == VIA_EXEC {
+            let word: u64 = task::read(c.cloexec, (fd / 64) * 8);
+            if word & (1u64 << (fd % 64)) == 0 {
+                return 0;
+            }
+        }
+        let file: u64 = task::read(c.fds, fd.wrapping_mul(8));
+        report_close(file, c.how, c.via);
     }
-    // SAFETY: the same slot, emptied.
-    unsafe { *slot = u64::MAX };
-    let ret = exit_ret(&ctx);
-    if ret < 0 {
-        return 0;
-    }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let key = FdKey {
-        tgid,
-        fd: from as u32,
-    };
-    // SAFETY: copied out.
-    if let Some(expected) = unsafe { WRITE_FDS.get(&key) }.copied() {
-        let _ = WRITE_FDS.insert(
-            &FdKey {
-                tgid,
-                fd: ret as u32,
-            },
-            &expected,
+    0
+}
+
+/// Reports the watched write files among fds `first..end` of the current
+/// process, which it is about to let go of.
+#[inline(never)]
+unsafe fn sweep(first: u32, end: u32, how: u32, via: u32) {
+    unsafe {
+        let files: u64 = task::read(task::current(), off!(task_files));
+        let fdt: u64 = task::read(files, off!(files_fdt));
+        let max: u32 = task::read(fdt, off!(fdt_max_fds));
+        let end = end.min(max).min(SWEEP_MAX);
+        if first >= end {
+            return;
+        }
+        let mut c = Sweep {
+            fds: task::read(fdt, off!(fdt_fd)),
+            cloexec: task::read(fdt, off!(fdt_close_on_exec)),
+            first,
+            how,
+            via,
+        };
+        let callback: unsafe extern "C" fn(u32, *mut c_void) -> i64 = sweep_fd;
+        gen::bpf_loop(
+            end - first,
+            callback as *mut c_void,
+            &mut c as *mut Sweep as *mut c_void,
             0,
         );
     }
-    0
 }
 
-/// The fd a `dup` copies, between its entry and exit (`u64::MAX`: none).
-#[btf_map]
-static DUP_FROM: TaskStorage<u64> = TaskStorage::new();
-
-#[inline(always)]
-fn dup_entry(fd: u64) {
-    if !ready() {
-        return;
-    }
-    let key = FdKey {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        fd: fd as u32,
+/// `close_range(first, last, flags)` by a holder: each fd it closes.
+#[tracepoint]
+pub fn enter_close_range(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: copied out.
+    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
+        return 0;
     };
-    // SAFETY: a lookup only: most dups are of fds nobody watches.
-    if unsafe { WRITE_FDS.get(&key) }.is_none() {
-        return;
+    // Only marks the fds close-on-exec: nothing is closed yet.
+    if arg(&ctx, 2) as u32 & CLOSE_RANGE_CLOEXEC != 0 {
+        return 0;
     }
-    if let Some(slot) = DUP_FROM.current(true) {
+    let first = arg(&ctx, 0) as u32;
+    let end = (arg(&ctx, 1) as u32).saturating_add(1);
+    // SAFETY: probe reads only.
+    unsafe { sweep(first, end, how, VIA_SYSCALL) };
+    0
+}
+
+/// `execve`/`execveat` by a holder: its close-on-exec fds go with it.
+/// Reported at entry, where they are still there to read (a failed exec
+/// closes nothing, and its report only has the file read again).
+#[tracepoint]
+pub fn enter_execve(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: copied out.
+    if let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() {
+        // SAFETY: probe reads only.
+        unsafe { sweep(0, u32::MAX, how, VIA_EXEC) };
+    }
+    0
+}
+
+/// A holder's `sendmsg`/`sendmmsg` with control data: fds may be passing.
+#[tracepoint]
+pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a lookup of a plain value.
+    if unsafe { HOLDERS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    // `struct user_msghdr`'s `msg_controllen`; `sendmmsg`'s first
+    // `mmsghdr` starts with one.
+    let msg = arg(&ctx, 1);
+    // SAFETY: a probe read of user memory; failure reads as 0.
+    let controllen: u64 =
+        unsafe { bpf_probe_read_user((msg + MSG_CONTROLLEN) as *const u64) }.unwrap_or(0);
+    if controllen == 0 {
+        return 0;
+    }
+    if let Some(at) = PASSING.get_ptr_mut(0) {
+        // SAFETY: the one slot; the boot clock.
+        unsafe { *at = gen::bpf_ktime_get_boot_ns() };
+    }
+    0
+}
+
+/// True while a holder may have fds in flight.
+#[inline(always)]
+fn passing() -> bool {
+    // SAFETY: copied out; the boot clock.
+    unsafe {
+        let at = PASSING.get(0).copied().unwrap_or(0);
+        at != 0 && gen::bpf_ktime_get_boot_ns().saturating_sub(at) < PASSING_NS
+    }
+}
+
+/// A `recvmsg` while fds may be passing: its header is kept for the exit.
+#[tracepoint]
+pub fn enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if !passing() {
+        return 0;
+    }
+    if let Some(slot) = RECV_MSG.current(true) {
         // SAFETY: this thread's own slot.
-        unsafe { *slot = fd };
-    }
-}
-
-#[tracepoint]
-pub fn enter_dup(ctx: TracePointContext) -> u32 {
-    dup_entry(arg(&ctx, 0));
-    0
-}
-
-#[tracepoint]
-pub fn enter_fcntl(ctx: TracePointContext) -> u32 {
-    let cmd = arg(&ctx, 1) as u32;
-    if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
-        dup_entry(arg(&ctx, 0));
+        unsafe { *slot = arg(&ctx, 1) };
     }
     0
 }
 
-/// A shared writable mapping of a tracked write fd: reported, and the
-/// process remembered for its `munmap`s.
+/// A `recvmsg` that took fds (`SCM_RIGHTS`) while a holder was passing
+/// some makes its process a holder. One that was already waiting when the
+/// fds set off has no header kept, and is taken to have received them.
+#[tracepoint]
+pub fn exit_recvmsg(ctx: TracePointContext) -> u32 {
+    if !passing() {
+        return 0;
+    }
+    let msg = match RECV_MSG.current(false) {
+        // SAFETY: this thread's own slot, emptied.
+        Some(slot) => unsafe { core::ptr::replace(slot, 0) },
+        None => 0,
+    };
+    if exit_ret(&ctx) < 0 {
+        return 0;
+    }
+    // SAFETY: probe reads of user memory; failures read as 0.
+    let rights = msg == 0
+        || unsafe {
+            let control: u64 = bpf_probe_read_user((msg + MSG_CONTROL) as *const u64).unwrap_or(0);
+            let len: u64 = bpf_probe_read_user((msg + MSG_CONTROLLEN) as *const u64).unwrap_or(0);
+            // `struct cmsghdr { size_t len; int level; int type; }`
+            len >= 16
+                && control != 0
+                && bpf_probe_read_user((control + 8) as *const [i32; 2]).unwrap_or([0; 2])
+                    == [SOL_SOCKET, SCM_RIGHTS]
+        };
+    if rights {
+        add_holder(HOLD_FILE);
+    }
+    0
+}
+
+/// `recvmmsg` while fds may be passing: its messages are not read, so a
+/// process that receives any is taken to hold some.
+#[tracepoint]
+pub fn exit_recvmmsg(ctx: TracePointContext) -> u32 {
+    if exit_ret(&ctx) > 0 && passing() {
+        add_holder(HOLD_FILE);
+    }
+    0
+}
+
+/// Makes the current process a holder, keeping what it already was.
+#[inline(always)]
+fn add_holder(how: u32) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a lookup of a plain value.
+    let was = unsafe { HOLDERS.get(&tgid) }.copied().unwrap_or(0);
+    if was & how != how {
+        let _ = HOLDERS.insert(&tgid, &(was | how), 0);
+    }
+}
+
+/// A shared writable mapping of a watched file open for write: reported,
+/// and the process remembered for its `munmap`s.
 #[tracepoint]
 pub fn enter_mmap(ctx: TracePointContext) -> u32 {
     // (addr, len, prot, flags, fd, off)
@@ -1164,25 +1359,15 @@ pub fn enter_mmap(ctx: TracePointContext) -> u32 {
     if flags & MAP_SHARED == 0 || prot & PROT_WRITE == 0 || !ready() {
         return 0;
     }
-    let fd = arg(&ctx, 4) as i32;
-    if fd < 0 {
-        return 0;
-    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: copied out.
-    let Some(expected) = (unsafe {
-        WRITE_FDS.get(&FdKey {
-            tgid,
-            fd: fd as u32,
-        })
-    })
-    .copied() else {
+    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
         return 0;
     };
-    let task = task::current();
     // SAFETY: probe reads only.
-    let file = unsafe { task::fd_file(task, fd) };
-    if file == 0 || (expected != 0 && file != expected) {
+    let file = unsafe { task::fd_file(task::current(), arg(&ctx, 4) as i32) };
+    // SAFETY: probe reads only.
+    if unsafe { held_write(file, how) }.is_none() {
         return 0;
     }
     let _ = MAPPED.insert(
@@ -1730,14 +1915,7 @@ pub fn uring_complete(ctx: TracePointContext) -> u32 {
                 } else if res >= 0 && writes(flags) {
                     let file = task::fd_file(task::current(), res);
                     if uring_on_file(file, FileOp::Open, res, flags) {
-                        let _ = WRITE_FDS.insert(
-                            &FdKey {
-                                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-                                fd: res as u32,
-                            },
-                            &file,
-                            0,
-                        );
+                        track_write(file);
                     }
                 }
             }

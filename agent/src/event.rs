@@ -268,8 +268,9 @@ pub enum Event {
         /// The path did not fit and was cut.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         path_truncated: bool,
-        /// `io_uring` when an io_uring request made the change; absent for
-        /// a syscall.
+        /// `io_uring` when an io_uring request made the change; `exit` or
+        /// `exec` for a file its holder let go of that way; absent for a
+        /// syscall.
         #[serde(skip_serializing_if = "Option::is_none")]
         via: Option<&'static str>,
         /// setxattr/removexattr: the attribute's name.

@@ -911,13 +911,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             path,
             "a watched file was open for write before the start; followed"
         );
-        if let Err(e) = sensors.track_write_fd(*pid, *fd) {
-            tracing::warn!(
-                pid,
-                fd,
-                path,
-                "cannot follow a write fd open before the start: {e}"
-            );
+    }
+    let holders: std::collections::BTreeSet<u32> =
+        handles.write_fds.iter().map(|(pid, _, _)| *pid).collect();
+    for pid in holders {
+        if let Err(e) = sensors.hold_by_path(pid) {
+            tracing::warn!(pid, "cannot follow write fds open before the start: {e}");
         }
     }
     for (pid, paths) in &handles.mapped {

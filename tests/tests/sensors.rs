@@ -593,6 +593,171 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
     );
 }
 
+/// Write files followed by the `struct file`, not the opener's fd: a
+/// child that inherited one and writes after the parent closed it, a
+/// process it was passed to over a Unix socket, a child that exits with it
+/// open, a close-on-exec fd closed by an exec, and `close_range`. Each
+/// close is reported by the process that made it, and each ends in a
+/// digest of what was written.
+#[test]
+fn write_fds_inherited_passed_or_dropped_without_close_are_followed() {
+    use std::io::BufRead as _;
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let names = ["inherited", "exit", "exec", "range", "passed"];
+    let files = names.map(|n| format!("{etc}/{n}.conf"));
+    for f in &files {
+        std::fs::write(f, "v1\n").unwrap();
+    }
+    let [inherited, at_exit, at_exec, range, passed] = &files;
+    let sock = dir.join("pass.sock");
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+
+    // Not related to the sender: it holds the file only by receiving it.
+    let mut receiver = python(&format!(
+        "import os, socket, time\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.bind('{sock}')\n\
+         s.listen(1)\n\
+         s.settimeout(60)\n\
+         print('ready', flush=True)\n\
+         c, _ = s.accept()\n\
+         _, fds, _, _ = socket.recv_fds(c, 16, 1)\n\
+         time.sleep(0.3)\n\
+         os.write(fds[0], b'written by the receiver\\n')\n\
+         os.close(fds[0])\n\
+         print(os.getpid(), flush=True)\n"
+    ))
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    // Indented Python: a raw string, the paths filled in after.
+    let script = r#"
+import ctypes, json, os, socket, time
+
+W = os.O_WRONLY | os.O_TRUNC
+pids = {'parent': os.getpid()}
+
+def child_after_close(path, body):
+    fd = os.open(path, W)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)
+        body(fd)
+    os.close(fd)
+    os.write(w, b'x')
+    os.waitpid(pid, 0)
+    return pid
+
+def write_close(fd):
+    os.write(fd, b'written by the child\n')
+    os.close(fd)
+    os._exit(0)
+
+def write_exit(fd):
+    os.write(fd, b'written, then exit\n')
+    os._exit(0)
+
+pids['inherited'] = child_after_close('INHERITED', write_close)
+pids['exit'] = child_after_close('AT_EXIT', write_exit)
+
+pid = os.fork()
+if pid == 0:
+    fd = os.open('AT_EXEC', W)
+    assert not os.get_inheritable(fd)
+    os.write(fd, b'written, then exec\n')
+    os.execv('/bin/true', ['true'])
+os.waitpid(pid, 0)
+pids['exec'] = pid
+
+pid = os.fork()
+if pid == 0:
+    fd = os.open('RANGE', W)
+    os.write(fd, b'closed by close_range\n')
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(436, fd, fd, 0) == 0
+    os._exit(0)
+os.waitpid(pid, 0)
+pids['range'] = pid
+
+fd = os.open('PASSED', W)
+c = socket.socket(socket.AF_UNIX)
+c.connect('SOCK')
+time.sleep(0.3)  # the receiver is waiting in recvmsg before the fd sets off
+socket.send_fds(c, [b'x'], [fd])
+os.close(fd)
+print(json.dumps(pids))
+"#
+    .replace("INHERITED", inherited)
+    .replace("AT_EXIT", at_exit)
+    .replace("AT_EXEC", at_exec)
+    .replace("RANGE", range)
+    .replace("PASSED", passed)
+    .replace("SOCK", &sock);
+    let driver = python(&script).output().unwrap();
+    assert!(driver.status.success(), "{driver:?}");
+    let pids: Value = serde_json::from_slice(&driver.stdout).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let receiver_pid: u64 = line.trim().parse().unwrap();
+    assert!(receiver.wait().unwrap().success());
+
+    for (path, content, pid, via) in [
+        (
+            inherited,
+            "written by the child\n",
+            &pids["inherited"],
+            None,
+        ),
+        (at_exit, "written, then exit\n", &pids["exit"], Some("exit")),
+        (at_exec, "written, then exec\n", &pids["exec"], Some("exec")),
+        (range, "closed by close_range\n", &pids["range"], None),
+        (
+            passed,
+            "written by the receiver\n",
+            &Value::from(receiver_pid),
+            None,
+        ),
+    ] {
+        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
+        let sha = sha256_file(path);
+        agent.wait_for(
+            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
+            &format!("the digest of what was written to {path}"),
+        );
+        let close = agent.wait_for(
+            |e| {
+                e["kind"] == "file"
+                    && e["op"] == "close_write"
+                    && e["path"] == path.as_str()
+                    && e["process"]["pid"] == *pid
+            },
+            &format!("the close of {path} by pid {pid}"),
+        );
+        assert_eq!(close["via"].as_str(), via, "{close}");
+        assert_eq!(close["resource"], "cfg", "{close}");
+    }
+    let events = agent.stop();
+    // The parent's close left the file open in its child.
+    let parent_close = file_events(&events, inherited)
+        .into_iter()
+        .find(|e| e["op"] == "close_write" && e["process"]["pid"] == pids["parent"])
+        .unwrap_or_else(|| panic!("no close of {inherited} by the parent"));
+    assert_eq!(
+        parent_close["flags"],
+        serde_json::json!(["still_open"]),
+        "{parent_close}"
+    );
+}
+
 /// A hard link made before the tree was watched, outside it: a write
 /// through that name is caught by the file's inode and reported as the
 /// watched file, with the name used.
@@ -992,10 +1157,20 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
 
     let changes: Vec<&Value> = events
         .iter()
-        // Requests that io-wq runs are reported from its worker thread
-        // (`iou-wrk-PID`), of the same process.
         .filter(|e| e["kind"] == "file" && e["process"]["exe"] == uring.as_str())
         .collect();
+    // Requests that io-wq runs are reported from its worker thread, named
+    // by its process (the thread itself is `iou-wrk-PID`).
+    assert!(
+        changes
+            .iter()
+            .any(|e| e["process"]["tid"] != e["process"]["pid"]),
+        "no request ran on an io-wq worker: {changes:#?}"
+    );
+    assert!(
+        changes.iter().all(|e| e["process"]["comm"] == "uring"),
+        "{changes:#?}"
+    );
     let summary: Vec<(String, String)> = changes
         .iter()
         .map(|e| {

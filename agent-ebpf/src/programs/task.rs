@@ -45,9 +45,19 @@ pub unsafe fn fill_header(h: &mut Header, kind: EventKind, task: u64) {
         h.start_ns = read(leader, off!(task_start_boottime));
         h.ktime_ns = gen::bpf_ktime_get_boot_ns();
         h.cgroup_id = gen::bpf_get_current_cgroup_id();
+        // An io_uring worker thread (`iou-wrk-PID`, `iou-sqp-PID`) works
+        // for its process: the process's name is the one to report.
+        let flags: u32 = read(task, off!(task_flags));
+        if flags & PF_IO_WORKER != 0 {
+            h.comm = read(leader, off!(task_comm));
+            return;
+        }
     }
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
+
+/// `task_struct.flags`: an io_uring worker thread.
+const PF_IO_WORKER: u32 = 0x10;
 
 /// The kernel's `(device, inode)` of `task`'s executable, or zeros (a
 /// kernel thread has none).

@@ -242,6 +242,11 @@ impl Btf {
 
     /// Every offset the sensors use, read from this BTF.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        // 6.13 made the count a `file_ref_t`, which holds references - 1.
+        let (file_f_ref, file_ref_bias) = match self.offset("file", "f_ref.refcnt") {
+            Ok(off) => (off, 1),
+            Err(_) => (self.offset("file", "f_count")?, 0),
+        };
         Ok(self.with_uring(KernelOffsets {
             task_real_parent: self.offset("task_struct", "real_parent")?,
             task_group_leader: self.offset("task_struct", "group_leader")?,
@@ -256,6 +261,7 @@ impl Btf {
             task_files: self.offset("task_struct", "files")?,
             task_exit_code: self.offset("task_struct", "exit_code")?,
             task_flags: self.offset("task_struct", "flags")?,
+            task_comm: self.offset("task_struct", "comm")?,
             cred_euid: self.offset("cred", "euid")?,
             mm_arg_start: self.offset("mm_struct", "arg_start")?,
             mm_arg_end: self.offset("mm_struct", "arg_end")?,
@@ -288,6 +294,10 @@ impl Btf {
                 .or_else(|_| self.offset("inode", "i_mtime.tv_nsec"))?,
             mm_exe_file: self.offset("mm_struct", "exe_file")?,
             file_f_inode: self.offset("file", "f_inode")?,
+            file_f_mode: self.offset("file", "f_mode")?,
+            file_f_ref,
+            file_ref_bias,
+            fdt_close_on_exec: self.offset("fdtable", "close_on_exec")?,
             inode_i_sb: self.offset("inode", "i_sb")?,
             sb_s_dev: self.offset("super_block", "s_dev")?,
             ready: 1,

@@ -6,7 +6,7 @@ use agent_common::{
     ConnectEvent, EventKind, ExecEvent, ExitEvent, FileEvent, FileOp, ForkEvent, Header,
     ARGV_TRUNCATED, EXE_DELETED, PATH2_SHIFT, PATH_BY_INODE, PATH_FROM_FILE, PATH_TRUNCATED,
     PATH_UNNORMALISED, VERDICT_ALLOWED, VERDICT_BLOCKED, VERDICT_GRANTED, VERDICT_WOULD_BLOCK,
-    VIA_CONNECT, VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
+    VIA_CONNECT, VIA_EXEC, VIA_EXIT, VIA_FASTOPEN, VIA_IO_URING, VIA_SYSCALL,
 };
 
 use super::watch::{normalise, WatchSet};
@@ -127,10 +127,25 @@ fn flags_and_mode(op: FileOp, e: &FileEvent, xattr: Option<&str>) -> (Flags, Opt
         FileOp::Chmod => (Flags::default(), Some(Mode(e.mode))),
         FileOp::Rename => (rename_flags(e.flags), None),
         FileOp::SetFlags => (inode_flags(e.mode), None),
+        // The file is still open elsewhere: another fd, another process
+        // (a child, one it was passed to), a mapping.
+        FileOp::CloseWrite if e.flags > 0 && e.via == VIA_SYSCALL => {
+            (Flags::from(["still_open"]), None)
+        }
         FileOp::SetXattr if xattr == Some("security.capability") => {
             (Flags::from(["file_capability"]), None)
         }
         _ => (Flags::default(), None),
+    }
+}
+
+/// How a file call came, when not by its own syscall.
+fn file_via(via: u32) -> Option<&'static str> {
+    match via {
+        VIA_SYSCALL => None,
+        VIA_EXIT => Some("exit"),
+        VIA_EXEC => Some("exec"),
+        _ => Some("io_uring"),
     }
 }
 
@@ -384,7 +399,7 @@ impl Decoder {
                 "name"
             },
             path_truncated: (flags1 | flags2) & PATH_TRUNCATED != 0,
-            via: (e.via != VIA_SYSCALL).then_some("io_uring"),
+            via: file_via(e.via),
             xattr,
             seen_as,
             new_path_seen_as,
@@ -526,5 +541,23 @@ mod tests {
             ["RENAME_EXCHANGE", "RENAME_WHITEOUT"]
         );
         assert_eq!(rename_flags(1).as_slice(), ["RENAME_NOREPLACE"]);
+    }
+
+    #[test]
+    fn a_close_says_whether_the_file_stays_open_and_how_it_went() {
+        // SAFETY: a record of integers and byte arrays; all zeroes is valid.
+        let mut e: FileEvent = unsafe { std::mem::zeroed() };
+        e.op = FileOp::CloseWrite as u32;
+        let flags = |e: &FileEvent| flags_and_mode(FileOp::CloseWrite, e, None).0;
+        assert_eq!(flags(&e).as_slice(), [] as [&str; 0]);
+        e.flags = 2;
+        assert_eq!(flags(&e).as_slice(), ["still_open"]);
+        // An exit or exec sweep does not count what is left.
+        e.via = VIA_EXIT;
+        assert_eq!(flags(&e).as_slice(), [] as [&str; 0]);
+        assert_eq!(
+            [VIA_SYSCALL, VIA_IO_URING as u32, VIA_EXIT, VIA_EXEC].map(file_via),
+            [None, Some("io_uring"), Some("exit"), Some("exec")]
+        );
     }
 }

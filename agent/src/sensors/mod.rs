@@ -341,17 +341,18 @@ impl Sensors {
             }
         }
 
-        // Write handles the open did not make: dup'd fds and shared
-        // writable mappings of tracked write fds.
+        // Write files followed past their opener's fd: closes of several
+        // fds at once, execs that close some, fds passed over Unix sockets
+        // (closes, forks and exits are hooked above), shared mappings.
         for (name, tp) in [
-            ("enter_dup", "sys_enter_dup"),
-            ("enter_dup", "sys_enter_dup2"),
-            ("enter_dup", "sys_enter_dup3"),
-            ("enter_fcntl", "sys_enter_fcntl"),
-            ("exit_dup", "sys_exit_dup"),
-            ("exit_dup", "sys_exit_dup2"),
-            ("exit_dup", "sys_exit_dup3"),
-            ("exit_dup", "sys_exit_fcntl"),
+            ("enter_close_range", "sys_enter_close_range"),
+            ("enter_execve", "sys_enter_execve"),
+            ("enter_execve", "sys_enter_execveat"),
+            ("enter_sendmsg", "sys_enter_sendmsg"),
+            ("enter_sendmsg", "sys_enter_sendmmsg"),
+            ("enter_recvmsg", "sys_enter_recvmsg"),
+            ("exit_recvmsg", "sys_exit_recvmsg"),
+            ("exit_recvmmsg", "sys_exit_recvmmsg"),
             ("enter_mmap", "sys_enter_mmap"),
             ("enter_munmap", "sys_enter_munmap"),
         ] {
@@ -625,15 +626,14 @@ impl Sensors {
         Ok(())
     }
 
-    /// Tracks an fd found open for write at start, as if its open had been
-    /// seen: its close (or a dup's, or a shared mapping's end) reports the
-    /// file.
-    pub fn track_write_fd(&mut self, tgid: u32, fd: u32) -> Result<(), SensorError> {
-        // Its `struct file *` is not known here: 0 has it judged by path.
+    /// Follows a process found holding write handles on watched files at
+    /// start: their `struct file`s are unknown here, so whatever it (or a
+    /// child) closes open for write is judged by its path.
+    pub fn hold_by_path(&mut self, tgid: u32) -> Result<(), SensorError> {
         sync_hash(
             &mut self.ebpf,
-            "WRITE_FDS",
-            [(agent_common::FdKey { tgid, fd }, 0u64)],
+            "HOLDERS",
+            [(tgid, agent_common::HOLD_BY_PATH)],
             [],
         )
     }
