@@ -224,6 +224,14 @@ unsafe fn linked_emit(p: &PendingFile, ret: i64, file: u64) -> bool {
     true
 }
 
+/// The current process's `HOLD_*` bits, when it may hold a followed file.
+#[inline(always)]
+fn holding() -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a lookup of a plain value, copied out.
+    unsafe { HOLDERS.get(&tgid) }.copied()
+}
+
 /// Follows `file`, just opened for write on a watched file, wherever its
 /// fds go; the current process holds it.
 #[inline(always)]
@@ -233,11 +241,7 @@ unsafe fn track_write(file: u64) {
     }
     let inode: u64 = unsafe { task::read(file, off!(file_f_inode)) };
     let _ = WRITE_FILES.insert(&file, &inode, 0);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: a lookup of a plain value.
-    if unsafe { HOLDERS.get(&tgid) }.is_none() {
-        let _ = HOLDERS.insert(&tgid, &HOLD_FILE, 0);
-    }
+    add_holder(HOLD_FILE);
 }
 
 /// Processes holding a shared writable mapping of a watched file.
@@ -1080,9 +1084,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
 
 #[tracepoint]
 pub fn enter_close(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: copied out.
-    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
+    let Some(how) = holding() else {
         return 0;
     };
     // SAFETY: probe reads only.
@@ -1218,9 +1220,7 @@ unsafe fn sweep(first: u32, end: u32, how: u32, via: u32) {
 /// `close_range(first, last, flags)` by a holder: each fd it closes.
 #[tracepoint]
 pub fn enter_close_range(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: copied out.
-    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
+    let Some(how) = holding() else {
         return 0;
     };
     // Only marks the fds close-on-exec: nothing is closed yet.
@@ -1239,9 +1239,7 @@ pub fn enter_close_range(ctx: TracePointContext) -> u32 {
 /// closes nothing, and its report only has the file read again).
 #[tracepoint]
 pub fn enter_execve(_ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: copied out.
-    if let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() {
+    if let Some(how) = holding() {
         // SAFETY: probe reads only.
         unsafe { sweep(0, u32::MAX, how, VIA_EXEC) };
     }
@@ -1251,9 +1249,7 @@ pub fn enter_execve(_ctx: TracePointContext) -> u32 {
 /// A holder's `sendmsg`/`sendmmsg` with control data: fds may be passing.
 #[tracepoint]
 pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: a lookup of a plain value.
-    if unsafe { HOLDERS.get(&tgid) }.is_none() {
+    if holding().is_none() {
         return 0;
     }
     // `struct user_msghdr`'s `msg_controllen`; `sendmmsg`'s first
@@ -1341,10 +1337,9 @@ pub fn exit_recvmmsg(ctx: TracePointContext) -> u32 {
 /// Makes the current process a holder, keeping what it already was.
 #[inline(always)]
 fn add_holder(how: u32) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: a lookup of a plain value.
-    let was = unsafe { HOLDERS.get(&tgid) }.copied().unwrap_or(0);
+    let was = holding().unwrap_or(0);
     if was & how != how {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let _ = HOLDERS.insert(&tgid, &(was | how), 0);
     }
 }
@@ -1359,9 +1354,7 @@ pub fn enter_mmap(ctx: TracePointContext) -> u32 {
     if flags & MAP_SHARED == 0 || prot & PROT_WRITE == 0 || !ready() {
         return 0;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: copied out.
-    let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() else {
+    let Some(how) = holding() else {
         return 0;
     };
     // SAFETY: probe reads only.
@@ -1371,7 +1364,7 @@ pub fn enter_mmap(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = MAPPED.insert(
-        &tgid,
+        &((bpf_get_current_pid_tgid() >> 32) as u32),
         &Mapped {
             file,
             reported_ns: 0,
