@@ -26,10 +26,13 @@ pub enum EventKind {
     File = 4,
     /// A connect to a watched port.
     Connect = 5,
+    /// The whole path of the file event the same thread sends next, whose
+    /// record holds it cut.
+    LongPath = 6,
 }
 
 /// Number of slots in the per-kind counter arrays (index 0 is unused).
-pub const KIND_SLOTS: u32 = 6;
+pub const KIND_SLOTS: u32 = 7;
 
 impl EventKind {
     /// Decodes a kind read from a record.
@@ -40,6 +43,7 @@ impl EventKind {
             3 => Self::Exit,
             4 => Self::File,
             5 => Self::Connect,
+            6 => Self::LongPath,
             _ => return None,
         })
     }
@@ -206,6 +210,24 @@ pub struct ForkEvent {
     pub _pad: u32,
     /// The child's start time, boot-clock nanoseconds.
     pub child_start_ns: u64,
+}
+
+/// The longest whole path a [`LongPath`] record carries (`PATH_MAX`).
+pub const LONG_PATH_MAX: usize = 4096;
+
+/// A path too long for its file event's record, sent just before that
+/// event by the same thread; `len` bytes of path (no NUL) follow.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LongPath {
+    /// [`EventKind::LongPath`].
+    pub kind: u32,
+    /// The thread (kernel `pid`) whose next file event it completes.
+    pub tid: u32,
+    /// 1: the event's `path`; 2: its `path2`.
+    pub which: u32,
+    /// Bytes of path that follow.
+    pub len: u32,
 }
 
 /// A process exit.
@@ -690,6 +712,7 @@ mod pod {
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for PendingFile {}
     unsafe impl aya::Pod for Mapped {}
+    unsafe impl aya::Pod for LongPath {}
     unsafe impl aya::Pod for DirKey {}
     unsafe impl aya::Pod for InodeKey {}
     unsafe impl aya::Pod for WatchValue {}

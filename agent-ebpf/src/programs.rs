@@ -11,6 +11,7 @@
 //! absolute path matches the `WATCH_PATHS` trie, a connect only when its port
 //! is in `WATCH_PORTS`. Anything else only bumps a counter.
 mod gate;
+mod long;
 mod path;
 mod task;
 
@@ -19,14 +20,15 @@ use agent_common::{
     GateRule, InodeKey, KernelOffsets, Mapped, PendingConnect, PendingFile, WatchValue, ARGV_LEN,
     ARGV_TRUNCATED, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_ENTRIES, COUNTER_FILTERED,
     COUNTER_SEEN, COUNTER_SLOTS, EXE_DELETED, EXE_TRUNCATED, GATE_RESOURCES, HOLD_BY_PATH,
-    HOLD_FILE, PATH2_SHIFT, PATH_BY_INODE, PATH_LEN, VERDICT_BLOCKED, VIA_CONNECT, VIA_EXEC,
-    VIA_EXIT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG, VIA_SYSCALL,
+    HOLD_FILE, PATH2_SHIFT, PATH_BY_INODE, PATH_FROM_FILE, PATH_LEN, PATH_TRUNCATED,
+    VERDICT_BLOCKED, VIA_CONNECT, VIA_EXEC, VIA_EXIT, VIA_FASTOPEN, VIA_IO_URING, VIA_SENDMSG,
+    VIA_SYSCALL,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated as gen},
     macros::{btf_map, btf_tracepoint, cgroup_sock_addr, map, tracepoint},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePointContext, SockAddrContext, TracePointContext},
     EbpfContext as _,
 };
@@ -865,7 +867,13 @@ pub fn exit_file(ctx: TracePointContext) -> u32 {
         step_watch_gen();
     }
     // SAFETY: probe reads only.
-    unsafe { on_file(&p, ret) };
+    if unsafe { on_file(&p, ret) } {
+        // SAFETY: a tail call with our own context.
+        let _ = unsafe { TAIL.tail_call(&ctx, 0) };
+        // Back only when the program is missing from the array: the event
+        // is lost, and counted so.
+        count(EventKind::File, COUNTER_DROPPED);
+    }
     0
 }
 
@@ -939,6 +947,66 @@ unsafe fn on_mount(p: &PendingFile) {
     unsafe { emit_one(s, task, ev) };
 }
 
+/// Builds the whole paths of a call whose event would hold them cut,
+/// matches those the cut form missed, and sends them; false when nothing
+/// the call named is watched after all (then nothing is sent).
+#[inline(never)]
+unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
+    let p = c.p;
+    let op = p.op;
+    let named2 =
+        op == FileOp::Rename as u32 || op == FileOp::Link as u32 || op == FileOp::Symlink as u32;
+    let mut len1 = None;
+    let mut len2 = None;
+    unsafe {
+        // A symlink's first argument is its text, not a path.
+        if c.flags1 & PATH_TRUNCATED != 0 && op != FileOp::Symlink as u32 {
+            len1 = if c.flags1 & PATH_FROM_FILE != 0 {
+                let fd = if op == FileOp::Open as u32 && c.ret >= 0 && p.by_fd != 1 {
+                    c.ret as i32
+                } else {
+                    p.dfd
+                };
+                long::of_file(0, task::fd_file(task, fd))
+            } else {
+                long::of_name(0, path::start_dir(task, p.dfd), p.path, false)
+            };
+            if let (Some(_), Some(head), false) = (len1, long::head(0), c.hit1) {
+                path::key_from(s, head);
+                c.hit1 = path::matches(s, &mut c.flags1, false);
+                c.resource1 = s.hit_resource;
+                if c.hit1 && op == FileOp::Open as u32 && c.ret >= 0 {
+                    track_write(task::fd_file(task, c.ret as i32));
+                }
+            }
+        }
+        if named2 && c.flags2 & PATH_TRUNCATED != 0 {
+            len2 = long::of_name(1, path::start_dir(task, p.dfd2), p.path2, false);
+            if let (Some(_), Some(head), false) = (len2, long::head(1), c.hit2) {
+                // The first path's key stays the event's.
+                long::keep(path::key_mut(s), false);
+                path::key_from(s, head);
+                c.hit2 = path::matches(s, &mut c.flags2, false);
+                c.resource2 = s.hit_resource;
+                long::keep(path::key_mut(s), true);
+            }
+        }
+    }
+    if !c.hit1 && !c.hit2 {
+        return false;
+    }
+    if c.verdict == 0 {
+        c.verdict = judge(c.hit1, c.resource1, c.hit2, c.resource2);
+    }
+    if let Some(len) = len1 {
+        long::send(0, 1, len);
+    }
+    if let Some(len) = len2 {
+        long::send(1, 2, len);
+    }
+    true
+}
+
 /// A file event on one path, the one now in the scratch key: no owner
 /// change, no second path.
 struct OnePath {
@@ -971,11 +1039,11 @@ unsafe fn emit_one(s: &Scratch, task: u64, ev: OnePath) -> bool {
 }
 
 /// Resolves the file(s) a call named, matches them against the watch trie and
-/// reports the call when one matches.
-unsafe fn on_file(p: &PendingFile, ret: i64) {
+/// hands the call to `exit_file_send` when one matches (true).
+unsafe fn on_file(p: &PendingFile, ret: i64) -> bool {
     count(EventKind::File, COUNTER_SEEN);
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     let s = unsafe { &mut *s };
     let task = task::current();
@@ -1002,13 +1070,13 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         // Another name of a watched file: reported there, whatever the
         // directory's cached verdict.
         if unsafe { linked_emit(p, ret, file) } {
-            return;
+            return false;
         }
         // Read before the lookup: a change meanwhile leaves a verdict
         // stored under a generation already gone.
         if unsafe { path::dir_cached(s, file, watch_gen()) } {
             count(EventKind::File, COUNTER_FILTERED);
-            return;
+            return false;
         }
         let mut f = unsafe { path::resolve_file(s, file) };
         hit1 = path::matches(s, &mut f, false);
@@ -1027,7 +1095,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         let plain = p.odd & 4 != 0;
         if plain && unsafe { path::start_dir_cached(s, task, p.dfd, watch_gen()) } {
             count(EventKind::File, COUNTER_FILTERED);
-            return;
+            return false;
         }
         let mut f = unsafe { path::resolve_user(s, task, p.dfd, p.path) };
         hit1 = path::matches(s, &mut f, p.odd & 1 != 0);
@@ -1037,33 +1105,77 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
         f
     };
 
-    if !hit1 && !hit2 {
+    // A cut path that missed may still be watched: `exit_file_send`
+    // matches its whole path.
+    if !hit1 && !hit2 && (flags1 | flags2) & PATH_TRUNCATED == 0 {
         count(EventKind::File, COUNTER_FILTERED);
-        return;
+        return false;
     }
-    // The guardrail: the new name first (a rename or link into a protected
-    // tree), then the file acted on. The call has run by now; a refused
-    // caller is killed before it returns to user space, so it never writes
-    // through the fd it got or goes on to its next step.
-    let verdict = verdict_of(hit1, s.hit_resource, hit2, resource2);
+    let resource1 = s.hit_resource;
+    let verdict = judge(hit1, resource1, hit2, resource2);
+    if op == FileOp::Open as u32 && ret >= 0 && hit1 {
+        unsafe { track_write(task::fd_file(task, ret as i32)) };
+    }
+    // Sent by `exit_file_send`, with the whole paths before it when they
+    // do not fit the record.
+    let Some(c) = long::CALL.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: our per-CPU value.
+    unsafe {
+        *c = long::Call {
+            p: *p,
+            ret,
+            flags1,
+            flags2,
+            verdict,
+            hit1,
+            hit2,
+            resource1,
+            resource2,
+        }
+    };
+    true
+}
+
+/// The guardrail: the new name first (a rename or link into a protected
+/// tree), then the file acted on. The call has run by now; a refused
+/// caller is killed before it returns to user space, so it never writes
+/// through the fd it got or goes on to its next step.
+#[inline(always)]
+fn judge(hit1: bool, resource1: u64, hit2: bool, resource2: u64) -> u32 {
+    if !hit1 && !hit2 {
+        return 0;
+    }
+    let verdict = verdict_of(hit1, resource1, hit2, resource2);
     if verdict == VERDICT_BLOCKED {
         // SAFETY: signals the current process.
         unsafe { gen::bpf_send_signal(SIGKILL) };
     }
+    verdict
+}
+
+/// Sends a call's file event, its paths the ones now in the scratch area.
+#[inline(always)]
+unsafe fn emit_call(s: &Scratch, task: u64, c: &long::Call) {
+    let p = &c.p;
+    let op = p.op;
+    let two_paths =
+        op == FileOp::Rename as u32 || op == FileOp::Link as u32 || op == FileOp::Symlink as u32;
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
-        (*e).ret = ret;
+        (*e).ret = c.ret;
         (*e).op = op;
         (*e).flags = p.flags;
         (*e).mode = p.mode;
         (*e).uid = p.uid;
         (*e).gid = p.gid;
-        (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
-        (*e).verdict = verdict;
+        (*e).path_flags = c.flags1 | (c.flags2 << PATH2_SHIFT);
+        (*e).verdict = c.verdict;
         (*e).via = VIA_SYSCALL;
         path::copy_key(s, (*e).path.as_mut_ptr());
-        if two_paths || op == FileOp::Symlink as u32 {
+        if two_paths {
             path::copy_saved(s, (*e).path2.as_mut_ptr());
         } else if op == FileOp::SetXattr as u32 || op == FileOp::RemoveXattr as u32 {
             // The attribute's name.
@@ -1076,10 +1188,39 @@ unsafe fn on_file(p: &PendingFile, ret: i64) {
             (*e).path2[0] = 0;
         }
     });
+}
 
-    if op == FileOp::Open as u32 && ret >= 0 && hit1 {
-        unsafe { track_write(task::fd_file(task, ret as i32)) };
+/// Programs a file call's exit hands over to: 0 is [`exit_file_send`].
+#[map]
+static TAIL: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Sends the event of a file call `exit_file` matched: first, when a path
+/// is too long for the record, the whole path. Reached by a tail call, so
+/// that neither the event nor the walk counts against the exit program's
+/// verifier budget, which its matching uses up.
+#[tracepoint]
+pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
+    // SAFETY: copied out of our per-CPU value.
+    let Some(c) = (unsafe { long::CALL.get(0) }).copied() else {
+        return 0;
+    };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let task = task::current();
+    // SAFETY: probe reads only; the scratch area still holds the paths
+    // the exit program matched (same CPU, no program in between).
+    let mut c = c;
+    // SAFETY: our per-CPU values.
+    let s = unsafe { &mut *s };
+    unsafe {
+        if (c.flags1 | c.flags2) & PATH_TRUNCATED != 0 && !whole_paths(s, task, &mut c) {
+            count(EventKind::File, COUNTER_FILTERED);
+            return 0;
+        }
+        emit_call(s, task, &c);
     }
+    0
 }
 
 #[tracepoint]
@@ -1129,6 +1270,12 @@ unsafe fn report_close(file: u64, how: u32, via: u32) {
     if !followed && !path::matches(s, &mut flags, false) {
         count(EventKind::File, COUNTER_FILTERED);
         return;
+    }
+    if flags & PATH_TRUNCATED != 0 {
+        // SAFETY: probe reads only.
+        if let Some(len) = unsafe { long::of_file(0, file) } {
+            long::send(0, 1, len);
+        }
     }
     let mut left = 0;
     if via == VIA_SYSCALL {

@@ -949,6 +949,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node: event_node.clone(),
         clock,
         table,
+        long_paths: Default::default(),
     };
     let mut grants: Vec<guard::Grant> = Vec::new();
     refresh_gates(

@@ -282,7 +282,7 @@ pub unsafe fn resolve_user(s: &mut Scratch, task: u64, dfd: i32, upath: u64) -> 
 /// Reads a string from user memory, or from kernel memory (`kernel`: the
 /// copy an io_uring request keeps), as the `bpf_probe_read_*_str` helpers do.
 #[inline(always)]
-unsafe fn read_str(dst: *mut u8, len: u32, src: u64, kernel: bool) -> i64 {
+pub(crate) unsafe fn read_str(dst: *mut u8, len: u32, src: u64, kernel: bool) -> i64 {
     unsafe {
         if kernel {
             gen::bpf_probe_read_kernel_str(dst as *mut c_void, len, src as *const c_void)
@@ -326,10 +326,12 @@ pub unsafe fn resolve_name(s: &mut Scratch, task: u64, dfd: i32, upath: u64, ker
         }
     }
     s.join = at as u32;
+    // One byte more than the key holds: a name that fills it exactly is
+    // told from one that goes on.
     let n = unsafe {
         read_str(
             s.key.as_mut_ptr().add(at & 255),
-            PATH_LEN as u32,
+            PATH_LEN as u32 + 1,
             upath,
             kernel,
         )
@@ -350,7 +352,7 @@ pub unsafe fn resolve_name(s: &mut Scratch, task: u64, dfd: i32, upath: u64, ker
 /// The directory a relative name starts from: the cwd for `AT_FDCWD`,
 /// else the directory `dfd` is open on, as `(dentry, vfsmount)`.
 #[inline(always)]
-unsafe fn start_dir(task: u64, dfd: i32) -> (u64, u64) {
+pub(crate) unsafe fn start_dir(task: u64, dfd: i32) -> (u64, u64) {
     unsafe {
         if dfd == AT_FDCWD {
             let fs: u64 = task::read(task, off!(task_fs));
@@ -519,6 +521,25 @@ pub fn save_key(s: &mut Scratch) {
             s.key.as_ptr() as *const c_void,
         );
     }
+}
+
+/// Makes the `PATH_LEN` bytes at `src` (the head of a whole path) the key.
+#[inline(always)]
+pub fn key_from(s: &mut Scratch, src: *const u8) {
+    // SAFETY: the key is inside the scratch value and PATH_LEN long.
+    unsafe {
+        gen::bpf_probe_read_kernel(
+            s.key.as_mut_ptr() as *mut c_void,
+            PATH_LEN as u32,
+            src as *const c_void,
+        );
+    }
+}
+
+/// The key's bytes, to put aside and bring back.
+#[inline(always)]
+pub fn key_mut(s: &mut Scratch) -> *mut u8 {
+    s.key.as_mut_ptr()
 }
 
 /// Copies the key's first `PATH_LEN` bytes to `dst` (a ring buffer record).

@@ -42,6 +42,7 @@ pub fn kind_name(kind: EventKind) -> &'static str {
         EventKind::Exit => "exit",
         EventKind::File => "file",
         EventKind::Connect => "connect",
+        EventKind::LongPath => "long_path",
     }
 }
 
@@ -230,7 +231,13 @@ pub struct Decoder {
     pub clock: Clock,
     /// Process identities.
     pub table: ProcessTable,
+    /// Whole paths sent ahead of the file event they complete, by thread.
+    pub long_paths: std::collections::HashMap<u32, [Option<String>; 2]>,
 }
+
+/// Threads whose whole paths may wait for their event at once; beyond it
+/// (their events were lost to a full ring), the waiting ones are dropped.
+const LONG_PATHS_WAITING: usize = 4096;
 
 impl Decoder {
     /// The kind of a record, from its first four bytes.
@@ -277,6 +284,25 @@ impl Decoder {
             EventKind::File => {
                 let e = view::<FileEvent>(bytes, k)?;
                 self.file(&e, watch)?
+            }
+            EventKind::LongPath => {
+                let head: agent_common::LongPath = read(bytes, k)?;
+                let head_len = std::mem::size_of::<agent_common::LongPath>();
+                let path = bytes.get(head_len..head_len + head.len as usize).ok_or(
+                    DecodeError::Short {
+                        kind: k,
+                        len: bytes.len(),
+                        want: head_len + head.len as usize,
+                    },
+                )?;
+                if self.long_paths.len() >= LONG_PATHS_WAITING {
+                    self.long_paths.clear();
+                }
+                let slot = self.long_paths.entry(head.tid).or_default();
+                if let Some(s) = slot.get_mut(head.which.wrapping_sub(1) as usize) {
+                    *s = Some(String::from_utf8_lossy(path).into_owned());
+                }
+                Decoded::Internal
             }
             EventKind::Connect => {
                 let e: ConnectEvent = read(bytes, k)?;
@@ -336,8 +362,24 @@ impl Decoder {
         if flags1 & PATH_BY_INODE != 0 {
             return Ok(self.by_inode(e, op, watch));
         }
-        let raw1 = cstr(&e.path);
-        let raw2 = cstr(&e.path2);
+        let mut raw1 = cstr(&e.path);
+        let mut raw2 = cstr(&e.path2);
+        // Paths cut in the record, sent whole just before it. The cut one
+        // is part of the whole one, else they are not this event's.
+        let (mut flags1, mut flags2) = (flags1, flags2);
+        if let Some([long1, long2]) = self.long_paths.remove(&e.hdr.pid) {
+            for (long, raw, flags) in [
+                (long1, &mut raw1, &mut flags1),
+                (long2, &mut raw2, &mut flags2),
+            ] {
+                if let Some(long) =
+                    long.filter(|l| *flags & PATH_TRUNCATED != 0 && l.contains(raw.as_str()))
+                {
+                    *raw = long;
+                    *flags &= !PATH_TRUNCATED;
+                }
+            }
+        }
         let xattr = matches!(op, FileOp::SetXattr | FileOp::RemoveXattr).then(|| cstr(&e.path2));
         let (path, new_path, target) = match op {
             FileOp::Symlink => (fix(raw2, flags2), None, Some(raw1)),
@@ -487,11 +529,78 @@ mod tests {
             node: "n".into(),
             clock: Clock::new(),
             table: ProcessTable::new(None, Clock::new()),
+            long_paths: Default::default(),
         };
         let short = [4u8, 0, 0, 0, 1, 2, 3];
         assert!(matches!(
             d.decode(&short, &WatchSet::default()),
             Err(DecodeError::Short { kind: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn a_whole_path_sent_ahead_completes_its_own_event_and_no_other() {
+        let mut d = Decoder {
+            node: "n".into(),
+            clock: Clock::new(),
+            table: ProcessTable::new(None, Clock::new()),
+            long_paths: Default::default(),
+        };
+        let w = WatchSet::default();
+        let whole = format!("/srv/{}/app.conf", "d".repeat(300));
+        let cut = &whole[..255];
+        let long = |tid: u32, path: &str| {
+            let mut b = Vec::new();
+            for v in [EventKind::LongPath as u32, tid, 1, path.len() as u32] {
+                b.extend(v.to_ne_bytes());
+            }
+            b.extend(path.as_bytes());
+            b
+        };
+        let file = |tid: u32| {
+            // SAFETY: a record of integers and byte arrays; zeroes are valid.
+            let mut e: FileEvent = unsafe { std::mem::zeroed() };
+            e.hdr.kind = EventKind::File as u32;
+            e.hdr.pid = tid;
+            e.hdr.tgid = std::process::id();
+            e.op = FileOp::CloseWrite as u32;
+            e.path_flags = PATH_FROM_FILE | PATH_TRUNCATED;
+            e.path[..cut.len()].copy_from_slice(cut.as_bytes());
+            // SAFETY: the record's own bytes.
+            unsafe {
+                std::slice::from_raw_parts(
+                    &e as *const FileEvent as *const u8,
+                    std::mem::size_of::<FileEvent>(),
+                )
+            }
+            .to_vec()
+        };
+        let mut path_of = |bytes: &[u8]| match d.decode(bytes, &w) {
+            Ok(Decoded::Event(e)) => match *e {
+                Event::File {
+                    path,
+                    path_truncated,
+                    ..
+                } => (path, path_truncated),
+                other => panic!("{other:?}"),
+            },
+            Ok(_) => ("(internal)".to_owned(), false),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(path_of(&long(7, &whole)).0, "(internal)");
+        // Another thread's event is not completed by it.
+        assert_eq!(path_of(&file(8)), (cut.to_owned(), true));
+        assert_eq!(path_of(&file(7)), (whole.clone(), false));
+        // Taken once.
+        assert_eq!(path_of(&file(7)), (cut.to_owned(), true));
+        // A whole path the cut one is not part of belongs to another event.
+        path_of(&long(7, "/srv/other.conf"));
+        assert_eq!(path_of(&file(7)), (cut.to_owned(), true));
+        let mut short = long(7, &whole);
+        short.truncate(40);
+        assert!(matches!(
+            d.decode(&short, &w),
+            Err(DecodeError::Short { kind: 6, .. })
         ));
     }
 

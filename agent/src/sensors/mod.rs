@@ -20,7 +20,7 @@ use agent_common::{
     EventKind, COUNTER_DROPPED, COUNTER_EMITTED, COUNTER_FILTERED, COUNTER_SEEN, COUNTER_SLOTS,
 };
 use aya::{
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramType, TracePoint,
     },
@@ -138,6 +138,9 @@ pub struct Sensors {
     /// The attachments, owned so that [`Sensors::detach`] can undo them
     /// together.
     links: Vec<Box<dyn std::any::Any + Send>>,
+    /// Kept open: the kernel empties a program array when its last file
+    /// descriptor closes.
+    _tail_progs: ProgramArray<MapData>,
 }
 
 /// Drops `links` (detaching their programs) on up to 16 threads at once.
@@ -255,6 +258,11 @@ fn probe_kernel() -> BTreeMap<String, bool> {
         let ok = aya::sys::is_program_supported(ty).unwrap_or(false);
         probes.insert(name.to_owned(), ok);
     }
+    // A kprobe program loads on a kernel built without kprobes; attaching
+    // one needs the kprobe perf event source, which only such a kernel has.
+    if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        probes.insert("kprobe".to_owned(), false);
+    }
     probes.insert(
         "btf".to_owned(),
         Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -317,6 +325,32 @@ impl Sensors {
             let id = prog.attach().map_err(program_err(tp))?;
             links.push(Box::new(prog.take_link(id).map_err(program_err(tp))?));
             hooks.push(format!("tp_btf/{tp}"));
+        }
+
+        // The program a file call's exit hands a matched call to, to send
+        // its event (and whole paths too long for the record): loaded, not
+        // attached, reached by a tail call through `TAIL`.
+        let mut tail_progs: ProgramArray<MapData> =
+            ProgramArray::try_from(ebpf.take_map("TAIL").ok_or_else(|| missing_map("TAIL"))?)
+                .map_err(|source| SensorError::Map {
+                    name: "TAIL",
+                    source,
+                })?;
+        {
+            let name = "exit_file_send";
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+                .try_into()
+                .map_err(program_err(name))?;
+            prog.load().map_err(program_err(name))?;
+            let fd = prog.fd().map_err(program_err(name))?;
+            tail_progs
+                .set(0, fd, 0)
+                .map_err(|source| SensorError::Map {
+                    name: "TAIL",
+                    source,
+                })?;
         }
 
         let mut syscalls = Syscalls {
@@ -431,6 +465,7 @@ impl Sensors {
             watch: WatchSet::default(),
             gates: crate::guard::Gates::default(),
             links,
+            _tail_progs: tail_progs,
         })
     }
 
