@@ -1007,6 +1007,31 @@ unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
     true
 }
 
+/// For a path resolved from an open `file` (into the key, with `flags`),
+/// and cut: builds the whole path, matches its head when the cut form
+/// missed (`hit`), and sends it ahead of the event. Whether the file is
+/// watched.
+#[inline(never)]
+unsafe fn whole_file(s: &mut Scratch, file: u64, flags: &mut u32, hit: bool) -> bool {
+    if *flags & PATH_TRUNCATED == 0 {
+        return hit;
+    }
+    let Some(len) = (unsafe { long::of_file(0, file) }) else {
+        return hit;
+    };
+    let mut hit = hit;
+    if !hit {
+        if let Some(head) = long::head(0) {
+            path::key_from(s, head);
+            hit = path::matches(s, flags, false);
+        }
+    }
+    if hit {
+        long::send(0, 1, len);
+    }
+    hit
+}
+
 /// A file event on one path, the one now in the scratch key: no owner
 /// change, no second path.
 struct OnePath {
@@ -1267,15 +1292,11 @@ unsafe fn report_close(file: u64, how: u32, via: u32) {
     };
     let s = unsafe { &mut *s };
     let mut flags = unsafe { path::resolve_file(s, file) };
-    if !followed && !path::matches(s, &mut flags, false) {
+    let hit = followed || path::matches(s, &mut flags, false);
+    // SAFETY: probe reads only.
+    if !unsafe { whole_file(s, file, &mut flags, hit) } {
         count(EventKind::File, COUNTER_FILTERED);
         return;
-    }
-    if flags & PATH_TRUNCATED != 0 {
-        // SAFETY: probe reads only.
-        if let Some(len) = unsafe { long::of_file(0, file) } {
-            long::send(0, 1, len);
-        }
     }
     let mut left = 0;
     if via == VIA_SYSCALL {
@@ -1554,7 +1575,9 @@ unsafe fn report_mapped(file: u64, op: FileOp) {
     let mut flags = unsafe { path::resolve_file(s, file) };
     // A file the process no longer maps may be gone: only a watched path
     // is reported.
-    if !path::matches(s, &mut flags, false) {
+    let hit = path::matches(s, &mut flags, false);
+    // SAFETY: probe reads only.
+    if !unsafe { whole_file(s, file, &mut flags, hit) } {
         count(EventKind::File, COUNTER_FILTERED);
         return;
     }
@@ -2095,8 +2118,12 @@ unsafe fn uring_on_file(file: u64, op: FileOp, res: i32, flags: u32) -> bool {
         return false;
     }
     let mut f = unsafe { path::resolve_file(s, file) };
-    if !path::matches(s, &mut f, false) {
+    let hit = path::matches(s, &mut f, false);
+    if !hit {
         path::dir_remember(s, f);
+    }
+    // SAFETY: probe reads only.
+    if !unsafe { whole_file(s, file, &mut f, hit) } {
         count(EventKind::File, COUNTER_FILTERED);
         return false;
     }

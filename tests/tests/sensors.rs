@@ -830,11 +830,27 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
          os.rename('app.conf', 'moved.conf')\n"
     ))
     .current_dir(&etc));
-    let sha = sha256_file(&moved);
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["sha256"] == sha.as_str(),
-        "the digest of the renamed file, under its whole path",
-    );
+    // An io_uring request, and a shared writable mapping.
+    let uring = c_helper(&dir, "uring");
+    let by_uring = format!("{deep}/uring.conf");
+    run(Command::new(&uring).args(["write", &by_uring, "by io_uring\n"]));
+    let mapped = format!("{deep}/mapped.bin");
+    std::fs::write(&mapped, "........").unwrap();
+    run(&mut python(&format!(
+        "import mmap, os\n\
+         fd = os.open('{mapped}', os.O_RDWR)\n\
+         mm = mmap.mmap(fd, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n\
+         mm[0:8] = b'MAPPED!!'\n\
+         mm.close()\n\
+         os.close(fd)\n"
+    )));
+    for path in [&moved, &by_uring, &mapped] {
+        let sha = sha256_file(path);
+        agent.wait_for(
+            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
+            &format!("the digest of {path}, under its whole path"),
+        );
+    }
     std::fs::remove_file(&moved).unwrap();
     agent.wait_for(
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
@@ -859,6 +875,8 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
     }
     assert_eq!(find("rename", &file)["new_path"], moved.as_str());
     find("unlink", &moved);
+    assert_eq!(find("open", &by_uring)["via"], "io_uring");
+    find("mmap", &mapped);
     let cut: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "file" && e["path_truncated"] == true)
