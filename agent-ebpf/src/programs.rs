@@ -971,10 +971,16 @@ unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
             } else {
                 long::of_name(0, path::start_dir(task, p.dfd), p.path, false)
             };
-            if let (Some(_), Some(head), false) = (len1, long::head(0), c.hit1) {
+            if let (Some(len), Some(head), false) = (len1, long::head(0), c.hit1) {
                 path::key_from(s, head);
                 c.hit1 = path::matches(s, &mut c.flags1, false);
                 c.resource1 = s.hit_resource;
+                // The exit program looked its directory up from the file
+                // (and left it in the scratch area) on these calls only.
+                let by_file = (op == FileOp::Open as u32 && c.ret >= 0) || p.by_fd == 1;
+                if !c.hit1 && by_file {
+                    path::dir_remember_whole(s, len, c.flags1);
+                }
                 if c.hit1 && op == FileOp::Open as u32 && c.ret >= 0 {
                     track_write(task::fd_file(task, c.ret as i32));
                 }

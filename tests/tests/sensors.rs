@@ -856,7 +856,32 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
         "the digest of the removed file",
     );
+    // As deep where nothing is watched: dropped in the kernel, and its
+    // directory remembered as clean until a rename moves it into the tree.
+    let outside = dir.join("outside");
+    let noise = format!("{outside}/{}/noise.txt", vec!["e".repeat(60); 20].join("/"));
+    std::fs::create_dir_all(std::path::Path::new(&noise).parent().unwrap()).unwrap();
+    let n = 50;
+    for i in 0..n {
+        std::fs::write(&noise, i.to_string()).unwrap();
+    }
+    let moved_in = format!("{etc}/moved-in");
+    std::fs::rename(&outside, &moved_in).unwrap();
+    let noise_in = noise.replacen(&outside, &moved_in, 1);
+    std::fs::write(&noise_in, "inside now").unwrap();
+    let sha_in = sha256_file(&noise_in);
+    agent.wait_for(
+        |e| {
+            e["kind"] == "digest"
+                && e["path"] == noise_in.as_str()
+                && e["sha256"] == sha_in.as_str()
+        },
+        "the digest of a deep file moved into the tree, under its whole path",
+    );
     let events = agent.stop();
+    assert!(file_events(&events, &noise).is_empty());
+    let stats = &final_stats(&events)["file"];
+    assert!(stats["filtered_kernel"].as_u64().unwrap() >= n, "{stats}");
     let find = |op: &str, path: &str| {
         events
             .iter()

@@ -536,6 +536,14 @@ pub fn key_from(s: &mut Scratch, src: *const u8) {
     }
 }
 
+/// After the head of a whole path (`len` bytes) missed: its directory is
+/// remembered as holding nothing watched, as for a path that fit.
+#[inline(always)]
+pub fn dir_remember_whole(s: &mut Scratch, len: usize, flags: u32) {
+    s.key_len = len as u64;
+    dir_remember(s, flags & !PATH_TRUNCATED);
+}
+
 /// The key's bytes, to put aside and bring back.
 #[inline(always)]
 pub fn key_mut(s: &mut Scratch) -> *mut u8 {
