@@ -426,12 +426,19 @@ unsafe fn on_fork(child: u64) {
     if pid != tgid {
         return;
     }
-    // The child has copies of the parent's fds and mappings.
+    // The child has copies of the parent's fds and mappings. A holder
+    // that has no followed file left among its fds is one no more, and
+    // passes nothing on: holding does not spread down a process tree
+    // past the files themselves.
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: lookups of plain values, copied out.
+    // SAFETY: lookups of plain values, copied out; probe reads.
     unsafe {
         if let Some(how) = HOLDERS.get(&parent).copied() {
-            let _ = HOLDERS.insert(&tgid, &how, 0);
+            if how & HOLD_BY_PATH != 0 || holds_followed() {
+                let _ = HOLDERS.insert(&tgid, &how, 0);
+            } else {
+                let _ = HOLDERS.remove(&parent);
+            }
         }
         if let Some(m) = MAPPED.get(&parent).copied() {
             let _ = MAPPED.insert(&tgid, &m, 0);
@@ -1232,17 +1239,15 @@ static TAIL: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[tracepoint]
 pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
     // SAFETY: copied out of our per-CPU value.
-    let Some(c) = (unsafe { long::CALL.get(0) }).copied() else {
+    let Some(mut c) = (unsafe { long::CALL.get(0) }).copied() else {
         return 0;
     };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let task = task::current();
-    // SAFETY: probe reads only; the scratch area still holds the paths
-    // the exit program matched (same CPU, no program in between).
-    let mut c = c;
-    // SAFETY: our per-CPU values.
+    // SAFETY: our per-CPU value, which still holds the paths the exit
+    // program matched (same CPU, no program in between); probe reads.
     let s = unsafe { &mut *s };
     unsafe {
         if (c.flags1 | c.flags2) & PATH_TRUNCATED != 0 && !whole_paths(s, task, &mut c) {
@@ -1388,6 +1393,55 @@ unsafe fn sweep(first: u32, end: u32, how: u32, via: u32) {
             &mut c as *mut Sweep as *mut c_void,
             0,
         );
+    }
+}
+
+/// The search of [`holds_followed`], for `bpf_loop`.
+#[repr(C)]
+struct Holds {
+    /// `fdtable.fd`.
+    fds: u64,
+    /// Set when a followed file was found.
+    found: u64,
+}
+
+/// One fd of a [`Holds`] search: 1 (stop) once a followed file is found.
+unsafe extern "C" fn holds_fd(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Holds`, on its stack; probe reads.
+    unsafe {
+        let c = &mut *(ctx as *mut Holds);
+        let file: u64 = task::read(c.fds, i.wrapping_mul(8));
+        if file == 0 {
+            return 0;
+        }
+        let inode: u64 = task::read(file, off!(file_f_inode));
+        if WRITE_FILES.get(&file).is_some_and(|v| *v == inode) {
+            c.found = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Whether the current process has an fd of a followed file.
+#[inline(never)]
+unsafe fn holds_followed() -> bool {
+    unsafe {
+        let files: u64 = task::read(task::current(), off!(task_files));
+        let fdt: u64 = task::read(files, off!(files_fdt));
+        let max: u32 = task::read(fdt, off!(fdt_max_fds));
+        let mut c = Holds {
+            fds: task::read(fdt, off!(fdt_fd)),
+            found: 0,
+        };
+        let callback: unsafe extern "C" fn(u32, *mut c_void) -> i64 = holds_fd;
+        gen::bpf_loop(
+            max.min(SWEEP_MAX),
+            callback as *mut c_void,
+            &mut c as *mut Holds as *mut c_void,
+            0,
+        );
+        c.found != 0
     }
 }
 
