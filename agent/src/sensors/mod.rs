@@ -192,12 +192,7 @@ impl Syscalls<'_> {
         category: &str,
         tp: &str,
     ) -> Result<(), SensorError> {
-        let prog: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
-            .try_into()
-            .map_err(program_err(name))?;
+        let prog: &mut TracePoint = program(self.ebpf, name)?;
         if self.loaded.insert(name) {
             prog.load().map_err(program_err(name))?;
         }
@@ -242,6 +237,17 @@ fn program_err(name: &str) -> impl FnOnce(ProgramError) -> SensorError + '_ {
         name: name.to_owned(),
         source,
     }
+}
+
+/// The program `name` in the object, as its type `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, SensorError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+        .try_into()
+        .map_err(program_err(name))
 }
 
 /// Asks the kernel which program types it loads.
@@ -316,11 +322,7 @@ impl Sensors {
             "sched_process_fork",
             "sched_process_exit",
         ] {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(tp)
-                .ok_or_else(|| SensorError::MissingHook(format!("program {tp} in the object")))?
-                .try_into()
-                .map_err(program_err(tp))?;
+            let prog: &mut BtfTracePoint = program(&mut ebpf, tp)?;
             prog.load(tp, &kernel_btf).map_err(program_err(tp))?;
             let id = prog.attach().map_err(program_err(tp))?;
             links.push(Box::new(prog.take_link(id).map_err(program_err(tp))?));
@@ -338,11 +340,7 @@ impl Sensors {
                 })?;
         {
             let name = "exit_file_send";
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
-                .try_into()
-                .map_err(program_err(name))?;
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
             let fd = prog.fd().map_err(program_err(name))?;
             tail_progs
@@ -421,11 +419,7 @@ impl Sensors {
             source,
         })?;
         for name in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
-                .try_into()
-                .map_err(program_err(name))?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
             // On 5.7+ aya attaches through a bpf_link, which always coexists
             // with other programs and takes no flags; `Single` passes none.
