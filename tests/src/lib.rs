@@ -166,6 +166,25 @@ impl Agent {
             .collect()
     }
 
+    /// Waits for the digest of `path` with content `sha256`.
+    pub fn wait_digest(&mut self, path: &str, sha256: &str, what: &str) -> Value {
+        self.wait_for(
+            |e| e["kind"] == "digest" && e["path"] == path && e["sha256"] == sha256,
+            what,
+        )
+    }
+
+    /// Checks that `path` holds `content`, and waits for its digest.
+    pub fn wait_written(&mut self, path: &str, content: &str) -> Value {
+        assert_eq!(std::fs::read_to_string(path).unwrap(), content, "{path}");
+        let sha = sha256_file(path);
+        self.wait_digest(
+            path,
+            &sha,
+            &format!("the digest of what was written to {path}"),
+        )
+    }
+
     /// Waits (up to 60 s) for an event matching `pred`.
     pub fn wait_for(&mut self, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
         self.wait_for_progress(pred, what, || 0)

@@ -361,12 +361,14 @@ fn an_exchange_rename_is_named_and_both_names_are_digested() {
          assert libc.renameat2(AT_FDCWD, b'{a}', AT_FDCWD, b'{b}', 2) == 0, os.strerror(ctypes.get_errno())\n\
          assert libc.renameat2(AT_FDCWD, b'{a}', AT_FDCWD, b'{c}', 1) == 0, os.strerror(ctypes.get_errno())\n"
     )));
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == c.as_str() && e["sha256"] == sha_beta.as_str(),
+    agent.wait_digest(
+        &c,
+        &sha_beta,
         "the digest of the name renamed to without replacing",
     );
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == b.as_str() && e["sha256"] == sha_alpha.as_str(),
+    agent.wait_digest(
+        &b,
+        &sha_alpha,
         "the digest of the second name after the exchange",
     );
     let events = agent.stop();
@@ -440,8 +442,9 @@ fn changes_through_a_bind_mount_in_another_mount_namespace_are_the_watched_files
     agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
     inside(&first, &format!("sed -i s/prod/debug/ {view}/app.conf"));
     let sha = sha256_file(&conf);
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+    agent.wait_digest(
+        &conf,
+        &sha,
         "the digest of the watched file written through the other view",
     );
     // A namespace made now: found once its mount is seen.
@@ -575,12 +578,7 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
         (&mapped, "MAPPED!!\n"),
         (&premapped, "PREMAPPD\n"),
     ] {
-        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
-        let sha = sha256_file(path);
-        agent.wait_for(
-            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
-            &format!("the digest of what was written to {path}"),
-        );
+        agent.wait_written(path, content);
     }
     let events = agent.stop();
     let on_mapped = file_events(&events, &mapped);
@@ -727,12 +725,7 @@ print(json.dumps(pids))
             None,
         ),
     ] {
-        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
-        let sha = sha256_file(path);
-        agent.wait_for(
-            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
-            &format!("the digest of what was written to {path}"),
-        );
+        agent.wait_written(path, content);
         let close = agent.wait_for(
             |e| {
                 e["kind"] == "file"
@@ -787,8 +780,9 @@ fn a_write_through_an_outside_hard_link_is_the_watched_file() {
         "open('{outside}', 'w').write('mode=debug\\n')\n"
     )));
     let sha = sha256_file(&conf);
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
+    agent.wait_digest(
+        &conf,
+        &sha,
         "the digest of the watched file written through its other name",
     );
     let events = agent.stop();
@@ -846,8 +840,9 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
     )));
     for path in [&moved, &by_uring, &mapped] {
         let sha = sha256_file(path);
-        agent.wait_for(
-            |e| e["kind"] == "digest" && e["path"] == path.as_str() && e["sha256"] == sha.as_str(),
+        agent.wait_digest(
+            path,
+            &sha,
             &format!("the digest of {path}, under its whole path"),
         );
     }
@@ -870,12 +865,9 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
     let noise_in = noise.replacen(&outside, &moved_in, 1);
     std::fs::write(&noise_in, "inside now").unwrap();
     let sha_in = sha256_file(&noise_in);
-    agent.wait_for(
-        |e| {
-            e["kind"] == "digest"
-                && e["path"] == noise_in.as_str()
-                && e["sha256"] == sha_in.as_str()
-        },
+    agent.wait_digest(
+        &noise_in,
+        &sha_in,
         "the digest of a deep file moved into the tree, under its whole path",
     );
     let events = agent.stop();
@@ -973,10 +965,7 @@ fn a_watched_directory_replaced_by_a_staged_one_is_digested() {
     std::fs::rename(&app, &old).unwrap();
     std::fs::rename(&staged, &app).unwrap();
     let conf = format!("{app}/conf.d/db.conf");
-    let d = agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
-        "the digest of a file the replacement brought",
-    );
+    let d = agent.wait_digest(&conf, &sha, "the digest of a file the replacement brought");
     agent.stop();
     assert_eq!(d["reason"], "change");
     assert_eq!(d["resource"], "cfg");
@@ -1012,10 +1001,9 @@ fn a_mount_over_a_watched_directory_is_reported_and_what_it_shows_digested() {
         }
     }
     let _mounted = Unmount(etc.clone());
-    let over = agent.wait_for(
-        |e| {
-            e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha_debug.as_str()
-        },
+    let over = agent.wait_digest(
+        &conf,
+        &sha_debug,
         "the digest of what the watched name shows under the mount",
     );
     run(Command::new("umount").arg(&etc));
@@ -1206,27 +1194,18 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
     run(Command::new(&uring).args(["write", &other, "noise"]));
     run(Command::new(&uring).args(["write", &conf, "v2 written by io_uring\n"]));
     let sha = sha256_file(&conf);
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == conf.as_str() && e["sha256"] == sha.as_str(),
-        "the digest of what io_uring wrote",
-    );
+    agent.wait_digest(&conf, &sha, "the digest of what io_uring wrote");
     // Through a fixed-file slot: no fd is installed to follow.
     let fixed = format!("{etc}/fixed.conf");
     run(Command::new(&uring).args(["write-fixed", &fixed, "written through a fixed slot\n"]));
     let sha_fixed = sha256_file(&fixed);
-    agent.wait_for(
-        |e| {
-            e["kind"] == "digest"
-                && e["path"] == fixed.as_str()
-                && e["sha256"] == sha_fixed.as_str()
-        },
+    agent.wait_digest(
+        &fixed,
+        &sha_fixed,
         "the digest of what io_uring wrote through a fixed file",
     );
     run(Command::new(&uring).args(["rename", &conf, &moved]));
-    agent.wait_for(
-        |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["sha256"] == sha.as_str(),
-        "the digest of the name io_uring renamed to",
-    );
+    agent.wait_digest(&moved, &sha, "the digest of the name io_uring renamed to");
     run(Command::new(&uring).args(["unlink", &moved]));
     agent.wait_for(
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
