@@ -1146,6 +1146,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 digests.triggered(seq);
             }
             Ok(Decoded::Internal) => {}
+            Ok(Decoded::Forked { parent, child }) => {
+                // The child has the parent's mappings found at start too.
+                if let Some(paths) = user.mapped.get(&parent).cloned() {
+                    user.mapped.insert(child, paths);
+                }
+            }
             Ok(Decoded::Mounted) => {
                 user.mounts_changed = true;
                 *user.filtered_user.entry(kind).or_default() += 1;

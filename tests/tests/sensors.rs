@@ -510,8 +510,9 @@ fn changes_through_a_bind_mount_in_another_mount_namespace_are_the_watched_files
 /// Write handles the agent did not see opened: an fd open for write since
 /// before its start, a `dup` of a tracked fd written after the original
 /// closed, and shared writable mappings (one made since, written after its
-/// fd closed; one made before the start, written and left at exit). Each
-/// ends in a digest of what was written.
+/// fd closed; one made before the start, written by a child that then
+/// exits while its parent runs on). Each ends in a digest of what was
+/// written.
 #[test]
 fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
     use std::io::{BufRead as _, Write as _};
@@ -540,7 +541,10 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
                  sys.stdin.readline()\n\
                  os.write(fd, b'written after the start\\n')\n\
                  os.close(fd)\n\
-                 mm[0:8] = b'PREMAPPD'\n\
+                 pid = os.fork()\n\
+                 if pid == 0:\n    mm[0:8] = b'PREMAPPD'\n    os._exit(0)\n\
+                 os.waitpid(pid, 0)\n\
+                 sys.stdin.readline()\n\
                  os._exit(0)\n"
             ),
         ])
@@ -555,8 +559,8 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
     assert_eq!(line.trim(), "ready");
     let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
     agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
-    writeln!(before.stdin.take().unwrap()).unwrap();
-    assert!(before.wait().unwrap().success());
+    let mut told = before.stdin.take().unwrap();
+    writeln!(told).unwrap();
     run(&mut python(&format!(
         "import mmap, os, time\n\
          fd = os.open('{duped}', os.O_WRONLY | os.O_TRUNC)\n\
@@ -580,6 +584,10 @@ fn writes_through_handles_the_agent_did_not_see_opened_are_digested() {
     ] {
         agent.wait_written(path, content);
     }
+    // The mapping found at start was written by a child, which exited
+    // while its parent still runs.
+    writeln!(told).unwrap();
+    assert!(before.wait().unwrap().success());
     let events = agent.stop();
     let on_mapped = file_events(&events, &mapped);
     assert!(

@@ -214,8 +214,15 @@ fn view<T: Copy>(bytes: &[u8], kind: u32) -> Result<std::borrow::Cow<'_, T>, Dec
 pub enum Decoded {
     /// An event to emit.
     Event(Box<Event>),
-    /// Bookkeeping only (fork), nothing to emit.
+    /// Bookkeeping only, nothing to emit.
     Internal,
+    /// A new process, `child`, of `parent`: bookkeeping only.
+    Forked {
+        /// The parent's process id.
+        parent: u32,
+        /// The child's.
+        child: u32,
+    },
     /// Passed on by the kernel, but outside the watched set once normalised.
     FilteredInUser,
     /// A mount or unmount away from the watched paths: where mounts show
@@ -267,7 +274,10 @@ impl Decoder {
             EventKind::Fork => {
                 let e: ForkEvent = read(bytes, k)?;
                 self.table.on_fork(&e.hdr, e.child_tgid, e.child_start_ns);
-                Decoded::Internal
+                Decoded::Forked {
+                    parent: e.hdr.tgid,
+                    child: e.child_tgid,
+                }
             }
             EventKind::Exit => {
                 let e: ExitEvent = read(bytes, k)?;
