@@ -945,12 +945,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             source,
         ));
     }
-    let mut decoder = Decoder {
-        node: event_node.clone(),
-        clock,
-        table,
-        long_paths: Default::default(),
-    };
+    let mut decoder = Decoder::new(event_node.clone(), clock, table);
     let mut grants: Vec<guard::Grant> = Vec::new();
     refresh_gates(
         &mut sensors,

@@ -239,7 +239,7 @@ pub struct Decoder {
     /// Process identities.
     pub table: ProcessTable,
     /// Whole paths sent ahead of the file event they complete, by thread.
-    pub long_paths: std::collections::HashMap<u32, [Option<String>; 2]>,
+    long_paths: std::collections::HashMap<u32, [Option<String>; 2]>,
 }
 
 /// Threads whose whole paths may wait for their event at once; beyond it
@@ -247,6 +247,16 @@ pub struct Decoder {
 const LONG_PATHS_WAITING: usize = 4096;
 
 impl Decoder {
+    /// A decoder for `node`'s records.
+    pub fn new(node: crate::event::Node, clock: Clock, table: ProcessTable) -> Self {
+        Self {
+            node,
+            clock,
+            table,
+            long_paths: Default::default(),
+        }
+    }
+
     /// The kind of a record, from its first four bytes.
     pub fn kind_of(bytes: &[u8]) -> Result<EventKind, DecodeError> {
         let k = read::<u32>(bytes, 0)?;
@@ -535,12 +545,11 @@ mod tests {
             Decoder::kind_of(&[99, 0, 0, 0]),
             Err(DecodeError::Unknown(99))
         );
-        let mut d = Decoder {
-            node: "n".into(),
-            clock: Clock::new(),
-            table: ProcessTable::new(None, Clock::new()),
-            long_paths: Default::default(),
-        };
+        let mut d = Decoder::new(
+            "n".into(),
+            Clock::new(),
+            ProcessTable::new(None, Clock::new()),
+        );
         let short = [4u8, 0, 0, 0, 1, 2, 3];
         assert!(matches!(
             d.decode(&short, &WatchSet::default()),
@@ -550,12 +559,11 @@ mod tests {
 
     #[test]
     fn a_whole_path_sent_ahead_completes_its_own_event_and_no_other() {
-        let mut d = Decoder {
-            node: "n".into(),
-            clock: Clock::new(),
-            table: ProcessTable::new(None, Clock::new()),
-            long_paths: Default::default(),
-        };
+        let mut d = Decoder::new(
+            "n".into(),
+            Clock::new(),
+            ProcessTable::new(None, Clock::new()),
+        );
         let w = WatchSet::default();
         let whole = format!("/srv/{}/app.conf", "d".repeat(300));
         let cut = &whole[..255];

@@ -30,11 +30,11 @@ static STATE: OnceLock<Mutex<(Decoder, WatchSet)>> = OnceLock::new();
 fuzz_target!(|data: &[u8]| {
     let state = STATE.get_or_init(|| {
         let policy = Policy::parse("fuzz.yaml", POLICY).expect("the fuzz policy parses");
-        let decoder = Decoder {
-            node: "fuzz".into(),
-            clock: Clock::new(),
-            table: ProcessTable::new(None, Clock::new()),
-        };
+        let decoder = Decoder::new(
+            "fuzz".into(),
+            Clock::new(),
+            ProcessTable::new(None, Clock::new()),
+        );
         Mutex::new((decoder, WatchSet::from_policy(&policy)))
     });
     let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
