@@ -473,8 +473,7 @@ unsafe fn on_exit() {
     let tgid = (pid_tgid >> 32) as u32;
     let _ = MAPPED.remove(&tgid);
     // What a holder still has open goes with it: reported before its exit.
-    // SAFETY: copied out.
-    if let Some(how) = (unsafe { HOLDERS.get(&tgid) }).copied() {
+    if let Some(how) = holding() {
         let _ = HOLDERS.remove(&tgid);
         // SAFETY: probe reads only.
         unsafe { sweep(0, u32::MAX, how, VIA_EXIT) };
@@ -961,8 +960,7 @@ unsafe fn on_mount(p: &PendingFile) {
 unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
     let p = c.p;
     let op = p.op;
-    let named2 =
-        op == FileOp::Rename as u32 || op == FileOp::Link as u32 || op == FileOp::Symlink as u32;
+    let named2 = names_two(op);
     let mut len1 = None;
     let mut len2 = None;
     unsafe {
@@ -1086,11 +1084,10 @@ unsafe fn on_file(p: &PendingFile, ret: i64) -> bool {
     let s = unsafe { &mut *s };
     let task = task::current();
     let op = p.op;
-    let two_paths = op == FileOp::Rename as u32 || op == FileOp::Link as u32;
     let mut flags2 = 0u32;
     let mut hit2 = false;
 
-    if two_paths || op == FileOp::Symlink as u32 {
+    if names_two(op) {
         // The second path is the new name; keep it aside while the first is resolved.
         flags2 = unsafe { path::resolve_user(s, task, p.dfd2, p.path2) };
         hit2 = path::matches(s, &mut flags2, p.odd & 2 != 0);
@@ -1176,6 +1173,13 @@ unsafe fn on_file(p: &PendingFile, ret: i64) -> bool {
     true
 }
 
+/// Whether a call's second argument names a file (`path2`): the new name
+/// of a rename or link, a symlink's own name.
+#[inline(always)]
+fn names_two(op: u32) -> bool {
+    op == FileOp::Rename as u32 || op == FileOp::Link as u32 || op == FileOp::Symlink as u32
+}
+
 /// The guardrail: the new name first (a rename or link into a protected
 /// tree), then the file acted on. The call has run by now; a refused
 /// caller is killed before it returns to user space, so it never writes
@@ -1198,8 +1202,7 @@ fn judge(hit1: bool, resource1: u64, hit2: bool, resource2: u64) -> u32 {
 unsafe fn emit_call(s: &Scratch, task: u64, c: &long::Call) {
     let p = &c.p;
     let op = p.op;
-    let two_paths =
-        op == FileOp::Rename as u32 || op == FileOp::Link as u32 || op == FileOp::Symlink as u32;
+    let two_paths = names_two(op);
     // SAFETY: writes into our reserved record; task reads are probe reads.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
@@ -1272,6 +1275,14 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Whether `file` is one of `WRITE_FILES`, for the inode it was kept with.
+#[inline(always)]
+unsafe fn followed(file: u64) -> bool {
+    let inode: u64 = unsafe { task::read(file, off!(file_f_inode)) };
+    // SAFETY: a lookup of a plain value.
+    unsafe { WRITE_FILES.get(&file) }.is_some_and(|v| *v == inode)
+}
+
 /// Whether a holder's `file` is a watched file open for write: `Some(true)`
 /// when it is followed, `Some(false)` when only its path can tell.
 #[inline(always)]
@@ -1280,8 +1291,7 @@ unsafe fn held_write(file: u64, how: u32) -> Option<bool> {
         return None;
     }
     unsafe {
-        let inode: u64 = task::read(file, off!(file_f_inode));
-        if WRITE_FILES.get(&file).is_some_and(|v| *v == inode) {
+        if followed(file) {
             return Some(true);
         }
         let mode: u32 = task::read(file, off!(file_f_mode));
@@ -1372,9 +1382,7 @@ unsafe extern "C" fn sweep_fd(i: u32, ctx: *mut c_void) -> i64 {
 #[inline(never)]
 unsafe fn sweep(first: u32, end: u32, how: u32, via: u32) {
     unsafe {
-        let files: u64 = task::read(task::current(), off!(task_files));
-        let fdt: u64 = task::read(files, off!(files_fdt));
-        let max: u32 = task::read(fdt, off!(fdt_max_fds));
+        let (fdt, max) = task::fd_table(task::current());
         let end = end.min(max).min(SWEEP_MAX);
         if first >= end {
             return;
@@ -1414,8 +1422,7 @@ unsafe extern "C" fn holds_fd(i: u32, ctx: *mut c_void) -> i64 {
         if file == 0 {
             return 0;
         }
-        let inode: u64 = task::read(file, off!(file_f_inode));
-        if WRITE_FILES.get(&file).is_some_and(|v| *v == inode) {
+        if followed(file) {
             c.found = 1;
             return 1;
         }
@@ -1427,9 +1434,7 @@ unsafe extern "C" fn holds_fd(i: u32, ctx: *mut c_void) -> i64 {
 #[inline(never)]
 unsafe fn holds_followed() -> bool {
     unsafe {
-        let files: u64 = task::read(task::current(), off!(task_files));
-        let fdt: u64 = task::read(files, off!(files_fdt));
-        let max: u32 = task::read(fdt, off!(fdt_max_fds));
+        let (fdt, max) = task::fd_table(task::current());
         let mut c = Holds {
             fds: task::read(fdt, off!(fdt_fd)),
             found: 0,

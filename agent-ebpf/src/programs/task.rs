@@ -74,6 +74,16 @@ pub unsafe fn exe_id(task: u64) -> (u64, u64) {
     }
 }
 
+/// `task`'s fd table (`struct fdtable *`) and its size.
+#[inline(always)]
+pub unsafe fn fd_table(task: u64) -> (u64, u32) {
+    unsafe {
+        let files: u64 = read(task, off!(task_files));
+        let fdt: u64 = read(files, off!(files_fdt));
+        (fdt, read(fdt, off!(fdt_max_fds)))
+    }
+}
+
 /// The `struct file *` behind `fd` in `task`'s table, or 0.
 #[inline(always)]
 pub unsafe fn fd_file(task: u64, fd: i32) -> u64 {
@@ -81,9 +91,7 @@ pub unsafe fn fd_file(task: u64, fd: i32) -> u64 {
         return 0;
     }
     unsafe {
-        let files: u64 = read(task, off!(task_files));
-        let fdt: u64 = read(files, off!(files_fdt));
-        let max: u32 = read(fdt, off!(fdt_max_fds));
+        let (fdt, max) = fd_table(task);
         if fd as u32 >= max {
             return 0;
         }
