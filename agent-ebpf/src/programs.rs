@@ -942,6 +942,19 @@ unsafe fn on_mount(p: &PendingFile) {
     } else {
         flags
     };
+    if flags & PATH_TRUNCATED != 0 {
+        // SAFETY: probe reads only.
+        let whole = unsafe {
+            if p.by_fd == 1 {
+                long::of_file(0, task::fd_file(task, p.dfd))
+            } else {
+                long::of_name(0, path::start_dir(task, p.dfd), p.path, false)
+            }
+        };
+        if let Some(len) = whole {
+            long::send(0, 1, len);
+        }
+    }
     let ev = OnePath {
         op: p.op,
         ret: 0,
@@ -953,14 +966,21 @@ unsafe fn on_mount(p: &PendingFile) {
     unsafe { emit_one(s, task, ev) };
 }
 
-/// Builds the whole paths of a call whose event would hold them cut,
-/// matches those the cut form missed, and sends them; false when nothing
-/// the call named is watched after all (then nothing is sent).
+/// Builds the whole paths of a call whose event would hold them cut, and
+/// matches those the cut form missed: their lengths (in areas 0 and 1),
+/// for the caller to send or keep, or `None` when nothing the call named
+/// is watched after all.
 #[inline(never)]
-unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
+unsafe fn whole_paths(
+    s: &mut Scratch,
+    task: u64,
+    c: &mut long::Call,
+) -> Option<(Option<usize>, Option<usize>)> {
     let p = c.p;
     let op = p.op;
     let named2 = names_two(op);
+    // An io_uring request's names are the kernel's copies.
+    let kernel = c.req != 0;
     let mut len1 = None;
     let mut len2 = None;
     unsafe {
@@ -974,7 +994,7 @@ unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
                 };
                 long::of_file(0, task::fd_file(task, fd))
             } else {
-                long::of_name(0, path::start_dir(task, p.dfd), p.path, false)
+                long::of_name(0, path::start_dir(task, p.dfd), p.path, kernel)
             };
             if let (Some(len), Some(head), false) = (len1, long::head(0), c.hit1) {
                 path::key_from(s, head);
@@ -992,7 +1012,7 @@ unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
             }
         }
         if named2 && c.flags2 & PATH_TRUNCATED != 0 {
-            len2 = long::of_name(1, path::start_dir(task, p.dfd2), p.path2, false);
+            len2 = long::of_name(1, path::start_dir(task, p.dfd2), p.path2, kernel);
             if let (Some(_), Some(head), false) = (len2, long::head(1), c.hit2) {
                 // The first path's key stays the event's.
                 long::keep(path::key_mut(s), false);
@@ -1004,18 +1024,12 @@ unsafe fn whole_paths(s: &mut Scratch, task: u64, c: &mut long::Call) -> bool {
         }
     }
     if !c.hit1 && !c.hit2 {
-        return false;
+        return None;
     }
     if c.verdict == 0 {
         c.verdict = judge(c.hit1, c.resource1, c.hit2, c.resource2);
     }
-    if let Some(len) = len1 {
-        long::send(0, 1, len);
-    }
-    if let Some(len) = len2 {
-        long::send(1, 2, len);
-    }
-    true
+    Some((len1, len2))
 }
 
 /// For a path resolved from an open `file` (into the key, with `flags`),
@@ -1168,6 +1182,7 @@ unsafe fn on_file(p: &PendingFile, ret: i64) -> bool {
             hit2,
             resource1,
             resource2,
+            req: 0,
         }
     };
     true
@@ -1231,9 +1246,10 @@ unsafe fn emit_call(s: &Scratch, task: u64, c: &long::Call) {
     });
 }
 
-/// Programs a file call's exit hands over to: 0 is [`exit_file_send`].
+/// Programs a file call's exit, or an io_uring submission, hands over to:
+/// 0 is [`exit_file_send`], 1 [`uring_named_keep`], 2 [`uring_named_match`].
 #[map]
-static TAIL: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static TAIL: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// Sends the event of a file call `exit_file` matched: first, when a path
 /// is too long for the record, the whole path. Reached by a tail call, so
@@ -1241,8 +1257,7 @@ static TAIL: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// verifier budget, which its matching uses up.
 #[tracepoint]
 pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
-    // SAFETY: copied out of our per-CPU value.
-    let Some(mut c) = (unsafe { long::CALL.get(0) }).copied() else {
+    let Some(mut c) = long::CALL.get(0).copied() else {
         return 0;
     };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
@@ -1253,9 +1268,17 @@ pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
     // program matched (same CPU, no program in between); probe reads.
     let s = unsafe { &mut *s };
     unsafe {
-        if (c.flags1 | c.flags2) & PATH_TRUNCATED != 0 && !whole_paths(s, task, &mut c) {
-            count(EventKind::File, COUNTER_FILTERED);
-            return 0;
+        if (c.flags1 | c.flags2) & PATH_TRUNCATED != 0 {
+            let Some((len1, len2)) = whole_paths(s, task, &mut c) else {
+                count(EventKind::File, COUNTER_FILTERED);
+                return 0;
+            };
+            if let Some(len) = len1 {
+                long::send(0, 1, len);
+            }
+            if let Some(len) = len2 {
+                long::send(1, 2, len);
+            }
         }
         emit_call(s, task, &c);
     }
@@ -1931,15 +1954,15 @@ pub fn uring_submit(ctx: TracePointContext) -> u32 {
             core::ptr::read(base.add(32)),
         )
     };
-    match opcode {
+    let named = match opcode {
         // If the connect is issued inline, the cgroup hook runs on this
         // thread and finds the record named io_uring.
-        IORING_OP_CONNECT => arm_connect(VIA_IO_URING),
-        IORING_OP_RENAMEAT | IORING_OP_UNLINKAT | IORING_OP_SYMLINKAT | IORING_OP_LINKAT
-            if off!(uring) == 1 =>
-        {
-            // SAFETY: probe reads of the request.
-            unsafe { uring_named(req, opcode) }
+        IORING_OP_CONNECT => {
+            arm_connect(VIA_IO_URING);
+            false
+        }
+        IORING_OP_RENAMEAT | IORING_OP_UNLINKAT | IORING_OP_SYMLINKAT | IORING_OP_LINKAT => {
+            off!(uring) == 1
         }
         // An open into a fixed-file slot installs no fd to follow at
         // completion: judged here by its name, like the requests above.
@@ -1948,12 +1971,43 @@ pub fn uring_submit(ctx: TracePointContext) -> u32 {
             unsafe {
                 let flags: u32 = task::read(req, off!(io_open_how));
                 let slot: u32 = task::read(req, off!(io_open_file_slot));
-                if slot != 0 && writes(flags) {
-                    uring_named(req, opcode);
-                }
+                slot != 0 && writes(flags)
             }
         }
-        _ => {}
+        _ => false,
+    };
+    if named {
+        // Matched by `uring_named_match`, with a verifier budget of its
+        // own: two names resolved and matched use most of one.
+        if let Some(c) = long::CALL.get_ptr_mut(0) {
+            // SAFETY: our per-CPU value; a tail call with our own context.
+            unsafe {
+                (*c).req = req;
+                let _ = TAIL.tail_call(&ctx, 2);
+            }
+        }
+        // Back only when the program is missing from the array: the event
+        // is lost, and counted so.
+        count(EventKind::File, COUNTER_DROPPED);
+    }
+    0
+}
+
+/// A request naming files, handed over by [`uring_submit`]: its names
+/// matched. One that names a watched file, or a path too long for its
+/// record, is handed on to [`uring_named_keep`].
+#[tracepoint]
+pub fn uring_named_match(ctx: TracePointContext) -> u32 {
+    let Some(req) = long::CALL.get(0).map(|c| c.req) else {
+        return 0;
+    };
+    // SAFETY: probe reads of the request.
+    unsafe {
+        let opcode: u8 = task::read(req, off!(io_kiocb_opcode));
+        if uring_named(req, opcode) {
+            let _ = TAIL.tail_call(&ctx, 1);
+            count(EventKind::File, COUNTER_DROPPED);
+        }
     }
     0
 }
@@ -1968,11 +2022,14 @@ unsafe fn filename(f: u64) -> u64 {
     }
 }
 
-/// Judges a request naming files and keeps its event for the completion.
-unsafe fn uring_named(req: u64, opcode: u8) {
+/// Matches the names of a request. True when one is watched, or cut: the
+/// request is then left in `long::CALL` for [`uring_named_keep`], which
+/// runs with a verifier budget of its own (the matching leaves many
+/// states, each of which would walk what follows it).
+unsafe fn uring_named(req: u64, opcode: u8) -> bool {
     count(EventKind::File, COUNTER_SEEN);
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     let s = unsafe { &mut *s };
     let task = task::current();
@@ -2014,7 +2071,7 @@ unsafe fn uring_named(req: u64, opcode: u8) {
         }
     };
     let op = p.op;
-    let two = op != FileOp::Unlink as u32 && op != FileOp::Open as u32;
+    let two = names_two(op);
     let mut flags2 = 0u32;
     let mut hit2 = false;
     if two {
@@ -2033,42 +2090,92 @@ unsafe fn uring_named(req: u64, opcode: u8) {
         hit1 = path::matches(s, &mut f, odd);
         f
     };
-    if !hit1 && !hit2 {
+    if !hit1 && !hit2 && (flags1 | flags2) & PATH_TRUNCATED == 0 {
         count(EventKind::File, COUNTER_FILTERED);
-        return;
+        return false;
     }
-    // Refused before the request runs: the submitter does not return to
-    // user space, and io_uring cancels what it left at its exit.
-    let verdict = verdict_of(hit1, s.hit_resource, hit2, resource2);
-    if verdict == VERDICT_BLOCKED {
-        // SAFETY: signals the current process.
-        unsafe { gen::bpf_send_signal(SIGKILL) };
+    let Some(slot) = long::CALL.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: our per-CPU value.
+    unsafe {
+        *slot = long::Call {
+            p,
+            // No result yet (and no fd to follow).
+            ret: -1,
+            flags1,
+            flags2,
+            verdict: 0,
+            hit1,
+            hit2,
+            resource1: s.hit_resource,
+            resource2,
+            req,
+        }
+    };
+    true
+}
+
+/// A request [`uring_named_match`] handed over: judged, and its event kept
+/// for the completion, with the whole paths of names too long for the
+/// record, built while the request still holds its names.
+#[tracepoint]
+pub fn uring_named_keep(_ctx: TracePointContext) -> u32 {
+    let Some(mut c) = long::CALL.get(0).copied() else {
+        return 0;
+    };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let task = task::current();
+    // SAFETY: our per-CPU value, holding the paths the submission matched
+    // (same CPU, no program in between); probe reads.
+    let s = unsafe { &mut *s };
+    let (len1, len2) = if (c.flags1 | c.flags2) & PATH_TRUNCATED != 0 {
+        let Some(lens) = (unsafe { whole_paths(s, task, &mut c) }) else {
+            count(EventKind::File, COUNTER_FILTERED);
+            return 0;
+        };
+        lens
+    } else {
+        // Refused before the request runs: the submitter does not return
+        // to user space, and io_uring cancels what it left at its exit.
+        c.verdict = judge(c.hit1, c.resource1, c.hit2, c.resource2);
+        (None, None)
+    };
+    long::forget(c.req);
+    if let Some(len) = len1 {
+        long::keep_for(c.req, 0, 1, len);
+    }
+    if let Some(len) = len2 {
+        long::keep_for(c.req, 1, 2, len);
     }
     let Some(e) = URING_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return 0;
     };
     // SAFETY: our per-CPU record; task reads are probe reads.
     unsafe {
         task::fill_header(&mut (*e).hdr, EventKind::File, task);
         (*e).ret = 0;
-        (*e).op = op;
-        (*e).flags = p.flags;
+        (*e).op = c.p.op;
+        (*e).flags = c.p.flags;
         (*e).mode = 0;
         (*e).uid = u32::MAX;
         (*e).gid = u32::MAX;
-        (*e).path_flags = flags1 | (flags2 << PATH2_SHIFT);
-        (*e).verdict = verdict;
+        (*e).path_flags = c.flags1 | (c.flags2 << PATH2_SHIFT);
+        (*e).verdict = c.verdict;
         (*e).via = VIA_IO_URING as u32;
         path::copy_key(s, (*e).path.as_mut_ptr());
-        if two {
+        if names_two(c.p.op) {
             path::copy_saved(s, (*e).path2.as_mut_ptr());
         } else {
             (*e).path2[0] = 0;
         }
-        if URING_PENDING.insert(&req, &*e, 0).is_err() {
+        if URING_PENDING.insert(&c.req, &*e, 0).is_err() {
             count(EventKind::File, COUNTER_DROPPED);
         }
     }
+    0
 }
 
 /// The guardrail's verdict over the file(s) a call hit: the new name first
@@ -2159,6 +2266,7 @@ fn uring_named_done(req: u64, res: i32) {
     let Some(kept) = URING_PENDING.get_ptr_mut(&req) else {
         return;
     };
+    long::send_kept(req);
     // SAFETY: the kept record is copied whole into the reserved one.
     emit::<FileEvent>(EventKind::File, |e| unsafe {
         gen::bpf_probe_read_kernel(

@@ -99,7 +99,8 @@ static int ring_run(struct ring *r, const struct io_uring_sqe *sqe, const char *
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: uring connect ADDR PORT | write PATH TEXT | rename OLD NEW | unlink PATH\n");
+		fprintf(stderr, "usage: uring connect ADDR PORT | write PATH TEXT | write-fixed PATH TEXT"
+				" | rename OLD NEW | link OLD NEW | symlink TARGET NAME | unlink PATH\n");
 		return 2;
 	}
 	struct ring r;
@@ -181,6 +182,21 @@ int main(int argc, char **argv)
 		sqe.len = (uint32_t)AT_FDCWD;
 		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
 		return ring_run(&r, &sqe, "renameat") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "link") && argc == 4) {
+		sqe.opcode = IORING_OP_LINKAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		sqe.len = (uint32_t)AT_FDCWD;
+		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
+		return ring_run(&r, &sqe, "linkat") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "symlink") && argc == 4) {
+		sqe.opcode = IORING_OP_SYMLINKAT;
+		sqe.fd = AT_FDCWD;
+		sqe.addr = (uint64_t)(uintptr_t)argv[2];
+		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
+		return ring_run(&r, &sqe, "symlinkat") == 0 ? 0 : 1;
 	}
 	if (!strcmp(op, "unlink") && argc == 3) {
 		sqe.opcode = IORING_OP_UNLINKAT;

@@ -10,6 +10,18 @@ use driftwatch_tests::{
 };
 use serde_json::Value;
 
+/// A mount undone however the test ends, so that none outlives it.
+struct Unmount(String);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 fn ops(events: &[&Value]) -> Vec<String> {
     events
         .iter()
@@ -859,6 +871,58 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
         "the digest of the removed file",
     );
+    // io_uring requests that name their files: the names are freed when
+    // the request runs, so its whole paths are built at submission. Names
+    // relative to the deep cwd, and absolute ones.
+    let fixed = format!("{deep}/fixed.conf");
+    run(Command::new(&uring).args(["write-fixed", &fixed, "through a fixed slot\n"]));
+    let uring_old = format!("{deep}/uring.old");
+    let linked = format!("{deep}/uring.link");
+    let sym = format!("{deep}/uring.sym");
+    run(Command::new(&uring)
+        .args(["rename", "uring.conf", "uring.old"])
+        .current_dir(&deep));
+    run(Command::new(&uring).args(["link", &uring_old, &linked]));
+    run(Command::new(&uring)
+        .args(["symlink", "uring.old", "uring.sym"])
+        .current_dir(&deep));
+    run(Command::new(&uring).args(["unlink", &uring_old]));
+    for path in [&fixed, &linked] {
+        let sha = sha256_file(path);
+        agent.wait_digest(path, &sha, &format!("the digest of {path}, by io_uring"));
+    }
+    agent.wait_for(
+        |e| e["kind"] == "digest" && e["path"] == uring_old.as_str() && e["exists"] == false,
+        "the digest of the name io_uring unlinked",
+    );
+    // A mount over a deep watched directory, and its unmount.
+    let sub = format!("{deep}/sub");
+    let sub_conf = format!("{sub}/app.conf");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(&sub_conf, "mode=prod\n").unwrap();
+    let sha_prod = sha256_file(&sub_conf);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(format!("{other}/app.conf"), "mode=debug\n").unwrap();
+    let sha_debug = sha256_file(&format!("{other}/app.conf"));
+    agent.wait_digest(&sub_conf, &sha_prod, "the digest of the deep file to cover");
+    run(Command::new("mount").args(["--bind", &other, &sub]));
+    let _mounted = Unmount(sub.clone());
+    agent.wait_digest(
+        &sub_conf,
+        &sha_debug,
+        "the digest of what the deep watched name shows under the mount",
+    );
+    run(Command::new("umount").arg(&sub));
+    agent.wait_for(
+        |e| {
+            e["kind"] == "digest"
+                && e["path"] == sub_conf.as_str()
+                && e["sha256"] == sha_prod.as_str()
+                && e["reason"] == "change"
+        },
+        "the digest of the deep file after the unmount",
+    );
     // As deep where nothing is watched: dropped in the kernel, and its
     // directory remembered as clean until a rename moves it into the tree.
     let outside = dir.join("outside");
@@ -902,6 +966,28 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
     find("unlink", &moved);
     assert_eq!(find("open", &by_uring)["via"], "io_uring");
     find("mmap", &mapped);
+    assert_eq!(find("open", &fixed)["via"], "io_uring");
+    let rename = find("rename", &by_uring);
+    assert_eq!(
+        (&rename["new_path"], &rename["via"]),
+        (
+            &serde_json::json!(uring_old),
+            &serde_json::json!("io_uring")
+        )
+    );
+    assert_eq!(find("link", &uring_old)["new_path"], linked.as_str());
+    let symlink = find("symlink", &sym);
+    assert_eq!(
+        (&symlink["target"], &symlink["via"]),
+        (
+            &serde_json::json!("uring.old"),
+            &serde_json::json!("io_uring")
+        )
+    );
+    assert_eq!(find("unlink", &uring_old)["via"], "io_uring");
+    for op in ["mount", "umount"] {
+        assert_eq!(find(op, &sub)["resource"], "cfg");
+    }
     let cut: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "file" && e["path_truncated"] == true)
@@ -998,16 +1084,6 @@ fn a_mount_over_a_watched_directory_is_reported_and_what_it_shows_digested() {
     let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
     agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
     run(Command::new("mount").args(["--bind", &other, &etc]));
-    // Undone however the test ends, so no mount outlives it.
-    struct Unmount(String);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount")
-                .arg(&self.0)
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
     let _mounted = Unmount(etc.clone());
     let over = agent.wait_digest(
         &conf,

@@ -9,7 +9,11 @@
 
 use super::{off, task, EVENTS};
 use agent_common::{EventKind, LongPath, PendingFile, LONG_PATH_MAX};
-use aya_ebpf::{helpers::generated as gen, macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    helpers::generated as gen,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use core::ffi::c_void;
 
 /// Where the walk ends: names are written right to left before it.
@@ -60,11 +64,21 @@ pub struct Call {
     pub hit2: bool,
     pub resource1: u64,
     pub resource2: u64,
+    /// The io_uring request that named the paths (kernel copies of the
+    /// names, the event sent at its completion), or 0 for a syscall.
+    pub req: u64,
 }
 
 /// The call `exit_file` hands to `exit_file_send`, per CPU.
 #[map]
 pub static CALL: PerCpuArray<Call> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whole paths of io_uring requests, built at submission while the
+/// request still holds its names and sent at its completion: by request
+/// plus 1 or 2 for `path` or `path2`. One evicted before its request
+/// completes leaves that event's path cut, and flagged so.
+#[map]
+static KEPT: LruHashMap<u64, Out> = LruHashMap::with_max_entries(64, 0);
 
 /// One step up the tree, for `bpf_loop`: 1 when done.
 unsafe extern "C" fn step(_i: u32, _ctx: *mut c_void) -> i64 {
@@ -183,18 +197,63 @@ pub fn send(area: usize, which: u32, len: usize) {
     // SAFETY: our per-CPU value.
     let l = unsafe { &mut (*l).out[area & 1] };
     let len = len & (2 * END - 1);
-    l.head = LongPath {
-        kind: EventKind::LongPath as u32,
-        tid: aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32,
-        which,
-        len: len as u32,
-    };
+    l.head = record_head(which, len);
     let size = core::mem::size_of::<LongPath>() + len;
     // SAFETY: `head` and `path` are one contiguous area of the map value,
     // `size` within it.
     let bytes =
         unsafe { core::slice::from_raw_parts(&l.head as *const LongPath as *const u8, size) };
     let _ = EVENTS.output::<[u8]>(bytes, 0);
+}
+
+/// Keeps area `area`'s path, `len` bytes long, as path `which` of the event
+/// request `req` sends at its completion, for the current thread's.
+pub fn keep_for(req: u64, area: usize, which: u32, len: usize) {
+    let Some(l) = LONG.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: our per-CPU value.
+    let out = unsafe { &mut (*l).out[area & 1] };
+    out.head = record_head(which, len);
+    let _ = KEPT.insert(&(req + u64::from(which)), out, 0);
+}
+
+/// Sends the paths kept for request `req`, ahead of its event.
+pub fn send_kept(req: u64) {
+    for which in [1u64, 2] {
+        let key = req + which;
+        let Some(out) = KEPT.get_ptr(&key) else {
+            continue;
+        };
+        // SAFETY: a map value; `head` and `path` are contiguous in it, the
+        // size bounded within it.
+        unsafe {
+            let len = (*out).head.len as usize & (2 * END - 1);
+            let bytes = core::slice::from_raw_parts(
+                out as *const u8,
+                core::mem::size_of::<LongPath>() + len,
+            );
+            let _ = EVENTS.output::<[u8]>(bytes, 0);
+        }
+        let _ = KEPT.remove(&key);
+    }
+}
+
+/// Drops what a request that did not need it may have left kept.
+pub fn forget(req: u64) {
+    for which in [1u64, 2] {
+        let _ = KEPT.remove(&(req + which));
+    }
+}
+
+/// The header of a whole path for the current thread's next event.
+fn record_head(which: u32, len: usize) -> LongPath {
+    LongPath {
+        kind: EventKind::LongPath as u32,
+        tid: aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32,
+        which,
+        len: (len & (2 * END - 1)) as u32,
+    }
 }
 
 /// The whole path of an open `file`, into area `area`; its length.
@@ -213,7 +272,8 @@ pub unsafe fn of_file(area: usize, file: u64) -> Option<usize> {
 /// The whole path a name resolves to, into area `area`: relative to
 /// `(dentry, vfsmount)`, the directory it starts from, unless absolute. As
 /// it was written (`..` and `.` are left to user space, as for the cut
-/// path). Its length.
+/// path). Its length. Inlined: six arguments are more than a BPF call has.
+#[inline(always)]
 pub unsafe fn of_name(area: usize, dir: (u64, u64), upath: u64, kernel: bool) -> Option<usize> {
     let mut first = [0u8; 2];
     unsafe { super::path::read_str(first.as_mut_ptr(), 2, upath, kernel) };

@@ -50,6 +50,10 @@ pub enum SensorError {
     /// A hook the sensors cannot work without is missing on this kernel.
     #[error("this kernel lacks {0}, which the sensors need")]
     MissingHook(String),
+    /// The embedded eBPF object lacks a program the agent loads: the agent
+    /// and its object come from different sources.
+    #[error("the embedded eBPF object has no program {0}; rebuild the agent (cargo xtask build)")]
+    MissingProgram(String),
     /// A map is missing or of the wrong type.
     #[error("map {name}: {source}")]
     Map {
@@ -195,12 +199,21 @@ impl Syscalls<'_> {
         let prog: &mut TracePoint = program(self.ebpf, name)?;
         if self.loaded.insert(name) {
             prog.load().map_err(program_err(name))?;
+            verified(name, prog.info());
         }
         let id = prog.attach(category, tp).map_err(program_err(name))?;
         self.links
             .push(Box::new(prog.take_link(id).map_err(program_err(name))?));
         self.hooks.push(format!("{category}/{tp}"));
         Ok(())
+    }
+}
+
+/// Logs how many instructions the verifier walked to accept program
+/// `name`, against its limit of one million: how near a program is to it.
+fn verified(name: &str, info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) {
+    if let Some(walked) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        tracing::debug!(program = name, walked, "verified");
     }
 }
 
@@ -245,7 +258,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or_else(|| SensorError::MissingHook(format!("program {name} in the object")))?
+        .ok_or_else(|| SensorError::MissingProgram(name.to_owned()))?
         .try_into()
         .map_err(program_err(name))
 }
@@ -324,27 +337,33 @@ impl Sensors {
         ] {
             let prog: &mut BtfTracePoint = program(&mut ebpf, tp)?;
             prog.load(tp, &kernel_btf).map_err(program_err(tp))?;
+            verified(tp, prog.info());
             let id = prog.attach().map_err(program_err(tp))?;
             links.push(Box::new(prog.take_link(id).map_err(program_err(tp))?));
             hooks.push(format!("tp_btf/{tp}"));
         }
 
-        // The program a file call's exit hands a matched call to, to send
-        // its event (and whole paths too long for the record): loaded, not
-        // attached, reached by a tail call through `TAIL`.
+        // The programs a file call's exit hands a matched call to, to send
+        // its event (and whole paths too long for the record), and an
+        // io_uring submission a path too long for its record: loaded, not
+        // attached, reached by tail calls through `TAIL`.
         let mut tail_progs: ProgramArray<MapData> =
             ProgramArray::try_from(ebpf.take_map("TAIL").ok_or_else(|| missing_map("TAIL"))?)
                 .map_err(|source| SensorError::Map {
                     name: "TAIL",
                     source,
                 })?;
-        {
-            let name = "exit_file_send";
+        for (index, name) in [
+            (0, "exit_file_send"),
+            (1, "uring_named_keep"),
+            (2, "uring_named_match"),
+        ] {
             let prog: &mut TracePoint = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
+            verified(name, prog.info());
             let fd = prog.fd().map_err(program_err(name))?;
             tail_progs
-                .set(0, fd, 0)
+                .set(index, fd, 0)
                 .map_err(|source| SensorError::Map {
                     name: "TAIL",
                     source,
@@ -421,6 +440,7 @@ impl Sensors {
         for name in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
+            verified(name, prog.info());
             // On 5.7+ aya attaches through a bpf_link, which always coexists
             // with other programs and takes no flags; `Single` passes none.
             let id = prog
