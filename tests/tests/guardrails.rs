@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use driftwatch_tests::{free_port, http_get, sha256_file, Agent, Collector, Dir};
+use driftwatch_tests::{c_helper, free_port, http_get, sha256_file, Agent, Collector, Dir};
 use serde_json::Value;
 
 /// The system Python, resolved (what a process reports as its exe).
@@ -424,6 +424,12 @@ fn config_policy(tree: &str, mode: &str) -> String {
 fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
     let dir = Dir::new();
     let (tree, file) = protected(&dir);
+    // Made before the agent starts: the test is no writer either.
+    let uring = c_helper(&dir, "uring");
+    let deep = format!("{tree}/{}", vec!["d".repeat(60); 20].join("/"));
+    std::fs::create_dir_all(&deep).unwrap();
+    let deep_file = format!("{deep}/deep.conf");
+    std::fs::write(&deep_file, "pool=10\n").unwrap();
     let policy = config_policy(&tree, "enforce");
     let c = Collector::judging(&policy, &[]);
     let _agent = Agent::streaming(&policy, &c, "node-files", &dir.path.join("spool"));
@@ -461,6 +467,21 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
         .unwrap();
     assert_eq!(py.signal(), Some(9));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "pool=10\n");
+    // io_uring requests naming the file, by a short path and by a path
+    // too long for a record: killed at submission, before the request runs.
+    for (args, cwd) in [
+        (["unlink", file.as_str()], tree.as_str()),
+        (["unlink", "deep.conf"], deep.as_str()),
+    ] {
+        let out = Command::new(&uring)
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(9), "{args:?}: {out:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "pool=10\n");
+    assert_eq!(std::fs::read_to_string(&deep_file).unwrap(), "pool=10\n");
     // chmod by a non-writer: the call ran (the fallback cannot undo it),
     // the caller was killed all the same.
     let chmod = Command::new("chmod")
@@ -485,16 +506,17 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
             f.iter()
                 .filter(|x| x["kind"] == "blocked" && x["resource"] == "app-config")
                 .count()
-                >= 4
+                >= 5
+                && f.iter().any(|x| x["kind"] == "blocked" && x["count"] == 2)
         },
-        "blocked findings for sh, sed, python and chmod",
+        "blocked findings for sh, sed, python, chmod and two io_uring unlinks",
     );
     let exes: Vec<&str> = f
         .iter()
         .filter(|x| x["kind"] == "blocked")
         .filter_map(|x| x["actor"]["exe"].as_str())
         .collect();
-    for exe in ["/usr/bin/sed", "/usr/bin/chmod"] {
+    for exe in ["/usr/bin/sed", "/usr/bin/chmod", uring.as_str()] {
         assert!(exes.contains(&exe), "{exes:?}");
     }
     let killed = f
@@ -505,16 +527,41 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
         killed["summary"].as_str().unwrap().contains("killed"),
         "{killed:#}"
     );
+    let by_uring = f
+        .iter()
+        .find(|x| x["kind"] == "blocked" && x["actor"]["exe"] == uring.as_str())
+        .unwrap();
+    assert_eq!(by_uring["count"], 2, "{by_uring:#}");
+    assert!(
+        by_uring["summary"]
+            .as_str()
+            .unwrap()
+            .contains("refused before it ran"),
+        "{by_uring:#}"
+    );
     assert!(!f
         .iter()
         .any(|x| x["actor"]["exe"] == "/usr/bin/cp" && x["kind"] == "blocked"));
-    let t = c.timeline(&["--host", "node-files", "--kind", "file"]);
+    let t = c.wait_timeline(
+        &["--host", "node-files", "--kind", "file"],
+        |t| {
+            t.iter()
+                .any(|e| e["guardrail"] == "allowed" && e["process"]["exe"] == "/usr/bin/cp")
+        },
+        "the writer's change",
+    );
+    for path in [&file, &deep_file] {
+        assert!(
+            t.iter().any(|e| e["guardrail"] == "killed"
+                && e["path"] == path.as_str()
+                && e["op"] == "unlink"
+                && e["via"] == "io_uring"),
+            "no killed io_uring unlink of {path}"
+        );
+    }
     assert!(t
         .iter()
         .any(|e| e["guardrail"] == "killed" && e["path"] == file.as_str()));
-    assert!(t
-        .iter()
-        .any(|e| e["guardrail"] == "allowed" && e["process"]["exe"] == "/usr/bin/cp"));
 }
 
 #[test]

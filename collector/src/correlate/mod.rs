@@ -1379,9 +1379,17 @@ impl Judge<'_> {
                 e.node
             ),
             "killed" => format!(
-                "{} was killed for {what} on {}: not a writer of {resource} (the call itself ran; nothing was written through it after)",
+                "{} was killed for {what} on {}: not a writer of {resource} ({})",
                 who(actor),
-                e.node
+                e.node,
+                match &e.event {
+                    // Judged at submission: io_uring cancels what a killed
+                    // process left.
+                    Some(event::Event::File(f)) if f.via == "io_uring" => {
+                        "an io_uring request, refused before it ran"
+                    }
+                    _ => "the call itself ran; nothing was written through it after",
+                }
             ),
             _ => format!(
                 "{} was refused {what} on {} (EPERM): not a client of {resource}",
