@@ -1279,6 +1279,12 @@ pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
             if let Some(len) = len2 {
                 long::send(1, 2, len);
             }
+            if c.p.op == FileOp::Symlink as u32 && c.flags1 & PATH_TRUNCATED != 0 {
+                // A symlink's target text: whole, never matched.
+                if let Some(len) = long::of_text(0, c.p.path, false) {
+                    long::send(0, 1, len);
+                }
+            }
         }
         emit_call(s, task, &c);
     }
@@ -2142,6 +2148,12 @@ pub fn uring_named_keep(_ctx: TracePointContext) -> u32 {
         // to user space, and io_uring cancels what it left at its exit.
         c.verdict = judge(c.hit1, c.resource1, c.hit2, c.resource2);
         (None, None)
+    };
+    // A symlink's target text: whole, never matched.
+    let len1 = if c.p.op == FileOp::Symlink as u32 && c.flags1 & PATH_TRUNCATED != 0 {
+        unsafe { long::of_text(0, c.p.path, true) }
+    } else {
+        len1
     };
     long::forget(c.req);
     if let Some(len) = len1 {

@@ -887,6 +887,12 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
         .args(["symlink", "uring.old", "uring.sym"])
         .current_dir(&deep));
     run(Command::new(&uring).args(["unlink", &uring_old]));
+    // Symlinks whose target text is longer than a record, by syscall and
+    // by io_uring.
+    let text = format!("{}target", "../".repeat(120));
+    let (long_sym, uring_long_sym) = (format!("{deep}/long.sym"), format!("{deep}/uring.long.sym"));
+    std::os::unix::fs::symlink(&text, &long_sym).unwrap();
+    run(Command::new(&uring).args(["symlink", &text, &uring_long_sym]));
     for path in [&fixed, &linked] {
         let sha = sha256_file(path);
         agent.wait_digest(path, &sha, &format!("the digest of {path}, by io_uring"));
@@ -985,6 +991,9 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
         )
     );
     assert_eq!(find("unlink", &uring_old)["via"], "io_uring");
+    for path in [&long_sym, &uring_long_sym] {
+        assert_eq!(find("symlink", path)["target"], text.as_str());
+    }
     for op in ["mount", "umount"] {
         assert_eq!(find(op, &sub)["resource"], "cfg");
     }

@@ -301,3 +301,15 @@ pub unsafe fn of_name(area: usize, dir: (u64, u64), upath: u64, kernel: bool) ->
     }
     Some((at & MASK) + n as usize - 1)
 }
+
+/// A symlink's target text, whole, into area `area`: its length.
+pub unsafe fn of_text(area: usize, text: u64, kernel: bool) -> Option<usize> {
+    // SAFETY: our per-CPU value.
+    let l = unsafe { &mut (*LONG.get_ptr_mut(0)?).out[area & 1] };
+    let n =
+        unsafe { super::path::read_str(l.path.as_mut_ptr(), LONG_PATH_MAX as u32, text, kernel) };
+    if n <= 1 {
+        return None;
+    }
+    Some((n as usize - 1) & MASK)
+}

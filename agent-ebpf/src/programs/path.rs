@@ -417,10 +417,15 @@ pub unsafe fn read_user_text(s: &mut Scratch, upath: u64) -> u32 {
 pub unsafe fn read_text(s: &mut Scratch, upath: u64, kernel: bool) -> u32 {
     s.join = 0;
     s.key[0] = 0;
-    if upath != 0 {
-        unsafe { read_str(s.key.as_mut_ptr(), PATH_LEN as u32, upath, kernel) };
+    if upath == 0 {
+        return 0;
     }
-    0
+    // A text that fills the key may go on: sent whole by `exit_file_send`.
+    if unsafe { read_str(s.key.as_mut_ptr(), PATH_LEN as u32, upath, kernel) } >= PATH_LEN as i64 {
+        PATH_TRUNCATED
+    } else {
+        0
+    }
 }
 
 /// True when the user string at `upath` is empty (`AT_EMPTY_PATH` calls).
