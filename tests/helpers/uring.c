@@ -10,6 +10,12 @@
  *                               slot: no fd is ever installed
  *   uring rename OLD NEW        IORING_OP_RENAMEAT
  *   uring unlink PATH           IORING_OP_UNLINKAT
+ *   uring link OLD NEW          IORING_OP_LINKAT
+ *   uring symlink TARGET NAME   IORING_OP_SYMLINKAT
+ *
+ * With URING_SQPOLL=1 in the environment the ring is polled by a kernel
+ * thread (IORING_SETUP_SQPOLL): requests are submitted and completed with
+ * no system call at all, unless the thread went idle and must be woken.
  *
  * Prints each request's result; exits 0 when every io_uring request
  * succeeded. */
@@ -29,7 +35,8 @@
 
 struct ring {
 	int fd;
-	unsigned *sq_tail, *sq_mask, *sq_array;
+	int sqpoll;
+	unsigned *sq_tail, *sq_mask, *sq_array, *sq_flags;
 	unsigned *cq_head, *cq_tail, *cq_mask;
 	struct io_uring_sqe *sqes;
 	struct io_uring_cqe *cqes;
@@ -45,6 +52,12 @@ static void ring_init(struct ring *r)
 {
 	struct io_uring_params p;
 	memset(&p, 0, sizeof p);
+	const char *sqpoll = getenv("URING_SQPOLL");
+	r->sqpoll = sqpoll && !strcmp(sqpoll, "1");
+	if (r->sqpoll) {
+		p.flags = IORING_SETUP_SQPOLL;
+		p.sq_thread_idle = 2000;
+	}
 	r->fd = (int)syscall(__NR_io_uring_setup, 8, &p);
 	if (r->fd < 0)
 		die("io_uring_setup");
@@ -70,6 +83,7 @@ static void ring_init(struct ring *r)
 	r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
 	r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
 	r->sq_array = (unsigned *)(sq + p.sq_off.array);
+	r->sq_flags = (unsigned *)(sq + p.sq_off.flags);
 	r->cq_head = (unsigned *)(cq + p.cq_off.head);
 	r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
 	r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
@@ -84,12 +98,23 @@ static int ring_run(struct ring *r, const struct io_uring_sqe *sqe, const char *
 	r->sqes[i] = *sqe;
 	r->sq_array[i] = i;
 	__atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
-	if (syscall(__NR_io_uring_enter, r->fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
-		die("io_uring_enter");
 	unsigned head = *r->cq_head;
-	while (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
-		if (syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
+	if (r->sqpoll) {
+		/* The kernel thread takes the request; we only watch the ring. */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(r->sq_flags, __ATOMIC_RELAXED) & IORING_SQ_NEED_WAKEUP &&
+		    syscall(__NR_io_uring_enter, r->fd, 0, 0, IORING_ENTER_SQ_WAKEUP, NULL, 0) < 0)
 			die("io_uring_enter");
+		while (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+			usleep(1000);
+	} else {
+		if (syscall(__NR_io_uring_enter, r->fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0)
+			die("io_uring_enter");
+		while (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+			if (syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL,
+				    0) < 0)
+				die("io_uring_enter");
+	}
 	int res = r->cqes[head & *r->cq_mask].res;
 	__atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
 	printf("%s %d%s%s\n", name, res, res < 0 ? " " : "", res < 0 ? strerror(-res) : "");

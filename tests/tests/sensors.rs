@@ -1304,6 +1304,22 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
         |e| e["kind"] == "digest" && e["path"] == moved.as_str() && e["exists"] == false,
         "the digest of the name io_uring unlinked",
     );
+    // A ring polled by a kernel thread (SQPOLL): requests submitted and
+    // run with no system call of the process's own.
+    let polled = format!("{etc}/polled.conf");
+    let polled_old = format!("{etc}/polled.old");
+    for args in [
+        ["write", polled.as_str(), "by a polled ring\n"],
+        ["rename", polled.as_str(), polled_old.as_str()],
+    ] {
+        run(Command::new(&uring).args(args).env("URING_SQPOLL", "1"));
+    }
+    let sha_polled = sha256_file(&polled_old);
+    agent.wait_digest(
+        &polled_old,
+        &sha_polled,
+        "the digest of what a polled ring wrote and renamed",
+    );
     let events = agent.stop();
 
     let changes: Vec<&Value> = events
@@ -1348,6 +1364,9 @@ fn io_uring_file_requests_are_reported_like_their_syscalls_and_digested() {
         ("write", &fixed),
         ("rename", &conf),
         ("unlink", &moved),
+        ("open", &polled),
+        ("write", &polled),
+        ("rename", &polled),
     ] {
         assert!(
             summary.iter().any(|(o, p)| o == op && p == path),
