@@ -352,6 +352,9 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 
 unsafe fn on_exec(bprm: u64) {
     count(EventKind::Exec, COUNTER_SEEN);
+    // The old image's mappings are gone (user space reads what they
+    // wrote at this exec): the new one's `munmap`s are not theirs.
+    let _ = MAPPED.remove(&((bpf_get_current_pid_tgid() >> 32) as u32));
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return;
     };

@@ -212,6 +212,10 @@ fn main() -> ExitCode {
 
 /// Longest an event waits in the ring buffer when few are arriving.
 const DRAIN_MS: u64 = 20;
+/// How long after a reported `munmap` a mapped file is read once more:
+/// past the kernel's window of 100 ms in which further `munmap`s of the
+/// process go unreported.
+const MUNMAP_AFTER: Duration = Duration::from_millis(150);
 
 /// Most ring records read in one turn of the event loop.
 const DRAIN_SLICE: usize = 1024;
@@ -338,8 +342,12 @@ struct UserCounts {
     /// watched trees were last looked for.
     mounts_changed: bool,
     /// Watched files each process maps shared and writable: read again
-    /// when it exits.
+    /// when it exits or execs (either drops every mapping).
     mapped: BTreeMap<u32, std::collections::BTreeSet<String>>,
+    /// Mapped files to read once more, and when: the kernel reports a
+    /// process's `munmap`s at most once per [`MUNMAP_AFTER`], so the last
+    /// one of a burst may go unreported while the process runs on.
+    after_munmap: std::collections::VecDeque<(std::time::Instant, String)>,
 }
 
 struct Output {
@@ -1128,12 +1136,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             .or_default()
                             .insert(path.clone());
                     }
-                    Event::Exit { process, .. } => {
+                    Event::Exit { process, .. } | Event::Exec { process, .. } => {
                         // Its mappings are gone: what they wrote is read.
                         for path in user.mapped.remove(&process.pid).unwrap_or_default() {
                             add_watched(digests, policy, &path, true);
                         }
                     }
+                    Event::File {
+                        op: "munmap", path, ..
+                    } => user
+                        .after_munmap
+                        .push_back((std::time::Instant::now() + MUNMAP_AFTER, path.clone())),
                     _ => {}
                 }
                 digest_jobs(&e, policy, digests);
@@ -1316,6 +1329,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = drain.tick() => {
                 let (n, _) = read_ring(ring.get_mut(), DRAIN_SLICE, |item| handle(item, &mut decoder, &sensors, &mut user, &mut out, &mut digests, &running.policy))?;
+                let now = std::time::Instant::now();
+                while user.after_munmap.front().is_some_and(|(at, _)| *at <= now) {
+                    if let Some((_, path)) = user.after_munmap.pop_front() {
+                        add_watched(&mut digests, &running.policy, &path, true);
+                    }
+                }
                 digester.submit_batch(&mut digests);
                 if n > 0 {
                     out.flush()?;

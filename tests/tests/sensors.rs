@@ -519,6 +519,89 @@ fn changes_through_a_bind_mount_in_another_mount_namespace_are_the_watched_files
     );
 }
 
+/// A shared writable mapping can end with no report of its own: at an
+/// exec, which drops every mapping, and at a `munmap` inside the window in
+/// which the kernel reports a process's `munmap`s once. Both are read while
+/// the process runs on, not at its exit.
+#[test]
+fn a_mapping_ended_by_exec_or_an_unreported_munmap_is_read_while_the_process_runs() {
+    let dir = Dir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let (burst, execed) = (format!("{etc}/burst.bin"), format!("{etc}/execed.bin"));
+    for f in [&burst, &execed] {
+        std::fs::write(f, "........").unwrap();
+    }
+    let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
+    agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
+    let map = |path: &str| {
+        format!(
+            "import mmap, os, time\n\
+             fd = os.open('{path}', os.O_RDWR)\n\
+             mm = mmap.mmap(fd, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n\
+             os.close(fd)\n\
+             time.sleep(0.3)\n"
+        )
+    };
+    // An anonymous unmap the kernel reports, then the watched one 30 ms
+    // later, inside the window: unreported.
+    let mut burst_proc = python(&format!(
+        "{}a = mmap.mmap(-1, 4096)\n\
+         a.close()\n\
+         time.sleep(0.03)\n\
+         mm[0:8] = b'BURST!!!'\n\
+         mm.close()\n\
+         time.sleep(60)\n",
+        map(&burst)
+    ))
+    .spawn()
+    .unwrap();
+    // Written, then the process becomes another program.
+    let mut exec_proc = python(&format!(
+        "{}mm[0:8] = b'EXECED!!'\n\
+         os.execv('/bin/sleep', ['sleep', '60'])\n",
+        map(&execed)
+    ))
+    .spawn()
+    .unwrap();
+    let expected = dir.join("expected");
+    for (path, content) in [(&burst, "BURST!!!"), (&execed, "EXECED!!")] {
+        std::fs::write(&expected, content).unwrap();
+        agent.wait_digest(
+            path,
+            &sha256_file(&expected),
+            &format!("the digest of what the mapping of {path} wrote"),
+        );
+    }
+    // Read while both still run: not at their exits.
+    for p in [&mut burst_proc, &mut exec_proc] {
+        assert!(p.try_wait().unwrap().is_none(), "{p:?} has exited");
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let events = agent.stop();
+    let execs: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "exec" && e["process"]["pid"] == exec_proc.id())
+        .collect();
+    assert!(
+        execs
+            .last()
+            .and_then(|e| e["process"]["exe"].as_str())
+            .is_some_and(|x| x.ends_with("/sleep")),
+        "{execs:#?}"
+    );
+    // The new program's unmaps are not the old image's mapping's.
+    assert!(
+        !events.iter().any(|e| e["kind"] == "file"
+            && e["op"] == "munmap"
+            && e["process"]["exe"]
+                .as_str()
+                .is_some_and(|x| x.ends_with("/sleep"))),
+        "a munmap reported for the program exec'd after the mapping"
+    );
+}
+
 /// Write handles the agent did not see opened: an fd open for write since
 /// before its start, a `dup` of a tracked fd written after the original
 /// closed, and shared writable mappings (one made since, written after its
