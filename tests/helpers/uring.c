@@ -200,21 +200,15 @@ int main(int argc, char **argv)
 		sqe.file_index = 1;
 		return ring_run(&r, &sqe, "close-fixed") == 0 ? 0 : 1;
 	}
-	if (!strcmp(op, "rename") && argc == 4) {
-		sqe.opcode = IORING_OP_RENAMEAT;
+	if ((!strcmp(op, "rename") || !strcmp(op, "link")) && argc == 4) {
+		/* Both take (old dfd, old path, new dfd, new path). */
+		int link = !strcmp(op, "link");
+		sqe.opcode = link ? IORING_OP_LINKAT : IORING_OP_RENAMEAT;
 		sqe.fd = AT_FDCWD;
 		sqe.addr = (uint64_t)(uintptr_t)argv[2];
 		sqe.len = (uint32_t)AT_FDCWD;
 		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
-		return ring_run(&r, &sqe, "renameat") == 0 ? 0 : 1;
-	}
-	if (!strcmp(op, "link") && argc == 4) {
-		sqe.opcode = IORING_OP_LINKAT;
-		sqe.fd = AT_FDCWD;
-		sqe.addr = (uint64_t)(uintptr_t)argv[2];
-		sqe.len = (uint32_t)AT_FDCWD;
-		sqe.addr2 = (uint64_t)(uintptr_t)argv[3];
-		return ring_run(&r, &sqe, "linkat") == 0 ? 0 : 1;
+		return ring_run(&r, &sqe, link ? "linkat" : "renameat") == 0 ? 0 : 1;
 	}
 	if (!strcmp(op, "symlink") && argc == 4) {
 		sqe.opcode = IORING_OP_SYMLINKAT;

@@ -22,6 +22,36 @@ impl Drop for Unmount {
     }
 }
 
+/// Binds `other` over the watched directory `at`, waits for the digest of
+/// `file` under it to show `shown`, unmounts, and waits for the digest of
+/// it showing `restored` again; returns the digest under the mount.
+fn mount_over_and_back(
+    agent: &mut Agent,
+    other: &str,
+    at: &str,
+    file: &str,
+    (shown, restored): (&str, &str),
+) -> Value {
+    run(Command::new("mount").args(["--bind", other, at]));
+    let _mounted = Unmount(at.to_owned());
+    let over = agent.wait_digest(
+        file,
+        shown,
+        &format!("the digest of what {file} shows under the mount"),
+    );
+    run(Command::new("umount").arg(at));
+    agent.wait_for(
+        |e| {
+            e["kind"] == "digest"
+                && e["path"] == file
+                && e["sha256"] == restored
+                && e["reason"] == "change"
+        },
+        &format!("the digest of {file} after the unmount"),
+    );
+    over
+}
+
 fn ops(events: &[&Value]) -> Vec<String> {
     events
         .iter()
@@ -995,23 +1025,7 @@ fn paths_longer_than_a_record_are_reported_whole_and_digested() {
     std::fs::write(format!("{other}/app.conf"), "mode=debug\n").unwrap();
     let sha_debug = sha256_file(&format!("{other}/app.conf"));
     agent.wait_digest(&sub_conf, &sha_prod, "the digest of the deep file to cover");
-    run(Command::new("mount").args(["--bind", &other, &sub]));
-    let _mounted = Unmount(sub.clone());
-    agent.wait_digest(
-        &sub_conf,
-        &sha_debug,
-        "the digest of what the deep watched name shows under the mount",
-    );
-    run(Command::new("umount").arg(&sub));
-    agent.wait_for(
-        |e| {
-            e["kind"] == "digest"
-                && e["path"] == sub_conf.as_str()
-                && e["sha256"] == sha_prod.as_str()
-                && e["reason"] == "change"
-        },
-        "the digest of the deep file after the unmount",
-    );
+    mount_over_and_back(&mut agent, &other, &sub, &sub_conf, (&sha_debug, &sha_prod));
     // As deep where nothing is watched: dropped in the kernel, and its
     // directory remembered as clean until a rename moves it into the tree.
     let outside = dir.join("outside");
@@ -1175,23 +1189,7 @@ fn a_mount_over_a_watched_directory_is_reported_and_what_it_shows_digested() {
     );
     let mut agent = Agent::start(&policy(&[format!("{etc}/")], &[]));
     agent.wait_for(|e| e["kind"] == "scan_done", "the first watch scan");
-    run(Command::new("mount").args(["--bind", &other, &etc]));
-    let _mounted = Unmount(etc.clone());
-    let over = agent.wait_digest(
-        &conf,
-        &sha_debug,
-        "the digest of what the watched name shows under the mount",
-    );
-    run(Command::new("umount").arg(&etc));
-    agent.wait_for(
-        |e| {
-            e["kind"] == "digest"
-                && e["path"] == conf.as_str()
-                && e["sha256"] == sha_prod.as_str()
-                && e["reason"] == "change"
-        },
-        "the digest after the unmount",
-    );
+    let over = mount_over_and_back(&mut agent, &other, &etc, &conf, (&sha_debug, &sha_prod));
     let events = agent.stop();
     assert_eq!(over["reason"], "change");
     let mounts: Vec<&Value> = events
