@@ -29,7 +29,7 @@ use driftwatch_proto::{
 
 /// How this kernel stops a refused action, per kind of action.
 pub const GUARD_SET: &str =
-    "connect: cgroup/connect4|6 and sendmsg4|6 refuse with EPERM; files: SIGKILL at syscall exit (the call itself runs)";
+    "connect: cgroup/connect4|6 and sendmsg4|6 refuse with EPERM; files: SIGKILL at syscall exit (the call itself runs), or at io_uring submission (the request never runs)";
 
 /// An approved access grant, as the collector sends it.
 #[derive(Clone, Debug, PartialEq, Eq)]

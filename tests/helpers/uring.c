@@ -8,6 +8,10 @@
  *                               IORING_OP_WRITE, IORING_OP_CLOSE
  *   uring write-fixed PATH TEXT the same through a registered (fixed) file
  *                               slot: no fd is ever installed
+ *   uring write-linked PATH TEXT
+ *                               IORING_OP_OPENAT (write, no truncation) linked
+ *                               to an IORING_OP_WRITE on the fd it will get
+ *                               (the lowest free one), both submitted at once
  *   uring rename OLD NEW        IORING_OP_RENAMEAT
  *   uring unlink PATH           IORING_OP_UNLINKAT
  *   uring link OLD NEW          IORING_OP_LINKAT
@@ -88,6 +92,35 @@ static void ring_init(struct ring *r)
 	r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
 	r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
 	r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+}
+
+/* Submits `n` requests at once (linked or not, as their flags say) and
+ * waits for all their completions; returns the last one's result. */
+static int ring_run_n(struct ring *r, const struct io_uring_sqe *sqes, unsigned n, const char *name)
+{
+	unsigned tail = *r->sq_tail;
+	for (unsigned k = 0; k < n; k++) {
+		unsigned i = (tail + k) & *r->sq_mask;
+		r->sqes[i] = sqes[k];
+		r->sq_array[i] = i;
+	}
+	__atomic_store_n(r->sq_tail, tail + n, __ATOMIC_RELEASE);
+	/* A polling kernel thread may have gone idle: woken, it takes them. */
+	unsigned enter = IORING_ENTER_GETEVENTS | (r->sqpoll ? IORING_ENTER_SQ_WAKEUP : 0);
+	if (syscall(__NR_io_uring_enter, r->fd, n, n, enter, NULL, 0) < 0)
+		die("io_uring_enter");
+	int res = 0;
+	for (unsigned k = 0; k < n; k++) {
+		unsigned head = *r->cq_head;
+		while (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+			if (syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL,
+				    0) < 0)
+				die("io_uring_enter");
+		res = r->cqes[head & *r->cq_mask].res;
+		__atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+		printf("%s[%u] %d%s%s\n", name, k, res, res < 0 ? " " : "", res < 0 ? strerror(-res) : "");
+	}
+	return res;
 }
 
 /* Submits one request and waits for its completion; returns its result. */
@@ -174,6 +207,24 @@ int main(int argc, char **argv)
 		sqe.opcode = IORING_OP_CLOSE;
 		sqe.fd = fd;
 		return ring_run(&r, &sqe, "close") == 0 ? 0 : 1;
+	}
+	if (!strcmp(op, "write-linked") && argc == 4) {
+		int next = dup(0);
+		if (next < 0)
+			die("dup");
+		close(next);
+		struct io_uring_sqe two[2];
+		memset(two, 0, sizeof two);
+		two[0].opcode = IORING_OP_OPENAT;
+		two[0].fd = AT_FDCWD;
+		two[0].addr = (uint64_t)(uintptr_t)argv[2];
+		two[0].open_flags = O_WRONLY;
+		two[0].flags = IOSQE_IO_LINK;
+		two[1].opcode = IORING_OP_WRITE;
+		two[1].fd = next;
+		two[1].addr = (uint64_t)(uintptr_t)argv[3];
+		two[1].len = strlen(argv[3]);
+		return ring_run_n(&r, two, 2, "openat+write") == (int)strlen(argv[3]) ? 0 : 1;
 	}
 	if (!strcmp(op, "write-fixed") && argc == 4) {
 		int none[1] = {-1};

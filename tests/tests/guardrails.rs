@@ -469,12 +469,22 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "pool=10\n");
     // io_uring requests naming the file, by a short path and by a path
     // too long for a record: killed at submission, before the request runs.
-    for (args, cwd, sqpoll) in [
-        (["unlink", file.as_str()], tree.as_str(), "0"),
-        (["unlink", "deep.conf"], deep.as_str(), "0"),
+    let file_ = file.as_str();
+    // The finding's summary is its latest attempt's: an unlink comes last.
+    let cases: [(&[&str], &str, &str); 6] = [
+        // An open linked to a write on the fd it will get: killed at the
+        // open's completion, the write never runs.
+        (&["write-linked", file_, "evil\n"], &tree, "0"),
+        (&["write-linked", file_, "evil\n"], &tree, "1"),
+        // An open (with O_TRUNC) into a fixed-file slot: judged by its name
+        // at submission, cancelled before it truncates.
+        (&["write-fixed", file_, "evil\n"], &tree, "0"),
+        (&["unlink", file_], &tree, "0"),
         // Submitted by the ring's kernel thread, not by the process.
-        (["unlink", file.as_str()], tree.as_str(), "1"),
-    ] {
+        (&["unlink", file_], &tree, "1"),
+        (&["unlink", "deep.conf"], &deep, "0"),
+    ];
+    for (args, cwd, sqpoll) in cases {
         let out = Command::new(&uring)
             .args(args)
             .current_dir(cwd)
@@ -510,9 +520,9 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
                 .filter(|x| x["kind"] == "blocked" && x["resource"] == "app-config")
                 .count()
                 >= 5
-                && f.iter().any(|x| x["kind"] == "blocked" && x["count"] == 3)
+                && f.iter().any(|x| x["kind"] == "blocked" && x["count"] == 6)
         },
-        "blocked findings for sh, sed, python, chmod and three io_uring unlinks",
+        "blocked findings for sh, sed, python, chmod and six io_uring requests",
     );
     let exes: Vec<&str> = f
         .iter()
@@ -534,7 +544,7 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
         .iter()
         .find(|x| x["kind"] == "blocked" && x["actor"]["exe"] == uring.as_str())
         .unwrap();
-    assert_eq!(by_uring["count"], 3, "{by_uring:#}");
+    assert_eq!(by_uring["count"], 6, "{by_uring:#}");
     assert!(
         by_uring["summary"]
             .as_str()
@@ -558,10 +568,20 @@ fn enforce_kills_a_non_writer_before_it_writes_and_lets_writers_through() {
             t.iter().any(|e| e["guardrail"] == "killed"
                 && e["path"] == path.as_str()
                 && e["op"] == "unlink"
-                && e["via"] == "io_uring"),
-            "no killed io_uring unlink of {path}"
+                && e["via"] == "io_uring"
+                && e["result"]["error"] == "ECANCELED"),
+            "no killed, cancelled io_uring unlink of {path}"
         );
     }
+    // The linked opens ran (judged at completion); their writes did not.
+    assert!(
+        t.iter().any(|e| e["guardrail"] == "killed"
+            && e["path"] == file.as_str()
+            && e["op"] == "open"
+            && e["via"] == "io_uring"
+            && e["result"]["ok"] == true),
+        "no killed io_uring open of {file}"
+    );
     assert!(t
         .iter()
         .any(|e| e["guardrail"] == "killed" && e["path"] == file.as_str()));

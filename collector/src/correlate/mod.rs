@@ -1384,8 +1384,11 @@ impl Judge<'_> {
                 e.node,
                 match &e.event {
                     // Judged at submission: io_uring cancels what a killed
-                    // process left.
-                    Some(event::Event::File(f)) if f.via == "io_uring" => {
+                    // process left, and says so in the request's result.
+                    Some(event::Event::File(f))
+                        if f.via == "io_uring"
+                            && f.result.as_ref().is_some_and(|r| r.error == "ECANCELED") =>
+                    {
                         "an io_uring request, refused before it ran"
                     }
                     _ => "the call itself ran; nothing was written through it after",
