@@ -908,6 +908,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         probes = ?sensors.probes,
         "sensors attached; selected sensor set {SENSOR_SET}"
     );
+    // Loading the programs and relocating them takes tens of MiB of heap
+    // for a moment; glibc keeps it unless told to give it back (measured:
+    // 81 MiB resident at idle without this, 47 MiB with it).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: a plain libc call; it only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     sensors.apply(watch_set(&running.policy))?;
     // Write handles open since before the start are followed like those
     // the agent sees opened.
