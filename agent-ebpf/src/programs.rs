@@ -1249,6 +1249,19 @@ unsafe fn emit_call(s: &Scratch, task: u64, c: &long::Call) {
     });
 }
 
+/// A symlink's target text too long for its record, whole in area 0 (never
+/// matched: it names no file of the call's); its length. `kernel`: the
+/// text is an io_uring request's kernel copy (a constant at each caller,
+/// so that the verifier walks one branch).
+#[inline(always)]
+fn symlink_text(c: &long::Call, kernel: bool) -> Option<usize> {
+    if c.p.op != FileOp::Symlink as u32 || c.flags1 & PATH_TRUNCATED == 0 {
+        return None;
+    }
+    // SAFETY: probe reads only.
+    unsafe { long::of_text(0, c.p.path, kernel) }
+}
+
 /// Programs a file call's exit, or an io_uring submission, hands over to:
 /// 0 is [`exit_file_send`], 1 [`uring_named_keep`], 2 [`uring_named_match`].
 #[map]
@@ -1282,11 +1295,8 @@ pub fn exit_file_send(_ctx: TracePointContext) -> u32 {
             if let Some(len) = len2 {
                 long::send(1, 2, len);
             }
-            if c.p.op == FileOp::Symlink as u32 && c.flags1 & PATH_TRUNCATED != 0 {
-                // A symlink's target text: whole, never matched.
-                if let Some(len) = long::of_text(0, c.p.path, false) {
-                    long::send(0, 1, len);
-                }
+            if let Some(len) = symlink_text(&c, false) {
+                long::send(0, 1, len);
             }
         }
         emit_call(s, task, &c);
@@ -2152,12 +2162,7 @@ pub fn uring_named_keep(_ctx: TracePointContext) -> u32 {
         c.verdict = judge(c.hit1, c.resource1, c.hit2, c.resource2);
         (None, None)
     };
-    // A symlink's target text: whole, never matched.
-    let len1 = if c.p.op == FileOp::Symlink as u32 && c.flags1 & PATH_TRUNCATED != 0 {
-        unsafe { long::of_text(0, c.p.path, true) }
-    } else {
-        len1
-    };
+    let len1 = symlink_text(&c, true).or(len1);
     long::forget(c.req);
     if let Some(len) = len1 {
         long::keep_for(c.req, 0, 1, len);
